@@ -1,0 +1,1 @@
+"""The adaptune runner: Hydra app, shared training loop, checkpoints, loggers, reports."""

@@ -1,0 +1,18 @@
+"""``adaptune`` command: Hydra training by default, ``adaptune report DIR`` for tables."""
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from runner.report import main as report_main
+
+        sys.exit(report_main(sys.argv[2:]))
+    from runner.app import main as hydra_main
+
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

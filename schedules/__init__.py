@@ -1,0 +1,27 @@
+"""Training schedules: ``baseline``, ``sage`` and ``dps``, all behind :class:`schedules.base.Schedule`."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+from .base import OPTIMIZERS, Schedule, register_optimizer
+from .errors import ConfigError
+
+# name -> "module:Class"; imported on demand so that importing one schedule never costs the others.
+SCHEDULES = {
+    "baseline": "schedules.baseline:BaselineSchedule",
+    "sage": "schedules.sage:SAGESchedule",
+    "dps": "schedules.dps:DPSSchedule",
+}
+
+
+def build_schedule(cfg: Mapping[str, Any]) -> Schedule:
+    """Instantiate the schedule named by ``cfg['name']``."""
+    name = cfg.get("name")
+    if name not in SCHEDULES:
+        raise ConfigError(f"schedule.name='{name}' is unknown; allowed: {', '.join(SCHEDULES)}")
+    module, cls = SCHEDULES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg)
+
+
+__all__ = ["ConfigError", "OPTIMIZERS", "SCHEDULES", "Schedule", "build_schedule", "register_optimizer"]

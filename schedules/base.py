@@ -1,0 +1,134 @@
+"""The interface every schedule implements, and the pieces schedules share.
+
+The training loop (``runner/loop.py``) drives a schedule like this, once per optimizer step
+``step`` (1-based), after all micro-batches of the step have been back-propagated::
+
+    schedule.prepare_model(model, family)        # once, before setup (dropout, forward wrappers)
+    schedule.setup(model, family, total_steps)   # once: builds .optimizer and .lr_scheduler
+    ...
+    schedule.on_step_begin(step)                 # before the first micro-batch of the step
+    loss.backward()                              # every micro-batch
+    scaler.unscale_(schedule.optimizer)          # fp16 only
+    clip_grad_norm_(params, max_norm)            # global clipping
+    schedule.on_gradients(step)                  # DPS masks .grad here (skipped on fp16 overflow)
+    schedule.optimizer.step()                    # via GradScaler under fp16
+    schedule.lr_scheduler.step()
+    schedule.after_step(step)
+    schedule.log_metrics(step)                   # every log interval: dict of floats for W&B
+
+The optimizer's and LR scheduler's state dicts are checkpointed by the loop;
+``Schedule.state_dict()`` holds only what a schedule keeps besides them (DPS scores and masks).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .errors import ConfigError
+from .lr import build_lr_scheduler, warmup_steps
+from .param_groups import build_param_groups, strip_names
+from .patterns import family_patterns
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+OPTIMIZERS: dict[str, OptimizerFactory] = {}
+
+
+def register_optimizer(name: str):
+    """Decorator: make an optimizer class buildable by name from config."""
+    def wrap(cls):
+        OPTIMIZERS[name] = cls
+        return cls
+    return wrap
+
+
+register_optimizer("adamw")(torch.optim.AdamW)
+register_optimizer("adamax")(torch.optim.Adamax)
+
+
+def check_hparams(cfg: Mapping[str, Any], prefix: str = "schedule") -> None:
+    """Range checks shared by every schedule; raises ConfigError naming the key."""
+    lr = cfg.get("lr")
+    if not isinstance(lr, (int, float)) or lr < 0:
+        raise ConfigError(f"{prefix}.lr must be a number >= 0, got {lr!r}")
+    betas = cfg.get("betas")
+    if betas is not None:
+        if len(betas) != 2 or any(not (0.0 <= float(b) < 1.0) for b in betas):
+            raise ConfigError(f"{prefix}.betas must be two numbers in [0, 1), got {list(betas)}")
+    for key in ("eps", "weight_decay"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"{prefix}.{key} must be a number >= 0, got {value!r}")
+    clip = cfg.get("max_grad_norm")
+    if clip is not None and clip <= 0:
+        raise ConfigError(f"{prefix}.max_grad_norm must be > 0 or null, got {clip!r}")
+
+
+class Schedule:
+    """Base class: owns the optimizer and LR scheduler of one run."""
+
+    name = "base"
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.cfg = dict(cfg)
+        check_hparams(self.cfg)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.groups: list[dict] = []
+
+    # ----------------------------------------------------------------- hooks (override)
+    def prepare_model(self, model: torch.nn.Module, family: str) -> None:
+        """Change the model before the optimizer exists (default: nothing)."""
+
+    def setup(self, model: torch.nn.Module, family: str, total_steps: int) -> None:
+        raise NotImplementedError
+
+    def on_step_begin(self, step: int) -> None:
+        """Before the forward pass of the first micro-batch of optimizer step ``step``."""
+
+    def on_gradients(self, step: int) -> None:
+        """After backward, unscaling and clipping; before ``optimizer.step()``."""
+
+    def after_step(self, step: int) -> None:
+        """After ``optimizer.step()`` and ``lr_scheduler.step()``."""
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # ----------------------------------------------------------------- shared helpers
+    def patterns(self, family: str, kind: str) -> tuple[str, ...]:
+        """``schedule.<kind>_patterns`` from config, or the model family's default."""
+        explicit = self.cfg.get(f"{kind}_patterns")
+        return tuple(explicit) if explicit else family_patterns(family, kind)
+
+    def param_groups(self, model: torch.nn.Module, family: str, flag: str | None = None) -> list[dict]:
+        self.groups = build_param_groups(
+            model.named_parameters(),
+            weight_decay=float(self.cfg.get("weight_decay") or 0.0),
+            no_decay=self.patterns(family, "no_decay"),
+            flag=flag,
+            flag_patterns=self.patterns(family, flag) if flag else None,
+            flag_key=f"schedule.{flag}_patterns",
+        )
+        return self.groups
+
+    def make_optimizer(self, name: str, groups: list[dict], **extra) -> torch.optim.Optimizer:
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"schedule.optimizer='{name}' is unknown; allowed: {', '.join(sorted(OPTIMIZERS))}")
+        kwargs = {"lr": float(self.cfg["lr"])}
+        if self.cfg.get("betas") is not None:
+            kwargs["betas"] = tuple(float(b) for b in self.cfg["betas"])
+        if self.cfg.get("eps") is not None:
+            kwargs["eps"] = float(self.cfg["eps"])
+        kwargs.update(extra)
+        return OPTIMIZERS[name](strip_names(groups), **kwargs)
+
+    def make_lr_scheduler(self, total_steps: int):
+        warm = warmup_steps(total_steps, self.cfg.get("warmup_ratio"), self.cfg.get("warmup_steps"))
+        return build_lr_scheduler(self.optimizer, self.cfg.get("lr_schedule", "linear"), warm, total_steps)

@@ -1,0 +1,23 @@
+"""The baseline schedule: AdamW or Adamax with warmup then decay (linear, inverse-sqrt, ...).
+
+``schedule.optimizer=adamw`` uses ``torch.optim.AdamW`` (decoupled weight decay);
+``schedule.optimizer=adamax`` uses ``torch.optim.Adamax``, whose weight decay is added to the
+gradient (L2), as in the MT-DNN Adamax the SAGE paper compares against.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Schedule
+
+
+class BaselineSchedule(Schedule):
+    name = "baseline"
+
+    def setup(self, model: torch.nn.Module, family: str, total_steps: int) -> None:
+        groups = self.param_groups(model, family)
+        self.optimizer = self.make_optimizer(self.cfg.get("optimizer", "adamw"), groups)
+        self.lr_scheduler = self.make_lr_scheduler(total_steps)
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        return {"lr": self.optimizer.param_groups[0]["lr"]}

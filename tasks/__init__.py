@@ -1,0 +1,29 @@
+"""Tasks: GLUE-style text classification, NMT (fairseq), image classification (timm)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Mapping
+
+from schedules.errors import ConfigError
+
+from .base import StepLoss, Task
+
+# task.kind -> "module:Class"; imported on demand (fairseq and timm are heavy and fairseq has
+# import side effects, see tasks/nmt.py).
+TASKS = {
+    "glue": "tasks.glue:GlueTask",
+    "nmt": "tasks.nmt:TranslationTask",
+    "vit": "tasks.vit:ImageClassificationTask",
+}
+
+
+def build_task(cfg: Mapping[str, Any], run_dir: Path, seed: int) -> Task:
+    kind = cfg.get("kind")
+    if kind not in TASKS:
+        raise ConfigError(f"task.kind='{kind}' is unknown; allowed: {', '.join(TASKS)}")
+    module, cls = TASKS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, run_dir=run_dir, seed=seed)
+
+
+__all__ = ["ConfigError", "StepLoss", "TASKS", "Task", "build_task"]
