@@ -1,6 +1,7 @@
 """The Hydra entry point: compose ``conf/``, run one training job, exit cleanly on user errors."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import sys
@@ -20,8 +21,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def dirname(overrides: str) -> str:
-    """A run-directory name from Hydra's override string: '/' and odd characters become '_'."""
+    """A run-directory name from Hydra's override string: '/' and odd characters become '_';
+    names over 120 characters keep their start plus a hash of the whole (file-name limits)."""
     name = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", overrides).strip("_")
+    if len(name) > 120:
+        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
     return name or "default"
 
 

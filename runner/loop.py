@@ -65,6 +65,7 @@ class TrainState:
     best_metrics: dict = field(default_factory=dict)
     evals: list = field(default_factory=list)        # [{"step": s, **metrics}]
     train_loss: list = field(default_factory=list)   # [[step, mean loss over the log interval]]
+    loss_window: list = field(default_factory=list)  # step losses since the last log line
 
 
 def seed_everything(seed: int) -> None:
@@ -304,7 +305,7 @@ class Trainer:
 
             progress = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step",
                             dynamic_ncols=True, leave=False)
-        window: list[float] = []
+        window = st.loss_window
         self.model.train()
         try:
             with _StopFlag() as stop:
@@ -332,7 +333,8 @@ class Trainer:
                         evaluated = step % eval_every == 0 or step == self.total_steps
                         if evaluated:
                             self._record_eval(self.evaluate("dev"), logger)
-                        if st.batch_in_epoch >= len(plans):
+                        epoch_done = st.batch_in_epoch >= len(plans)
+                        if epoch_done:  # the next step starts the next epoch's batch order
                             st.epoch += 1
                             st.batch_in_epoch = 0
                         if evaluated or step % save_every == 0 or stop.requested:
@@ -341,9 +343,8 @@ class Trainer:
                             raise Interrupted(
                                 f"interrupted at step {step}/{self.total_steps}; checkpoint saved in "
                                 f"{self.ckpt_dir}; run the same command again to resume")
-                    if st.batch_in_epoch >= len(plans):  # epoch ended exactly on a resume boundary
-                        st.epoch += 1
-                        st.batch_in_epoch = 0
+                        if epoch_done:
+                            break
         finally:
             if progress is not None:
                 progress.close()

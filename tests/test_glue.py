@@ -1,0 +1,134 @@
+"""GLUE task: readers of the original TSV formats, official metrics, training, clear errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import compose, glue_overrides, write_glue
+from runner.loop import run
+from schedules.errors import ConfigError
+from tasks import metrics
+from tasks.glue_data import SPECS, get_spec, read_tsv, stratified_subset
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_metrics_match_hand_computed_values():
+    labels = [1, 0, 1, 1, 0, 0]
+    preds = [1, 0, 0, 1, 1, 0]
+    # TP=2 FP=1 FN=1 TN=2
+    assert metrics.accuracy(labels, preds) == pytest.approx(4 / 6)
+    assert metrics.f1(labels, preds) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert metrics.matthews(labels, preds) == pytest.approx((2 * 2 - 1 * 1) / math.sqrt(3 * 3 * 3 * 3))
+    x = [1.0, 2.0, 3.0, 4.0]
+    y = [1.0, 3.0, 2.0, 5.0]
+    mx, my = 2.5, 2.75
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in x))
+    sy = math.sqrt(sum((b - my) ** 2 for b in y))
+    assert metrics.pearson(x, y) == pytest.approx(cov / (sx * sy))
+    # ranks of y: 1,3,2,4 -> d = 0,1,-1,0 -> rho = 1 - 6*2/(4*15)
+    assert metrics.spearman(x, y) == pytest.approx(1 - 6 * 2 / (4 * 15))
+
+
+def test_every_glue_task_has_its_official_metrics():
+    expected = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "stsb": "pearson", "qqp": "f1",
+                "mnli": "accuracy_m", "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}
+    for name, main in expected.items():
+        assert SPECS[name].main_metric == main
+    assert set(SPECS["mrpc"].metrics) == {"f1", "accuracy"}
+    assert set(SPECS["stsb"].metrics) == {"pearson", "spearman"}
+    assert SPECS["stsb"].is_regression and SPECS["mnli"].num_labels == 3
+
+
+# ------------------------------------------------------------------------------ readers
+@pytest.mark.parametrize("task", ["rte", "cola", "mrpc", "stsb"])
+def test_reads_original_glue_tsv_formats(tmp_path, task):
+    d = write_glue(tmp_path / task, task, n_train=10, n_dev=6)
+    spec = get_spec(task)
+    train = read_tsv(spec, d / "train.tsv")
+    assert len(train) == 10
+    first = train[0]
+    if task == "stsb":
+        assert first.label == 0.0 and train[3].label == 3.0
+    else:
+        assert first.label == 1 if task in ("cola", "mrpc") else first.label == 0  # rte: entailment=0
+    assert (first.text_b is None) == (task == "cola")
+
+
+def test_reads_real_mnli_columns(tmp_path):
+    header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+              "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label")
+    row = "0\t1\t1e\tgov\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tA man sleeps .\tA person rests .\tneutral\tneutral"
+    (tmp_path / "dev_matched.tsv").write_text(header + "\n" + row + "\n")
+    ex = read_tsv(get_spec("mnli"), tmp_path / "dev_matched.tsv")
+    assert ex[0].text_a == "A man sleeps ." and ex[0].text_b == "A person rests ." and ex[0].label == 1
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+    d = write_glue(tmp_path / "rte", "rte", n_train=5, n_dev=3)
+    lines = (d / "train.tsv").read_text().splitlines()
+    lines[3] = lines[3].rsplit("\t", 1)[0]  # drop the label column of data row 3 (file line 4)
+    (d / "train.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"train.tsv:4: expected 4 tab-separated columns, found 3"):
+        read_tsv(get_spec("rte"), d / "train.tsv")
+    assert len(read_tsv(get_spec("rte"), d / "train.tsv", skip_malformed=True)) == 4
+
+
+def test_unknown_label_is_named(tmp_path):
+    d = write_glue(tmp_path / "rte", "rte", n_train=3, n_dev=3)
+    (d / "train.tsv").write_text((d / "train.tsv").read_text().replace("not_entailment", "maybe", 1))
+    with pytest.raises(ConfigError, match="label 'maybe' is not one of entailment, not_entailment"):
+        read_tsv(get_spec("rte"), d / "train.tsv")
+
+
+def test_stratified_subset_keeps_label_proportions():
+    from tasks.glue_data import Example
+
+    data = [Example(str(i), None, int(i % 4 == 0)) for i in range(400)]  # 25% positives
+    sub = stratified_subset(data, 40, seed=1, regression=False)
+    assert len(sub) == 40 and sum(e.label for e in sub) == 10
+    assert stratified_subset(data, 40, seed=1, regression=False) == sub
+    assert stratified_subset(data, 40, seed=2, regression=False) != sub
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def test_wrong_task_name_lists_allowed(tmp_path):
+    cfg = compose(glue_overrides(tmp_path, "rtee"))
+    with pytest.raises(ConfigError, match=r"task.name='rtee' is unknown; allowed: cola, sst2"):
+        run(cfg, tmp_path / "run")
+
+
+def test_missing_data_files_is_clear(tmp_path):
+    (tmp_path / "RTE").mkdir()
+    cfg = compose(glue_overrides(tmp_path / "RTE", "rte"))
+    with pytest.raises(ConfigError, match=r"train.tsv does not exist \(expected the GLUE RTE files"):
+        run(cfg, tmp_path / "run")
+
+
+def test_offline_hub_without_data_dir_says_how_to_get_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = compose(["task=glue", "task.name=rte", "logger=none"])
+    with pytest.raises(ConfigError, match=r"could not load GLUE 'rte'.*task.data_dir=/path/to/glue_data/RTE"):
+        run(cfg, tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------ training
+@pytest.mark.parametrize("task,keys", [
+    ("rte", {"accuracy", "loss"}),
+    ("cola", {"matthews", "accuracy", "loss"}),
+    ("mrpc", {"f1", "accuracy", "loss"}),
+    ("stsb", {"pearson", "spearman", "loss"}),
+])
+def test_tiny_bert_learns_each_glue_shape(tmp_path, glue_dir, task, keys):
+    data = glue_dir(task)
+    cfg = compose(glue_overrides(data, task, "trainer.batch_size=16", "trainer.epochs=6",
+                                 "trainer.log_every=6", "schedule.lr=5e-3", "schedule.warmup_ratio=0.05"))
+    res = run(cfg, tmp_path / "run")
+    assert set(res["final"]) == keys
+    losses = [loss for _, loss in res["train_loss"]]
+    assert res["steps"] == 36 and len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert res["best"][res["main_metric"]] >= res["final"][res["main_metric"]]
+    assert (tmp_path / "run" / "results.json").is_file()
