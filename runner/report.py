@@ -1,0 +1,164 @@
+"""``adaptune report DIR``: tables and plots from every ``results.json`` under a directory.
+
+Writes ``report.md`` and ``report.csv`` (mean ± std and n of each task's metrics per schedule;
+the paper layout: schedules as rows, tasks as columns, plus an average column of the main
+metrics) and, when matplotlib is installed, ``curves.png`` (training loss per schedule, mean over
+seeds) and ``bars.png`` (main metric per task with std error bars). Runs that started but have no
+complete ``results.json`` are listed as incomplete and never averaged in.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def _task_label(res: dict) -> str:
+    name = res.get("task_name")
+    return f"{res['task']}/{name}" if name else res["task"]
+
+
+def collect(root: Path) -> tuple[list[dict], list[Path]]:
+    """(completed results, run directories that started but did not complete)."""
+    done, incomplete = [], []
+    run_dirs = {p.parent for p in root.rglob("results.json")}
+    run_dirs |= {p.parent.parent for p in root.rglob("checkpoints/last.pt")}
+    run_dirs |= {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    for run_dir in sorted(run_dirs):
+        path = run_dir / "results.json"
+        try:
+            res = json.loads(path.read_text()) if path.is_file() else None
+        except json.JSONDecodeError:
+            res = None
+        if res and res.get("status") == "completed":
+            res["_dir"] = str(run_dir)
+            done.append(res)
+        else:
+            incomplete.append(run_dir)
+    return done, incomplete
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarise(results: list[dict], which: str = "final") -> dict:
+    """{(schedule, task): {metric: [values]}} plus each task's main metric."""
+    cells: dict = defaultdict(lambda: defaultdict(list))
+    main: dict[str, str] = {}
+    for res in results:
+        task = _task_label(res)
+        main[task] = res["main_metric"]
+        for metric, value in (res.get(which) or {}).items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                cells[(res["schedule"], task)][metric].append(float(value))
+    return {"cells": cells, "main": main}
+
+
+def tables(summary: dict) -> tuple[str, list[list[str]]]:
+    cells, main = summary["cells"], summary["main"]
+    schedules = sorted({s for s, _ in cells}, key=lambda s: ("baseline", "sage", "dps").index(s)
+                       if s in ("baseline", "sage", "dps") else 9)
+    tasks = sorted(main)
+    header = ["schedule", *[f"{t} ({main[t]})" for t in tasks], "average"]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [["schedule", "task", "metric", "mean", "std", "n"]]
+    for sched in schedules:
+        line = [sched]
+        means = []
+        for task in tasks:
+            values = cells.get((sched, task), {}).get(main[task])
+            if not values:
+                line.append("—")
+                continue
+            mean, std = _mean_std(values)
+            means.append(mean)
+            line.append(f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)})")
+        line.append(f"{100 * statistics.fmean(means):.2f}" if len(means) == len(tasks) and means else "—")
+        md.append("| " + " | ".join(line) + " |")
+        for task in tasks:
+            for metric, values in sorted(cells.get((sched, task), {}).items()):
+                mean, std = _mean_std(values)
+                rows.append([sched, task, metric, f"{mean:.6f}", f"{std:.6f}", str(len(values))])
+    return "\n".join(md), rows
+
+
+def plots(results: list[dict], summary: dict, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    curves: dict = defaultdict(lambda: defaultdict(list))
+    for res in results:
+        for step, loss in res.get("train_loss", []):
+            curves[(_task_label(res), res["schedule"])][step].append(loss)
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for (task, sched), points in sorted(curves.items()):
+            steps = sorted(points)
+            ax.plot(steps, [statistics.fmean(points[s]) for s in steps], label=f"{sched} ({task})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss (mean over seeds)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "curves.png")
+    cells, main = summary["cells"], summary["main"]
+    if cells:
+        tasks = sorted(main)
+        schedules = sorted({s for s, _ in cells})
+        fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) * len(schedules) / 2), 4))
+        width = 0.8 / max(1, len(schedules))
+        for k, sched in enumerate(schedules):
+            stats = [_mean_std(cells[(sched, t)][main[t]]) if cells.get((sched, t), {}).get(main[t]) else (0, 0)
+                     for t in tasks]
+            xs = [i + k * width for i in range(len(tasks))]
+            ax.bar(xs, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats], capsize=3, label=sched)
+        ax.set_xticks([i + width * (len(schedules) - 1) / 2 for i in range(len(tasks))])
+        ax.set_xticklabels([f"{t}\n{main[t]}" for t in tasks], fontsize=8)
+        ax.set_ylabel("dev score × 100 (mean ± std)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "bars.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "bars.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adaptune report", description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path, help="a sweep or outputs directory")
+    parser.add_argument("--which", choices=("final", "best"), default="final",
+                        help="final dev metrics (default) or the best evaluation's")
+    args = parser.parse_args(argv)
+    root = args.directory
+    if not root.is_dir():
+        print(f"adaptune report: error: {root} is not a directory")
+        return 2
+    results, incomplete = collect(root)
+    if not results:
+        print(f"adaptune report: error: no completed results.json under {root}")
+        return 2
+    summary = summarise(results, args.which)
+    md, rows = tables(summary)
+    text = [f"# adaptune report: {root}", "", f"Dev metrics ({args.which}), × 100, mean ± std over seeds.", "", md]
+    if incomplete:
+        text += ["", "Incomplete runs (not averaged in):", *[f"- {p}" for p in incomplete]]
+    (root / "report.md").write_text("\n".join(text) + "\n")
+    with open(root / "report.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    written = plots(results, summary, root)
+    print("\n".join(text))
+    print(f"\nwrote {root / 'report.md'}, {root / 'report.csv'}" + "".join(f", {p}" for p in written))
+    return 0
