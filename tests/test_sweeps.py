@@ -1,0 +1,80 @@
+"""Sweeps from the shell: resumable after kill -9, and the report recomputed from results files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY_BERT, write_glue
+
+
+def _sweep_cmd(data, sweep, *extra):
+    return [sys.executable, "-m", "runner", "-m", "task=glue", "task.name=rte", f"task.data_dir={data}",
+            *TINY_BERT, "logger=none", "trainer=cpu_fast", "trainer.progress=false",
+            f"hydra.sweep.dir={sweep}", *extra]
+
+
+def test_sweep_resumes_after_kill_9(tmp_path):
+    data = write_glue(tmp_path / "rte", "rte", n_train=64, n_dev=8)
+    sweep = tmp_path / "sweep"
+    cmd = _sweep_cmd(data, sweep, "seed=1,2", "trainer.max_steps=30", "trainer.save_every=2",
+                     "trainer.batch_size=4")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    second_ckpt = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            ckpts = list(sweep.glob("seed=2*/checkpoints/last.pt"))
+            if ckpts:
+                second_ckpt = ckpts[0]
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert second_ckpt is not None, "the sweep never reached its second job"
+    first = next(sweep.glob("seed=1*/results.json"))
+    assert not list(sweep.glob("seed=2*/results.json"))
+    first_mtime = first.stat().st_mtime_ns
+
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert first.stat().st_mtime_ns == first_mtime  # the finished job was skipped, not retrained
+    log = (second_ckpt.parent.parent / "app.log").read_text()
+    assert "resumed from" in log
+    second = json.loads(next(sweep.glob("seed=2*/results.json")).read_text())
+    assert second["steps"] == 30 and second["status"] == "completed"
+
+
+@pytest.mark.parametrize("schedules", ["baseline,sage"])
+def test_report_over_two_schedules_and_two_seeds(tmp_path, schedules):
+    data = write_glue(tmp_path / "rte", "rte", n_train=24, n_dev=8)
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(_sweep_cmd(data, sweep, f"schedule={schedules}", "seed=1,2", "trainer.max_steps=3"),
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (sweep / "broken").mkdir()
+    (sweep / "broken" / "results.json").write_text(json.dumps({"status": "running"}))
+    rep = subprocess.run([sys.executable, "-m", "runner", "report", str(sweep)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    results = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    results = [r for r in results if r.get("status") == "completed"]
+    assert len(results) == 4
+    md = (sweep / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    for sched in schedules.split(","):
+        accs = [r["final"]["accuracy"] for r in results if r["schedule"] == sched]
+        mean, std = statistics.fmean(accs), statistics.stdev(accs)
+        assert f"{100 * mean:.2f} ± {100 * std:.2f} (n=2)" in rows[sched]
+    assert "broken" in md.split("Incomplete runs")[1]
+    csv_lines = (sweep / "report.csv").read_text().splitlines()
+    assert csv_lines[0] == "schedule,task,metric,mean,std,n"
+    assert (sweep / "curves.png").stat().st_size > 1000 and (sweep / "bars.png").stat().st_size > 1000
