@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -39,7 +40,8 @@ from tasks import build_task
 from tasks.base import move_to
 
 from . import checkpoint as ckpt
-from .loggers import build_logger
+from .distributed import init_distributed
+from .loggers import NullLogger, build_logger
 from .validate import validate_config
 
 log = logging.getLogger("adaptune")
@@ -158,6 +160,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
         self.device = resolve_device(str(self.tcfg["device"]))
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            self.device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        self.dist = init_distributed(self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(int(self.tcfg["num_threads"]))
         self.precision = resolve_precision(self.tcfg["precision"], self.device)
@@ -169,6 +174,14 @@ class Trainer:
         self.model = self.task.build_model()
         self.schedule.prepare_model(self.model, self.task.family)
         self.model.to(self.device)
+        # Schedules, evaluation and checkpoints use the plain module; the training forward goes
+        # through DistributedDataParallel when torchrun started several processes.
+        self.train_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         self.accum = int(self.tcfg["grad_accum_steps"])
         self.steps_per_epoch = math.ceil(len(self.task.train_batches(0)) / self.accum)
@@ -185,6 +198,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         path = self.ckpt_dir / ckpt.LAST
+        if not self.dist.is_main:
+            return path
         ckpt.atomic_save({
             "version": 1,
             "model": self.model.state_dict(),
@@ -238,8 +253,9 @@ class Trainer:
             self.state.best_value = metrics[main]
             self.state.best_step = step
             self.state.best_metrics = dict(metrics)
-            ckpt.atomic_save({"model": self.model.state_dict(), "step": step, "metrics": dict(metrics)},
-                             self.ckpt_dir / ckpt.BEST)
+            if self.dist.is_main:
+                ckpt.atomic_save({"model": self.model.state_dict(), "step": step, "metrics": dict(metrics)},
+                                 self.ckpt_dir / ckpt.BEST)
 
     # ------------------------------------------------------------------ training
     def _train_step(self, step: int, plans, start: int) -> tuple[int, float]:
@@ -250,15 +266,27 @@ class Trainer:
         n_samples = 0
         stop = min(start + self.accum, len(plans))
         for index in range(start, stop):
-            batch = move_to(self.task.make_batch(plans[index]), self.device)
-            with autocast_context(self.precision, self.device):
-                out = self.task.loss(self.model, batch)
-            loss_sum = out.loss_sum.float()
-            (self.scaler.scale(loss_sum) if self.scaler else loss_sum).backward()
+            plan = plans[index]
+            if self.dist.enabled:
+                plan = self.task.shard_plan(plan, self.dist.rank, self.dist.world)
+            batch = move_to(self.task.make_batch(plan), self.device)
+            # under DDP, gradients are all-reduced once, on the step's last micro-batch
+            sync = index == stop - 1 or not self.dist.enabled
+            with nullcontext() if sync else self.train_model.no_sync():
+                with autocast_context(self.precision, self.device):
+                    out = self.task.loss(self.train_model, batch)
+                loss_sum = out.loss_sum.float()
+                (self.scaler.scale(loss_sum) if self.scaler else loss_sum).backward()
             loss_total += loss_sum.detach()
             sample_size += float(out.sample_size)
             n_samples += int(out.n_samples)
-        mean_loss = float(loss_total) / max(sample_size, 1.0)
+        if self.dist.enabled:
+            sample_size = self.dist.all_sum(sample_size)
+            n_samples = int(self.dist.all_sum(n_samples))
+            loss_value = self.dist.all_sum(float(loss_total))
+        else:
+            loss_value = float(loss_total)
+        mean_loss = loss_value / max(sample_size, 1.0)
         if not math.isfinite(mean_loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
@@ -269,7 +297,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads and sample_size > 0:
-            torch._foreach_mul_(grads, 1.0 / sample_size)
+            # DDP averaged the ranks' gradient sums: scale back to the global sum, then normalise
+            torch._foreach_mul_(grads, self.dist.world / sample_size)
         max_norm = self.tcfg.get("max_grad_norm")
         overflow = False
         if max_norm:
@@ -300,7 +329,7 @@ class Trainer:
         log_every = int(t["log_every"])
         st = self.state
         progress = None
-        if t.get("progress", True):
+        if t.get("progress", True) and self.dist.is_main:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step",
@@ -337,9 +366,11 @@ class Trainer:
                         if epoch_done:  # the next step starts the next epoch's batch order
                             st.epoch += 1
                             st.batch_in_epoch = 0
+                        if self.dist.enabled:
+                            stop.requested = self.dist.any(stop.requested)
                         if evaluated or step % save_every == 0 or stop.requested:
                             self.save_checkpoint()
-                        if stop.requested:
+                        if stop.requested:  # (under DDP every rank stops at the same step)
                             raise Interrupted(
                                 f"interrupted at step {step}/{self.total_steps}; checkpoint saved in "
                                 f"{self.ckpt_dir}; run the same command again to resume")
@@ -404,14 +435,18 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict:
     tags = [f"task:{trainer.task.kind}", f"schedule:{cfg.schedule.name}", f"seed:{cfg.seed}"]
     if cfg.task.get("name"):
         tags.append(f"dataset:{cfg.task.name}")
-    logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
-                          OmegaConf.to_container(cfg, resolve=True), tags,
-                          name=f"{cfg.name}/{run_dir.name}")
+    logger = NullLogger()
+    if trainer.dist.is_main:
+        logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
+                              OmegaConf.to_container(cfg, resolve=True), tags,
+                              name=f"{cfg.name}/{run_dir.name}")
     exit_code = 1
     try:
         results = trainer.fit(logger, resume_from=resume_from)
         results["wall_time_s"] = time.time() - start
-        _write_json_atomic(run_dir / "results.json", results)
+        results["world_size"] = trainer.dist.world
+        if trainer.dist.is_main:
+            _write_json_atomic(run_dir / "results.json", results)
         logger.summary({f"final/{k}": v for k, v in results["final"].items()})
         logger.summary({f"best/{k}": v for k, v in results["best"].items()})
         if results["test"]:
@@ -421,3 +456,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict:
         return results
     finally:
         logger.finish(exit_code=exit_code)
+        if trainer.dist.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

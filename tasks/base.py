@@ -60,6 +60,11 @@ class Task:
         """The epoch's batch plans (e.g. index lists), a pure function of (seed, epoch)."""
         raise NotImplementedError
 
+    def shard_plan(self, plan: Any, rank: int, world: int) -> Any:
+        """This rank's part of a global batch plan under data parallelism (default: every
+        ``world``-th item of a list-like plan)."""
+        return plan[rank::world]
+
     def make_batch(self, plan: Any) -> Any:
         """Materialise one planned batch (tensors on CPU; the loop moves them)."""
         raise NotImplementedError

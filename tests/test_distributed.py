@@ -1,0 +1,44 @@
+"""DDP in the shared loop: two CPU processes (gloo) reach the parameters of one process with the
+same global batch, for every schedule."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_BERT, write_glue
+from runner import checkpoint as ckpt
+
+
+def _args(data, run_dir, schedule):
+    return ["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT, "logger=none",
+            "trainer.progress=false", "trainer.precision=fp32", "trainer.num_threads=1",
+            "task.group_by_length=false", "trainer.batch_size=8", "trainer.max_steps=6",
+            "trainer.grad_accum_steps=2", "trainer.eval_every=3", f"schedule={schedule}",
+            "schedule.lr=3e-3", f"hydra.run.dir={run_dir}"]
+
+
+@pytest.mark.parametrize("schedule", ["baseline", "sage", "dps"])
+def test_two_gloo_processes_match_one_process(tmp_path, schedule):
+    pytest.importorskip(f"schedules.{schedule}")
+    data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
+    extra = ["schedule.update_ratio=0.34"] if schedule == "dps" else []  # phases of 2 steps in 6
+    one = subprocess.run([sys.executable, "-m", "runner", *_args(data, tmp_path / "one", schedule), *extra],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "runner",
+                          *_args(data, tmp_path / "two", schedule), *extra],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = ckpt.load(tmp_path / "one" / "checkpoints" / "last.pt")
+    b = ckpt.load(tmp_path / "two" / "checkpoints" / "last.pt")
+    assert a["state"]["step"] == b["state"]["step"] == 6
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
+    if schedule != "baseline":
+        assert a["schedule"].keys() == b["schedule"].keys()
