@@ -152,3 +152,49 @@ def test_wandb_failure_never_fails_training(tmp_path, monkeypatch):
     res = run(compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=2", "logger=wandb")),
               tmp_path / "r")
     assert res["status"] == "completed"
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
+    """Under fp16 an inf gradient skips the update, the schedule hooks and the LR step."""
+    data = write_glue(tmp_path / "rte", "rte", n_train=64, n_dev=8)
+    from schedules.baseline import BaselineSchedule
+    from tasks.glue import GlueTask
+
+    original = GlueTask.loss
+    calls = {"n": 0}
+
+    def overflow_once(self, model, batch):
+        out = original(self, model, batch)
+        calls["n"] += 1
+        if calls["n"] == 3:  # finite loss, infinite gradient
+            return out._replace(loss_sum=_InfGrad.apply(out.loss_sum))
+        return out
+
+    hooked = []
+    monkeypatch.setattr(GlueTask, "loss", overflow_once)
+    monkeypatch.setattr(BaselineSchedule, "on_gradients", lambda self, step: hooked.append(step), raising=False)
+    cfg = compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=5",
+                                 "trainer.precision=fp16", "schedule.warmup_ratio=0.0"))
+    trainer = Trainer(cfg, tmp_path / "r")
+    assert trainer.scaler is not None
+    from runner.loggers import NullLogger
+
+    res = trainer.fit(NullLogger())
+    assert res["steps"] == 5 and res["precision"] == "fp16"
+    # step 3 overflowed by construction (and the scaler's first steps may overflow too, as fp16
+    # scaling starts at 2**16): skipped steps run neither the schedule hook nor the LR step
+    assert 3 not in hooked and hooked[-2:] == [4, 5]
+    assert trainer.schedule.lr_scheduler.last_epoch == len(hooked)
+    assert trainer.scaler.get_scale() < 2.0 ** 16  # the scaler backed off
+    for p in trainer.model.parameters():
+        assert torch.isfinite(p).all()
