@@ -145,6 +145,23 @@ class _StopFlag:
         return False
 
 
+class _PlannedBatches(torch.utils.data.Dataset):
+    """Batch plans as a dataset, so DataLoader workers can run ``task.make_batch`` ahead."""
+
+    def __init__(self, task, plans):
+        self.task, self.plans = task, plans
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, i):
+        return self.task.make_batch(self.plans[i])
+
+
+def _identity(batch):
+    return batch
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -258,18 +275,33 @@ class Trainer:
                                  self.ckpt_dir / ckpt.BEST)
 
     # ------------------------------------------------------------------ training
-    def _train_step(self, step: int, plans, start: int) -> tuple[int, float]:
-        """One optimizer step over ``plans[start:start+accum]``; returns (next index, mean loss)."""
+    def _batch_source(self, plans, start: int):
+        """Batches of ``plans[start:]`` (this rank's shard), made ahead by ``trainer.num_workers``
+        DataLoader workers, or in this process when it is 0. Batches depend only on their plan,
+        so both give the same batches; the loader draws its worker seeds from a generator of its
+        own, leaving the global RNG (dropout) untouched, which keeps resume bit-identical."""
+        local = list(plans[start:])
+        if self.dist.enabled:
+            local = [self.task.shard_plan(p, self.dist.rank, self.dist.world) for p in local]
+        workers = int(self.tcfg.get("num_workers") or 0)
+        if workers == 0:
+            return (self.task.make_batch(p) for p in local)
+        loader = torch.utils.data.DataLoader(
+            _PlannedBatches(self.task, local), batch_size=None, shuffle=False, num_workers=workers,
+            collate_fn=_identity, generator=torch.Generator().manual_seed(0),
+            pin_memory=self.device.type == "cuda")
+        return iter(loader)
+
+    def _train_step(self, step: int, batches, start: int, n_plans: int) -> tuple[int, float]:
+        """One optimizer step over the next micro-batches of ``batches`` (plans ``start`` to
+        ``start+accum`` of ``n_plans``); returns (next plan index, mean loss)."""
         self.schedule.on_step_begin(step)
         loss_total = torch.zeros((), device=self.device)
         sample_size = 0.0
         n_samples = 0
-        stop = min(start + self.accum, len(plans))
+        stop = min(start + self.accum, n_plans)
         for index in range(start, stop):
-            plan = plans[index]
-            if self.dist.enabled:
-                plan = self.task.shard_plan(plan, self.dist.rank, self.dist.world)
-            batch = move_to(self.task.make_batch(plan), self.device)
+            batch = move_to(next(batches), self.device)
             # under DDP, gradients are all-reduced once, on the step's last micro-batch
             sync = index == stop - 1 or not self.dist.enabled
             with nullcontext() if sync else self.train_model.no_sync():
@@ -340,10 +372,11 @@ class Trainer:
             with _StopFlag() as stop:
                 while st.step < self.total_steps:
                     plans = self.task.train_batches(st.epoch)
+                    batches = self._batch_source(plans, st.batch_in_epoch)
                     while st.batch_in_epoch < len(plans) and st.step < self.total_steps:
                         t0 = time.perf_counter()
                         step = st.step + 1
-                        st.batch_in_epoch, loss = self._train_step(step, plans, st.batch_in_epoch)
+                        st.batch_in_epoch, loss = self._train_step(step, batches, st.batch_in_epoch, len(plans))
                         st.step = step
                         st.train_time += time.perf_counter() - t0
                         window.append(loss)

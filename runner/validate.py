@@ -24,6 +24,9 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "save_every", "log_every",
                 "num_threads"):
         _positive_int(t.get(key), f"trainer.{key}")
+    workers = t.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"trainer.num_workers must be an integer >= 0, got {workers!r}")
     for key in ("max_steps", "eval_every"):
         _positive_int(t.get(key), f"trainer.{key}", allow_none=True)
     if t.get("max_steps") is None:
