@@ -426,7 +426,8 @@ class Trainer:
             "status": "completed",
             "task": self.task.kind,
             "task_name": self.cfg.task.get("name"),
-            "schedule": self.cfg.schedule.name,
+            # a preset may label a variant (schedule=dps_mix: "dps_mix") for reports
+            "schedule": self.cfg.schedule.get("label") or self.cfg.schedule.name,
             "seed": int(self.cfg.seed),
             "main_metric": self.task.main_metric,
             "greater_is_better": self.task.greater_is_better,

@@ -63,8 +63,8 @@ def summarise(results: list[dict], which: str = "final") -> dict:
 
 def tables(summary: dict) -> tuple[str, list[list[str]]]:
     cells, main = summary["cells"], summary["main"]
-    schedules = sorted({s for s, _ in cells}, key=lambda s: ("baseline", "sage", "dps").index(s)
-                       if s in ("baseline", "sage", "dps") else 9)
+    known = ("baseline", "sage", "dps", "dps_mix")
+    schedules = sorted({s for s, _ in cells}, key=lambda s: (known.index(s) if s in known else 9, s))
     tasks = sorted(main)
     header = ["schedule", *[f"{t} ({main[t]})" for t in tasks], "average"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
