@@ -9,7 +9,9 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: setup quickstart test test-all bench demo-data clean
+.PHONY: setup quickstart test test-all bench demo-data clean \
+	repro-sage-glue repro-dps-glue repro-dps-low-resource repro-sage-iwslt repro-sage-vit \
+	repro-sage-glue-cpu repro-dps-glue-cpu repro-dps-low-resource-cpu repro-sage-iwslt-cpu repro-sage-vit-cpu
 
 setup: $(SETUP_STAMP)
 
@@ -41,6 +43,57 @@ test-all: setup
 bench: setup
 	$(BIN)/python bench/bench_sage.py
 	$(BIN)/python bench/bench_dps.py
+
+## Paper tables (GPU-sized, as in the papers). Each is one multirun over experiment presets and
+## ends with its report in outputs/multirun/<name>/report.md. SEEDS / extra ARGS can be overridden.
+ADAPTUNE := $(BIN)/adaptune
+REPORT := $(BIN)/adaptune report
+SEEDS3 ?= 1,2,3
+SEEDS10 ?= 1,2,3,4,5,6,7,8,9,10
+ARGS ?=
+
+repro-sage-glue: setup       ## SAGE Table: BERT-base, Adamax vs Adamax-SAGE, GLUE dev
+	$(ADAPTUNE) -m experiment=sage_glue_baseline,sage_glue task.name=cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte seed=$(SEEDS3) name=repro_sage_glue $(ARGS)
+	$(REPORT) outputs/multirun/repro_sage_glue
+
+repro-dps-glue: setup        ## DPS Table: BERT-large-cased, vanilla vs DPS dense vs DPS mix, 10 seeds
+	$(ADAPTUNE) -m experiment=dps_glue_vanilla,dps_glue,dps_glue_mix task.name=cola,rte,mrpc,stsb seed=$(SEEDS10) name=repro_dps_glue $(ARGS)
+	$(REPORT) outputs/multirun/repro_dps_glue
+
+repro-dps-low-resource: setup  ## DPS low-resource: 500 / 1,000 stratified training examples
+	$(ADAPTUNE) -m experiment=dps_glue_vanilla,dps_glue,dps_glue_mix task.name=cola,rte,mrpc,stsb task.train_subset=500,1000 seed=$(SEEDS10) name=repro_dps_low_resource $(ARGS)
+	$(REPORT) outputs/multirun/repro_dps_low_resource
+
+repro-sage-iwslt: setup      ## SAGE IWSLT'14 De-En: Transformer from scratch, Adam vs Adam-SAGE (binarised data: ARGS=task.data_dir=...)
+	$(ADAPTUNE) -m experiment=nmt_iwslt14,nmt_iwslt14_sage seed=$(SEEDS3) name=repro_sage_iwslt $(ARGS)
+	$(REPORT) outputs/multirun/repro_sage_iwslt
+
+repro-sage-vit: setup        ## SAGE ViT: ViT-B/16 fine-tuned on CIFAR-100, AdamW vs AdamW-SAGE
+	$(ADAPTUNE) -m experiment=vit_cifar100,vit_cifar100_sage seed=$(SEEDS3) name=repro_sage_vit $(ARGS)
+	$(REPORT) outputs/multirun/repro_sage_vit
+
+## CPU-sized variants: the same pipelines offline on the shipped model and demo data, in minutes.
+CPU_GLUE := experiment=quickstart task.train_subset=320 task.eval_subset=200 task.max_seq_length=64 trainer.batch_size=16 trainer.epochs=1
+
+repro-sage-glue-cpu: setup
+	$(ADAPTUNE) -m $(CPU_GLUE) schedule=baseline,sage seed=1,2 name=repro_sage_glue_cpu $(ARGS)
+	$(REPORT) outputs/multirun/repro_sage_glue_cpu
+
+repro-dps-glue-cpu: setup
+	$(ADAPTUNE) -m $(CPU_GLUE) schedule=baseline,dps,dps_mix schedule.update_ratio=0.1 seed=1,2 name=repro_dps_glue_cpu $(ARGS)
+	$(REPORT) outputs/multirun/repro_dps_glue_cpu
+
+repro-dps-low-resource-cpu: setup
+	$(ADAPTUNE) -m $(CPU_GLUE) schedule=baseline,dps,dps_mix schedule.update_ratio=0.2 task.train_subset=100,200 seed=1,2 name=repro_dps_low_resource_cpu $(ARGS)
+	$(REPORT) outputs/multirun/repro_dps_low_resource_cpu
+
+repro-sage-iwslt-cpu: setup demo-data
+	$(ADAPTUNE) -m experiment=nmt_demo_cpu,nmt_demo_cpu_sage seed=1 name=repro_sage_iwslt_cpu $(ARGS)
+	$(REPORT) outputs/multirun/repro_sage_iwslt_cpu
+
+repro-sage-vit-cpu: setup demo-data
+	$(ADAPTUNE) -m experiment=vit_fmnist_cpu,vit_fmnist_cpu_sage task.train_subset=6000 trainer.epochs=1 seed=1 name=repro_sage_vit_cpu $(ARGS)
+	$(REPORT) outputs/multirun/repro_sage_vit_cpu
 
 ## Real offline demo data from Debian packages (German-English sentences, Fashion-MNIST).
 demo-data:
