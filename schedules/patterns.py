@@ -39,8 +39,9 @@ FAMILY_PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
         "no_decay": _BERT_NO_DECAY,
     },
     "fairseq_transformer": {
-        "sage": ("self_attn", "encoder_attn", "fc1", "fc2"),
-        "dps": ("self_attn", "encoder_attn", "fc1", "fc2"),
+        # trailing dots: "self_attn" alone would also match self_attn_layer_norm
+        "sage": ("self_attn.", "encoder_attn.", "fc1", "fc2"),
+        "dps": ("self_attn.", "encoder_attn.", "fc1", "fc2"),
         "no_decay": ("bias", "layer_norm", "layernorm"),
     },
     "vit": {
