@@ -57,11 +57,11 @@ repro-sage-glue: setup       ## SAGE Table: BERT-base, Adamax vs Adamax-SAGE, GL
 	$(REPORT) outputs/multirun/repro_sage_glue
 
 repro-dps-glue: setup        ## DPS Table: BERT-large-cased, vanilla vs DPS dense vs DPS mix, 10 seeds
-	$(ADAPTUNE) -m experiment=dps_glue_vanilla,dps_glue,dps_glue_mix task.name=cola,rte,mrpc,stsb seed=$(SEEDS10) name=repro_dps_glue $(ARGS)
+	$(ADAPTUNE) -m experiment=dps_glue schedule=baseline,dps,dps_mix task.name=cola,rte,mrpc,stsb seed=$(SEEDS10) name=repro_dps_glue $(ARGS)
 	$(REPORT) outputs/multirun/repro_dps_glue
 
 repro-dps-low-resource: setup  ## DPS low-resource: 500 / 1,000 stratified training examples
-	$(ADAPTUNE) -m experiment=dps_glue_vanilla,dps_glue,dps_glue_mix task.name=cola,rte,mrpc,stsb task.train_subset=500,1000 seed=$(SEEDS10) name=repro_dps_low_resource $(ARGS)
+	$(ADAPTUNE) -m experiment=dps_glue schedule=baseline,dps,dps_mix task.name=cola,rte,mrpc,stsb task.train_subset=500,1000 seed=$(SEEDS10) name=repro_dps_low_resource $(ARGS)
 	$(REPORT) outputs/multirun/repro_dps_low_resource
 
 repro-sage-iwslt: setup      ## SAGE IWSLT'14 De-En: Transformer from scratch, Adam vs Adam-SAGE (binarised data: ARGS=task.data_dir=...)
