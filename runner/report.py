@@ -61,10 +61,15 @@ def summarise(results: list[dict], which: str = "final") -> dict:
     return {"cells": cells, "main": main}
 
 
+def _schedule_order(cells: dict) -> list[str]:
+    """Schedules of ``cells`` in the papers' order (baseline first), others after, by name."""
+    known = ("baseline", "sage", "dps", "dps_mix")
+    return sorted({s for s, _ in cells}, key=lambda s: (known.index(s) if s in known else 9, s))
+
+
 def tables(summary: dict) -> tuple[str, list[list[str]]]:
     cells, main = summary["cells"], summary["main"]
-    known = ("baseline", "sage", "dps", "dps_mix")
-    schedules = sorted({s for s, _ in cells}, key=lambda s: (known.index(s) if s in known else 9, s))
+    schedules = _schedule_order(cells)
     tasks = sorted(main)
     header = ["schedule", *[f"{t} ({main[t]})" for t in tasks], "average"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -89,6 +94,14 @@ def tables(summary: dict) -> tuple[str, list[list[str]]]:
     return "\n".join(md), rows
 
 
+def _save(plt, fig, ax, path: Path, written: list[Path]) -> None:
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+
 def plots(results: list[dict], summary: dict, out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -109,15 +122,11 @@ def plots(results: list[dict], summary: dict, out: Path) -> list[Path]:
             ax.plot(steps, [statistics.fmean(points[s]) for s in steps], label=f"{sched} ({task})")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss (mean over seeds)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "curves.png")
+        _save(plt, fig, ax, out / "curves.png", written)
     cells, main = summary["cells"], summary["main"]
     if cells:
         tasks = sorted(main)
-        schedules = sorted({s for s, _ in cells})
+        schedules = _schedule_order(cells)
         fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) * len(schedules) / 2), 4))
         width = 0.8 / max(1, len(schedules))
         for k, sched in enumerate(schedules):
@@ -128,11 +137,7 @@ def plots(results: list[dict], summary: dict, out: Path) -> list[Path]:
         ax.set_xticks([i + width * (len(schedules) - 1) / 2 for i in range(len(tasks))])
         ax.set_xticklabels([f"{t}\n{main[t]}" for t in tasks], fontsize=8)
         ax.set_ylabel("dev score × 100 (mean ± std)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "bars.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "bars.png")
+        _save(plt, fig, ax, out / "bars.png", written)
     return written
 
 
