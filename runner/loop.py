@@ -40,7 +40,7 @@ from tasks import build_task
 from tasks.base import move_to
 
 from . import checkpoint as ckpt
-from .distributed import init_distributed
+from .distributed import init_distributed, ranks_in_sync
 from .loggers import NullLogger, build_logger
 from .validate import validate_config
 
@@ -417,7 +417,14 @@ class Trainer:
             self.save_checkpoint()
         final = {k: v for k, v in st.evals[-1].items() if k != "step"}
         test = self.evaluate("test") if self.task.has_test else None
-        return self._results(final, test)
+        results = self._results(final, test)
+        if self.dist.enabled:  # parameters, optimizer and schedule state must agree on every rank
+            results["ddp_ranks_in_sync"] = ranks_in_sync(
+                self.dist, self.model.state_dict(), self.optimizer.state_dict()["state"],
+                self.schedule.state_dict())
+            if not results["ddp_ranks_in_sync"]:
+                log.error("DDP ranks diverged: parameters or schedule state differ between ranks")
+        return results
 
     def _results(self, final: dict, test: dict | None) -> dict:
         st = self.state
