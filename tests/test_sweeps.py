@@ -78,3 +78,25 @@ def test_report_over_two_schedules_and_two_seeds(tmp_path, schedules):
     csv_lines = (sweep / "report.csv").read_text().splitlines()
     assert csv_lines[0] == "schedule,task,metric,mean,std,n"
     assert (sweep / "curves.png").stat().st_size > 1000 and (sweep / "bars.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("backend", [
+    ["seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    ["seed=1,2", "hydra/launcher=submitit_local"],
+    ["hparams_search=sage_optuna", "hydra.sweeper.n_trials=2"],
+], ids=["joblib", "submitit_local", "optuna"])
+def test_sweep_backends_run_every_job(tmp_path, backend):
+    data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(_sweep_cmd(data, sweep, "trainer.max_steps=2", *backend), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
+    assert len(results) == 2 and all(r["status"] == "completed" for r in results)
+    if backend[0].startswith("hparams_search"):
+        assert {r["schedule"] for r in results} == {"sage"}
+        lrs = {r["config"]["schedule"]["lr"] for r in results}
+        assert len(lrs) == 2 and all(2e-5 <= lr <= 1e-3 for lr in lrs)  # sampled from the search space
+        assert "Best value" in out.stdout + out.stderr
+    else:
+        assert sorted(r["seed"] for r in results) == [1, 2]
