@@ -73,7 +73,7 @@ repro-sage-vit: setup        ## SAGE ViT: ViT-B/16 fine-tuned on CIFAR-100, Adam
 	$(REPORT) outputs/multirun/repro_sage_vit
 
 ## CPU-sized variants: the same pipelines offline on the shipped model and demo data, in minutes.
-CPU_GLUE := experiment=quickstart task.train_subset=320 task.eval_subset=200 task.max_seq_length=64 trainer.batch_size=16 trainer.epochs=1
+CPU_GLUE := experiment=quickstart task.eval_subset=300
 
 repro-sage-glue-cpu: setup
 	$(ADAPTUNE) -m $(CPU_GLUE) schedule=baseline,sage seed=1,2 name=repro_sage_glue_cpu $(ARGS)
@@ -84,7 +84,7 @@ repro-dps-glue-cpu: setup
 	$(REPORT) outputs/multirun/repro_dps_glue_cpu
 
 repro-dps-low-resource-cpu: setup
-	$(ADAPTUNE) -m $(CPU_GLUE) schedule=baseline,dps,dps_mix schedule.update_ratio=0.2 task.train_subset=100,200 seed=1,2 name=repro_dps_low_resource_cpu $(ARGS)
+	$(ADAPTUNE) -m $(CPU_GLUE) schedule=baseline,dps,dps_mix schedule.update_ratio=0.2 task.train_subset=200,400 trainer.max_steps=60 seed=1,2 name=repro_dps_low_resource_cpu $(ARGS)
 	$(REPORT) outputs/multirun/repro_dps_low_resource_cpu
 
 repro-sage-iwslt-cpu: setup demo-data

@@ -102,21 +102,24 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     assert moved > 10  # training changed the weights, so the equality above is not vacuous
 
 
-def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    data = write_glue(tmp_path / "rte", "rte", n_train=64, n_dev=8)
+def _alter_nth_loss(monkeypatch, n: int, alter) -> None:
+    """Make the GLUE task's ``n``-th loss call return ``alter(loss_sum)`` instead."""
     from tasks.glue import GlueTask
 
     original = GlueTask.loss
     calls = {"n": 0}
 
-    def sometimes_nan(self, model, batch):
+    def patched(self, model, batch):
         out = original(self, model, batch)
         calls["n"] += 1
-        if calls["n"] == 5:
-            return out._replace(loss_sum=out.loss_sum * float("nan"))
-        return out
+        return out._replace(loss_sum=alter(out.loss_sum)) if calls["n"] == n else out
 
-    monkeypatch.setattr(GlueTask, "loss", sometimes_nan)
+    monkeypatch.setattr(GlueTask, "loss", patched)
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    data = write_glue(tmp_path / "rte", "rte", n_train=64, n_dev=8)
+    _alter_nth_loss(monkeypatch, 5, lambda loss: loss * float("nan"))
     cfg = compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=8", "trainer.save_every=2"))
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5.*last good checkpoint is .*last.pt"):
         run(cfg, tmp_path / "r")
@@ -171,20 +174,9 @@ def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
     """Under fp16 an inf gradient skips the update, the schedule hooks and the LR step."""
     data = write_glue(tmp_path / "rte", "rte", n_train=64, n_dev=8)
     from schedules.baseline import BaselineSchedule
-    from tasks.glue import GlueTask
 
-    original = GlueTask.loss
-    calls = {"n": 0}
-
-    def overflow_once(self, model, batch):
-        out = original(self, model, batch)
-        calls["n"] += 1
-        if calls["n"] == 3:  # finite loss, infinite gradient
-            return out._replace(loss_sum=_InfGrad.apply(out.loss_sum))
-        return out
-
+    _alter_nth_loss(monkeypatch, 3, _InfGrad.apply)  # finite loss, infinite gradient
     hooked = []
-    monkeypatch.setattr(GlueTask, "loss", overflow_once)
     monkeypatch.setattr(BaselineSchedule, "on_gradients", lambda self, step: hooked.append(step), raising=False)
     cfg = compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=5",
                                  "trainer.precision=fp16", "schedule.warmup_ratio=0.0"))
