@@ -6,10 +6,11 @@ disk, then renamed over the target: an interruption leaves either the old or the
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -17,13 +18,14 @@ LAST = "last.pt"
 BEST = "best.pt"
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, sync it, rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -31,6 +33,16 @@ def atomic_save(obj: Any, path: Path) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_save_json(data: dict, path: Path) -> None:
+    """JSON (e.g. results.json) atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=str).encode()))
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:

@@ -162,12 +162,6 @@ def _identity(batch):
     return batch
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
-
-
 class Trainer:
     """Holds the objects of one run; :meth:`fit` trains, evaluates and writes results."""
 
@@ -487,7 +481,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict:
         results["wall_time_s"] = time.time() - start
         results["world_size"] = trainer.dist.world
         if trainer.dist.is_main:
-            _write_json_atomic(run_dir / "results.json", results)
+            ckpt.atomic_save_json(results, run_dir / "results.json")
         logger.summary({f"final/{k}": v for k, v in results["final"].items()})
         logger.summary({f"best/{k}": v for k, v in results["best"].items()})
         if results["test"]:
