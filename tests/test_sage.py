@@ -190,14 +190,19 @@ def test_foreach_equals_reference_fp32(cls):
             assert torch.equal(optr.state[a][key], optf.state[b][key])
 
 
+def _same_as_reference(cls, impl: str, steps: int) -> bool:
+    """Whether ``impl`` leaves bit-identical parameters to the reference loop after ``steps``."""
+    runs = []
+    for name in ("reference", impl):
+        params = make_params(torch.float32)
+        run_optimizer(cls, params, steps, impl=name)
+        runs.append(params)
+    return all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_foreach_chunks(monkeypatch):
     monkeypatch.setattr(sage_mod, "_FOREACH_CHUNK", 10)      # force several chunks per group
-    runs = []
-    for impl in ("reference", "foreach"):
-        params = make_params(torch.float32)
-        run_optimizer(AdamWSAGE, params, 10, impl=impl)
-        runs.append(params)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert _same_as_reference(AdamWSAGE, "foreach", 10)
 
 
 def test_fused_matches_reference(monkeypatch):
@@ -223,12 +228,7 @@ def test_fused_path_sends_small_tensors_to_foreach(monkeypatch):
     """On the fused path, tensors below _FUSED_MIN_TENSOR take the foreach ops (same numbers)."""
     monkeypatch.setattr(sage_mod, "_FUSED_MIN_TENSOR", 1 << 30)
     monkeypatch.setattr(sage_mod, "_fused_call", lambda *a: pytest.fail("compiled kernel called"))
-    runs = []
-    for impl in ("reference", "fused"):
-        params = make_params(torch.float32)
-        run_optimizer(AdamaxSAGE, params, 5, impl=impl)
-        runs.append(params)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert _same_as_reference(AdamaxSAGE, "fused", 5)
 
 
 def test_auto_implementation_choice(monkeypatch):
