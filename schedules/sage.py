@@ -45,30 +45,35 @@ Implementation choices shared by both optimizers (**(choice)** marks a decision 
   * ``foreach`` (``foreach=True``): ``torch._foreach_*`` ops over the group, in chunks of at most
     2^24 elements so temporaries stay bounded; the op sequence mirrors ``reference`` (same
     numbers, bit for bit on CPU).
-  * ``fused`` (``fused=True``): the update of one tensor written as a single expression and
-    compiled once per process with ``torch.compile(dynamic=True)``, giving one generated
-    (vectorised, OpenMP) loop per tensor that reads θ, g and the state once and writes them once
-    (no temporaries). Tensors under 2^15 elements (biases, LayerNorm) take the foreach ops
-    instead: each compiled call costs ~40 µs of Python overhead, more than their update.
-    Inductor computes low-precision dtypes in float32 and may contract multiply-adds, so
-    results match the reference to rounding.
+  * ``fused`` (``fused=True``): the update of an element written as one expression that reads θ,
+    g and the state once and writes them once (no temporaries), in one of two backends:
+
+    - on CPU, a multi-tensor C++ kernel (``csrc/sage_cpu.cpp``, built once per machine by
+      :mod:`schedules.sage_cpu`): **one call per group** runs a single OpenMP loop over 64K-element
+      chunks of all its tensors, biases and LayerNorms included, so the per-tensor call overhead
+      is gone and the update streams at memory bandwidth;
+    - elsewhere (CUDA), or where that kernel cannot be built, the same expression per tensor,
+      compiled once per process with ``torch.compile(dynamic=True)``; tensors under 2^15
+      elements take the foreach ops there, since each compiled call costs ~40 µs of Python.
+
+    Non-contiguous tensors take the eager path. Both backends compute low-precision dtypes in
+    float32 and contract multiply-adds, so they match the reference to rounding (float64 runs
+    match the spec transcription to 1e-10 over 60 steps; see the tests).
 
   **(choice)** ``foreach=None, fused=None`` (auto): ``fused`` when the optimizer holds at least
-  2^22 elements (below that the one-off compile, ~5–30 s, costs more than it saves) and
-  ``torch.compile`` works here; otherwise ``foreach`` on accelerators and ``reference`` on CPU
-  (on CPU the foreach ops allocate a full-size temporary per op, which measured slower than the
-  per-tensor loop). If compiling fails, a warning is logged once and the process falls back to
-  the eager paths.
+  2^22 elements (below that the one-off build or compile, ~30 s, costs more than it saves) and
+  it can run here; otherwise ``foreach`` on accelerators and ``reference`` on CPU (on CPU the
+  foreach ops allocate a full-size temporary per op, which measured slower than the per-tensor
+  loop). If the C++ build fails, the compiled backend is tried, then the eager paths; each
+  failure logs one warning.
 
-Speed (``bench/bench_sage.py``: BERT-base shapes, 109.5M parameters, 85M in SAGE groups; a
-2-core EPYC VM shared with other jobs, load average 4-6, so per-step process CPU time at one
-thread is the stable number): torch ``AdamW(fused=True)`` 77 ms, AdamW-SAGE fused 114 ms (1.48x),
-Adamax-SAGE fused 108 ms (1.41x); the reference loop ~14x and foreach ~18x. SAGE must stream five
-full-size tensors (θ, g, m, v, Ī) where AdamW streams four: a loop doing only that streaming
-measured 1.39x torch's fused AdamW per SAGE tensor (about 1.3x over the whole model), and the SAGE
-loop runs within ~5% of it. With two threads on that busy VM all three optimizers measured within
-0.95-1.1x of each other but 3-4x slower than with one (OpenMP barriers wait for cores other jobs
-hold), which says nothing about the kernels.
+Speed (``bench/bench_sage.py``, BERT-base shapes, 109.5M parameters, 85M in SAGE groups, 2
+threads on the project's idle 2-core AMD EPYC VM; medians of 9 interleaved rounds): torch
+``AdamW(fused=True)`` 66 ms, AdamW-SAGE 81 ms (1.23x), Adamax-SAGE 81 ms (1.22x); the reference
+loop ~14x and foreach ~18x. SAGE must stream five full-size tensors (θ, g, m, v, Ī) where AdamW
+streams four, so 1.22x over the whole model is the memory-traffic ratio ((85·9 + 24.5·7)/(109.5·7)
+reads and writes). The per-tensor compiled kernels it replaced measured 1.41x: ~150 calls of
+Python overhead and a less efficient loop.
 """
 from __future__ import annotations
 
@@ -79,6 +84,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from . import sage_cpu
 from .base import Schedule, register_optimizer
 from .errors import ConfigError
 from .param_groups import build_param_groups, strip_names
@@ -91,6 +97,7 @@ __all__ = ["AdamWSAGE", "AdamaxSAGE", "SAGESchedule", "sage_param_groups", "sens
 _FOREACH_CHUNK = 1 << 24        # elements per foreach chunk (bounds the temporaries)
 _FUSED_MIN_NUMEL = 1 << 22      # auto picks the compiled path from this many elements on
 _FUSED_MIN_TENSOR = 1 << 15     # smaller tensors take the foreach ops even on the fused path
+_USE_CPU_KERNEL = True          # fused on CPU: the C++ kernel (False: the compiled per-tensor one)
 _COMPILED: dict[str, Callable] = {}
 _COMPILE_BROKEN = False
 
@@ -153,6 +160,7 @@ def _compiled(fn: Callable) -> Callable:
     threads = torch.get_num_threads()
     key = f"{fn.__name__}/threads={threads}"
     if key not in _COMPILED:
+        log.info("SAGE: compiling %s with torch.compile (once per process)", fn.__name__)
         _COMPILED[key] = torch.compile(fn, dynamic=True, fullgraph=True, options={
             "cpp.threads": threads, "cpp.min_chunk_size": 1,
             "cpp.enable_floating_point_contract_flag": "fast"})
@@ -170,6 +178,13 @@ def _compile_usable() -> bool:
         return not torch.compiler.is_compiling()
     except Exception:  # pragma: no cover - exotic builds
         return False
+
+
+def _fused_usable(device: torch.device) -> bool:
+    """Whether the fused path can run on ``device`` (builds the CPU kernel on first use)."""
+    if device.type == "cpu" and _USE_CPU_KERNEL and sage_cpu.kernels() is not None:
+        return True
+    return _compile_usable()
 
 
 def _fused_call(fn: Callable, fallback: Callable[[], None], *args) -> None:
@@ -213,6 +228,7 @@ class _SAGEOptimizer(torch.optim.Optimizer):
 
     _base_keys: tuple[str, ...] = ()           # base optimizer state tensors, set by subclasses
     _fused_kernel: Callable                    # the compiled per-tensor update, set by subclasses
+    _cpu_kernel: str                           # its multi-tensor C++ twin in sage_cpu, by name
 
     def __init__(self, params, defaults: dict[str, Any]):
         lr, betas, beta3 = defaults["lr"], defaults["betas"], defaults["beta3"]
@@ -269,23 +285,21 @@ class _SAGEOptimizer(torch.optim.Optimizer):
     def _impl(self, group: dict, params: list[Tensor]) -> str:
         """The implementation for this group: ``fused``, ``foreach`` or ``reference``."""
         fused, foreach = group["fused"], group["foreach"]
-        eager = "reference" if params[0].device.type == "cpu" else "foreach"
+        device = params[0].device
+        eager = "reference" if device.type == "cpu" else "foreach"
         if fused:
-            return "fused" if _compile_usable() else eager
+            return "fused" if _fused_usable(device) else eager
         if foreach is not None:
             return "foreach" if foreach else "reference"
-        if fused is None and self._use_auto_fused():
+        if fused is None and self._use_auto_fused(device):
             return "fused"
         return eager
 
-    def _use_auto_fused(self) -> bool:
+    def _use_auto_fused(self, device: torch.device) -> bool:
         if self._auto_fused is None:
             numel = sum(p.numel() for g in self.param_groups for p in g["params"])
             self._auto_fused = numel >= _FUSED_MIN_NUMEL
-            if self._auto_fused and _compile_usable() and not _COMPILED:
-                log.info("%s: compiling the fused update with torch.compile (once per process)",
-                         type(self).__name__)
-        return self._auto_fused and _compile_usable()
+        return self._auto_fused and _fused_usable(device)
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
@@ -318,20 +332,7 @@ class _SAGEOptimizer(torch.optim.Optimizer):
     def _update(self, impl: str, group: dict, t: int, params, grads, states) -> None:
         """Update tensors that share step ``t``, device and dtype with implementation ``impl``."""
         if impl == "fused":
-            keys = self._base_keys
-            rest = []
-            scalars = None
-            for i, (p, g, st) in enumerate(zip(params, grads, states)):
-                tensors = (p, g, st[keys[0]], st[keys[1]], st["exp_avg_sens"] if group["sage"] else None)
-                if p.numel() < _FUSED_MIN_TENSOR or not all(x is None or x.is_contiguous() for x in tensors):
-                    rest.append(i)
-                    continue
-                if scalars is None:
-                    scalars = self._fused_scalars(group, t, p.device, p.dtype)
-                _fused_call(self._fused_kernel,
-                            lambda i=i: self._reference(group, t, [params[i]], [grads[i]], [states[i]]),
-                            *[None if x is None else _flat(x) for x in tensors], *scalars)
-            params, grads, states = ([xs[i] for i in rest] for xs in (params, grads, states))
+            params, grads, states = self._fused(group, t, params, grads, states)
             impl = "foreach"
         if impl == "foreach":
             sizes = [p.numel() for p in params]
@@ -341,9 +342,47 @@ class _SAGEOptimizer(torch.optim.Optimizer):
         else:
             self._reference(group, t, params, grads, states)
 
-    def _scalars(self, device: torch.device, dtype: torch.dtype, **values: float) -> list[Tensor]:
+    def _fused(self, group: dict, t: int, params, grads, states) -> tuple[list, list, list]:
+        """The fused update of what it can take; returns the tensors left for the foreach ops.
+
+        On CPU all contiguous tensors go to the C++ kernel in one call. Elsewhere (or where that
+        kernel cannot be built) each contiguous tensor from ``_FUSED_MIN_TENSOR`` elements on gets
+        one call of the compiled kernel.
+        """
+        keys = (*self._base_keys, "exp_avg_sens") if group["sage"] else self._base_keys
+        coefficients = self._kernel_coefficients(group, t)
+        contiguous = [all(x.is_contiguous() for x in (p, g, *(st[k] for k in keys)))
+                      for p, g, st in zip(params, grads, states)]
+        cpu_kernels = (sage_cpu.kernels() if _USE_CPU_KERNEL and params[0].device.type == "cpu"
+                       else None)
+        if cpu_kernels is not None:
+            take = [i for i, ok in enumerate(contiguous) if ok]
+            if take:
+                state_lists = [[states[i][k] for i in take] for k in keys]
+                if not group["sage"]:
+                    state_lists.append([])
+                getattr(cpu_kernels, self._cpu_kernel)(
+                    [params[i] for i in take], [grads[i] for i in take], *state_lists, *coefficients)
+        else:
+            take, scalars = [], None
+            for i, (p, g, st) in enumerate(zip(params, grads, states)):
+                if p.numel() < _FUSED_MIN_TENSOR or not contiguous[i]:
+                    continue
+                if scalars is None:
+                    scalars = self._scalars(p.device, p.dtype, coefficients)
+                _fused_call(self._fused_kernel,
+                            lambda i=i: self._reference(group, t, [params[i]], [grads[i]], [states[i]]),
+                            _flat(p), _flat(g), *(_flat(st[k]) for k in self._base_keys),
+                            _flat(st["exp_avg_sens"]) if group["sage"] else None, *scalars)
+                take.append(i)
+        taken = set(take)
+        rest = [i for i in range(len(params)) if i not in taken]
+        return ([params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest])
+
+    @staticmethod
+    def _scalars(device: torch.device, dtype: torch.dtype, values: Sequence[float]) -> list[Tensor]:
         sdtype = torch.float64 if dtype == torch.float64 else torch.float32
-        return [torch.tensor(v, dtype=sdtype, device=device) for v in values.values()]
+        return [torch.tensor(v, dtype=sdtype, device=device) for v in values]
 
 
 # ====================================================================================== AdamW-SAGE
@@ -387,6 +426,7 @@ class AdamWSAGE(_SAGEOptimizer):
 
     _base_keys = ("exp_avg", "exp_avg_sq")
     _fused_kernel = staticmethod(_adamw_fused_kernel)
+    _cpu_kernel = "adamw_sage_"
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float = 0.75, eps: float = 1e-6, weight_decay: float = 0.0,
@@ -412,13 +452,12 @@ class AdamWSAGE(_SAGEOptimizer):
                     1 - beta3 ** (t - 1), 1 - beta3 ** t)
         return group["lr"], 1.0, 1.0
 
-    def _fused_scalars(self, group: dict, t: int, device, dtype) -> list[Tensor]:
+    def _kernel_coefficients(self, group: dict, t: int) -> list[float]:
+        """The fused kernels' hyper-parameters, in their argument order."""
         beta1, beta2 = group["betas"]
         eps, lr, wd = group["eps"], group["lr"], group["weight_decay"]
         step_size, c_prev, c = self._coefficients(group, t)
-        return self._scalars(device, dtype, beta1=beta1, beta2=beta2,
-                             beta3=group["beta3"], c_prev=c_prev, c_eps2=c * eps * eps,
-                             step_size=step_size, eps=eps, keep=1 - lr * wd)
+        return [beta1, beta2, group["beta3"], c_prev, c * eps * eps, step_size, eps, 1 - lr * wd]
 
     def _reference(self, group, t, params, grads, states) -> None:
         """The readable per-tensor loop."""
@@ -501,6 +540,7 @@ class AdamaxSAGE(_SAGEOptimizer):
 
     _base_keys = ("exp_avg", "exp_inf")
     _fused_kernel = staticmethod(_adamax_fused_kernel)
+    _cpu_kernel = "adamax_sage_"
 
     def __init__(self, params, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float = 0.75, eps: float = 1e-6, weight_decay: float = 0.01, *,
@@ -508,12 +548,11 @@ class AdamaxSAGE(_SAGEOptimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "beta3": beta3, "eps": eps,
                                   "weight_decay": weight_decay, "foreach": foreach, "fused": fused})
 
-    def _fused_scalars(self, group: dict, t: int, device, dtype) -> list[Tensor]:
+    def _kernel_coefficients(self, group: dict, t: int) -> list[float]:
+        """The fused kernels' hyper-parameters, in their argument order."""
         beta1, beta2 = group["betas"]
         eps = group["eps"]
-        return self._scalars(device, dtype, beta1=beta1, beta2=beta2,
-                             beta3=group["beta3"], eps=eps, eps2=eps * eps,
-                             weight_decay=group["weight_decay"], lr=group["lr"])
+        return [beta1, beta2, group["beta3"], eps, eps * eps, group["weight_decay"], group["lr"]]
 
     def _reference(self, group, t, params, grads, states) -> None:
         """The readable per-tensor loop."""

@@ -116,9 +116,18 @@ CASES = [("adamw", AdamWSAGE, bc, wd) for bc in (True, False) for wd in (0.0, 0.
         [("adamax", AdamaxSAGE, None, wd) for wd in (0.0, 0.01)]
 
 
-@pytest.mark.parametrize("impl", ["reference", "foreach"])
+def cpu_kernel_or_skip():
+    if sage_mod.sage_cpu.kernels() is None:
+        pytest.skip(f"the SAGE CPU kernel cannot be built here: {sage_mod.sage_cpu.failure()}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "foreach", "fused"])
 @pytest.mark.parametrize("kind,cls,bc,wd", CASES)
 def test_matches_spec_transcription(kind, cls, bc, wd, impl):
+    """Every implementation against the float64 transcription, step by step (fused on CPU: the
+    C++ multi-tensor kernel in double precision)."""
+    if impl == "fused":
+        cpu_kernel_or_skip()
     params = make_params()
     spec = SpecSAGE(kind, params, SPEC_GROUPS(wd), lr=1e-2, betas=(0.9, 0.999), beta3=0.8,
                     eps=1e-6, bias_correction=bool(bc))
@@ -144,7 +153,8 @@ def test_matches_spec_transcription(kind, cls, bc, wd, impl):
 
 def test_first_step_leaves_sage_tensors_unchanged(monkeypatch):
     monkeypatch.setattr(sage_mod, "_FUSED_MIN_TENSOR", 0)
-    impls = ("reference", "foreach", "fused") if sage_mod._compile_usable() else ("reference", "foreach")
+    impls = ("reference", "foreach", "fused") if sage_mod._fused_usable(torch.device("cpu")) \
+        else ("reference", "foreach")
     for impl in impls:
         params = make_params(torch.float32)
         before = [p.detach().clone() for p in params]
@@ -205,11 +215,22 @@ def test_foreach_chunks(monkeypatch):
     assert _same_as_reference(AdamWSAGE, "foreach", 10)
 
 
-def test_fused_matches_reference(monkeypatch):
-    """The torch.compile path (both optimizers, SAGE and plain groups; bf16 in test_bf16_*)."""
+def use_compiled_kernel(monkeypatch):
+    """Route the fused path through the torch.compile kernels (the CUDA path) on this CPU."""
     if not sage_mod._compile_usable():
         pytest.skip("torch.compile is not usable here")
+    monkeypatch.setattr(sage_mod, "_USE_CPU_KERNEL", False)
     monkeypatch.setattr(sage_mod, "_FUSED_MIN_TENSOR", 0)     # compile even these tiny tensors
+
+
+@pytest.mark.parametrize("backend", ["cpu_kernel", "compiled"])
+def test_fused_matches_reference(backend, monkeypatch):
+    """Both fused backends (both optimizers, SAGE and plain groups; bf16 in test_bf16_*)."""
+    if backend == "compiled":
+        use_compiled_kernel(monkeypatch)
+    else:
+        cpu_kernel_or_skip()
+        monkeypatch.setattr(sage_mod, "_fused_call", lambda *a: pytest.fail("compiled kernel called"))
     for cls in (AdamWSAGE, AdamaxSAGE):
         runs = {}
         for impl in ("reference", "fused"):
@@ -220,15 +241,114 @@ def test_fused_matches_reference(monkeypatch):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
             for key in optr.state[a]:
                 torch.testing.assert_close(optf.state[b][key], optr.state[a][key], rtol=1e-5, atol=1e-6)
-    assert not sage_mod._COMPILE_BROKEN
-    assert {"_adamw_fused_kernel", "_adamax_fused_kernel"} <= {k.split("/")[0] for k in sage_mod._COMPILED}
+    if backend == "compiled":
+        assert not sage_mod._COMPILE_BROKEN
+        assert {"_adamw_fused_kernel", "_adamax_fused_kernel"} <= {k.split("/")[0] for k in sage_mod._COMPILED}
 
 
-def test_fused_path_sends_small_tensors_to_foreach(monkeypatch):
-    """On the fused path, tensors below _FUSED_MIN_TENSOR take the foreach ops (same numbers)."""
+def test_compiled_path_sends_small_tensors_to_foreach(monkeypatch):
+    """With the compiled kernels, tensors below _FUSED_MIN_TENSOR take the foreach ops (same numbers)."""
+    monkeypatch.setattr(sage_mod, "_USE_CPU_KERNEL", False)
     monkeypatch.setattr(sage_mod, "_FUSED_MIN_TENSOR", 1 << 30)
     monkeypatch.setattr(sage_mod, "_fused_call", lambda *a: pytest.fail("compiled kernel called"))
     assert _same_as_reference(AdamaxSAGE, "fused", 5)
+
+
+class CountingKernels:
+    """Wraps the CPU kernel module and records the tensors of every call."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+
+        def call(params, *args):
+            self.calls.append((name, [tuple(p.shape) for p in params]))
+            return fn(params, *args)
+        return call
+
+
+@pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
+def test_cpu_kernel_one_call_per_group_and_step_bucket(cls, monkeypatch):
+    """All tensors of a group, tiny ones included, go to one kernel call; tensors whose step
+    counter lags (skipped gradients) get a call of their own with their own bias correction."""
+    cpu_kernel_or_skip()
+    counting = CountingKernels(sage_mod.sage_cpu.kernels())
+    monkeypatch.setattr(sage_mod.sage_cpu, "kernels", lambda: counting)
+    params = make_params(torch.float32)
+    run_optimizer(cls, params, 5, impl="fused")   # step 4 skips params[1]: at step 5 its counter says 4
+    name = cls._cpu_kernel
+    assert {n for n, _ in counting.calls} == {name}
+    shapes = [s for _, s in counting.calls]
+    assert shapes[:9] == [[(6, 4), (4,)], [(3, 5)], [(5,)]] * 3                     # steps 1-3
+    assert shapes[9:12] == [[(6, 4)], [(3, 5)], [(5,)]]                            # step 4
+    assert shapes[12:] == [[(6, 4)], [(4,)], [(3, 5)], [(5,)]]                     # step 5
+
+
+@pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
+def test_cpu_kernel_non_contiguous_tensors_take_the_reference(cls, monkeypatch):
+    cpu_kernel_or_skip()
+    counting = CountingKernels(sage_mod.sage_cpu.kernels())
+    monkeypatch.setattr(sage_mod.sage_cpu, "kernels", lambda: counting)
+    runs = {}
+    for impl in ("reference", "fused"):
+        p = torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))
+        q = torch.nn.Parameter(torch.randn(7, generator=torch.Generator().manual_seed(1)))
+        opt = cls([p, q], lr=1e-2, beta3=0.8, weight_decay=0.01, **IMPLS[impl])
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(5):
+            p.grad = torch.randn(3, 5, generator=gen).t()          # a transposed (strided) gradient
+            q.grad = torch.randn(7, generator=gen)
+            opt.step()
+        runs[impl] = (p, q)
+    assert {tuple(shapes) for _, shapes in counting.calls} == {((7,),)}   # only the contiguous one
+    for a, b in zip(runs["reference"], runs["fused"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
+def test_cpu_kernel_bit_identical_across_thread_counts(cls):
+    """Elementwise and without reductions, so the thread split cannot change a single bit."""
+    cpu_kernel_or_skip()
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            gen = torch.Generator().manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(300_001, generator=gen))   # several 64K chunks
+            opt = cls([p], lr=1e-2, beta3=0.8, fused=True)
+            for _ in range(3):
+                p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+            runs.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    finally:
+        torch.set_num_threads(threads)
+    (p1, s1), (p2, s2) = runs
+    assert torch.equal(p1, p2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_cpu_kernel_propagates_nan_like_the_reference():
+    cpu_kernel_or_skip()
+    for cls in (AdamWSAGE, AdamaxSAGE):
+        out = {}
+        for impl in ("reference", "fused"):
+            p = torch.nn.Parameter(torch.ones(4))
+            opt = cls([p], lr=1e-2, **IMPLS[impl])
+            p.grad = torch.tensor([1.0, float("nan"), 2.0, float("inf")])
+            opt.step()
+            out[impl] = [torch.isnan(t) for t in (p.detach(), *opt.state[p].values()) if t.dim()]
+        assert all(torch.equal(a, b) for a, b in zip(out["reference"], out["fused"])), cls.__name__
+
+
+def test_cpu_kernel_build_failure_falls_back(monkeypatch):
+    """Where the kernel cannot be built, fused=True still runs (compiled or eager), same maths."""
+    monkeypatch.setattr(sage_mod.sage_cpu, "kernels", lambda: None)
+    monkeypatch.setattr(sage_mod, "_COMPILE_BROKEN", True)            # and no torch.compile either
+    opt = AdamWSAGE([torch.nn.Parameter(torch.zeros(3))], fused=True)
+    assert opt._impl(opt.param_groups[0], opt.param_groups[0]["params"]) == "reference"
+    assert _same_as_reference(AdamWSAGE, "fused", 5)
 
 
 def test_auto_implementation_choice(monkeypatch):
@@ -236,7 +356,7 @@ def test_auto_implementation_choice(monkeypatch):
     assert small._impl(small.param_groups[0], small.param_groups[0]["params"]) == "reference"
     monkeypatch.setattr(sage_mod, "_FUSED_MIN_NUMEL", 5)
     big = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))])
-    expected = "fused" if sage_mod._compile_usable() else "reference"
+    expected = "fused" if sage_mod._fused_usable(torch.device("cpu")) else "reference"
     assert big._impl(big.param_groups[0], big.param_groups[0]["params"]) == expected
     explicit = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))], fused=False)
     assert explicit._impl(explicit.param_groups[0], explicit.param_groups[0]["params"]) == "reference"
@@ -343,12 +463,15 @@ def test_grad_scaler_skips_overflowing_step(cls):
 
 # one bf16 compile (Adamax-SAGE, the config default) keeps the file quick
 @pytest.mark.parametrize("cls,impl", [(AdamWSAGE, "reference"), (AdamWSAGE, "foreach"),
-                                      (AdamaxSAGE, "reference"), (AdamaxSAGE, "foreach"),
-                                      (AdamaxSAGE, "fused")])
+                                      (AdamWSAGE, "fused"), (AdamaxSAGE, "reference"),
+                                      (AdamaxSAGE, "foreach"), (AdamaxSAGE, "fused"),
+                                      (AdamaxSAGE, "compiled")])
 def test_bf16_params_and_grads(cls, impl, monkeypatch):
-    if impl == "fused" and not sage_mod._compile_usable():
-        pytest.skip("torch.compile is not usable here")
-    monkeypatch.setattr(sage_mod, "_FUSED_MIN_TENSOR", 0)
+    if impl == "compiled":
+        use_compiled_kernel(monkeypatch)
+        impl = "fused"
+    elif impl == "fused":
+        cpu_kernel_or_skip()
     gen = torch.Generator().manual_seed(0)
     w0 = torch.randn(32, 16, generator=gen).bfloat16()
     grads = [torch.randn(32, 16, generator=gen).bfloat16() for _ in range(4)]
