@@ -80,11 +80,11 @@ repro-sage-glue-cpu: setup
 	$(REPORT) outputs/multirun/repro_sage_glue_cpu
 
 repro-dps-glue-cpu: setup
-	$(ADAPTUNE) -m $(CPU_GLUE) schedule=baseline,dps,dps_mix schedule.update_ratio=0.1 seed=1,2 name=repro_dps_glue_cpu $(ARGS)
+	$(ADAPTUNE) -m experiment=dps_cpu schedule=baseline,dps,dps_mix seed=1,2 name=repro_dps_glue_cpu $(ARGS)
 	$(REPORT) outputs/multirun/repro_dps_glue_cpu
 
 repro-dps-low-resource-cpu: setup
-	$(ADAPTUNE) -m $(CPU_GLUE) schedule=baseline,dps,dps_mix schedule.update_ratio=0.2 task.train_subset=200,400 trainer.max_steps=60 seed=1,2 name=repro_dps_low_resource_cpu $(ARGS)
+	$(ADAPTUNE) -m experiment=dps_low_resource_cpu schedule=baseline,dps,dps_mix task.train_subset=200,400 seed=1,2 name=repro_dps_low_resource_cpu $(ARGS)
 	$(REPORT) outputs/multirun/repro_dps_low_resource_cpu
 
 repro-sage-iwslt-cpu: setup demo-data

@@ -21,6 +21,7 @@ The optimizer's and LR scheduler's state dicts are checkpointed by the loop;
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping
 
 import torch
@@ -29,6 +30,8 @@ from .errors import ConfigError
 from .lr import build_lr_scheduler, warmup_steps
 from .param_groups import build_param_groups, strip_names
 from .patterns import family_patterns
+
+log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 OPTIMIZERS: dict[str, OptimizerFactory] = {}
@@ -68,10 +71,21 @@ class Schedule:
     """Base class: owns the optimizer and LR scheduler of one run."""
 
     name = "base"
+    #: the ``schedule.*`` keys this schedule reads; subclasses add theirs. Other keys are reported
+    #: once and ignored: an experiment preset made for one schedule (``experiment=dps_glue``) sets
+    #: that schedule's keys, and a sweep over ``schedule=baseline,dps`` carries them to all.
+    config_keys: frozenset[str] = frozenset({
+        "name", "label", "lr", "betas", "eps", "weight_decay", "max_grad_norm", "lr_schedule",
+        "warmup_ratio", "warmup_steps", "no_decay_patterns"})
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.cfg = dict(cfg)
         check_hparams(self.cfg)
+        self.ignored_keys = sorted(set(self.cfg) - self.config_keys)
+        if self.ignored_keys:
+            log.warning("schedule=%s ignores %s: not among its settings (set by a preset made for "
+                        "another schedule?)", self.cfg.get("label") or self.cfg.get("name"),
+                        ", ".join(f"schedule.{k}" for k in self.ignored_keys))
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.groups: list[dict] = []

@@ -13,6 +13,7 @@ from .base import Schedule
 
 class BaselineSchedule(Schedule):
     name = "baseline"
+    config_keys = Schedule.config_keys | {"optimizer"}
 
     def setup(self, model: torch.nn.Module, family: str, total_steps: int) -> None:
         groups = self.param_groups(model, family)

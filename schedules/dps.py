@@ -536,6 +536,8 @@ class DPSSchedule(BaselineSchedule):
     """
 
     name = "dps"
+    config_keys = BaselineSchedule.config_keys | {"variant", "p", "update_ratio", "dps_patterns",
+                                                  "disable_dropout"}
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)

@@ -714,6 +714,8 @@ class SAGESchedule(Schedule):
     """
 
     name = "sage"
+    config_keys = Schedule.config_keys | {"base", "beta3", "bias_correction", "sage_patterns",
+                                          "foreach", "fused"}
     BASES = {"adamw": "adamw_sage", "adamax": "adamax_sage"}
     PROBE_SIZE = 4096
 

