@@ -83,8 +83,8 @@ class Schedule:
         check_hparams(self.cfg)
         self.ignored_keys = sorted(set(self.cfg) - self.config_keys)
         if self.ignored_keys:
-            log.warning("schedule=%s ignores %s: not among its settings (set by a preset made for "
-                        "another schedule?)", self.cfg.get("label") or self.cfg.get("name"),
+            log.warning("schedule=%s ignores %s: not among its settings (e.g. set by a preset "
+                        "written for another schedule)", self.cfg.get("label") or self.cfg.get("name"),
                         ", ".join(f"schedule.{k}" for k in self.ignored_keys))
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
