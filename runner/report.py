@@ -5,6 +5,12 @@ the paper layout: schedules as rows, tasks as columns, plus an average column of
 metrics) and, when matplotlib is installed, ``curves.png`` (training loss per schedule, mean over
 seeds) and ``bars.png`` (main metric per task with std error bars). Runs that started but have no
 complete ``results.json`` are listed as incomplete and never averaged in.
+
+Only seeds are averaged over. Any other command-line override that differs between the runs
+(from each run's ``.hydra/overrides.yaml``) splits them: ``schedule.*`` overrides into rows
+(``sage [lr=0.0001]``, e.g. an Optuna search's trials), the rest into columns
+(``glue/rte [task.train_subset=500]``, the DPS low-resource protocol). Overrides that choose the
+schedule, task, experiment preset, name or seed do not split (the labels already say them).
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -36,10 +43,52 @@ def collect(root: Path) -> tuple[list[dict], list[Path]]:
             res = None
         if res and res.get("status") == "completed":
             res["_dir"] = str(run_dir)
+            res["_overrides"] = _read_overrides(run_dir / ".hydra" / "overrides.yaml")
             done.append(res)
         else:
             incomplete.append(run_dir)
     return done, incomplete
+
+
+def _read_overrides(path: Path) -> dict[str, str]:
+    """{key: value} of a run's command-line overrides (Hydra writes them as a YAML list)."""
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    out = {}
+    for item in OmegaConf.load(path) or []:
+        key, sep, value = str(item).partition("=")
+        if sep:
+            out[key.lstrip("+~")] = value
+    return out
+
+
+# overrides whose effect the row and column labels already show, or that cannot change a result
+_NOT_SPLIT = {"seed", "name", "experiment", "schedule", "task", "task.name", "resume"}
+_NOT_SPLIT_PREFIXES = ("hydra", "logger", "trainer.progress", "trainer.num_workers")
+
+
+def label_runs(results: list[dict]) -> None:
+    """Set each result's ``_row`` (schedule) and ``_col`` (task) labels, split by the overrides
+    that differ between runs (see the module docstring)."""
+    keys = {k for res in results for k in res.get("_overrides", {})
+            if k not in _NOT_SPLIT and not k.startswith(_NOT_SPLIT_PREFIXES)}
+    varying = sorted(k for k in keys
+                     if len({res.get("_overrides", {}).get(k) for res in results}) > 1)
+    for res in results:
+        ov = res.get("_overrides", {})
+        row = [f"{k.removeprefix('schedule.')}={ov[k]}" for k in varying
+               if k.startswith("schedule.") and k in ov]
+        col = [f"{k}={ov[k]}" for k in varying if not k.startswith("schedule.") and k in ov]
+        res["_row"] = res["schedule"] + (f" [{', '.join(row)}]" if row else "")
+        res["_col"] = _task_label(res) + (f" [{', '.join(col)}]" if col else "")
+
+
+def _natural(text: str) -> list:
+    """Sort key that orders numbers by value: 'n=500' before 'n=1000'."""
+    return [(0, float(part), "") if part[:1].isdigit() else (1, 0.0, part)
+            for part in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?|\D+", text)]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -49,28 +98,33 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(results: list[dict], which: str = "final") -> dict:
-    """{(schedule, task): {metric: [values]}} plus each task's main metric."""
+    """{(row, column): {metric: [values]}} plus each column's main metric."""
+    label_runs(results)
     cells: dict = defaultdict(lambda: defaultdict(list))
     main: dict[str, str] = {}
     for res in results:
-        task = _task_label(res)
+        task = res["_col"]
         main[task] = res["main_metric"]
         for metric, value in (res.get(which) or {}).items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                cells[(res["schedule"], task)][metric].append(float(value))
+                cells[(res["_row"], task)][metric].append(float(value))
     return {"cells": cells, "main": main}
 
 
 def _schedule_order(cells: dict) -> list[str]:
     """Schedules of ``cells`` in the papers' order (baseline first), others after, by name."""
     known = ("baseline", "sage", "dps", "dps_mix")
-    return sorted({s for s, _ in cells}, key=lambda s: (known.index(s) if s in known else 9, s))
+
+    def key(label: str):
+        name = label.split(" [")[0]
+        return (known.index(name) if name in known else 9, name, _natural(label))
+    return sorted({s for s, _ in cells}, key=key)
 
 
 def tables(summary: dict) -> tuple[str, list[list[str]]]:
     cells, main = summary["cells"], summary["main"]
     schedules = _schedule_order(cells)
-    tasks = sorted(main)
+    tasks = sorted(main, key=_natural)
     header = ["schedule", *[f"{t} ({main[t]})" for t in tasks], "average"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = [["schedule", "task", "metric", "mean", "std", "n"]]
@@ -114,7 +168,7 @@ def plots(results: list[dict], summary: dict, out: Path) -> list[Path]:
     curves: dict = defaultdict(lambda: defaultdict(list))
     for res in results:
         for step, loss in res.get("train_loss", []):
-            curves[(_task_label(res), res["schedule"])][step].append(loss)
+            curves[(res["_col"], res["_row"])][step].append(loss)
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
         for (task, sched), points in sorted(curves.items()):
@@ -125,7 +179,7 @@ def plots(results: list[dict], summary: dict, out: Path) -> list[Path]:
         _save(plt, fig, ax, out / "curves.png", written)
     cells, main = summary["cells"], summary["main"]
     if cells:
-        tasks = sorted(main)
+        tasks = sorted(main, key=_natural)
         schedules = _schedule_order(cells)
         fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) * len(schedules) / 2), 4))
         width = 0.8 / max(1, len(schedules))

@@ -80,6 +80,40 @@ def test_report_over_two_schedules_and_two_seeds(tmp_path, schedules):
     assert (sweep / "curves.png").stat().st_size > 1000 and (sweep / "bars.png").stat().st_size > 1000
 
 
+def _fake_run(root, name, schedule, seed, acc, overrides):
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (run / "results.json").write_text(json.dumps({
+        "status": "completed", "task": "glue", "task_name": "rte", "schedule": schedule,
+        "seed": seed, "main_metric": "accuracy", "final": {"accuracy": acc},
+        "train_loss": [[1, 0.7], [2, 0.6]]}))
+
+
+def test_report_splits_by_every_varying_override_but_the_seed(tmp_path):
+    """Low-resource sizes become columns and swept schedule settings rows; seeds are averaged,
+    and overrides that are the same everywhere (or name the schedule/preset) split nothing."""
+    from runner import report
+
+    for sched, lr in (("baseline", None), ("sage", "1e-4"), ("sage", "2e-4")):
+        for n in (500, 1000):
+            for seed, acc in ((1, 0.5), (2, 0.7)):
+                extra = [f"schedule.lr={lr}"] if lr else []
+                acc = acc + (0.1 if lr == "2e-4" else 0) + n / 1e5
+                _fake_run(tmp_path, f"{sched}{lr}-{n}-{seed}", sched, seed, acc,
+                          ["experiment=dps_glue", f"schedule={sched}", *extra,
+                           f"task.train_subset={n}", f"seed={seed}", "name=x", "task.max_seq_length=64"])
+    assert report.main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| schedule"))
+    assert header == ("| schedule | glue/rte [task.train_subset=500] (accuracy) | "
+                      "glue/rte [task.train_subset=1000] (accuracy) | average |")
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line != header]
+    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "sage [lr=1e-4]", "sage [lr=2e-4]"]
+    assert "| 60.50 ± 14.14 (n=2) | 61.00 ± 14.14 (n=2) | 60.75 |" in rows[0]
+    assert "| 70.50 ± 14.14 (n=2) | 71.00 ± 14.14 (n=2) | 70.75 |" in rows[2]
+
+
 @pytest.mark.parametrize("backend", [
     ["seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
     ["seed=1,2", "hydra/launcher=submitit_local"],
