@@ -92,7 +92,7 @@ repro-sage-iwslt-cpu: setup demo-data
 	$(REPORT) outputs/multirun/repro_sage_iwslt_cpu
 
 repro-sage-vit-cpu: setup demo-data
-	$(ADAPTUNE) -m experiment=vit_fmnist_cpu,vit_fmnist_cpu_sage task.train_subset=6000 trainer.epochs=1 seed=1 name=repro_sage_vit_cpu $(ARGS)
+	$(ADAPTUNE) -m experiment=vit_fmnist_cpu,vit_fmnist_cpu_sage seed=1,2 name=repro_sage_vit_cpu $(ARGS)
 	$(REPORT) outputs/multirun/repro_sage_vit_cpu
 
 ## Real offline demo data from Debian packages (German-English sentences, Fashion-MNIST).
