@@ -68,9 +68,9 @@ Implementation choices shared by both optimizers (**(choice)** marks a decision 
   failure logs one warning.
 
 Speed (``bench/bench_sage.py``, BERT-base shapes, 109.5M parameters, 85M in SAGE groups, 2
-threads on the project's idle 2-core AMD EPYC VM; medians of 9 interleaved rounds): torch
-``AdamW(fused=True)`` 66 ms, AdamW-SAGE 81 ms (1.23x), Adamax-SAGE 81 ms (1.22x); the reference
-loop ~14x and foreach ~18x. SAGE must stream five full-size tensors (θ, g, m, v, Ī) where AdamW
+threads on the project's idle 2-core AMD EPYC VM; medians of 7 interleaved rounds): torch
+``AdamW(fused=True)`` 62 ms, AdamW-SAGE 77 ms (1.24x), Adamax-SAGE 77 ms (1.24x); one thread
+1.21x; the reference loop ~10x and foreach ~14-18x. SAGE must stream five full-size tensors (θ, g, m, v, Ī) where AdamW
 streams four, so 1.22x over the whole model is the memory-traffic ratio ((85·9 + 24.5·7)/(109.5·7)
 reads and writes). The per-tensor compiled kernels it replaced measured 1.41x: ~150 calls of
 Python overhead and a less efficient loop.
@@ -95,8 +95,8 @@ log = logging.getLogger(__name__)
 __all__ = ["AdamWSAGE", "AdamaxSAGE", "SAGESchedule", "sage_param_groups", "sensitivity_summary"]
 
 _FOREACH_CHUNK = 1 << 24        # elements per foreach chunk (bounds the temporaries)
-_FUSED_MIN_NUMEL = 1 << 22      # auto picks the compiled path from this many elements on
-_FUSED_MIN_TENSOR = 1 << 15     # smaller tensors take the foreach ops even on the fused path
+_FUSED_MIN_NUMEL = 1 << 22      # auto picks the fused path from this many elements on
+_FUSED_MIN_TENSOR = 1 << 15     # compiled backend: smaller tensors take the foreach ops instead
 _USE_CPU_KERNEL = True          # fused on CPU: the C++ kernel (False: the compiled per-tensor one)
 _COMPILED: dict[str, Callable] = {}
 _COMPILE_BROKEN = False
