@@ -91,6 +91,14 @@ def _natural(text: str) -> list:
             for part in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?|\D+", text)]
 
 
+# metrics that are fractions: shown × 100 (BLEU is already 0-100; losses and perplexities as they are)
+_FRACTIONS = ("accuracy", "f1", "matthews", "pearson", "spearman", "top1", "top5")
+
+
+def _scale(metric: str) -> float:
+    return 100.0 if metric.split("_")[0] in _FRACTIONS else 1.0
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -137,9 +145,10 @@ def tables(summary: dict) -> tuple[str, list[list[str]]]:
                 line.append("—")
                 continue
             mean, std = _mean_std(values)
-            means.append(mean)
-            line.append(f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)})")
-        line.append(f"{100 * statistics.fmean(means):.2f}" if len(means) == len(tasks) and means else "—")
+            scale = _scale(main[task])
+            means.append(scale * mean)
+            line.append(f"{scale * mean:.2f} ± {scale * std:.2f} (n={len(values)})")
+        line.append(f"{statistics.fmean(means):.2f}" if len(means) == len(tasks) and means else "—")
         md.append("| " + " | ".join(line) + " |")
         for task in tasks:
             for metric, values in sorted(cells.get((sched, task), {}).items()):
@@ -184,13 +193,13 @@ def plots(results: list[dict], summary: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) * len(schedules) / 2), 4))
         width = 0.8 / max(1, len(schedules))
         for k, sched in enumerate(schedules):
-            stats = [_mean_std(cells[(sched, t)][main[t]]) if cells.get((sched, t), {}).get(main[t]) else (0, 0)
-                     for t in tasks]
+            stats = [tuple(_scale(main[t]) * x for x in _mean_std(cells[(sched, t)][main[t]]))
+                     if cells.get((sched, t), {}).get(main[t]) else (0, 0) for t in tasks]
             xs = [i + k * width for i in range(len(tasks))]
-            ax.bar(xs, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats], capsize=3, label=sched)
+            ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=sched)
         ax.set_xticks([i + width * (len(schedules) - 1) / 2 for i in range(len(tasks))])
         ax.set_xticklabels([f"{t}\n{main[t]}" for t in tasks], fontsize=8)
-        ax.set_ylabel("dev score × 100 (mean ± std)")
+        ax.set_ylabel("dev score (fractions × 100; mean ± std)")
         _save(plt, fig, ax, out / "bars.png", written)
     return written
 
@@ -211,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = summarise(results, args.which)
     md, rows = tables(summary)
-    text = [f"# adaptune report: {root}", "", f"Dev metrics ({args.which}), × 100, mean ± std over seeds.", "", md]
+    text = [f"# adaptune report: {root}", "",
+            f"Dev metrics ({args.which}), mean ± std over seeds; fractions (accuracy, F1, "
+            "correlations, top-k) × 100, BLEU (0-100) and losses as they are.", "", md]
     if incomplete:
         text += ["", "Incomplete runs (not averaged in):", *[f"- {p}" for p in incomplete]]
     (root / "report.md").write_text("\n".join(text) + "\n")

@@ -80,14 +80,25 @@ def test_report_over_two_schedules_and_two_seeds(tmp_path, schedules):
     assert (sweep / "curves.png").stat().st_size > 1000 and (sweep / "bars.png").stat().st_size > 1000
 
 
-def _fake_run(root, name, schedule, seed, acc, overrides):
+def _fake_run(root, name, schedule, seed, acc, overrides, task=("glue", "rte", "accuracy")):
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     (run / "results.json").write_text(json.dumps({
-        "status": "completed", "task": "glue", "task_name": "rte", "schedule": schedule,
-        "seed": seed, "main_metric": "accuracy", "final": {"accuracy": acc},
+        "status": "completed", "task": task[0], "task_name": task[1], "schedule": schedule,
+        "seed": seed, "main_metric": task[2], "final": {task[2]: acc},
         "train_loss": [[1, 0.7], [2, 0.6]]}))
+
+
+def test_report_scales_fractions_but_not_bleu(tmp_path):
+    from runner import report
+
+    _fake_run(tmp_path, "a", "baseline", 1, 0.81, ["seed=1"])
+    _fake_run(tmp_path, "b", "baseline", 1, 4.9, ["seed=1"], task=("nmt", "de-en", "bleu"))
+    assert report.main([str(tmp_path)]) == 0
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if line.startswith("| baseline"))
+    assert row == "| baseline | 81.00 ± 0.00 (n=1) | 4.90 ± 0.00 (n=1) | 42.95 |"
 
 
 def test_report_splits_by_every_varying_override_but_the_seed(tmp_path):
