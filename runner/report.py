@@ -10,7 +10,8 @@ Only seeds are averaged over. Any other command-line override that differs betwe
 (from each run's ``.hydra/overrides.yaml``) splits them: ``schedule.*`` overrides into rows
 (``sage [lr=0.0001]``, e.g. an Optuna search's trials), the rest into columns
 (``glue/rte [task.train_subset=500]``, the DPS low-resource protocol). Overrides that choose the
-schedule, task, experiment preset, name or seed do not split (the labels already say them).
+schedule, task, name or seed do not split (the labels already say them); the experiment preset
+splits rows only where two presets share a schedule and task.
 """
 from __future__ import annotations
 
@@ -83,6 +84,15 @@ def label_runs(results: list[dict]) -> None:
         col = [f"{k}={ov[k]}" for k in varying if not k.startswith("schedule.") and k in ov]
         res["_row"] = res["schedule"] + (f" [{', '.join(row)}]" if row else "")
         res["_col"] = _task_label(res) + (f" [{', '.join(col)}]" if col else "")
+    # presets that differ in more than schedule and task (two SAGE presets on one task) get rows
+    presets: dict = defaultdict(set)
+    for res in results:
+        presets[(res["_row"], res["_col"])].add(res.get("_overrides", {}).get("experiment"))
+    if any(len(found) > 1 for found in presets.values()):
+        for res in results:
+            experiment = res.get("_overrides", {}).get("experiment")
+            if experiment:
+                res["_row"] += f" ({experiment})"
 
 
 def _natural(text: str) -> list:

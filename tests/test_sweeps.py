@@ -101,6 +101,17 @@ def test_report_scales_fractions_but_not_bleu(tmp_path):
     assert row == "| baseline | 81.00 ± 0.00 (n=1) | 4.90 ± 0.00 (n=1) | 42.95 |"
 
 
+def test_report_splits_presets_that_share_schedule_and_task(tmp_path):
+    from runner import report
+
+    for exp, acc in (("sage_a", 0.6), ("sage_b", 0.8)):
+        _fake_run(tmp_path, exp, "sage", 1, acc, [f"experiment={exp}", "seed=1"])
+    assert report.main([str(tmp_path)]) == 0
+    rows = [line.split("|")[1].strip() for line in (tmp_path / "report.md").read_text().splitlines()
+            if line.startswith("| sage")]
+    assert rows == ["sage (sage_a)", "sage (sage_b)"]
+
+
 def test_report_splits_by_every_varying_override_but_the_seed(tmp_path):
     """Low-resource sizes become columns and swept schedule settings rows; seeds are averaged,
     and overrides that are the same everywhere (or name the schedule/preset) split nothing."""
