@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger("adaptune")
 

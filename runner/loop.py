@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from schedules import build_schedule
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 from tasks import build_task
 from tasks.base import move_to
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
-from .base import OPTIMIZERS, Schedule, register_optimizer
-from .errors import ConfigError
+from .base import OPTIMIZERS, Schedule, optimizer_class, register_optimizer
+from common.errors import ConfigError
 
 # name -> "module:Class"; imported on demand so that importing one schedule never costs the others.
 SCHEDULES = {
@@ -24,4 +24,5 @@ def build_schedule(cfg: Mapping[str, Any]) -> Schedule:
     return getattr(importlib.import_module(module), cls)(cfg)
 
 
-__all__ = ["ConfigError", "OPTIMIZERS", "SCHEDULES", "Schedule", "build_schedule", "register_optimizer"]
+__all__ = ["ConfigError", "OPTIMIZERS", "SCHEDULES", "Schedule", "build_schedule", "optimizer_class",
+           "register_optimizer"]

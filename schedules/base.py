@@ -21,12 +21,13 @@ The optimizer's and LR scheduler's state dicts are checkpointed by the loop;
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import ConfigError
+from common.errors import ConfigError
 from .lr import build_lr_scheduler, warmup_steps
 from .param_groups import build_param_groups, strip_names
 from .patterns import family_patterns
@@ -34,19 +35,31 @@ from .patterns import family_patterns
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-OPTIMIZERS: dict[str, OptimizerFactory] = {}
+
+#: ``schedule.optimizer`` / SAGE base name -> "module:Class". Resolved on use, so the registry is
+#: complete in a fresh process whatever was imported before (no registration side effects).
+OPTIMIZERS: dict[str, str] = {
+    "adamw": "torch.optim:AdamW",
+    "adamax": "torch.optim:Adamax",
+    "adamw_sage": "schedules.sage:AdamWSAGE",
+    "adamax_sage": "schedules.sage:AdamaxSAGE",
+}
 
 
-def register_optimizer(name: str):
-    """Decorator: make an optimizer class buildable by name from config."""
-    def wrap(cls):
-        OPTIMIZERS[name] = cls
-        return cls
-    return wrap
+def register_optimizer(name: str, target: str | OptimizerFactory) -> None:
+    """Make an optimizer buildable by name: ``target`` is a class or a "module:Class" string."""
+    OPTIMIZERS[name] = target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
 
 
-register_optimizer("adamw")(torch.optim.AdamW)
-register_optimizer("adamax")(torch.optim.Adamax)
+def optimizer_class(name: str) -> OptimizerFactory:
+    """The optimizer class registered as ``name``; ConfigError naming the allowed names."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"schedule.optimizer='{name}' is unknown; allowed: {', '.join(sorted(OPTIMIZERS))}")
+    module, attr = OPTIMIZERS[name].split(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def check_hparams(cfg: Mapping[str, Any], prefix: str = "schedule") -> None:
@@ -133,15 +146,14 @@ class Schedule:
         return self.groups
 
     def make_optimizer(self, name: str, groups: list[dict], **extra) -> torch.optim.Optimizer:
-        if name not in OPTIMIZERS:
-            raise ConfigError(f"schedule.optimizer='{name}' is unknown; allowed: {', '.join(sorted(OPTIMIZERS))}")
+        cls = optimizer_class(name)
         kwargs = {"lr": float(self.cfg["lr"])}
         if self.cfg.get("betas") is not None:
             kwargs["betas"] = tuple(float(b) for b in self.cfg["betas"])
         if self.cfg.get("eps") is not None:
             kwargs["eps"] = float(self.cfg["eps"])
         kwargs.update(extra)
-        return OPTIMIZERS[name](strip_names(groups), **kwargs)
+        return cls(strip_names(groups), **kwargs)
 
     def make_lr_scheduler(self, total_steps: int):
         warm = warmup_steps(total_steps, self.cfg.get("warmup_ratio"), self.cfg.get("warmup_steps"))

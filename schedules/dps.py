@@ -100,7 +100,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .baseline import BaselineSchedule
-from .errors import ConfigError
+from common.errors import ConfigError
 from .patterns import select_names
 
 VARIANTS = ("dense", "mix")

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .errors import ConfigError
+from common.errors import ConfigError
 
 LR_SCHEDULES = ("linear", "inverse_sqrt", "constant", "cosine")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from .errors import ConfigError
+from common.errors import ConfigError
 
 _BERT_NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "gamma", "beta")
 

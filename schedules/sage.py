@@ -85,8 +85,8 @@ import torch
 from torch import Tensor
 
 from . import sage_cpu
-from .base import Schedule, register_optimizer
-from .errors import ConfigError
+from .base import Schedule
+from common.errors import ConfigError
 from .param_groups import build_param_groups, strip_names
 from .patterns import family_patterns
 
@@ -604,10 +604,6 @@ class AdamaxSAGE(_SAGEOptimizer):
             torch._foreach_mul_(update, num)
             del num
         torch._foreach_add_(params, update, alpha=-lr)
-
-
-register_optimizer("adamw_sage")(AdamWSAGE)
-register_optimizer("adamax_sage")(AdamaxSAGE)
 
 
 # ====================================================================================== groups

@@ -5,7 +5,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Mapping
 
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 
 from .base import StepLoss, Task
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 
 from . import metrics as glue_metrics
 from .base import StepLoss, Task

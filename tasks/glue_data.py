@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 
 
 @dataclass(frozen=True)

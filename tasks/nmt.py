@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 
 from . import nmt_data
 from .base import StepLoss, Task, move_to

@@ -39,7 +39,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger("adaptune")
 

@@ -71,7 +71,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 
 from .base import StepLoss, Task
 

@@ -12,7 +12,7 @@ from torch import nn
 from schedules import build_schedule
 from schedules.dps import (DPS, DPSSchedule, attach_mix, disable_dropout, keep_count, linear_weights,
                            phase_length)
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP_PATTERNS = ("0", "2", "4")   # the three Linears of tiny_mlp()

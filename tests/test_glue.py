@@ -7,7 +7,7 @@ import pytest
 
 from conftest import compose, glue_overrides, write_glue
 from runner.loop import run
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 from tasks import metrics
 from tasks.glue_data import SPECS, get_spec, read_tsv, stratified_subset
 

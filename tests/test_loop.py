@@ -11,7 +11,7 @@ import torch
 from conftest import compose, glue_overrides, write_glue
 from runner import checkpoint as ckpt
 from runner.loop import Interrupted, Trainer, TrainingDiverged, run
-from schedules.errors import ConfigError
+from common.errors import ConfigError
 from wandb_records import read_run
 
 

@@ -31,7 +31,7 @@ for _module in ("fairseq", "sentencepiece", "sacrebleu"):
 from conftest import FAST, REPO, compose  # noqa: E402
 from runner import checkpoint as ckpt  # noqa: E402
 from runner.loop import Interrupted, Trainer, run  # noqa: E402
-from schedules.errors import ConfigError  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 from tasks import build_task  # noqa: E402
 from tasks import nmt_data  # noqa: E402
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import schedules.sage as sage_mod
-from schedules import OPTIMIZERS, build_schedule
-from schedules.errors import ConfigError
+from schedules import build_schedule, optimizer_class
+from common.errors import ConfigError
 from schedules.sage import AdamaxSAGE, AdamWSAGE, SAGESchedule, sage_param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -631,7 +631,7 @@ def test_sage_param_groups_helper():
 
 
 def test_registry_and_configs():
-    assert OPTIMIZERS["adamw_sage"] is AdamWSAGE and OPTIMIZERS["adamax_sage"] is AdamaxSAGE
+    assert optimizer_class("adamw_sage") is AdamWSAGE and optimizer_class("adamax_sage") is AdamaxSAGE
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/schedule/sage.yaml"))

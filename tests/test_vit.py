@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 
-from schedules.errors import ConfigError  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 from tasks import build_task  # noqa: E402
 from tasks.vit import BatchPlan, ImageClassificationTask, read_idx, topk_correct  # noqa: E402
 
