@@ -50,9 +50,12 @@ import torch  # noqa: E402
 
 from schedules import build_schedule  # noqa: E402
 from schedules.dps import disable_dropout, keep_count, linear_weights, topk_threshold  # noqa: E402
+from common.families import family_patterns  # noqa: E402
 
 BASE_CFG = {"optimizer": "adamw", "lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01,
             "lr_schedule": "linear", "warmup_ratio": 0.1}
+
+BERT = family_patterns("bert")   # the patterns a GLUE task supplies for a BERT model
 
 
 def load_model():
@@ -68,8 +71,8 @@ def make_run(name: str, cfg: dict, total_steps: int, keep_dropout: bool):
     schedule = build_schedule({**BASE_CFG, **cfg})
     if not (keep_dropout and cfg["name"] == "baseline"):
         disable_dropout(model)
-    schedule.prepare_model(model, "bert")
-    schedule.setup(model, "bert", total_steps)
+    schedule.prepare_model(model, BERT)
+    schedule.setup(model, BERT, total_steps)
     model.train()
     return {"name": name, "model": model, "schedule": schedule, "times": {}, "hooks": {}}
 

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import ConfigError
+
+from .config import register_configs
 
 log = logging.getLogger("adaptune")
 
@@ -39,6 +43,72 @@ def user_error(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+_MISSING_OPTION = re.compile(r"Could not (?:find|load) '([^']+)/([^'/]+)'")
+
+
+def composition_message(err: BaseException) -> str:
+    """One line for a config that does not compose: an unknown group option (with the allowed
+    ones), an unknown key or a value of the wrong type (naming the key), a bad override."""
+    text = str(err)
+    missing = _MISSING_OPTION.search(text)
+    if missing:
+        group, option = missing.groups()
+        lines = text.splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
+        allowed = []
+        if start is not None:
+            for line in lines[start + 1:]:
+                if not line.startswith("\t"):
+                    break
+                allowed.append(line.strip())
+        if not allowed:
+            allowed = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+        return f"{group}={option} is unknown; allowed: {', '.join(allowed)}"
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
+    if cause is not None or isinstance(err, OmegaConfBaseException):
+        inner = cause or err
+        key = getattr(inner, "full_key", None)
+        first = str(inner).splitlines()[0]
+        return f"{key}: {first}" if key else first
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]
+
+
+def _install_one_line_errors() -> None:
+    """Hydra prints composition errors as a block (with its search path and a hint about
+    HYDRA_FULL_ERROR); the CLI prints them as one ``adaptune: error:`` line and exits 2.
+    ``HYDRA_FULL_ERROR=1`` still gives Hydra's full traceback."""
+    import hydra._internal.hydra as hydra_core
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import (
+        CompactHydraException,
+        ConfigCompositionException,
+        OverrideParseException,
+    )
+
+    original = hydra_utils.run_and_report
+    if getattr(original, "_adaptune", False):
+        return
+
+    def run_and_report(func):
+        try:
+            return func()
+        except (ConfigCompositionException, OverrideParseException, CompactHydraException,
+                OmegaConfBaseException) as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            user_error(composition_message(err))
+        except ConfigError as err:
+            user_error(str(err))
+
+    run_and_report._adaptune = True
+    hydra_utils.run_and_report = run_and_report
+    hydra_core.run_and_report = run_and_report
+
+
+register_configs()
+_install_one_line_errors()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from runner.loop import Interrupted, TrainingDiverged, run
@@ -52,6 +122,9 @@ def main(cfg: DictConfig) -> float | None:
         msg = str(err).splitlines()[0]
         user_error(f"{key}: {msg}" if key else msg)
     except TrainingDiverged as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # recorded in results.json; the sweep goes on
+            log.error("run diverged: %s", err)
+            return None
         user_error(str(err), code=3)
     except Interrupted as err:
         user_error(str(err), code=130)

@@ -1,4 +1,5 @@
-"""``adaptune`` command: Hydra training by default, ``adaptune report DIR`` for tables."""
+"""``adaptune`` command: Hydra training by default, ``adaptune report DIR`` for tables,
+``adaptune compare NAME`` for per-schedule grids over the same seeds (conf/compare/)."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,10 @@ def main() -> None:
         from runner.report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "compare":
+        from runner.compare import main as compare_main
+
+        sys.exit(compare_main(sys.argv[2:]))
     from runner.app import main as hydra_main
 
     hydra_main()

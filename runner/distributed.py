@@ -11,6 +11,7 @@ checkpoints, results and W&B logs.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,17 @@ class DistInfo:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def all_gather(self, obj, device: torch.device | None = None) -> list:
+        """Every rank's (picklable) ``obj``, in rank order; ``[obj]`` in one process. Under NCCL
+        the objects travel through ``device`` (this rank's GPU; else the current CUDA device)."""
+        if not self.enabled:
+            return [obj]
+        gathered: list = [None] * self.world
+        on_gpu = device is not None and device.type == "cuda"
+        with torch.cuda.device(device) if on_gpu else nullcontext():
+            dist.all_gather_object(gathered, obj)
+        return gathered
 
 
 def _tensors(obj):

@@ -9,7 +9,10 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from .config import LoggerConfig
 
 log = logging.getLogger("adaptune")
 
@@ -28,7 +31,7 @@ class NullLogger:
 class WandbLogger(NullLogger):
     """Wraps one ``wandb`` run. ``mode=offline`` writes ``<run_dir>/wandb/offline-run-*``."""
 
-    def __init__(self, cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any],
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any],
                  tags: list[str], name: str):
         self.run = None
         try:
@@ -40,9 +43,9 @@ class WandbLogger(NullLogger):
             run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(
-                project=cfg.get("project"), entity=cfg.get("entity"), group=cfg.get("group"),
-                job_type=cfg.get("job_type"), tags=sorted(set(tags) | set(cfg.get("tags") or [])),
-                config=dict(config), dir=str(run_dir), mode=cfg.get("mode", "offline"),
+                project=cfg.project, entity=cfg.entity, group=cfg.group,
+                job_type=cfg.job_type, tags=sorted(set(tags) | set(cfg.tags)),
+                config=dict(config), dir=str(run_dir), mode=cfg.mode,
                 name=name, id=run_id, resume="allow", reinit="finish_previous",
             )
         except Exception as err:  # noqa: BLE001 - W&B must never fail the run
@@ -79,9 +82,9 @@ class WandbLogger(NullLogger):
         self.run = None
 
 
-def build_logger(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any],
+def build_logger(cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any],
                  tags: list[str], name: str) -> NullLogger:
-    kind = cfg.get("kind", "none")
-    if kind == "wandb" and cfg.get("mode") != "disabled":
+    """The logger ``cfg`` (``logger.*``, typed: runner/config.py) describes."""
+    if cfg.kind == "wandb" and cfg.mode != "disabled":
         return WandbLogger(cfg, run_dir, config, tags, name)
     return NullLogger()

@@ -3,46 +3,54 @@
 Entry point: :func:`run(cfg, run_dir)` with a composed config (``conf/config.yaml``) and a run
 directory. It returns the results dict it also writes to ``<run_dir>/results.json``.
 
-Per optimizer step (``trainer.grad_accum_steps`` micro-batches):
+The :class:`Trainer` owns the objects and the step maths; the rest are callbacks (the schedule's
+hooks first, then ``conf/callbacks/``; events and their order: ``runner/callbacks.py``). Per
+optimizer step (``trainer.grad_accum_steps`` micro-batches):
 
-1. ``schedule.on_step_begin(step)``
-2. for each micro-batch: forward under autocast, ``loss_sum.backward()`` (scaled under fp16)
+1. ``on_step_begin(step)``
+2. each micro-batch: forward under autocast, ``loss_sum.backward()`` (scaled under fp16)
 3. unscale (fp16), divide gradients by the step's total ``sample_size`` (so accumulation equals
    one large batch), global grad-norm clipping (``trainer.max_grad_norm``)
-4. ``schedule.on_gradients(step)`` (skipped when fp16 gradients overflowed, as is the update)
+4. ``on_gradients(step)`` (skipped when fp16 gradients overflowed, as is the update)
 5. ``optimizer.step()`` (through the GradScaler under fp16), ``lr_scheduler.step()``
-6. ``schedule.after_step(step)``; logging, evaluation, best / periodic checkpoints
+6. ``after_step(step)``; the trainer records the step and the next batch's position (epoch roll-over)
+7. ``on_step_end(step, loss)``: logging, evaluation + best.pt, stop agreement, last.pt (the default
+   callbacks); ``on_epoch_end(epoch)`` after an epoch's last step; on a stop request ``on_stop``
+   (last.pt) and ``Interrupted``
 
-Checkpoints (``<run_dir>/checkpoints/last.pt``) hold model, optimizer, LR scheduler, scaler and
-schedule state, the RNG state and the position in the epoch, so a resumed run on CPU continues
-bit-identically. SIGINT/SIGTERM finish the current step, write a checkpoint and stop.
+Checkpoints (``checkpoints/last.pt``) hold model, optimizer, LR scheduler, scaler and schedule
+state, the RNG state, the position in the epoch and the resolved config: a resumed run on CPU
+continues bit-identically. SIGINT/SIGTERM finish the current step, write a checkpoint and stop.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from schedules import build_schedule
 from common.errors import ConfigError
+from schedules import build_schedule
 from tasks import build_task
 from tasks.base import move_to
 
 from . import checkpoint as ckpt
+from .batches import train_batch_source
+from .callbacks import ScheduleHooks, build_callbacks
+from .config import TrainerConfig
 from .distributed import init_distributed, ranks_in_sync
 from .loggers import NullLogger, build_logger
-from .validate import validate_config
+from .precision import Precision, autocast_context
+from .results import collect, results_complete
+from .validate import Sections, validate_config
 
 log = logging.getLogger("adaptune")
 
@@ -50,9 +58,14 @@ log = logging.getLogger("adaptune")
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+
 
 class Interrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived; a checkpoint was written at the last completed step."""
+    """A stop was requested (SIGINT/SIGTERM, or a callback set ``trainer.should_stop``); the
+    checkpoint callback wrote a checkpoint at the last completed step."""
 
 
 @dataclass
@@ -72,13 +85,8 @@ class TrainState:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,101 +97,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 where the hardware runs it fast (CUDA with bf16, CPU with AMX/AVX512-BF16
-    through oneDNN), else fp32. On a CPU without them (AVX2 only) bf16 autocast is ~15x slower."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def results_complete(run_dir: Path) -> dict | None:
-    """The results of a finished run in ``run_dir``, or None."""
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        return None
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return results if results.get("status") == "completed" else None
-
-
-class _StopFlag:
-    """Turns the first SIGINT/SIGTERM into a request to stop after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        def handler(signum, frame):
-            if self.requested:  # second signal: stop now
-                raise KeyboardInterrupt
-            self.requested = True
-            log.warning("stop requested: finishing this step and writing a checkpoint (again to abort)")
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, handler)
-            except ValueError:  # not in the main thread (e.g. some launchers): no handler
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
-class _PlannedBatches(torch.utils.data.Dataset):
-    """Batch plans as a dataset, so DataLoader workers can run ``task.make_batch`` ahead."""
-
-    def __init__(self, task, plans):
-        self.task, self.plans = task, plans
-
-    def __len__(self) -> int:
-        return len(self.plans)
-
-    def __getitem__(self, i):
-        return self.task.make_batch(self.plans[i])
-
-
-def _identity(batch):
-    return batch
-
-
 class Trainer:
     """Holds the objects of one run; :meth:`fit` trains, evaluates and writes results."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, sections: Sections | None = None):
         self.cfg = cfg
+        self.sections = sections or validate_config(cfg)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-        self.device = resolve_device(str(self.tcfg["device"]))
+        self.tcfg: TrainerConfig = self.sections.trainer
+        self.device = resolve_device(self.tcfg.device)
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             self.device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
         self.dist = init_distributed(self.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(int(self.tcfg["num_threads"]))
-        self.precision = resolve_precision(self.tcfg["precision"], self.device)
-        seed_everything(int(cfg.seed))
+            torch.set_num_threads(self.tcfg.num_threads)
+        self.amp = Precision(self.tcfg.precision, self.device)
+        self.precision = self.amp.name
+        seed = self.sections.root.seed
+        seed_everything(seed)
 
-        self.task = build_task(OmegaConf.to_container(cfg.task, resolve=True), self.run_dir, int(cfg.seed))
-        self.schedule = build_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
+        self.task = build_task(self.sections.task, self.run_dir, seed)
+        self.schedule = build_schedule(self.sections.schedule)
+        # the schedule's hooks first, then conf/callbacks in order (built before the slow setup)
+        self.callbacks = [ScheduleHooks(self.schedule), *build_callbacks(cfg.get("callbacks"))]
         self.task.setup()
         self.model = self.task.build_model()
-        self.schedule.prepare_model(self.model, self.task.family)
+        self.patterns = self.task.param_patterns(self.model)
+        self.schedule.prepare_model(self.model, self.patterns)
         self.model.to(self.device)
         # Schedules, evaluation and checkpoints use the plain module; the training forward goes
         # through DistributedDataParallel when torchrun started several processes.
@@ -194,33 +135,39 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-        self.accum = int(self.tcfg["grad_accum_steps"])
+        self.accum = self.tcfg.grad_accum_steps
+        self.workers = self.tcfg.num_workers
         self.steps_per_epoch = math.ceil(len(self.task.train_batches(0)) / self.accum)
         if self.steps_per_epoch == 0:
             raise ConfigError("the training set is empty (check task.data_dir / task.train_subset)")
-        max_steps = self.tcfg.get("max_steps")
-        self.total_steps = int(max_steps) if max_steps else int(self.tcfg["epochs"]) * self.steps_per_epoch
-        self.schedule.setup(self.model, self.task.family, self.total_steps)
+        self.total_steps = self.tcfg.max_steps or self.tcfg.epochs * self.steps_per_epoch
+        self.schedule.setup(self.model, self.patterns, self.total_steps)
         self.optimizer = self.schedule.optimizer
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.scaler = self.amp.scaler  # None unless fp16
         self.state = TrainState()
+        self.logger = NullLogger()
+        self.should_stop = False  # set by a callback: stop after the current step
+        self.last_saved_step: int | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         path = self.ckpt_dir / ckpt.LAST
         if not self.dist.is_main:
+            self.last_saved_step = self.state.step
             return path
         ckpt.atomic_save({
             "version": 1,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.schedule.lr_scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "scaler": self.amp.state_dict(),
             "schedule": self.schedule.state_dict(),
             "rng": ckpt.rng_state(),
             "state": asdict(self.state),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
         }, path)
+        self.last_saved_step = self.state.step
         return path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -228,8 +175,7 @@ class Trainer:
         self.model.load_state_dict(data["model"])
         self.optimizer.load_state_dict(data["optimizer"])
         self.schedule.lr_scheduler.load_state_dict(data["lr_scheduler"])
-        if self.scaler is not None and data.get("scaler"):
-            self.scaler.load_state_dict(data["scaler"])
+        self.amp.load_state_dict(data.get("scaler"))
         self.schedule.load_state_dict(data["schedule"])
         ckpt.set_rng_state(data["rng"])
         self.state = TrainState(**data["state"])
@@ -237,181 +183,104 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "dev") -> dict[str, float]:
-        self.model.eval()
-        try:
-            with torch.inference_mode(), autocast_context(self.precision, self.device):
-                metrics = self.task.evaluate(self.model, split)
-        finally:
-            self.model.train()
-        return {k: float(v) for k, v in metrics.items()}
+        """Metrics on ``split``: this rank's share of the batches, reduced over all ranks (every
+        rank gets the same metrics); see runner/evaluation.py."""
+        from .evaluation import evaluate
 
-    def _is_better(self, value: float) -> bool:
-        best = self.state.best_value
-        if best is None:
-            return True
-        return value > best if self.task.greater_is_better else value < best
-
-    def _record_eval(self, metrics: dict[str, float], logger) -> None:
-        step = self.state.step
-        self.state.evals.append({"step": step, **metrics})
-        logger.log({f"dev/{k}": v for k, v in metrics.items()}, step=step)
-        main = self.task.main_metric
-        if main not in metrics:
-            raise RuntimeError(f"task {self.task.kind} did not report its main metric '{main}'")
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        log.info("step %d dev: %s", step, shown)
-        if self._is_better(metrics[main]):
-            self.state.best_value = metrics[main]
-            self.state.best_step = step
-            self.state.best_metrics = dict(metrics)
-            if self.dist.is_main:
-                ckpt.atomic_save({"model": self.model.state_dict(), "step": step, "metrics": dict(metrics)},
-                                 self.ckpt_dir / ckpt.BEST)
+        return evaluate(self.task, self.model, split, device=self.device,
+                        autocast=lambda: autocast_context(self.precision, self.device),
+                        dist=self.dist, num_workers=self.workers)
 
     # ------------------------------------------------------------------ training
-    def _batch_source(self, plans, start: int):
-        """Batches of ``plans[start:]`` (this rank's shard), made ahead by ``trainer.num_workers``
-        DataLoader workers, or in this process when it is 0. Batches depend only on their plan,
-        so both give the same batches; the loader draws its worker seeds from a generator of its
-        own, leaving the global RNG (dropout) untouched, which keeps resume bit-identical."""
-        local = list(plans[start:])
-        if self.dist.enabled:
-            local = [self.task.shard_plan(p, self.dist.rank, self.dist.world) for p in local]
-        workers = int(self.tcfg.get("num_workers") or 0)
-        if workers == 0:
-            return (self.task.make_batch(p) for p in local)
-        loader = torch.utils.data.DataLoader(
-            _PlannedBatches(self.task, local), batch_size=None, shuffle=False, num_workers=workers,
-            collate_fn=_identity, generator=torch.Generator().manual_seed(0),
-            pin_memory=self.device.type == "cuda")
-        return iter(loader)
-
     def _train_step(self, step: int, batches, start: int, n_plans: int) -> tuple[int, float]:
         """One optimizer step over the next micro-batches of ``batches`` (plans ``start`` to
         ``start+accum`` of ``n_plans``); returns (next plan index, mean loss)."""
-        self.schedule.on_step_begin(step)
-        loss_total = torch.zeros((), device=self.device)
-        sample_size = 0.0
-        n_samples = 0
+        self._fire("on_step_begin", step)
+        loss_total, sample_size, n_samples = torch.zeros((), device=self.device), 0.0, 0
         stop = min(start + self.accum, n_plans)
         for index in range(start, stop):
             batch = move_to(next(batches), self.device)
             # under DDP, gradients are all-reduced once, on the step's last micro-batch
             sync = index == stop - 1 or not self.dist.enabled
             with nullcontext() if sync else self.train_model.no_sync():
-                with autocast_context(self.precision, self.device):
+                with self.amp.autocast():
                     out = self.task.loss(self.train_model, batch)
                 loss_sum = out.loss_sum.float()
-                (self.scaler.scale(loss_sum) if self.scaler else loss_sum).backward()
+                self.amp.backward(loss_sum)
             loss_total += loss_sum.detach()
             sample_size += float(out.sample_size)
             n_samples += int(out.n_samples)
-        if self.dist.enabled:
-            sample_size = self.dist.all_sum(sample_size)
-            n_samples = int(self.dist.all_sum(n_samples))
-            loss_value = self.dist.all_sum(float(loss_total))
-        else:
-            loss_value = float(loss_total)
-        mean_loss = loss_value / max(sample_size, 1.0)
+        # sums over the ranks (as they are in one process)
+        sample_size, n_samples = self.dist.all_sum(sample_size), int(self.dist.all_sum(n_samples))
+        mean_loss = self.dist.all_sum(float(loss_total)) / max(sample_size, 1.0)
         if not math.isfinite(mean_loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
                 f"loss became {mean_loss} at step {step}; training stopped, the last good checkpoint is "
                 f"{self.ckpt_dir / ckpt.LAST if (self.ckpt_dir / ckpt.LAST).exists() else '(none yet)'}; "
-                "try a lower schedule.lr or trainer.precision=fp32")
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+                "try a lower schedule.lr or trainer.precision=fp32", reason=f"loss became {mean_loss} at step {step}")
+        self.amp.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads and sample_size > 0:
             # DDP averaged the ranks' gradient sums: scale back to the global sum, then normalise
             torch._foreach_mul_(grads, self.dist.world / sample_size)
-        max_norm = self.tcfg.get("max_grad_norm")
-        overflow = False
-        if max_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, float(max_norm))
-            overflow = self.scaler is not None and not bool(torch.isfinite(norm))
-        elif self.scaler is not None:
-            overflow = not all(bool(torch.isfinite(g).all()) for g in grads)
+        max_norm = self.tcfg.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.params, float(max_norm)) if max_norm else None
+        overflow = self.amp.overflowed(grads, norm)  # fp16 only: skip hooks, update and LR step
         if not overflow:
-            self.schedule.on_gradients(step)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+            self._fire("on_gradients", step)
+        self.amp.step(self.optimizer)
         if not overflow:
             self.schedule.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.after_step(step)
+        self._fire("after_step", step)
         self.state.samples += n_samples
         return stop, mean_loss
 
+    def _fire(self, event: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, *args)
+
+    @property
+    def epoch_ended(self) -> bool:
+        """In ``on_step_end``: the step just done was its epoch's last (the state already points
+        at the next epoch's first batch)."""
+        return self.state.step > 0 and self.state.batch_in_epoch == 0
+
     def fit(self, logger, resume_from: Path | None = None) -> dict:
+        """Train to ``total_steps`` firing the callbacks' events, evaluate the test split, return
+        the results."""
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        t = self.tcfg
-        eval_every = t.get("eval_every") or self.steps_per_epoch
-        save_every = int(t["save_every"])
-        log_every = int(t["log_every"])
-        st = self.state
-        progress = None
-        if t.get("progress", True) and self.dist.is_main:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step",
-                            dynamic_ncols=True, leave=False)
-        window = st.loss_window
+        self.logger, st = logger, self.state
         self.model.train()
         try:
-            with _StopFlag() as stop:
-                while st.step < self.total_steps:
-                    plans = self.task.train_batches(st.epoch)
-                    batches = self._batch_source(plans, st.batch_in_epoch)
-                    while st.batch_in_epoch < len(plans) and st.step < self.total_steps:
-                        t0 = time.perf_counter()
-                        step = st.step + 1
-                        st.batch_in_epoch, loss = self._train_step(step, batches, st.batch_in_epoch, len(plans))
-                        st.step = step
-                        st.train_time += time.perf_counter() - t0
-                        window.append(loss)
-                        if progress is not None:
-                            progress.update(1)
-                        if step % log_every == 0 or step == self.total_steps:
-                            mean = sum(window) / len(window)
-                            window.clear()
-                            st.train_loss.append([step, mean])
-                            metrics = {"train/loss": mean, "train/epoch": st.epoch,
-                                       "train/samples_per_s": st.samples / max(st.train_time, 1e-9)}
-                            metrics.update({f"train/{k}": v for k, v in self.schedule.log_metrics(step).items()})
-                            logger.log(metrics, step=step)
-                            if progress is not None:
-                                progress.set_postfix(loss=f"{mean:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-                        evaluated = step % eval_every == 0 or step == self.total_steps
-                        if evaluated:
-                            self._record_eval(self.evaluate("dev"), logger)
-                        epoch_done = st.batch_in_epoch >= len(plans)
-                        if epoch_done:  # the next step starts the next epoch's batch order
-                            st.epoch += 1
-                            st.batch_in_epoch = 0
-                        if self.dist.enabled:
-                            stop.requested = self.dist.any(stop.requested)
-                        if evaluated or step % save_every == 0 or stop.requested:
-                            self.save_checkpoint()
-                        if stop.requested:  # (under DDP every rank stops at the same step)
-                            raise Interrupted(
-                                f"interrupted at step {step}/{self.total_steps}; checkpoint saved in "
-                                f"{self.ckpt_dir}; run the same command again to resume")
-                        if epoch_done:
-                            break
+            self._fire("on_fit_start")
+            while st.step < self.total_steps:
+                epoch, plans = st.epoch, self.task.train_batches(st.epoch)
+                batches = train_batch_source(self.task, plans, st.batch_in_epoch, self.dist, self.workers,
+                                             pin_memory=self.device.type == "cuda")
+                while st.epoch == epoch and st.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    step = st.step + 1
+                    position, loss = self._train_step(step, batches, st.batch_in_epoch, len(plans))
+                    st.step, st.train_time = step, st.train_time + time.perf_counter() - t0
+                    # after the epoch's last batch the next step starts the next epoch's order
+                    st.epoch, st.batch_in_epoch = (epoch + 1, 0) if position >= len(plans) else (epoch, position)
+                    self._fire("on_step_end", step, loss)
+                    if st.epoch != epoch:
+                        self._fire("on_epoch_end", epoch)
+                    if self.should_stop:  # (the stop callback makes every DDP rank agree)
+                        self._fire("on_stop", step)
+                        saved = "checkpoint saved in" if self.last_saved_step == step else "no checkpoint written in"
+                        raise Interrupted(f"interrupted at step {step}/{self.total_steps}; {saved} "
+                                          f"{self.ckpt_dir}; run the same command again to resume")
+            self._fire("on_fit_end")
         finally:
-            if progress is not None:
-                progress.close()
-        if not st.evals or st.evals[-1]["step"] != st.step:  # e.g. resumed after the last step
-            self._record_eval(self.evaluate("dev"), logger)
-            self.save_checkpoint()
-        final = {k: v for k, v in st.evals[-1].items() if k != "step"}
+            self._fire("teardown")
+        final = {k: v for k, v in st.evals[-1].items() if k != "step"} if st.evals else {}
         test = self.evaluate("test") if self.task.has_test else None
-        results = self._results(final, test)
+        results = collect(self, final, test)
         if self.dist.enabled:  # parameters, optimizer and schedule state must agree on every rank
             results["ddp_ranks_in_sync"] = ranks_in_sync(
                 self.dist, self.model.state_dict(), self.optimizer.state_dict()["state"],
@@ -420,64 +289,50 @@ class Trainer:
                 log.error("DDP ranks diverged: parameters or schedule state differ between ranks")
         return results
 
-    def _results(self, final: dict, test: dict | None) -> dict:
-        st = self.state
-        cfg = OmegaConf.to_container(self.cfg, resolve=True)
-        results = {
-            "status": "completed",
-            "task": self.task.kind,
-            "task_name": self.cfg.task.get("name"),
-            # a preset may label a variant (schedule=dps_mix: "dps_mix") for reports
-            "schedule": self.cfg.schedule.get("label") or self.cfg.schedule.name,
-            "seed": int(self.cfg.seed),
-            "main_metric": self.task.main_metric,
-            "greater_is_better": self.task.greater_is_better,
-            "final": final,
-            "best": st.best_metrics,
-            "best_step": st.best_step,
-            "test": test,
-            "steps": st.step,
-            "total_steps": self.total_steps,
-            "epochs": st.step / self.steps_per_epoch,
-            "train_time_s": st.train_time,
-            "samples_per_s": st.samples / max(st.train_time, 1e-9),
-            "precision": self.precision,
-            "evals": st.evals,
-            "train_loss": st.train_loss,
-            "task_summary": self.task.summary(),
-            "config": cfg,
-        }
-        return results
-
 
 def run(cfg: DictConfig, run_dir: Path | str) -> dict:
     """Train and evaluate one run configured by ``cfg`` in ``run_dir``; return its results."""
     run_dir = Path(run_dir)
-    validate_config(cfg)
-    resume = cfg.get("resume", "auto")
+    sections = validate_config(cfg)
+    resume = sections.root.resume
     done = results_complete(run_dir)
     last = run_dir / "checkpoints" / ckpt.LAST
-    if resume == "auto" and done is not None:
+    from .resume import check_resume, checkpoint_config
+
+    if resume == "auto" and done is not None:  # a changed config must not return the old results
+        check_resume(OmegaConf.to_container(cfg, resolve=True), done.get("config"), run_dir,
+                     run_dir / "results.json")
+        if done["status"] == "diverged":
+            raise TrainingDiverged(f"{done['degenerate']} (an earlier run in {run_dir}; pass resume=false to train again)")
         log.info("run already complete in %s (results.json); pass resume=false to train again", run_dir)
         return done
     if resume is True and not last.is_file():
         raise ConfigError(f"resume=true but there is no checkpoint at {last}")
     resume_from = last if (resume in (True, "auto") and last.is_file()) else None
+    if resume_from is not None:  # load_state_dict would keep the saved optimizer settings
+        check_resume(OmegaConf.to_container(cfg, resolve=True), checkpoint_config(resume_from), run_dir,
+                     resume_from)
 
     start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, run_dir)
-    tags = [f"task:{trainer.task.kind}", f"schedule:{cfg.schedule.name}", f"seed:{cfg.seed}"]
-    if cfg.task.get("name"):
-        tags.append(f"dataset:{cfg.task.name}")
+    trainer = Trainer(cfg, run_dir, sections)
+    tags = [f"task:{trainer.task.kind}", f"schedule:{sections.schedule.name}", f"seed:{sections.root.seed}",
+            f"dataset:{sections.task.name}"]
     logger = NullLogger()
     if trainer.dist.is_main:
-        logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), run_dir,
-                              OmegaConf.to_container(cfg, resolve=True), tags,
-                              name=f"{cfg.name}/{run_dir.name}")
+        logger = build_logger(sections.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), tags,
+                              name=f"{sections.root.name}/{run_dir.name}")
     exit_code = 1
     try:
-        results = trainer.fit(logger, resume_from=resume_from)
+        try:
+            results = trainer.fit(logger, resume_from=resume_from)
+        except TrainingDiverged as err:  # recorded, so that a sweep's report counts the run
+            evals = trainer.state.evals
+            final = {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
+            results = collect(trainer, final, None, status="diverged", degenerate=f"diverged: {err.reason}")
+            if trainer.dist.is_main:
+                ckpt.atomic_save_json({**results, "wall_time_s": time.time() - start}, run_dir / "results.json")
+            raise
         results["wall_time_s"] = time.time() - start
         results["world_size"] = trainer.dist.world
         if trainer.dist.is_main:

@@ -4,8 +4,11 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
-from .base import OPTIMIZERS, Schedule, optimizer_class, register_optimizer
 from common.errors import ConfigError
+from common.schema import field_of
+
+from .base import OPTIMIZERS, Schedule, optimizer_class, register_optimizer
+from .config import ScheduleConfig
 
 # name -> "module:Class"; imported on demand so that importing one schedule never costs the others.
 SCHEDULES = {
@@ -15,9 +18,10 @@ SCHEDULES = {
 }
 
 
-def build_schedule(cfg: Mapping[str, Any]) -> Schedule:
-    """Instantiate the schedule named by ``cfg['name']``."""
-    name = cfg.get("name")
+def build_schedule(cfg: ScheduleConfig | Mapping[str, Any]) -> Schedule:
+    """Instantiate the schedule named by ``cfg.name`` (a mapping, a DictConfig or a
+    :class:`~schedules.config.ScheduleConfig`)."""
+    name = field_of(cfg, "name")
     if name not in SCHEDULES:
         raise ConfigError(f"schedule.name='{name}' is unknown; allowed: {', '.join(SCHEDULES)}")
     module, cls = SCHEDULES[name].split(":")

@@ -3,8 +3,9 @@
 The training loop (``runner/loop.py``) drives a schedule like this, once per optimizer step
 ``step`` (1-based), after all micro-batches of the step have been back-propagated::
 
-    schedule.prepare_model(model, family)        # once, before setup (dropout, forward wrappers)
-    schedule.setup(model, family, total_steps)   # once: builds .optimizer and .lr_scheduler
+    schedule.prepare_model(model, patterns)      # once, before setup (dropout, forward wrappers)
+    schedule.setup(model, patterns, total_steps) # once: builds .optimizer and .lr_scheduler
+
     ...
     schedule.on_step_begin(step)                 # before the first micro-batch of the step
     loss.backward()                              # every micro-batch
@@ -18,19 +19,28 @@ The training loop (``runner/loop.py``) drives a schedule like this, once per opt
 
 The optimizer's and LR scheduler's state dicts are checkpointed by the loop;
 ``Schedule.state_dict()`` holds only what a schedule keeps besides them (DPS scores and masks).
+
+``patterns`` are the model's parameter-name patterns per kind (``sage``, ``dps``, ``no_decay``),
+which the task supplies for the model it built (``Task.param_patterns``); ``schedule.<kind>_patterns``
+overrides them.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import logging
 from typing import Any, Callable, Mapping
 
 import torch
 
 from common.errors import ConfigError
+from common.families import ParamPatterns
+from common.schema import build
+
+from .config import ScheduleConfig
 from .lr import build_lr_scheduler, warmup_steps
 from .param_groups import build_param_groups, strip_names
-from .patterns import family_patterns
 
 log = logging.getLogger(__name__)
 
@@ -62,52 +72,69 @@ def optimizer_class(name: str) -> OptimizerFactory:
     return obj
 
 
-def check_hparams(cfg: Mapping[str, Any], prefix: str = "schedule") -> None:
-    """Range checks shared by every schedule; raises ConfigError naming the key."""
-    lr = cfg.get("lr")
-    if not isinstance(lr, (int, float)) or lr < 0:
-        raise ConfigError(f"{prefix}.lr must be a number >= 0, got {lr!r}")
-    betas = cfg.get("betas")
-    if betas is not None:
-        if len(betas) != 2 or any(not (0.0 <= float(b) < 1.0) for b in betas):
-            raise ConfigError(f"{prefix}.betas must be two numbers in [0, 1), got {list(betas)}")
-    for key in ("eps", "weight_decay"):
-        value = cfg.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or value < 0):
-            raise ConfigError(f"{prefix}.{key} must be a number >= 0, got {value!r}")
-    clip = cfg.get("max_grad_norm")
-    if clip is not None and clip <= 0:
-        raise ConfigError(f"{prefix}.max_grad_norm must be > 0 or null, got {clip!r}")
+def implementation(cls: type, impl: str, groups: list[dict]) -> dict[str, bool]:
+    """The ``fused`` / ``foreach`` arguments that select ``schedule.impl`` for optimizer ``cls``.
+
+    **(choice)** ``auto``: torch's fused kernel where ``cls`` has one for the parameters' device
+    (AdamW on CPU and CUDA), else its multi-tensor ``foreach`` path; an optimizer with its own
+    automatic choice and no foreach path (the SAGE optimizers) keeps that choice. Torch's own
+    default on CPU is the single-tensor loop, which a profile showed taking ~60% of a MiniLM
+    step. All paths compute the same maths (to rounding; ``tests/test_schedules_impl.py``).
+    """
+    params = inspect.signature(cls).parameters
+    has_fused, has_foreach = "fused" in params, "foreach" in params
+    if impl == "loop":
+        return {**({"fused": False} if has_fused else {}), **({"foreach": False} if has_foreach else {})}
+    if impl in ("fused", "foreach") and not (has_fused if impl == "fused" else has_foreach):
+        allowed = ["auto"] + [k for k, ok in (("fused", has_fused), ("foreach", has_foreach)) if ok] + ["loop"]
+        raise ConfigError(f"schedule.impl={impl}: {cls.__name__} has no {impl} implementation; "
+                          f"allowed: {', '.join(allowed)}")
+    if impl == "fused":
+        return {"fused": True}
+    if impl == "foreach":
+        return {"foreach": True, **({"fused": False} if has_fused else {})}
+    if has_fused and has_foreach:   # auto, a torch optimizer
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = _get_fused_kernels_supported_devices()
+        first = next((p for g in groups for p in g["params"]), None)
+        if first is not None and first.device.type in devices and first.is_floating_point():
+            return {"fused": True}
+        return {"foreach": True}
+    return {"foreach": True} if has_foreach else {}
 
 
 class Schedule:
     """Base class: owns the optimizer and LR scheduler of one run."""
 
     name = "base"
-    #: the ``schedule.*`` keys this schedule reads; subclasses add theirs. Other keys are reported
-    #: once and ignored: an experiment preset made for one schedule (``experiment=dps_glue``) sets
-    #: that schedule's keys, and a sweep over ``schedule=baseline,dps`` carries them to all.
+    #: the ``schedule.*`` keys this schedule reads; subclasses add theirs. Other keys set away from
+    #: their defaults are reported once and ignored: an experiment preset made for one schedule
+    #: (``experiment=dps_glue``) sets that schedule's keys, and a sweep over
+    #: ``schedule=baseline,dps`` carries them to all (see ``schedules/config.py``).
     config_keys: frozenset[str] = frozenset({
-        "name", "label", "lr", "betas", "eps", "weight_decay", "max_grad_norm", "lr_schedule",
-        "warmup_ratio", "warmup_steps", "no_decay_patterns"})
+        "name", "label", "lr", "betas", "eps", "weight_decay", "lr_schedule", "warmup_ratio",
+        "warmup_steps", "no_decay_patterns", "impl"})
 
-    def __init__(self, cfg: Mapping[str, Any]):
-        self.cfg = dict(cfg)
-        check_hparams(self.cfg)
-        self.ignored_keys = sorted(set(self.cfg) - self.config_keys)
+    def __init__(self, cfg: ScheduleConfig | Mapping[str, Any]):
+        self.cfg: ScheduleConfig = build(ScheduleConfig, cfg, "schedule")
+        defaults = ScheduleConfig(name=self.cfg.name)
+        self.ignored_keys = sorted(
+            f.name for f in dataclasses.fields(ScheduleConfig)
+            if f.name not in self.config_keys and getattr(self.cfg, f.name) != getattr(defaults, f.name))
         if self.ignored_keys:
             log.warning("schedule=%s ignores %s: not among its settings (e.g. set by a preset "
-                        "written for another schedule)", self.cfg.get("label") or self.cfg.get("name"),
+                        "written for another schedule)", self.cfg.label or self.cfg.name,
                         ", ".join(f"schedule.{k}" for k in self.ignored_keys))
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.groups: list[dict] = []
 
     # ----------------------------------------------------------------- hooks (override)
-    def prepare_model(self, model: torch.nn.Module, family: str) -> None:
+    def prepare_model(self, model: torch.nn.Module, patterns: ParamPatterns) -> None:
         """Change the model before the optimizer exists (default: nothing)."""
 
-    def setup(self, model: torch.nn.Module, family: str, total_steps: int) -> None:
+    def setup(self, model: torch.nn.Module, patterns: ParamPatterns, total_steps: int) -> None:
         raise NotImplementedError
 
     def on_step_begin(self, step: int) -> None:
@@ -129,32 +156,34 @@ class Schedule:
         pass
 
     # ----------------------------------------------------------------- shared helpers
-    def patterns(self, family: str, kind: str) -> tuple[str, ...]:
-        """``schedule.<kind>_patterns`` from config, or the model family's default."""
-        explicit = self.cfg.get(f"{kind}_patterns")
-        return tuple(explicit) if explicit else family_patterns(family, kind)
+    def patterns(self, patterns: ParamPatterns, kind: str) -> tuple[str, ...]:
+        """``schedule.<kind>_patterns`` from config, or the model's own (``patterns[kind]``, which
+        the task supplies for the model it built)."""
+        explicit = getattr(self.cfg, f"{kind}_patterns")
+        if explicit:
+            return tuple(explicit)
+        if kind not in patterns:
+            raise ConfigError(f"this model declares no '{kind}' parameter patterns; set schedule.{kind}_patterns")
+        return tuple(patterns[kind])
 
-    def param_groups(self, model: torch.nn.Module, family: str, flag: str | None = None) -> list[dict]:
+    def param_groups(self, model: torch.nn.Module, patterns: ParamPatterns,
+                     flag: str | None = None) -> list[dict]:
         self.groups = build_param_groups(
             model.named_parameters(),
-            weight_decay=float(self.cfg.get("weight_decay") or 0.0),
-            no_decay=self.patterns(family, "no_decay"),
+            weight_decay=float(self.cfg.weight_decay),
+            no_decay=self.patterns(patterns, "no_decay"),
             flag=flag,
-            flag_patterns=self.patterns(family, flag) if flag else None,
+            flag_patterns=self.patterns(patterns, flag) if flag else None,
             flag_key=f"schedule.{flag}_patterns",
         )
         return self.groups
 
     def make_optimizer(self, name: str, groups: list[dict], **extra) -> torch.optim.Optimizer:
         cls = optimizer_class(name)
-        kwargs = {"lr": float(self.cfg["lr"])}
-        if self.cfg.get("betas") is not None:
-            kwargs["betas"] = tuple(float(b) for b in self.cfg["betas"])
-        if self.cfg.get("eps") is not None:
-            kwargs["eps"] = float(self.cfg["eps"])
-        kwargs.update(extra)
+        kwargs = {"lr": float(self.cfg.lr), "betas": tuple(float(b) for b in self.cfg.betas),
+                  "eps": float(self.cfg.eps), **implementation(cls, self.cfg.impl, groups), **extra}
         return cls(strip_names(groups), **kwargs)
 
     def make_lr_scheduler(self, total_steps: int):
-        warm = warmup_steps(total_steps, self.cfg.get("warmup_ratio"), self.cfg.get("warmup_steps"))
-        return build_lr_scheduler(self.optimizer, self.cfg.get("lr_schedule", "linear"), warm, total_steps)
+        warm = warmup_steps(total_steps, self.cfg.warmup_ratio, self.cfg.warmup_steps)
+        return build_lr_scheduler(self.optimizer, self.cfg.lr_schedule, warm, total_steps)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from common.families import ParamPatterns
+
 from .base import Schedule
 
 
@@ -15,9 +17,9 @@ class BaselineSchedule(Schedule):
     name = "baseline"
     config_keys = Schedule.config_keys | {"optimizer"}
 
-    def setup(self, model: torch.nn.Module, family: str, total_steps: int) -> None:
-        groups = self.param_groups(model, family)
-        self.optimizer = self.make_optimizer(self.cfg.get("optimizer", "adamw"), groups)
+    def setup(self, model: torch.nn.Module, patterns: ParamPatterns, total_steps: int) -> None:
+        groups = self.param_groups(model, patterns)
+        self.optimizer = self.make_optimizer(self.cfg.optimizer, groups)
         self.lr_scheduler = self.make_lr_scheduler(total_steps)
 
     def log_metrics(self, step: int) -> dict[str, float]:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.errors import ConfigError
+from common.schema import field_of
 
 from .base import StepLoss, Task
 
@@ -18,8 +19,10 @@ TASKS = {
 }
 
 
-def build_task(cfg: Mapping[str, Any], run_dir: Path, seed: int) -> Task:
-    kind = cfg.get("kind")
+def build_task(cfg: Any, run_dir: Path, seed: int) -> Task:
+    """The task of kind ``cfg.kind``, from a mapping, a DictConfig or a schema instance
+    (``tasks/config.py``)."""
+    kind = field_of(cfg, "kind")
     if kind not in TASKS:
         raise ConfigError(f"task.kind='{kind}' is unknown; allowed: {', '.join(TASKS)}")
     module, cls = TASKS[kind].split(":")

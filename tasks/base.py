@@ -1,6 +1,6 @@
 """The interface every task implements; the shared training loop only talks to this.
 
-A task owns its data and model family; the loop owns optimisation, precision, checkpoints and
+A task owns its data and its model (and which of its parameters are which: ``param_patterns``); the loop owns optimisation, precision, checkpoints and
 logging. Per run the loop does::
 
     task = build_task(cfg.task, run_dir=..., seed=cfg.seed)
@@ -10,11 +10,31 @@ logging. Per run the loop does::
     for plan in plans[skip:]:                      # skip: batches already done (resume)
         out = task.loss(model, task.make_batch(plan))   # StepLoss(loss_sum, sample_size, n_samples)
         out.loss_sum.backward()                    # the loop divides grads by the step's total sample_size
-    metrics = task.evaluate(model, "dev")          # under model.eval() and torch.inference_mode()
+
+    # evaluation (runner/evaluation.py), under model.eval() and torch.inference_mode():
+    plans = task.eval_batches("dev")               # a Sequence, the same on every rank
+    for plan in plans[rank::world]:                # this rank's share; DataLoader workers build batches
+        batch = move_to(task.make_eval_batch("dev", plan), device)
+        partials.append(task.eval_step(model, batch))   # under autocast
+    reduced = reduce(partials of every rank, in plan order)
+    metrics = task.finalize("dev", reduced)        # {name: float}, including main_metric
 
 Losses are *sums* over the batch's units (examples, or target tokens for translation) and
 ``sample_size`` says how many units: the loop normalises once per optimizer step, so gradient
 accumulation over micro-batches of different sizes equals one large batch (fairseq's convention).
+
+Evaluation follows fairseq's ``valid_step`` + ``reduce_metrics``: ``eval_step`` returns a dict
+of *partial results* of one batch, the evaluator reduces them over all batches of all ranks, and
+``finalize`` turns the reduced dict into metrics. The reduction, by the type of each value:
+
+- a number (int, float, or 0-dim tensor): **summed** (in plan order, so the sum does not depend
+  on how many ranks or workers ran the batches);
+- a mapping ``{example_index: value}`` (predictions, hypotheses): **merged**; an index may occur
+  in one batch only. For metrics that need every prediction (Matthews, F1, Pearson, corpus
+  BLEU), ``finalize`` reads the merged mapping in sorted key order.
+
+Keys a batch does not return are simply absent from that batch's contribution; ``finalize`` sees
+only keys that some batch returned (``reduced.get(key, 0)`` for an empty split).
 """
 from __future__ import annotations
 
@@ -22,6 +42,9 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
+
+from common.families import ParamPatterns
+from common.schema import build
 
 
 class StepLoss(NamedTuple):
@@ -34,20 +57,27 @@ class Task:
     """Base class of tasks. Subclasses set the class attributes and implement the methods."""
 
     kind = "base"
-    #: Key of :meth:`evaluate`'s result that selects the best checkpoint.
+    #: Key of :meth:`finalize`'s result that selects the best checkpoint.
     main_metric = "loss"
     greater_is_better = True
-    #: Whether ``evaluate(model, "test")`` works (labelled test split); reported at the end.
+    #: Whether split ``"test"`` can be evaluated (labelled test split); reported at the end.
     has_test = False
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, seed: int):
-        self.cfg = dict(cfg)
+        from .config import TASK_SCHEMAS   # (late: tasks.config imports the data modules)
+
+        #: the task's typed config (``tasks/config.py``), validated; read without fallbacks. A kind
+        #: without a registered schema (a task defined outside this package) gets ``cfg`` as given.
+        schema = TASK_SCHEMAS.get(self.kind)
+        self.cfg = build(schema, cfg, "task") if schema is not None else cfg
         self.run_dir = Path(run_dir)
         self.seed = int(seed)
 
-    @property
-    def family(self) -> str:
-        """Model family for schedule name patterns (see ``schedules.patterns``)."""
+    def param_patterns(self, model: torch.nn.Module) -> ParamPatterns:
+        """The parameter-name patterns of ``model`` (the one :meth:`build_model` returned) per
+        kind, ``sage``, ``dps`` and ``no_decay``, as timm models supply ``no_weight_decay()``:
+        the task owns its model, so it says which tensors are its encoder's linear layers.
+        Tasks draw on :mod:`common.families`; ``schedule.<kind>_patterns`` overrides them."""
         raise NotImplementedError
 
     def setup(self) -> None:
@@ -72,9 +102,32 @@ class Task:
     def loss(self, model: torch.nn.Module, batch: Any) -> StepLoss:
         raise NotImplementedError
 
-    def evaluate(self, model: torch.nn.Module, split: str = "dev") -> dict[str, float]:
-        """Metrics on ``split`` (``dev`` or ``test``), including ``main_metric``."""
+    # ------------------------------------------------------------------ evaluation
+    # Driven by runner.evaluation.evaluate(task, model, split, ...); see the module docstring.
+    def eval_batches(self, split: str) -> Sequence[Any]:
+        """Plans of the evaluation batches of ``split`` (``dev`` or ``test``), identical on every
+        rank; raise ``ConfigError`` for a split the task cannot evaluate."""
         raise NotImplementedError
+
+    def make_eval_batch(self, split: str, plan: Any) -> Any:
+        """Materialise one evaluation batch (tensors on CPU; the evaluator moves them). May run in
+        a DataLoader worker process: depend only on ``split``, ``plan`` and data loaded in setup."""
+        raise NotImplementedError
+
+    def eval_step(self, model: torch.nn.Module, batch: Any) -> dict[str, Any]:
+        """Partial results of one batch: numbers (summed) and ``{example_index: value}`` mappings
+        (merged); called under ``model.eval()``, ``torch.inference_mode()`` and autocast."""
+        raise NotImplementedError
+
+    def finalize(self, split: str, reduced: Mapping[str, Any]) -> dict[str, float]:
+        """Metrics of ``split`` from the partial results reduced over all batches and ranks,
+        including ``main_metric``."""
+        raise NotImplementedError
+
+    def degenerate(self, metrics: Mapping[str, float]) -> str | None:
+        """Why the final dev ``metrics`` show a degenerate model (e.g. one class predicted for
+        every example), or None. The loop marks such a run in results.json and warns."""
+        return None
 
     def summary(self) -> dict[str, Any]:
         """A few facts for logs and results.json (sizes of splits, labels, ...)."""

@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 
 from common.errors import ConfigError
+from common.families import ParamPatterns, family_patterns
 
 from . import metrics as glue_metrics
 from .base import StepLoss, Task
-from .glue_data import Example, get_spec, load_examples, stratified_subset
+from .glue_data import Example, get_spec, load_examples, split_off, stratified_subset
 
 log = logging.getLogger("adaptune")
+
+#: **(choice)** the selection slice is drawn with this fixed seed, not the run's: every grid point
+#: and seed of a comparison is selected on the same examples.
+SELECTION_SEED = 20_221_130
 
 _FAMILIES = {"bert": "bert", "electra": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
              "camembert": "roberta", "deberta": "deberta", "deberta-v2": "deberta"}
@@ -53,30 +61,41 @@ class GlueTask(Task):
 
     def __init__(self, cfg, run_dir: Path, seed: int):
         super().__init__(cfg, run_dir, seed)
-        self.spec = get_spec(self.cfg["name"])
-        self.main_metric = self.cfg.get("main_metric") or self.spec.main_metric
-        self.model_path = resolve_model_path(str(self.cfg["model"]["name"]))
-        self.batch_size = int(self.cfg["batch_size"])
-        self.eval_batch_size = int(self.cfg["eval_batch_size"])
-        self._family = self.cfg["model"].get("family")
+        self.spec = get_spec(self.cfg.name)
+        self.main_metric = self.cfg.main_metric or self.spec.main_metric
+        if self.cfg.selection_split:   # one selection slice, without the official sets' suffixes
+            for suffix in self.spec.dev_suffixes:
+                if suffix and self.main_metric.endswith(suffix):
+                    self.main_metric = self.main_metric[: -len(suffix)]
+        self.model_path = resolve_model_path(self.cfg.model.name)
+        self.batch_size = self.cfg.batch_size
+        self.eval_batch_size = self.cfg.eval_batch_size
 
     # ------------------------------------------------------------------ data
     def setup(self) -> None:
         from transformers import AutoTokenizer
 
-        train, devs = load_examples(self.spec, self.cfg.get("data_dir"), bool(self.cfg.get("skip_malformed")))
-        if self.cfg.get("train_subset"):
-            train = stratified_subset(train, int(self.cfg["train_subset"]), self.seed, self.spec.is_regression)
-        if self.cfg.get("eval_subset"):
-            devs = [d[: int(self.cfg["eval_subset"])] for d in devs]
+        train, devs = load_examples(self.spec, self.cfg.data_dir, self.cfg.skip_malformed)
+        official = list(zip(devs, self.spec.dev_suffixes))
+        if self.cfg.selection_split:   # select on a slice of train, report the official dev as "test"
+            selection, train = split_off(train, self.cfg.selection_split, SELECTION_SEED, self.spec.is_regression)
+            sets = {"dev": [(selection, "")], "test": official}
+        else:
+            sets = {"dev": official}
+        if self.cfg.train_subset:
+            train = stratified_subset(train, self.cfg.train_subset, self.seed, self.spec.is_regression)
+        if self.cfg.eval_subset:
+            sets = {split: [(d[: self.cfg.eval_subset], sfx) for d, sfx in group] for split, group in sets.items()}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         except Exception as err:  # noqa: BLE001
             raise _hub_error(self.model_path, err) from None
-        self.max_len = int(self.cfg["max_seq_length"])
+        self.max_len = self.cfg.max_seq_length
         self.train = self._encode(train)
-        self.devs = [self._encode(d) for d in devs]
-        log.info("%s: %d train examples, dev %s", self.spec.name, len(train), [len(d) for d in devs])
+        self.eval_sets = {split: [(self._encode(d), sfx) for d, sfx in group] for split, group in sets.items()}
+        self.has_test = "test" in self.eval_sets
+        log.info("%s: %d train examples, %s", self.spec.name, len(train),
+                 ", ".join(f"{split} {[len(d) for d, _ in group]}" for split, group in sets.items()))
 
     def _encode(self, examples: Sequence[Example]) -> dict[str, Any]:
         a = [ex.text_a for ex in examples]
@@ -94,7 +113,7 @@ class GlueTask(Task):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=g).tolist()
         bs = self.batch_size
-        if not self.cfg.get("group_by_length", True):
+        if not self.cfg.group_by_length:
             return [perm[i:i + bs] for i in range(0, n, bs)]
         lengths = self.train["lengths"]
         mega = bs * 50
@@ -128,28 +147,28 @@ class GlueTask(Task):
         return self._collate(self.train, plan)
 
     # ------------------------------------------------------------------ model
-    @property
-    def family(self) -> str:
-        return self._family or "bert"
+    def param_patterns(self, model: torch.nn.Module) -> ParamPatterns:
+        """The patterns of the model's family: ``task.model.family``, else the one its
+        ``config.model_type`` belongs to (BERT's names for encoders not listed)."""
+        family = self.cfg.model.family or _FAMILIES.get(model.config.model_type, "bert")
+        return family_patterns(family)
 
     def build_model(self) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        mcfg = self.cfg["model"]
-        overrides = dict(mcfg.get("config_overrides") or {})
+        mcfg = self.cfg.model
+        overrides = dict(mcfg.config_overrides or {})
         try:
             config = AutoConfig.from_pretrained(
                 self.model_path, num_labels=self.spec.num_labels,
                 problem_type="regression" if self.spec.is_regression else "single_label_classification",
                 **overrides)
-            if mcfg.get("pretrained", True):
+            if mcfg.pretrained:
                 model = AutoModelForSequenceClassification.from_pretrained(self.model_path, config=config)
             else:
                 model = AutoModelForSequenceClassification.from_config(config)
         except (OSError, ValueError) as err:
             raise _hub_error(self.model_path, err) from None
-        if not self._family:
-            self._family = _FAMILIES.get(config.model_type, "bert")
         return model
 
     def _logits(self, model, batch) -> torch.Tensor:
@@ -167,29 +186,75 @@ class GlueTask(Task):
         return StepLoss(self._loss_sum(logits, batch["labels"]), n, n)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model, split: str = "dev") -> dict[str, float]:
-        if split != "dev":
-            raise ConfigError(f"GLUE test labels are not public; evaluate split 'dev', not '{split}'")
-        device = next(model.parameters()).device
-        results: dict[str, float] = {}
-        for data, suffix in zip(self.devs, self.spec.dev_suffixes):
+    # Plans: (set number, example indices); MNLI has two dev sets (matched / mismatched), whose
+    # partial results and metrics carry the set's suffix (``_m`` / ``_mm``). With
+    # task.selection_split, "dev" is the slice carved from the training set (no suffix) and "test"
+    # the official dev set(s).
+    def eval_batches(self, split: str) -> list[tuple[int, tuple[int, ...]]]:
+        if split not in self.eval_sets:
+            raise ConfigError(f"GLUE test labels are not public; evaluate split 'dev' (with task.selection_split "
+                              f"also 'test', the official dev set), not '{split}'")
+        plans = []
+        for k, (data, _) in enumerate(self.eval_sets[split]):
             n = len(data["labels"])
             order = sorted(range(n), key=lambda i: data["lengths"][i])
-            preds = [None] * n
-            loss_sum = 0.0
-            for k in range(0, n, self.eval_batch_size):
-                idx = order[k:k + self.eval_batch_size]
-                batch = {key: v.to(device) for key, v in self._collate(data, idx).items()}
-                logits = self._logits(model, batch)
-                loss_sum += float(self._loss_sum(logits, batch["labels"]))
-                out = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
-                for i, p in zip(idx, out.tolist()):
-                    preds[i] = p
-            scores = glue_metrics.compute(self.spec.metrics, data["labels"], preds)
+            plans += [(k, tuple(order[i:i + self.eval_batch_size])) for i in range(0, n, self.eval_batch_size)]
+        return plans
+
+    def make_eval_batch(self, split: str, plan: tuple[int, Sequence[int]]) -> dict[str, Any]:
+        k, idx = plan
+        data, suffix = self.eval_sets[split][k]
+        return {"inputs": self._collate(data, idx), "ids": list(idx), "suffix": suffix}
+
+    def eval_step(self, model, batch) -> dict[str, Any]:
+        suffix = batch["suffix"]
+        logits = self._logits(model, batch["inputs"])
+        out = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
+        return {f"loss{suffix}": self._loss_sum(logits, batch["inputs"]["labels"]),
+                f"preds{suffix}": dict(zip(batch["ids"], out.tolist()))}
+
+    def finalize(self, split: str, reduced) -> dict[str, float]:
+        results: dict[str, float] = {}
+        for data, suffix in self.eval_sets[split]:
+            preds = reduced.get(f"preds{suffix}", {})
+            ids = sorted(preds)
+            values = [preds[i] for i in ids]
+            scores = glue_metrics.compute(self.spec.metrics, [data["labels"][i] for i in ids], values)
             results.update({f"{k}{suffix}": v for k, v in scores.items()})
-            results[f"loss{suffix}"] = loss_sum / max(n, 1)
+            results[f"loss{suffix}"] = float(reduced.get(f"loss{suffix}", 0.0)) / max(len(ids), 1)
+            results.update({f"{k}{suffix}": v for k, v in self._prediction_spread(values).items()})
+        if self.main_metric not in results:   # selection protocol, "test": the first official set's
+            results[self.main_metric] = results[f"{self.main_metric}{self.eval_sets[split][0][1]}"]
         return results
+
+    def _prediction_spread(self, values: Sequence[float]) -> dict[str, float]:
+        """What the model predicts, to spot degenerate runs: per class the fraction of examples
+        predicted as it (``pred_frac_<label>``) and the number of classes predicted
+        (``pred_classes``); for regression the standard deviation of the predictions (``pred_std``)."""
+        if not values:
+            return {}
+        if self.spec.is_regression:
+            return {"pred_std": float(np.std(values))}
+        counts = Counter(values)
+        out = {f"pred_frac_{name}": counts.get(i, 0) / len(values) for i, name in enumerate(self.spec.labels)}
+        out["pred_classes"] = float(len(counts))
+        return out
+
+    def degenerate(self, metrics: Mapping[str, float]) -> str | None:
+        """**(choice)** A classifier that predicts one class for every dev example, or a regressor
+        whose predictions spread less than 1% of the labels' standard deviation."""
+        data, suffix = self.eval_sets["dev"][0]
+        if self.spec.is_regression:
+            std, label_std = metrics.get(f"pred_std{suffix}"), float(np.std(data["labels"]) or 1.0)
+            if std is not None and std < 0.01 * label_std:
+                return f"near-constant predictions on dev (std {std:.3g}, labels' std {label_std:.3g})"
+            return None
+        if metrics.get(f"pred_classes{suffix}") == 1:
+            label = max(self.spec.labels, key=lambda name: metrics.get(f"pred_frac_{name}{suffix}", 0.0))
+            return f"predicts one class ('{label}') for every dev example"
+        return None
 
     def summary(self) -> dict[str, Any]:
         return {"dataset": self.spec.name, "train_examples": len(self.train["labels"]),
-                "dev_examples": [len(d["labels"]) for d in self.devs], "model": self.model_path}
+                **{f"{split}_examples": [len(d["labels"]) for d, _ in group] for split, group in self.eval_sets.items()},
+                "selection_split": self.cfg.selection_split, "model": self.model_path}

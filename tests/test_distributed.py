@@ -20,7 +20,7 @@ def _args(data, run_dir, schedule):
             "trainer.progress=false", "trainer.precision=fp32", "trainer.num_threads=1",
             "task.group_by_length=false", "trainer.batch_size=8", "trainer.max_steps=6",
             "trainer.grad_accum_steps=2", "trainer.eval_every=3", f"schedule={schedule}",
-            "schedule.lr=3e-3", f"hydra.run.dir={run_dir}"]
+            "trainer.eval_batch_size=3", "schedule.lr=3e-3", f"hydra.run.dir={run_dir}"]
 
 
 @pytest.mark.parametrize("schedule", ["baseline", "sage", "dps"])
@@ -42,6 +42,12 @@ def test_two_gloo_processes_match_one_process(tmp_path, schedule):
     # every rank ended with bit-identical parameters, optimizer state (SAGE's sensitivity EMA)
     # and schedule state (DPS scores and masks)
     assert json.loads((tmp_path / "two" / "results.json").read_text())["ddp_ranks_in_sync"] is True
+    # each rank evaluated its share of the dev batches (3 batches of <= 3 examples: 2 on rank 0,
+    # 1 on rank 1); the reduced metrics are those of the whole dev set, as in one process
+    evals = [json.loads((tmp_path / run / "results.json").read_text())["evals"] for run in ("one", "two")]
+    assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [3, 6]
+    for one_eval, two_eval in zip(*evals):
+        assert two_eval["loss"] == pytest.approx(one_eval["loss"], rel=1e-3)
     if schedule != "dps":
         for k in a["model"]:
             assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k

@@ -13,9 +13,12 @@ from schedules import build_schedule
 from schedules.dps import (DPS, DPSSchedule, attach_mix, disable_dropout, keep_count, linear_weights,
                            phase_length)
 from common.errors import ConfigError
+from common.families import family_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP_PATTERNS = ("0", "2", "4")   # the three Linears of tiny_mlp()
+
+BERT = family_patterns("bert")   # the patterns a GLUE task supplies for a BERT model
 
 
 def tiny_mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
@@ -333,7 +336,7 @@ def test_errors_name_the_values():
     with pytest.raises(ConfigError, match="schedule.variant"):
         build_schedule({"name": "dps", "lr": 1e-3, "variant": "both"})
     with pytest.raises(ConfigError, match=r"int\(10 \* 0\.05\)"):
-        DPSSchedule({"name": "dps", "lr": 1e-3}).setup(_tiny_bert(), "bert", 10)
+        DPSSchedule({"name": "dps", "lr": 1e-3}).setup(_tiny_bert(), BERT, 10)
 
 
 # --------------------------------------------------------------------------- the schedule on BERT
@@ -357,7 +360,9 @@ def _bert_batch(step: int):
 def _dps_cfg(**extra):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "schedule" / "dps.yaml"))
+    from conftest import compose
+
+    cfg = OmegaConf.to_container(compose(["schedule=dps"]).schedule)
     cfg.update(extra)
     return cfg
 
@@ -369,9 +374,9 @@ def test_preset_turns_dropout_off(attn):
     ids = _bert_batch(0)["input_ids"]
     assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
     kept = _tiny_bert(dropout=0.5, attn=attn).train()
-    DPSSchedule(_dps_cfg(disable_dropout=False)).prepare_model(kept, "bert")
+    DPSSchedule(_dps_cfg(disable_dropout=False)).prepare_model(kept, BERT)
     assert not torch.equal(kept(input_ids=ids).logits, kept(input_ids=ids).logits)   # overridable
-    DPSSchedule(_dps_cfg()).prepare_model(model, "bert")
+    DPSSchedule(_dps_cfg()).prepare_model(model, BERT)
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
     assert model.config.hidden_dropout_prob == 0.0 == model.config.attention_probs_dropout_prob
@@ -383,8 +388,8 @@ def test_schedule_on_bert(variant):
     model = _tiny_bert(dropout=0.1)
     sched = build_schedule(_dps_cfg(variant=variant))
     assert isinstance(sched, DPSSchedule)
-    sched.prepare_model(model, "bert")
-    sched.setup(model, "bert", total_steps=20)         # U = 1
+    sched.prepare_model(model, BERT)
+    sched.setup(model, BERT, total_steps=20)         # U = 1
     names = sched.dps.names
     assert "bert.encoder.layer.0.attention.self.query.weight" in names
     assert "bert.encoder.layer.1.output.dense.weight" in names
@@ -421,8 +426,8 @@ def test_schedule_on_bert(variant):
     saved = torch.load(buffer, weights_only=True)
     fresh = _tiny_bert(dropout=0.1)
     fresh_sched = build_schedule(_dps_cfg(variant=variant))
-    fresh_sched.prepare_model(fresh, "bert")
-    fresh_sched.setup(fresh, "bert", total_steps=20)
+    fresh_sched.prepare_model(fresh, BERT)
+    fresh_sched.setup(fresh, BERT, total_steps=20)
     fresh.load_state_dict(saved["model"])
     fresh_sched.load_state_dict(saved["schedule"])
     assert sched.dps.mask_phase == fresh_sched.dps.mask_phase

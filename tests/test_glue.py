@@ -116,10 +116,10 @@ def test_offline_hub_without_data_dir_says_how_to_get_data(tmp_path, monkeypatch
 
 # ------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("task,keys", [
-    ("rte", {"accuracy", "loss"}),
-    ("cola", {"matthews", "accuracy", "loss"}),
-    ("mrpc", {"f1", "accuracy", "loss"}),
-    ("stsb", {"pearson", "spearman", "loss"}),
+    ("rte", {"accuracy", "loss", "pred_frac_entailment", "pred_frac_not_entailment", "pred_classes"}),
+    ("cola", {"matthews", "accuracy", "loss", "pred_frac_0", "pred_frac_1", "pred_classes"}),
+    ("mrpc", {"f1", "accuracy", "loss", "pred_frac_0", "pred_frac_1", "pred_classes"}),
+    ("stsb", {"pearson", "spearman", "loss", "pred_std"}),
 ])
 def test_tiny_bert_learns_each_glue_shape(tmp_path, glue_dir, task, keys):
     data = glue_dir(task)
@@ -132,3 +132,4 @@ def test_tiny_bert_learns_each_glue_shape(tmp_path, glue_dir, task, keys):
     assert losses[-1] < 0.7 * losses[0], losses
     assert res["best"][res["main_metric"]] >= res["final"][res["main_metric"]]
     assert (tmp_path / "run" / "results.json").is_file()
+    assert res["degenerate"] is None   # it learned: both classes predicted / predictions spread

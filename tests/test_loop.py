@@ -80,7 +80,8 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
     run(compose(glue_overrides(data, "rte", "trainer.max_steps=2", "trainer.batch_size=8")), tmp_path / "r")
     last = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "lr_scheduler", "schedule", "rng", "state"} <= set(last)
+    assert {"model", "optimizer", "lr_scheduler", "schedule", "rng", "state", "config"} <= set(last)
+    assert last["config"]["trainer"]["max_steps"] == 2 and last["config"]["task"]["name"] == "rte"
     best = torch.load(tmp_path / "r" / "checkpoints" / "best.pt", weights_only=True)
     assert best["step"] == 2 and "accuracy" in best["metrics"]
     assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
@@ -124,7 +125,11 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5.*last good checkpoint is .*last.pt"):
         run(cfg, tmp_path / "r")
     assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["step"] == 4
-    assert not (tmp_path / "r" / "results.json").exists()
+    results = json.loads((tmp_path / "r" / "results.json").read_text())   # recorded for reports
+    assert results["status"] == "diverged" and results["degenerate"] == "diverged: loss became nan at step 5"
+    assert results["steps"] == 4
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5 \(an earlier run in"):
+        run(cfg, tmp_path / "r")                                            # resume=auto: not retrained
 
 
 def test_results_json_and_wandb_offline_metrics(tmp_path):

@@ -30,6 +30,7 @@ for _module in ("fairseq", "sentencepiece", "sacrebleu"):
 
 from conftest import FAST, REPO, compose  # noqa: E402
 from runner import checkpoint as ckpt  # noqa: E402
+from runner.evaluation import evaluate  # noqa: E402
 from runner.loop import Interrupted, Trainer, run  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from tasks import build_task  # noqa: E402
@@ -203,9 +204,8 @@ def test_binarized_path_reads_fairseq_preprocess_output(tmp_path):
     assert {k: len(v) for k, v in task.datasets.items()} == {"train": 40, "dev": 6, "test": 5}
     assert task.tgt_dict.string(task.datasets["test"].tgt[0]) == (text / "test.en").read_text().splitlines()[0]
     torch.manual_seed(0)
-    model = task.build_model().eval()
-    with torch.inference_mode():
-        metrics = task.evaluate(model, "dev")
+    model = task.build_model()
+    metrics = evaluate(task, model, "dev")
     assert {"loss", "nll_loss", "ppl", "bleu", "bleu_tok"} <= set(metrics)
     assert metrics["bleu_sentences"] == 3
 
@@ -337,7 +337,7 @@ def test_multirun_sweeping_glue_and_nmt_composes_each_job(tmp_path):
 
 # ------------------------------------------------------------------------------ schedules
 def test_sage_and_dps_default_patterns_pick_attention_and_ffn_linears(synth, cache):
-    from schedules.patterns import family_patterns, matches
+    from schedules.patterns import matches
 
     task = build_task(task_cfg(data="raw", data_dir=str(synth), cache_dir=str(cache), subword={"vocab_size": 100}),
                       Path("unused"), seed=1)
@@ -347,11 +347,11 @@ def test_sage_and_dps_default_patterns_pick_attention_and_ffn_linears(synth, cac
               for p, _ in mod.named_parameters(recurse=False)}
     wanted = {n for n in linear if any(k in n for k in ("self_attn.", "encoder_attn.", ".fc1.", ".fc2."))}
     # SAGE flags every tensor whose name matches (weights and biases): no LayerNorm, no embedding
-    chosen = {n for n, _ in model.named_parameters() if matches(n, family_patterns(task.family, "sage"))}
+    chosen = {n for n, _ in model.named_parameters() if matches(n, task.param_patterns(model)["sage"])}
     assert chosen == wanted, sorted(chosen ^ wanted)[:6]
     # DPS masks the matching 2-D weights
     matrices = {n for n, p in model.named_parameters() if p.ndim == 2}
-    chosen = {n for n in matrices if matches(n, family_patterns(task.family, "dps"))}
+    chosen = {n for n in matrices if matches(n, task.param_patterns(model)["dps"])}
     assert chosen == wanted & matrices, sorted(chosen ^ (wanted & matrices))[:6]
 
 

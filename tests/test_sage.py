@@ -1,23 +1,25 @@
-"""SAGE optimizers and schedule (schedules/sage.py) against an independent transcription of
-ALGORITHMS.md §1."""
+"""SAGE optimizers and schedule (the schedules/sage package) against an independent
+transcription of ALGORITHMS.md §1."""
 from __future__ import annotations
 
 import copy
-import io
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-import schedules.sage as sage_mod
-from schedules import build_schedule, optimizer_class
 from common.errors import ConfigError
-from schedules.sage import AdamaxSAGE, AdamWSAGE, SAGESchedule, sage_param_groups
+from common.families import family_patterns
+from schedules import build_schedule, optimizer_class
+from schedules.sage import AdamaxSAGE, AdamWSAGE, SAGESchedule, compiled, cpu_kernel, sage_param_groups
+from schedules.sage import optimizer as optimizer_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_KEYS = {AdamWSAGE: {"step", "exp_avg", "exp_avg_sq"}, AdamaxSAGE: {"step", "exp_avg", "exp_inf"}}
-IMPLS = {"reference": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+IMPLS = {"reference": {"fused": False}, "fused": {"fused": True}}
+
+BERT = family_patterns("bert")   # the patterns a GLUE task supplies for a BERT model
 
 
 # ---------------------------------------------------------------------------------- transcription
@@ -117,16 +119,28 @@ CASES = [("adamw", AdamWSAGE, bc, wd) for bc in (True, False) for wd in (0.0, 0.
 
 
 def cpu_kernel_or_skip():
-    if sage_mod.sage_cpu.kernels() is None:
-        pytest.skip(f"the SAGE CPU kernel cannot be built here: {sage_mod.sage_cpu.failure()}")
+    if cpu_kernel.kernels() is None:
+        pytest.skip(f"the SAGE CPU kernel cannot be built here: {cpu_kernel.failure()}")
 
 
-@pytest.mark.parametrize("impl", ["reference", "foreach", "fused"])
+def use_compiled_kernel(monkeypatch):
+    """Route the fused path through the torch.compile kernels (the CUDA path) on this CPU."""
+    if not compiled.usable():
+        pytest.skip("torch.compile is not usable here")
+    monkeypatch.setattr(optimizer_mod, "USE_CPU_KERNEL", False)
+    monkeypatch.setattr(compiled, "MIN_TENSOR", 0)           # compile even these tiny tensors
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "compiled"])
 @pytest.mark.parametrize("kind,cls,bc,wd", CASES)
-def test_matches_spec_transcription(kind, cls, bc, wd, impl):
-    """Every implementation against the float64 transcription, step by step (fused on CPU: the
-    C++ multi-tensor kernel in double precision)."""
-    if impl == "fused":
+def test_matches_spec_transcription(kind, cls, bc, wd, impl, monkeypatch):
+    """Every implementation against the float64 transcription, step by step, in double
+    precision (fused on CPU: the C++ multi-tensor kernel; compiled: the fused path's
+    torch.compile backend, as on CUDA)."""
+    if impl == "compiled":
+        use_compiled_kernel(monkeypatch)
+        impl = "fused"
+    elif impl == "fused":
         cpu_kernel_or_skip()
     params = make_params()
     spec = SpecSAGE(kind, params, SPEC_GROUPS(wd), lr=1e-2, betas=(0.9, 0.999), beta3=0.8,
@@ -152,9 +166,9 @@ def test_matches_spec_transcription(kind, cls, bc, wd, impl):
 
 
 def test_first_step_leaves_sage_tensors_unchanged(monkeypatch):
-    monkeypatch.setattr(sage_mod, "_FUSED_MIN_TENSOR", 0)
-    impls = ("reference", "foreach", "fused") if sage_mod._fused_usable(torch.device("cpu")) \
-        else ("reference", "foreach")
+    monkeypatch.setattr(compiled, "MIN_TENSOR", 0)
+    impls = ("reference", "fused") if optimizer_mod.fused_usable(torch.device("cpu")) \
+        else ("reference",)
     for impl in impls:
         params = make_params(torch.float32)
         before = [p.detach().clone() for p in params]
@@ -179,25 +193,11 @@ def test_first_step_leaves_sage_tensors_unchanged(monkeypatch):
 def test_first_step_with_decay_only_decays():
     params = make_params(torch.float32)
     before = params[0].detach().clone()
-    opt = AdamWSAGE(groups_for(params, 0.1), lr=1e-2, foreach=False)
+    opt = AdamWSAGE(groups_for(params, 0.1), lr=1e-2, fused=False)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
     torch.testing.assert_close(params[0].detach(), before * (1 - 1e-2 * 0.1), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
-def test_foreach_equals_reference_fp32(cls):
-    runs = {}
-    for impl in ("reference", "foreach"):
-        params = make_params(torch.float32)
-        opt = run_optimizer(cls, params, 30, impl=impl)
-        runs[impl] = (params, opt)
-    (pr, optr), (pf, optf) = runs["reference"], runs["foreach"]
-    for a, b in zip(pr, pf):
-        assert torch.equal(a, b)
-        for key in optr.state[a]:
-            assert torch.equal(optr.state[a][key], optf.state[b][key])
 
 
 def _same_as_reference(cls, impl: str, steps: int) -> bool:
@@ -210,19 +210,6 @@ def _same_as_reference(cls, impl: str, steps: int) -> bool:
     return all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_foreach_chunks(monkeypatch):
-    monkeypatch.setattr(sage_mod, "_FOREACH_CHUNK", 10)      # force several chunks per group
-    assert _same_as_reference(AdamWSAGE, "foreach", 10)
-
-
-def use_compiled_kernel(monkeypatch):
-    """Route the fused path through the torch.compile kernels (the CUDA path) on this CPU."""
-    if not sage_mod._compile_usable():
-        pytest.skip("torch.compile is not usable here")
-    monkeypatch.setattr(sage_mod, "_USE_CPU_KERNEL", False)
-    monkeypatch.setattr(sage_mod, "_FUSED_MIN_TENSOR", 0)     # compile even these tiny tensors
-
-
 @pytest.mark.parametrize("backend", ["cpu_kernel", "compiled"])
 def test_fused_matches_reference(backend, monkeypatch):
     """Both fused backends (both optimizers, SAGE and plain groups; bf16 in test_bf16_*)."""
@@ -230,7 +217,7 @@ def test_fused_matches_reference(backend, monkeypatch):
         use_compiled_kernel(monkeypatch)
     else:
         cpu_kernel_or_skip()
-        monkeypatch.setattr(sage_mod, "_fused_call", lambda *a: pytest.fail("compiled kernel called"))
+        monkeypatch.setattr(compiled, "run", lambda *a: pytest.fail("compiled kernel called"))
     for cls in (AdamWSAGE, AdamaxSAGE):
         runs = {}
         for impl in ("reference", "fused"):
@@ -242,16 +229,17 @@ def test_fused_matches_reference(backend, monkeypatch):
             for key in optr.state[a]:
                 torch.testing.assert_close(optf.state[b][key], optr.state[a][key], rtol=1e-5, atol=1e-6)
     if backend == "compiled":
-        assert not sage_mod._COMPILE_BROKEN
-        assert {"_adamw_fused_kernel", "_adamax_fused_kernel"} <= {k.split("/")[0] for k in sage_mod._COMPILED}
+        assert not compiled._broken
+        assert {"adamw_fused_kernel", "adamax_fused_kernel"} <= {k.split("/")[0] for k in compiled._cache}
 
 
-def test_compiled_path_sends_small_tensors_to_foreach(monkeypatch):
-    """With the compiled kernels, tensors below _FUSED_MIN_TENSOR take the foreach ops (same numbers)."""
-    monkeypatch.setattr(sage_mod, "_USE_CPU_KERNEL", False)
-    monkeypatch.setattr(sage_mod, "_FUSED_MIN_TENSOR", 1 << 30)
-    monkeypatch.setattr(sage_mod, "_fused_call", lambda *a: pytest.fail("compiled kernel called"))
-    assert _same_as_reference(AdamaxSAGE, "fused", 5)
+@pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
+def test_compiled_path_sends_small_tensors_to_reference(cls, monkeypatch):
+    """With the compiled kernels, tensors below MIN_TENSOR take the reference loop (same numbers)."""
+    monkeypatch.setattr(optimizer_mod, "USE_CPU_KERNEL", False)
+    monkeypatch.setattr(compiled, "MIN_TENSOR", 1 << 30)
+    monkeypatch.setattr(compiled, "run", lambda *a: pytest.fail("compiled kernel called"))
+    assert _same_as_reference(cls, "fused", 5)
 
 
 class CountingKernels:
@@ -274,8 +262,8 @@ def test_cpu_kernel_one_call_per_group_and_step_bucket(cls, monkeypatch):
     """All tensors of a group, tiny ones included, go to one kernel call; tensors whose step
     counter lags (skipped gradients) get a call of their own with their own bias correction."""
     cpu_kernel_or_skip()
-    counting = CountingKernels(sage_mod.sage_cpu.kernels())
-    monkeypatch.setattr(sage_mod.sage_cpu, "kernels", lambda: counting)
+    counting = CountingKernels(cpu_kernel.kernels())
+    monkeypatch.setattr(cpu_kernel, "kernels", lambda: counting)
     params = make_params(torch.float32)
     run_optimizer(cls, params, 5, impl="fused")   # step 4 skips params[1]: at step 5 its counter says 4
     name = cls._cpu_kernel
@@ -289,8 +277,8 @@ def test_cpu_kernel_one_call_per_group_and_step_bucket(cls, monkeypatch):
 @pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
 def test_cpu_kernel_non_contiguous_tensors_take_the_reference(cls, monkeypatch):
     cpu_kernel_or_skip()
-    counting = CountingKernels(sage_mod.sage_cpu.kernels())
-    monkeypatch.setattr(sage_mod.sage_cpu, "kernels", lambda: counting)
+    counting = CountingKernels(cpu_kernel.kernels())
+    monkeypatch.setattr(cpu_kernel, "kernels", lambda: counting)
     runs = {}
     for impl in ("reference", "fused"):
         p = torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))
@@ -342,11 +330,18 @@ def test_cpu_kernel_propagates_nan_like_the_reference():
         assert all(torch.equal(a, b) for a, b in zip(out["reference"], out["fused"])), cls.__name__
 
 
+def test_cpu_kernel_source_ships_with_the_package():
+    """The kernel tests skip where the build fails, so check the source is where it is looked for."""
+    assert cpu_kernel.SOURCE.is_file() and cpu_kernel.SOURCE.parent.parent.name == "sage"
+
+
 def test_cpu_kernel_build_failure_falls_back(monkeypatch):
     """Where the kernel cannot be built, fused=True still runs (compiled or eager), same maths."""
-    monkeypatch.setattr(sage_mod.sage_cpu, "kernels", lambda: None)
-    monkeypatch.setattr(sage_mod, "_COMPILE_BROKEN", True)            # and no torch.compile either
+    monkeypatch.setattr(cpu_kernel, "kernels", lambda: None)
     opt = AdamWSAGE([torch.nn.Parameter(torch.zeros(3))], fused=True)
+    if compiled.usable():                                             # the compiled backend
+        assert opt._impl(opt.param_groups[0], opt.param_groups[0]["params"]) == "fused"
+    monkeypatch.setattr(compiled, "_broken", True)                    # and no torch.compile either
     assert opt._impl(opt.param_groups[0], opt.param_groups[0]["params"]) == "reference"
     assert _same_as_reference(AdamWSAGE, "fused", 5)
 
@@ -354,9 +349,11 @@ def test_cpu_kernel_build_failure_falls_back(monkeypatch):
 def test_auto_implementation_choice(monkeypatch):
     small = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))])
     assert small._impl(small.param_groups[0], small.param_groups[0]["params"]) == "reference"
-    monkeypatch.setattr(sage_mod, "_FUSED_MIN_NUMEL", 5)
+    expected = "fused" if optimizer_mod.fused_usable(torch.device("cpu")) else "reference"
+    forced = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))], fused=True)
+    assert forced._impl(forced.param_groups[0], forced.param_groups[0]["params"]) == expected
+    monkeypatch.setattr(optimizer_mod, "FUSED_MIN_NUMEL", 5)
     big = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))])
-    expected = "fused" if sage_mod._fused_usable(torch.device("cpu")) else "reference"
     assert big._impl(big.param_groups[0], big.param_groups[0]["params"]) == expected
     explicit = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))], fused=False)
     assert explicit._impl(explicit.param_groups[0], explicit.param_groups[0]["params"]) == "reference"
@@ -374,12 +371,29 @@ def test_state_dict_roundtrip_weights_only(cls, tmp_path):
     torch.save({"params": [p.detach() for p in half], "opt": opt.state_dict()}, path)
     data = torch.load(path, weights_only=True)
     resumed = [torch.nn.Parameter(t.clone()) for t in data["params"]]
-    opt2 = cls(groups_for(resumed, 0.01), lr=1e-2, beta3=0.8, eps=1e-6, foreach=False)
+    opt2 = cls(groups_for(resumed, 0.01), lr=1e-2, beta3=0.8, eps=1e-6, fused=False)
     opt2.load_state_dict(data["opt"])
     assert int(opt2.state[resumed[0]]["step"]) == 12
     assert opt2.param_groups[1]["sage"] is False and opt2.param_groups[0]["sage"] is True
     run_optimizer(cls, resumed, 12, start=13, opt=opt2)            # steps 13..24
     for a, b in zip(full, resumed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
+def test_state_dict_from_before_foreach_was_dropped_loads(cls):
+    """Checkpoints written when the groups still had a ``foreach`` key resume identically."""
+    full = make_params(torch.float32)
+    run_optimizer(cls, full, 8)
+    half = make_params(torch.float32)
+    saved = run_optimizer(cls, half, 4).state_dict()
+    for group in saved["param_groups"]:
+        group["foreach"] = True                                    # as the old default groups did
+    opt = cls(groups_for(half, 0.01), lr=1e-2, beta3=0.8, eps=1e-6)
+    opt.load_state_dict(saved)
+    assert all("foreach" not in g for g in opt.param_groups)
+    run_optimizer(cls, half, 4, start=5, opt=opt)
+    for a, b in zip(full, half):
         assert torch.equal(a, b)
 
 
@@ -412,11 +426,18 @@ def test_exactly_one_extra_state_tensor_per_sage_param(cls):
     ({"beta3": -0.5}, "beta3"),
     ({"eps": -1e-8}, "epsilon"),
     ({"weight_decay": -0.01}, "weight_decay"),
-    ({"foreach": True, "fused": True}, "mutually exclusive"),
 ])
 def test_validation(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+@pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
+@pytest.mark.parametrize("value", [True, False, None])
+def test_foreach_is_not_an_argument(cls, value):
+    """The foreach implementation was dropped: the keyword is as unknown as any other."""
+    with pytest.raises(TypeError, match="foreach"):
+        cls([torch.nn.Parameter(torch.zeros(3))], foreach=value)
 
 
 def test_sparse_gradients_rejected():
@@ -431,7 +452,7 @@ def test_sparse_gradients_rejected():
 def test_grad_scaler_skips_overflowing_step(cls):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    opt = cls(model.parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
+    opt = cls(model.parameters(), lr=1e-2, weight_decay=0.01, fused=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     x = torch.randn(8, 4)
 
@@ -462,9 +483,8 @@ def test_grad_scaler_skips_overflowing_step(cls):
 
 
 # one bf16 compile (Adamax-SAGE, the config default) keeps the file quick
-@pytest.mark.parametrize("cls,impl", [(AdamWSAGE, "reference"), (AdamWSAGE, "foreach"),
-                                      (AdamWSAGE, "fused"), (AdamaxSAGE, "reference"),
-                                      (AdamaxSAGE, "foreach"), (AdamaxSAGE, "fused"),
+@pytest.mark.parametrize("cls,impl", [(AdamWSAGE, "reference"), (AdamWSAGE, "fused"),
+                                      (AdamaxSAGE, "reference"), (AdamaxSAGE, "fused"),
                                       (AdamaxSAGE, "compiled")])
 def test_bf16_params_and_grads(cls, impl, monkeypatch):
     if impl == "compiled":
@@ -528,7 +548,7 @@ def test_schedule_builds_on_tiny_bert(base, cls):
     model = tiny_bert()
     sched = build_schedule(sage_cfg(base=base))
     assert isinstance(sched, SAGESchedule)
-    sched.setup(model, "bert", total_steps=20)
+    sched.setup(model, BERT, total_steps=20)
     opt = sched.optimizer
     assert type(opt) is cls and opt.defaults["beta3"] == 0.85
     if base == "adamw":
@@ -581,7 +601,7 @@ def test_log_metrics_multiplier_matches_state():
     model.intermediate = torch.nn.Module()
     model.intermediate.dense = torch.nn.Linear(50, 40)
     sched = SAGESchedule(sage_cfg(base="adamw", bias_correction=False, warmup_ratio=0.0))
-    sched.setup(model, "bert", total_steps=10)
+    sched.setup(model, BERT, total_steps=10)
     x = torch.randn(7, 50)
     for _ in range(3):
         model.intermediate.dense(x).pow(2).sum().backward()
@@ -602,16 +622,32 @@ def test_log_metrics_multiplier_matches_state():
 
 
 def test_schedule_config_errors():
-    with pytest.raises(ConfigError, match=r"schedule\.base.*allowed: adamw, adamax"):
+    with pytest.raises(ConfigError, match=r"schedule\.base='sgd' is unknown; allowed: adamax, adamw"):
         SAGESchedule(sage_cfg(base="sgd"))
-    for bad in (1.0, -0.1, "x"):
-        with pytest.raises(ConfigError, match=r"schedule\.beta3"):
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=r"schedule\.beta3 must be a number in \[0, 1\)"):
             SAGESchedule(sage_cfg(beta3=bad))
+    with pytest.raises(ConfigError, match=r"schedule\.beta3: .*could not be converted"):
+        SAGESchedule(sage_cfg(beta3="x"))
     with pytest.raises(ConfigError, match=r"schedule\.bias_correction"):
-        SAGESchedule(sage_cfg(bias_correction="yes"))
+        SAGESchedule(sage_cfg(bias_correction="maybe"))
     sched = SAGESchedule(sage_cfg(sage_patterns=["no.such.module"]))
     with pytest.raises(ConfigError, match=r"schedule\.sage_patterns"):
-        sched.setup(tiny_bert(), "bert", total_steps=10)
+        sched.setup(tiny_bert(), BERT, total_steps=10)
+
+
+@pytest.mark.parametrize("impl,fused", [("loop", False), ("fused", True), ("auto", None)])
+def test_schedule_impl_selects_the_sage_path(impl, fused):
+    sched = build_schedule(sage_cfg(impl=impl))
+    assert sched.ignored_keys == []
+    sched.setup(tiny_bert(), BERT, total_steps=10)
+    assert all(g["fused"] is fused for g in sched.optimizer.param_groups)
+    assert "foreach" not in sched.optimizer.defaults
+    with pytest.raises(ConfigError, match="schedule.impl=foreach: AdamaxSAGE has no foreach implementation; "
+                                          "allowed: auto, fused, loop"):
+        build_schedule(sage_cfg(impl="foreach")).setup(tiny_bert(), BERT, total_steps=10)
+    with pytest.raises(ConfigError, match="schedule.foreach: Key 'foreach' not in 'ScheduleConfig'"):
+        build_schedule(sage_cfg(foreach=True))                      # no longer a setting
 
 
 def test_sage_param_groups_helper():
@@ -632,13 +668,13 @@ def test_sage_param_groups_helper():
 
 def test_registry_and_configs():
     assert optimizer_class("adamw_sage") is AdamWSAGE and optimizer_class("adamax_sage") is AdamaxSAGE
-    from omegaconf import OmegaConf
+    from conftest import compose
 
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/schedule/sage.yaml"))
-    assert cfg["name"] == "sage" and cfg["base"] == "adamax" and cfg["eps"] == 1e-6
-    assert cfg["bias_correction"] is True and cfg["lr_schedule"] == "linear" and cfg["warmup_ratio"] == 0.1
+    cfg = compose(["schedule=sage"]).schedule
+    assert cfg.name == "sage" and cfg.base == "adamax" and cfg.eps == 1e-6 and cfg.beta3 == 0.75
+    assert cfg.bias_correction is True and cfg.lr_schedule == "linear" and cfg.warmup_ratio == 0.1
     assert isinstance(build_schedule(cfg), SAGESchedule)
-    exp = OmegaConf.load(ROOT / "conf/experiment/sage_glue.yaml")
+    exp = compose(["experiment=sage_glue"])
     assert exp.task.name == "mnli" and exp.task.model.name == "bert-base-uncased"
     assert exp.schedule.base == "adamax" and exp.schedule.lr == 2e-4 and exp.schedule.beta3 == 0.85
     assert exp.trainer.batch_size == 32 and exp.trainer.epochs == 3 and exp.trainer.max_grad_norm == 1.0

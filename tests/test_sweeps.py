@@ -1,6 +1,7 @@
 """Sweeps from the shell: resumable after kill -9, and the report recomputed from results files."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -73,11 +74,14 @@ def test_report_over_two_schedules_and_two_seeds(tmp_path, schedules):
     for sched in schedules.split(","):
         accs = [r["final"]["accuracy"] for r in results if r["schedule"] == sched]
         mean, std = statistics.fmean(accs), statistics.stdev(accs)
-        assert f"{100 * mean:.2f} ± {100 * std:.2f} (n=2)" in rows[sched]
+        n_degenerate = sum(bool(r["degenerate"]) for r in results if r["schedule"] == sched)
+        count = f"n=2, {n_degenerate} degenerate" if n_degenerate else "n=2"
+        assert f"{100 * mean:.2f} ± {100 * std:.2f} ({count})" in rows[sched]
     assert "broken" in md.split("Incomplete runs")[1]
     csv_lines = (sweep / "report.csv").read_text().splitlines()
-    assert csv_lines[0] == "schedule,task,metric,mean,std,n"
-    assert (sweep / "curves.png").stat().st_size > 1000 and (sweep / "bars.png").stat().st_size > 1000
+    assert csv_lines[0].startswith("schedule,task,metric,mean,std,n,setting,block,selected,")
+    for plot in ("curves.png", "bars.png", "dev_curves.png"):
+        assert (sweep / plot).stat().st_size > 1000, plot
 
 
 def _fake_run(root, name, schedule, seed, acc, overrides, task=("glue", "rte", "accuracy")):
@@ -113,8 +117,9 @@ def test_report_splits_presets_that_share_schedule_and_task(tmp_path):
 
 
 def test_report_splits_by_every_varying_override_but_the_seed(tmp_path):
-    """Low-resource sizes become columns and swept schedule settings rows; seeds are averaged,
-    and overrides that are the same everywhere (or name the schedule/preset) split nothing."""
+    """Low-resource sizes become columns and swept schedule settings a grid (each schedule shown at
+    its selected setting); seeds are averaged, and overrides that are the same everywhere (or name
+    the schedule/preset) split nothing."""
     from runner import report
 
     for sched, lr in (("baseline", None), ("sage", "1e-4"), ("sage", "2e-4")):
@@ -126,14 +131,22 @@ def test_report_splits_by_every_varying_override_but_the_seed(tmp_path):
                           ["experiment=dps_glue", f"schedule={sched}", *extra,
                            f"task.train_subset={n}", f"seed={seed}", "name=x", "task.max_seq_length=64"])
     assert report.main([str(tmp_path)]) == 0
-    md = (tmp_path / "report.md").read_text()
-    header = next(line for line in md.splitlines() if line.startswith("| schedule"))
-    assert header == ("| schedule | glue/rte [task.train_subset=500] (accuracy) | "
-                      "glue/rte [task.train_subset=1000] (accuracy) | average |")
-    rows = [line for line in md.splitlines() if line.startswith("| ") and line != header]
-    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "sage [lr=1e-4]", "sage [lr=2e-4]"]
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| schedule"))
+    assert lines[start] == ("| schedule | glue/rte [task.train_subset=500] (accuracy) | "
+                            "glue/rte [task.train_subset=1000] (accuracy) | average |")
+    rows = list(itertools.takewhile(lambda line: line.startswith("| "), lines[start + 2:]))
+    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "sage"]
     assert "| 60.50 ± 14.14 (n=2) | 61.00 ± 14.14 (n=2) | 60.75 |" in rows[0]
-    assert "| 70.50 ± 14.14 (n=2) | 71.00 ± 14.14 (n=2) | 70.75 |" in rows[2]
+    assert "| 70.50 ± 14.14 (n=2) | 71.00 ± 14.14 (n=2) | 70.75 |" in rows[1]  # sage at lr=2e-4
+    data = json.loads((tmp_path / "report.json").read_text())
+    selected = [(t["task"], s["schedule"], s["selected"]) for t in data["tasks"] for s in t["schedules"]]
+    assert selected == [("glue/rte [task.train_subset=500]", "baseline", "—"),
+                        ("glue/rte [task.train_subset=500]", "sage", "lr=2e-4"),
+                        ("glue/rte [task.train_subset=1000]", "baseline", "—"),
+                        ("glue/rte [task.train_subset=1000]", "sage", "lr=2e-4")]
+    grid = [p["label"] for p in data["tasks"][0]["schedules"][1]["grid"]]
+    assert grid == ["lr=1e-4", "lr=2e-4"]
 
 
 @pytest.mark.parametrize("backend", [

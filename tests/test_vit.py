@@ -16,6 +16,7 @@ from PIL import Image  # noqa: E402
 
 from common.errors import ConfigError  # noqa: E402
 from tasks import build_task  # noqa: E402
+from runner.evaluation import evaluate  # noqa: E402
 from tasks.vit import BatchPlan, ImageClassificationTask, read_idx, topk_correct  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,7 +98,10 @@ def test_imagefolder_loads_files_written_by_the_test(folder, tmp_path):
     task = make_task(tmp_path, data_dir=str(folder))
     task.setup()
     assert task.classes == list(CLASSES)
-    assert task.family == "vit" and task.main_metric == "top1" and task.greater_is_better
+    assert task.main_metric == "top1" and task.greater_is_better
+    patterns = task.param_patterns(task.build_model())   # the model's own no_weight_decay() joins the family's
+    assert patterns["sage"] == ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    assert {"pos_embed", "cls_token", "bias", "norm"} <= set(patterns["no_decay"])
     assert len(task.splits["train"]) == 4 * 48 and len(task.splits["dev"]) == 4 * 12
     assert task.splits["dev"].name == "validation" and task.splits["test"].name == "validation"
     src = task.splits["train"].source
@@ -310,7 +314,7 @@ def test_topk_metrics_on_hand_computed_logits():
     task.eval_batches = lambda split: [(0, 1, 2), (3,)]
     task.make_eval_batch = lambda split, pos: {"images": torch.tensor(pos, dtype=torch.float32)[:, None],
                                                    "targets": targets[list(pos)]}
-    metrics = task.evaluate(Fixed(), "dev")
+    metrics = evaluate(task, Fixed(), "dev")
     expected_loss = float(torch.nn.functional.cross_entropy(logits, targets))
     assert metrics["top1"] == 0.5 and metrics["top5"] == 0.75
     assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-6)
@@ -334,7 +338,7 @@ def test_tiny_vit_learns_class_patterns_above_chance(folder, tmp_path):
     task = make_task(tmp_path, data_dir=str(folder), batch_size=32)
     task.setup()
     model = task.build_model()
-    before = task.evaluate(model, "dev")
+    before = evaluate(task, model, "dev")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     model.train()
     step = 0
@@ -345,7 +349,7 @@ def test_tiny_vit_learns_class_patterns_above_chance(folder, tmp_path):
             opt.step()
             opt.zero_grad()
             step += 1
-    after = task.evaluate(model, "dev")
+    after = evaluate(task, model, "dev")
     assert step == 72
     assert set(after) == {"top1", "top5", "loss"}
     assert after["top1"] >= 0.7, (before, after)  # chance is 0.25 (seeds 0-4 gave 0.875-1.0)

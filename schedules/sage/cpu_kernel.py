@@ -13,7 +13,10 @@ library built for another CPU, the extension's name carries a hash of the CPU's 
 feature flags.
 
 Where the build fails (no compiler, a read-only cache), :func:`kernels` logs one warning and
-returns None, and SAGE falls back to its other implementations.
+returns None, and SAGE falls back to its other implementations (the compiled backend of
+:mod:`schedules.sage.compiled`, then the reference loop).
+
+The kernel's module state (the loaded library, or why it failed) lives here, once per process.
 """
 from __future__ import annotations
 

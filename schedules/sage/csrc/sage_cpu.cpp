@@ -6,10 +6,11 @@
 // once, with no temporaries, so the update streams at memory bandwidth and the cost of a call
 // does not grow with the number of tensors beyond a few microseconds of bookkeeping.
 //
-// The maths is the same algebra as the compiled kernels in schedules/sage.py (see the module
-// docstring there for why the numerator uses the previous average). Tensors of dtype float and
-// double are computed in their own precision; bfloat16 and half are computed in float and
-// rounded once when stored. Built by schedules/sage_cpu.py with -O3 -march=native.
+// The maths is the same algebra as the compiled kernels in schedules/sage/adamw.py and
+// schedules/sage/adamax.py (see schedules/sage/optimizer.py for why the numerator uses the
+// previous average). Tensors of dtype float and double are computed in their own precision;
+// bfloat16 and half are computed in float and rounded once when stored. Built by
+// schedules/sage/cpu_kernel.py with -O3 -march=native.
 #include <torch/extension.h>
 
 #include <ATen/Dispatch.h>

@@ -1,0 +1,202 @@
+"""Resuming only what was configured the same way: compare a run's config with the saved one.
+
+A resumed run restores the optimizer with ``load_state_dict``, which keeps the *saved* parameter
+group settings (lr, betas, SAGE's beta3, ...), and ``resume=auto`` returns a finished run's
+``results.json`` as it is. Either would silently ignore an edited preset. So before any model is
+built, :func:`check_resume` compares the composed config with the one saved in
+``checkpoints/last.pt`` (key ``"config"``) or in ``results.json`` (key ``"config"``), both the
+resolved plain dict of the whole config, and raises a one-line :class:`ConfigError` naming the
+keys that differ.
+
+What may change on resume (:data:`HARMLESS`): keys that change neither the parameters nor the
+numbers in ``results.json``, only how the run is labelled, shown, logged or fed:
+
+- ``resume``: how this invocation treats the directory, not what it trains.
+- ``name``: the run directory's parent and the W&B group; the directory is already chosen.
+- ``logger`` and everything under it (kind, mode, project, entity, group, tags): where metrics
+  go, never what they are.
+- ``trainer.num_threads``: torch intra-op threads on CPU. (choice) Intra-op reductions may split
+  differently with another thread count, so the last bits of a float can differ; Hydra already
+  keeps it out of run-directory names as not changing what is trained, and a resumed run must be
+  able to move to a machine with another core count, so it is allowed.
+- ``trainer.progress``: the tqdm bar.
+- ``trainer.num_workers``: DataLoader processes preparing batches ahead; a batch depends only on
+  its plan and the loader leaves the global RNG alone, so batches are identical (the loop's
+  bit-identical resume test covers 0 vs 2 workers).
+- ``trainer.log_every``: (choice) how often the mean training loss is logged; the updates are
+  the same, only the granularity of the ``train_loss`` curve changes from there on.
+- ``trainer.save_every``: (choice) how often ``last.pt`` is written; resuming restores the exact
+  state whatever the interval, so neither parameters nor results change.
+- ``hydra`` and everything under it: launcher, sweeper and output settings (it is normally absent
+  from the job's config anyway).
+- the display and bookkeeping settings of the built-in callbacks (:data:`HARMLESS_CALLBACK_SETTINGS`):
+  ``progress`` and ``every`` of ``runner.callbacks.Logging`` (they follow ``trainer.progress`` and
+  ``trainer.log_every``) and ``every`` of ``runner.callbacks.Checkpoint`` (``trainer.save_every``).
+  (choice) They are matched by the entry's ``_target_``, not by its name, and only when the saved
+  and the new entry have the same ``_target_``: ``callbacks.logging.every`` of a user's own class
+  may mean anything, so it stays significant. A callback added, removed or turned off
+  (``callbacks.x=null``), a changed ``_target_`` and every setting of other callbacks (notably
+  ``runner.callbacks.Evaluation``'s ``every``) are significant.
+
+Everything else is significant (choice: when unsure, a key is significant, because a false alarm
+costs a ``resume=false`` while a missed change silently mixes two configurations), notably:
+
+- ``trainer.device`` and ``trainer.precision``: numerics differ between devices and dtypes.
+- ``trainer.eval_every``, ``trainer.eval_batch_size``, ``task.eval_subset``: they change which
+  evaluations exist, the dev numbers, and so the best step and ``best.pt``.
+- ``task.data_dir``: another path may hold other data.
+- ``schedule.label``: only a report label, but it is part of ``results.json``.
+- any key added or removed (a new preset key, a key of an older version).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.errors import ConfigError
+
+log = logging.getLogger("adaptune")
+
+#: Dotted keys (and their sub-keys) that may differ between the saved and the new config.
+#: A ``*`` segment matches any one key segment.
+HARMLESS: tuple[str, ...] = (
+    "resume",
+    "name",
+    "logger",
+    "trainer.num_threads",
+    "trainer.progress",
+    "trainer.num_workers",
+    "trainer.log_every",
+    "trainer.save_every",
+    "hydra",
+)
+
+#: Settings of built-in callbacks (by ``_target_``) that only change display or bookkeeping.
+HARMLESS_CALLBACK_SETTINGS: dict[str, tuple[str, ...]] = {
+    "runner.callbacks.Logging": ("every", "progress"),
+    "runner.callbacks.Checkpoint": ("every",),
+}
+
+#: How many differing keys the error message spells out before "and N more".
+SHOWN = 4
+
+_ABSENT = object()
+
+
+def is_harmless(key: str, harmless: tuple[str, ...] = HARMLESS) -> bool:
+    """Whether the dotted ``key`` is one of ``harmless`` or lies under one of them."""
+    parts = key.split(".")
+    for pattern in harmless:
+        pat = pattern.split(".")
+        if len(pat) <= len(parts) and all(p == "*" or p == k for p, k in zip(pat, parts)):
+            return True
+    return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as config values: 1 == 1.0, but True != 1; NaN equals NaN; lists and dicts by content."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _harmless_callback_keys(new: Mapping, saved: Mapping) -> tuple[str, ...]:
+    """``callbacks.<name>.<setting>`` for the :data:`HARMLESS_CALLBACK_SETTINGS` of entries whose
+    ``_target_`` is the same built-in class in both configs."""
+    new_cbs, saved_cbs = new.get("callbacks"), saved.get("callbacks")
+    if not isinstance(new_cbs, Mapping) or not isinstance(saved_cbs, Mapping):
+        return ()
+    keys = []
+    for name, node in new_cbs.items():
+        old = saved_cbs.get(name)
+        if isinstance(node, Mapping) and isinstance(old, Mapping) and node.get("_target_") == old.get("_target_"):
+            keys += [f"callbacks.{name}.{s}" for s in HARMLESS_CALLBACK_SETTINGS.get(node.get("_target_"), ())]
+    return tuple(keys)
+
+
+def config_diff(new: Mapping, saved: Mapping, harmless: tuple[str, ...] = HARMLESS) -> list[tuple[str, Any, Any]]:
+    """The significant differences between two resolved configs, as ``(dotted key, saved value,
+    new value)`` sorted by key; a key present on one side only has :data:`ABSENT` on the other.
+
+    Dicts are compared key by key (nested keys are dotted: ``schedule.beta3``); a list is one
+    value (``schedule.betas: [0.9, 0.999] -> [0.9, 0.99]``). Keys matching ``harmless`` (and
+    everything under them) are skipped.
+    """
+    out: list[tuple[str, Any, Any]] = []
+    harmless = tuple(harmless) + _harmless_callback_keys(new, saved)
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if prefix and is_harmless(prefix, harmless):
+            return
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for k in {**b, **a}:
+                walk(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{prefix}.{k}" if prefix else str(k))
+        elif a is _ABSENT or b is _ABSENT or not _same(a, b):
+            out.append((prefix, b, a))
+
+    walk(new, saved, "")
+    return sorted(out, key=lambda d: d[0])
+
+
+ABSENT = _ABSENT  # public name for the "key not present" marker in config_diff's tuples
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    text = "(absent)" if value is _ABSENT else "null" if value is None else str(value)
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(diffs: list[tuple[str, Any, Any]], shown: int = SHOWN) -> str:
+    """``key: old -> new, ...``, the first ``shown`` then "and N more"."""
+    parts = [f"{k}: {_show(old)} -> {_show(new)}" for k, old, new in diffs[:shown]]
+    if len(diffs) > shown:
+        parts.append(f"and {len(diffs) - shown} more")
+    return ", ".join(parts)
+
+
+def _relative(path: Path | str) -> Path:
+    """``path`` relative to the working directory when it lies below it (Hydra's output_dir is
+    absolute; ``outputs/runs/...`` reads better), else as it is."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
+def check_resume(new: Mapping, saved: Mapping | None, run_dir: Path | str, source: str) -> None:
+    """Raise :class:`ConfigError` if ``new`` differs significantly from ``saved`` (the config that
+    trained ``run_dir``, read from ``source``). A missing saved config (a checkpoint from before
+    configs were saved in it) is allowed with a warning."""
+    if saved is None:
+        log.warning("%s holds no config (written by an older version): cannot check that %s was trained "
+                    "with the same config; resuming anyway", source, run_dir)
+        return
+    diffs = config_diff(new, saved)
+    if diffs:
+        raise ConfigError(
+            f"{_relative(run_dir)} was trained with a different config ({describe(diffs)}); pass resume=false to "
+            f"start over in that directory, or change name= to train in another one")
+
+
+def checkpoint_config(path: Path | str) -> dict | None:
+    """The config saved in the checkpoint at ``path`` (None if it has none). Memory-maps the file,
+    so the tensors are not read."""
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, ValueError):  # not a zip-format file: mmap unsupported
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    config = data.get("config") if isinstance(data, dict) else None
+    return config if isinstance(config, Mapping) else None

@@ -1,0 +1,64 @@
+"""The ``schedule`` config group's one typed schema: every key of every schedule, its only default
+and its check. ``conf/schedule/*.yaml`` are presets on top of it (``sage.yaml`` sets ``name: sage``
+and SAGE's quickstart lr).
+
+**(choice)** One schema for the whole group, not one per schedule: a comparison sweeps one
+experiment preset over several schedules (``experiment=dps_glue schedule=baseline,dps,dps_mix``),
+so a preset may set DPS's keys while the baseline runs; each schedule reads its own keys
+(``Schedule.config_keys``) and names, in one warning, the keys set away from their defaults that it
+ignores. Keys still have to exist and have the right type: ``schedule.bogus=1`` or
+``schedule.p=abc`` is an error whatever the schedule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from common.schema import at_least, in_range, one_of, optional, pair_in, setting
+
+LR_SCHEDULES = ("linear", "inverse_sqrt", "constant", "cosine")
+SAGE_BASES = ("adamax", "adamw")
+DPS_VARIANTS = ("dense", "mix")
+IMPLS = ("auto", "fused", "foreach", "loop")
+
+
+def _known_schedule(name) -> str | None:
+    from . import SCHEDULES  # the registry; imported late (schedules/__init__ imports this module)
+
+    return one_of(*SCHEDULES)(name)
+
+
+@dataclass
+class ScheduleConfig:
+    # ---------------------------------------------------------------- every schedule
+    name: str = setting(check=_known_schedule)   # baseline | sage | dps: set by each conf/schedule/ preset
+    label: Optional[str] = None         # a name for reports (schedule=dps_mix: "dps_mix"); null: name
+    optimizer: str = "adamw"            # baseline / DPS base optimizer: adamw | adamax (any registered name)
+    lr: float = setting(5e-5, check=at_least(0))   # peak learning rate (quickstart default for the pip MiniLM)
+    betas: List[float] = setting(factory=lambda: [0.9, 0.999], check=pair_in(0, 1))
+    eps: float = setting(1e-6, check=at_least(0))  # SAGE: its multiplier's denominator uses eps²
+    # AdamW: decoupled; Adamax (torch): added to the gradient; Adamax-SAGE: inside the
+    # SAGE-scaled update; AdamW-SAGE: decoupled. Biases / norms (no_decay_patterns) get none.
+    weight_decay: float = setting(0.01, check=at_least(0))
+    lr_schedule: str = setting("linear", check=one_of(*LR_SCHEDULES))
+    warmup_ratio: float = setting(0.1, check=in_range(0, 1))      # fraction of the run's updates
+    warmup_steps: Optional[int] = setting(None, check=optional(at_least(0)))   # absolute; wins over the ratio
+    no_decay_patterns: Optional[List[str]] = None   # null: the model's own (biases, norms; the task supplies them)
+    # the optimizer's implementation, same maths: auto (fused where the optimizer has a fused
+    # kernel for the device, else foreach; SAGE: its own choice) | fused | foreach | loop
+    impl: str = setting("auto", check=one_of(*IMPLS))
+
+    # ---------------------------------------------------------------- sage (ALGORITHMS.md §1)
+    base: str = setting("adamax", check=one_of(*SAGE_BASES))   # Adamax-SAGE (paper's GLUE) | AdamW-SAGE
+    beta3: float = setting(0.75, check=in_range(0, 1))   # EMA of the sensitivity; the paper uses 0.6-0.9
+    bias_correction: bool = True        # AdamW-SAGE only (its first step leaves SAGE tensors unchanged)
+    sage_patterns: Optional[List[str]] = None   # null: the model's encoder linear layers (from the task)
+
+    # ---------------------------------------------------------------- dps (ALGORITHMS.md §2)
+    variant: str = setting("dense", check=one_of(*DPS_VARIANTS))   # mix: masked entries mixed toward a snapshot
+    p: float = setting(0.3, check=in_range(0, 1))   # fraction of entries DROPPED in a selection phase
+    update_ratio: float = setting(0.05, check=in_range(0, 1, low_open=True, high_open=False))  # U = int(T * ratio)
+    dps_patterns: Optional[List[str]] = None    # null: the model's DPS linear layers (from the task)
+    # The paper's script sets hidden and attention dropout to 0 with DPS (it keeps 0.1 for Dense
+    # runs of 2000+ steps: set false there).
+    disable_dropout: bool = True

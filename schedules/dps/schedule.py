@@ -1,0 +1,92 @@
+"""``schedule=dps``: the baseline optimizer plus :class:`~schedules.dps.DPS` (the runner adapter)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from common.families import ParamPatterns
+
+from ..baseline import BaselineSchedule
+from .algorithm import DPS
+from .helpers import default_seed, disable_dropout, linear_weights, phase_length
+from .mix import MixoutWeight, attach_mix
+
+
+class DPSSchedule(BaselineSchedule):
+    """``schedule=dps``: the baseline optimizer and LR schedule, plus :class:`DPS`.
+
+    Config keys (``conf/schedule/dps.yaml``): the baseline's, plus ``variant`` (dense | mix),
+    ``p``, ``update_ratio``, ``dps_patterns`` (null: the model family's default) and
+    ``disable_dropout`` (the DPS preset: true).
+    """
+
+    name = "dps"
+    config_keys = BaselineSchedule.config_keys | {"variant", "p", "update_ratio", "dps_patterns",
+                                                  "disable_dropout"}
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__(cfg)
+        self.p, self.update_ratio, self.variant = self.cfg.p, self.cfg.update_ratio, self.cfg.variant
+        self.dps: DPS | None = None
+        self._mix: dict[str, MixoutWeight] | None = None
+        self._pending_state: dict | None = None
+
+    def prepare_model(self, model: nn.Module, patterns: ParamPatterns) -> None:
+        if self.cfg.disable_dropout:
+            disable_dropout(model)
+        if self.variant == "mix":
+            self._mix = attach_mix(model, self.patterns(patterns, "dps"))
+
+    def setup(self, model: nn.Module, patterns: ParamPatterns, total_steps: int) -> None:
+        if self.variant == "mix" and self._mix is None:
+            self._mix = attach_mix(model, self.patterns(patterns, "dps"))
+        # U >= 1 is checked before building anything else.
+        phase_length(int(total_steps), float(self.update_ratio))
+        super().setup(model, patterns, total_steps)
+        self.dps = DPS(linear_weights(model), total_steps, self.p, self.update_ratio, self.variant,
+                       patterns=self.patterns(patterns, "dps"), mix=self._mix, seed=self._shared_seed(model))
+        if self._pending_state is not None:
+            self.dps.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    @staticmethod
+    def _shared_seed(model: nn.Module) -> int:
+        seed = default_seed()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            device = torch.device("cpu")
+            if dist.get_backend() == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            value = torch.tensor([seed], dtype=torch.int64, device=device)
+            dist.broadcast(value, src=0)
+            seed = int(value.item())
+        return seed
+
+    def on_step_begin(self, step: int) -> None:
+        self.dps.on_step_begin(step)
+
+    def on_gradients(self, step: int) -> None:
+        self.dps.on_gradients(step)
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        metrics = super().log_metrics(step)
+        metrics.update({
+            "dps/phase": float(self.dps.phase(step)),
+            "dps/selection": 1.0 if self.dps.is_selection(step) else 0.0,
+            "dps/kept_fraction": self.dps.kept_fraction(),
+        })
+        return metrics
+
+    def state_dict(self) -> dict:
+        return self.dps.state_dict() if self.dps is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.dps is None:
+            self._pending_state = dict(state)
+        else:
+            self.dps.load_state_dict(state)

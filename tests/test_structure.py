@@ -1,0 +1,135 @@
+"""The architecture's rules, checked: one default per config key, dependency directions, module
+sizes, and registries that do not depend on import order."""
+from __future__ import annotations
+
+import ast
+import re
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO, compose
+
+CONF = REPO / "conf"
+PACKAGES = ("common", "runner", "tasks", "schedules")
+
+
+def _schema_defaults(group: str, option_cfg) -> dict:
+    """The defaults the schema gives the composed node of ``group`` (by its kind for tasks)."""
+    from runner.config import LoggerConfig, TrainerConfig
+    from schedules.config import ScheduleConfig
+    from tasks.config import TASK_SCHEMAS
+
+    schema = {"trainer": TrainerConfig, "logger": LoggerConfig, "schedule": ScheduleConfig,
+              "task": TASK_SCHEMAS.get(option_cfg.get("kind"))}[group]
+    return OmegaConf.to_container(OmegaConf.structured(schema))
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("group", ["task", "schedule", "trainer", "logger"])
+def test_every_key_has_exactly_one_default(group):
+    """The schema holds each key's default; a group option's YAML file only sets values that
+    differ from what it would get without them (the schema, or the option it extends). A file
+    restating a default would be a second source that drifts."""
+    for path in sorted((CONF / group).glob("*.yaml")):
+        own = OmegaConf.to_container(OmegaConf.load(path))
+        parents = [d for d in own.pop("defaults", []) if isinstance(d, str) and not d.startswith("/")
+                   and d != "_self_"]
+        assert len(parents) <= 1, path
+        if parents:
+            base = _flatten(OmegaConf.to_container(compose([f"{group}={parents[0]}"])[group]))
+        else:
+            base = _flatten(_schema_defaults(group, own if group != "task" else {"kind": path.stem}))
+        for key, value in _flatten(own).items():
+            assert key in base, f"{path.name}: {key} is not a key of the schema"
+            assert value != base[key], f"{path.name}: {key}: {value!r} restates the default"
+
+
+def test_schema_defaults_are_the_composed_defaults():
+    """With no preset values, a composed group equals its schema: the YAML adds nothing hidden."""
+    from runner.config import TrainerConfig
+
+    cfg = compose(["trainer=default"])
+    assert OmegaConf.to_container(cfg.trainer) == dataclasses.asdict(TrainerConfig())
+
+
+def test_components_read_config_without_fallback_defaults():
+    """Schedules and tasks read typed attributes: no ``cfg.get(key, default)`` / ``cfg[...]`` in
+    their code (the schema is the only default)."""
+    offenders = []
+    for package in ("schedules", "tasks"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if re.search(r"(?<!\w)(self\.)?(cfg|model_cfg|tcfg)(\.get\(|\[)", line):
+                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("package,forbidden", [
+    ("tasks", {"schedules", "runner"}),
+    ("schedules", {"tasks", "runner"}),
+    ("common", {"tasks", "schedules", "runner"}),
+])
+def test_import_graph(package, forbidden):
+    """tasks and schedules depend on common, never on each other or on the runner."""
+    bad = {str(p.relative_to(REPO)): sorted(_imports(p) & forbidden)
+           for p in (REPO / package).rglob("*.py") if _imports(p) & forbidden}
+    assert not bad, bad
+
+
+def test_no_source_file_over_500_lines():
+    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines())
+             for package in PACKAGES for p in (REPO / package).rglob("*.py")}
+    assert sizes and not {k: v for k, v in sizes.items() if v > 500}
+
+
+def test_optimizer_registry_does_not_depend_on_import_order():
+    """``schedule=baseline schedule.optimizer=adamw_sage`` works in a fresh process in which no
+    SAGE module was imported first."""
+    code = ("import sys; from schedules import optimizer_class; "
+            "assert 'schedules.sage' not in sys.modules; "
+            "print(optimizer_class('adamw_sage').__name__, optimizer_class('adamax').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["AdamWSAGE", "Adamax"]
+
+
+def test_task_supplies_its_models_patterns():
+    """The schedule receives patterns from the task for the model it built, not a family name."""
+    import torch
+
+    from common.families import FAMILY_PATTERNS
+    from schedules import build_schedule
+
+    model = torch.nn.Sequential()
+    model.add_module("blocks", torch.nn.ModuleList([torch.nn.Linear(4, 4)]))
+    patterns = {"sage": ("blocks.0",), "no_decay": ("bias",), "dps": ("blocks.0",)}
+    schedule = build_schedule({"name": "sage"})
+    schedule.setup(model, patterns, total_steps=10)
+    flags = [(g["sage"], g["weight_decay"]) for g in schedule.optimizer.param_groups]
+    assert flags == [(True, 0.01), (True, 0.0)]
+    assert set(FAMILY_PATTERNS["bert"]) == {"sage", "dps", "no_decay"}
