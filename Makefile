@@ -28,10 +28,11 @@ $(SETUP_STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -r requirements-nmt.txt
 	touch $@
 
-## The main job: baseline vs SAGE vs DPS fine-tuning the pip-shipped MiniLM on real Amazon reviews, offline.
+## The main job: baseline vs SAGE vs DPS fine-tuning the pip-shipped MiniLM on real Amazon reviews,
+## offline, each schedule at its own dev-selected lr (conf/compare/quickstart.yaml), same seeds,
+## paired statistics; `adaptune compare` ends with the report (outputs/multirun/quickstart/report.md).
 quickstart: setup
-	$(BIN)/adaptune -m experiment=quickstart schedule=baseline,sage,dps
-	$(BIN)/adaptune report outputs/multirun/quickstart
+	$(BIN)/adaptune compare quickstart $(QUICKSTART_ARGS)
 
 ## The default test suite (slow tests are opt-in: make test-all).
 test: setup

@@ -24,12 +24,12 @@ def test_dry_run_prints_each_schedules_multirun_for_quickstart(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
-        f"{PY} -m runner -m experiment=quickstart schedule=baseline schedule.lr=2e-5,5e-5,1e-4 "
-        "seed=1,2 name=quickstart",
-        f"{PY} -m runner -m experiment=quickstart schedule=sage schedule.beta3=0.75,0.85 "
-        "schedule.lr=1e-4,2.5e-4 seed=1,2 name=quickstart",
+        f"{PY} -m runner -m experiment=quickstart schedule=baseline schedule.lr=5e-5,1e-4 "
+        "seed=1,2 name=quickstart task.train_subset=800 task.eval_subset=500",
+        f"{PY} -m runner -m experiment=quickstart schedule=sage "
+        "schedule.lr=1e-4,2.5e-4 seed=1,2 name=quickstart task.train_subset=800 task.eval_subset=500",
         f"{PY} -m runner -m experiment=quickstart schedule=dps schedule.lr=5e-5,1e-4 "
-        "schedule.p=0.1,0.3 seed=1,2 name=quickstart",
+        "seed=1,2 name=quickstart task.train_subset=800 task.eval_subset=500",
         "adaptune report outputs/multirun/quickstart",
     ]
     assert list(tmp_path.iterdir()) == []                 # a dry run writes nothing
@@ -38,7 +38,8 @@ def test_dry_run_prints_each_schedules_multirun_for_quickstart(tmp_path):
 def test_dry_run_appends_extra_overrides_and_follows_the_sweep_dir(capsys):
     assert compare.main(["quickstart", "task.eval_subset=300", "--dry-run", "hydra.sweep.dir=/tmp/x"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and all(line.endswith("name=quickstart task.eval_subset=300 hydra.sweep.dir=/tmp/x")
+    assert len(lines) == 4 and all(line.endswith("name=quickstart task.train_subset=800 task.eval_subset=500 "
+                                                 "task.eval_subset=300 hydra.sweep.dir=/tmp/x")
                                    for line in lines[:3])
     assert lines[3] == "adaptune report /tmp/x"
 
@@ -46,9 +47,9 @@ def test_dry_run_appends_extra_overrides_and_follows_the_sweep_dir(capsys):
 def test_the_sage_lr_grid_is_2_to_5_times_the_baselines_default():
     spec = compare.load("quickstart")
     base_default = 5e-5
-    assert float(spec["grids"]["baseline"]["schedule.lr"][1]) == base_default
+    assert float(spec["grids"]["baseline"]["schedule.lr"][0]) == base_default
     assert [float(v) / base_default for v in spec["grids"]["sage"]["schedule.lr"]] == pytest.approx([2, 5])
-    assert compare.n_runs(spec) == 22
+    assert compare.n_runs(spec) == 12
 
 
 def test_unknown_name_is_a_one_line_error():

@@ -71,6 +71,14 @@ def _makefile_sweeps() -> dict[str, list[str]]:
     for target in targets:
         out = subprocess.run(["make", "-n", "--no-print-directory", target],
                              cwd=REPO, capture_output=True, text=True, check=True).stdout
+        compare = [ln.split() for ln in out.splitlines() if ln.startswith(".venv/bin/adaptune compare ")]
+        if compare:   # one multirun per schedule of conf/compare/<name>.yaml
+            from runner import compare as cmp
+
+            spec = cmp.load(compare[0][2])
+            for schedule, cmd in cmp.commands(spec, compare[0][3:]):
+                sweeps[f"{target}/{schedule}"] = cmd[cmd.index("runner") + 2:]   # after "-m runner -m"
+            continue
         lines = [ln.split() for ln in out.splitlines() if ln.startswith(".venv/bin/adaptune -m ")]
         assert len(lines) == 1, (target, out)
         sweeps[target] = lines[0][2:]
@@ -86,7 +94,8 @@ def test_every_makefile_sweep_composes():
     from schedules import build_schedule
 
     sweeps = _makefile_sweeps()
-    assert {"quickstart", "repro-sage-glue", "repro-dps-glue-cpu", "repro-sage-vit-cpu"} <= set(sweeps)
+    assert {"quickstart/baseline", "quickstart/sage", "quickstart/dps", "repro-sage-glue", "repro-dps-glue-cpu",
+            "repro-sage-vit-cpu"} <= set(sweeps)
     for target, overrides in sweeps.items():
         axes = []
         for override in overrides:

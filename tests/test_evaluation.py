@@ -187,7 +187,7 @@ def test_dataloader_workers_give_identical_metrics(tmp_path):
     workers = evaluate(task, model, "dev", num_workers=2)
     assert len(pids) == 5 and os.getpid() not in pids and len(set(pids)) == 2
     assert workers == inline  # bit-identical
-    assert set(inline) == {"pearson", "spearman", "loss"} and inline["loss"] > 0
+    assert set(inline) == {"pearson", "spearman", "loss", "pred_std"} and inline["loss"] > 0
     assert torch.equal(torch.get_rng_state(), rng)
 
 
@@ -251,5 +251,5 @@ def test_two_gloo_ranks_evaluate_disjoint_shards_with_the_metrics_of_one_process
     assert len(r0["ids"]) == 24 and len(r1["ids"]) == 21
     assert not set(r0["ids"]) & set(r1["ids"])
     assert sorted(r0["ids"] + r1["ids"]) == list(range(45))
-    assert set(single) == {"matthews", "accuracy", "loss"}
+    assert set(single) == {"matthews", "accuracy", "loss", "pred_frac_0", "pred_frac_1", "pred_classes"}
     assert r0["metrics"] == r1["metrics"] == single  # identical, not merely close
