@@ -31,6 +31,18 @@ TINY_BERT = [
 FAST = ["logger=none", "trainer.progress=false", "trainer.precision=fp32", "trainer.num_threads=2"]
 
 
+class InfGrad(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: an fp16 overflow on demand."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
 def compose(overrides: list[str] | tuple = ()) -> DictConfig:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))

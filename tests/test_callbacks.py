@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from conftest import compose, glue_overrides, write_glue
+from conftest import InfGrad, compose, glue_overrides, write_glue
 from runner import checkpoint as ckpt
 from runner.callbacks import Callback, build_callbacks
 from runner.loggers import NullLogger
@@ -201,16 +201,6 @@ def test_callback_config_mistakes_are_config_errors():
 
 
 # ------------------------------------------------------------------------------ precision helper
-class _InfGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
-
-
 def _linear():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
@@ -225,7 +215,7 @@ def test_precision_overflow_check_skips_the_update_on_an_infinite_gradient():
     before = [p.detach().clone() for p in model.parameters()]
     scale = amp.scaler.get_scale()
 
-    amp.backward(_InfGrad.apply(model(x)).sum())
+    amp.backward(InfGrad.apply(model(x)).sum())
     amp.unscale_(opt)
     grads = [p.grad for p in model.parameters()]
     assert amp.overflowed(grads) is True
@@ -255,7 +245,7 @@ def test_precision_without_scaler_never_skips():
     amp = Precision("fp32", torch.device("cpu"))
     assert amp.scaler is None and amp.state_dict() is None
     model, opt = _linear()
-    amp.backward(_InfGrad.apply(model(torch.ones(1, 3))).sum())
+    amp.backward(InfGrad.apply(model(torch.ones(1, 3))).sum())
     amp.unscale_(opt)  # no-op
     assert not torch.isfinite(model.weight.grad).all()
     assert amp.overflowed([p.grad for p in model.parameters()]) is False

@@ -18,6 +18,9 @@ from runner import compare
 
 PY = shlex.quote(sys.executable)
 
+#: the overrides conf/compare/quickstart.yaml adds to every run
+QS = "task.max_seq_length=64 task.eval_subset=300 trainer.eval_every=25"
+
 
 def test_dry_run_prints_each_schedules_multirun_for_quickstart(tmp_path):
     out = subprocess.run([sys.executable, "-m", "runner", "compare", "quickstart", "--dry-run"],
@@ -25,11 +28,11 @@ def test_dry_run_prints_each_schedules_multirun_for_quickstart(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         f"{PY} -m runner -m experiment=quickstart schedule=baseline schedule.lr=5e-5,1e-4 "
-        "seed=1,2 name=quickstart task.train_subset=800 task.eval_subset=500",
+        f"seed=1,2 name=quickstart {QS}",
         f"{PY} -m runner -m experiment=quickstart schedule=sage "
-        "schedule.lr=1e-4,2.5e-4 seed=1,2 name=quickstart task.train_subset=800 task.eval_subset=500",
+        f"schedule.lr=1e-4,2.5e-4 seed=1,2 name=quickstart {QS}",
         f"{PY} -m runner -m experiment=quickstart schedule=dps schedule.lr=5e-5,1e-4 "
-        "seed=1,2 name=quickstart task.train_subset=800 task.eval_subset=500",
+        f"seed=1,2 name=quickstart {QS}",
         "adaptune report outputs/multirun/quickstart",
     ]
     assert list(tmp_path.iterdir()) == []                 # a dry run writes nothing
@@ -38,8 +41,7 @@ def test_dry_run_prints_each_schedules_multirun_for_quickstart(tmp_path):
 def test_dry_run_appends_extra_overrides_and_follows_the_sweep_dir(capsys):
     assert compare.main(["quickstart", "task.eval_subset=300", "--dry-run", "hydra.sweep.dir=/tmp/x"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and all(line.endswith("name=quickstart task.train_subset=800 task.eval_subset=500 "
-                                                 "task.eval_subset=300 hydra.sweep.dir=/tmp/x")
+    assert len(lines) == 4 and all(line.endswith(f"name=quickstart {QS} task.eval_subset=300 hydra.sweep.dir=/tmp/x")
                                    for line in lines[:3])
     assert lines[3] == "adaptune report /tmp/x"
 

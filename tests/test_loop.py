@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from conftest import compose, glue_overrides, write_glue
+from conftest import InfGrad, compose, glue_overrides, write_glue
 from runner import checkpoint as ckpt
 from runner.loop import Interrupted, Trainer, TrainingDiverged, run
 from common.errors import ConfigError
@@ -165,22 +165,12 @@ def test_wandb_failure_never_fails_training(tmp_path, monkeypatch):
     assert res["status"] == "completed"
 
 
-class _InfGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
-
-
 def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
     """Under fp16 an inf gradient skips the update, the schedule hooks and the LR step."""
     data = write_glue(tmp_path / "rte", "rte", n_train=64, n_dev=8)
     from schedules.baseline import BaselineSchedule
 
-    _alter_nth_loss(monkeypatch, 3, _InfGrad.apply)  # finite loss, infinite gradient
+    _alter_nth_loss(monkeypatch, 3, InfGrad.apply)  # finite loss, infinite gradient
     hooked = []
     monkeypatch.setattr(BaselineSchedule, "on_gradients", lambda self, step: hooked.append(step), raising=False)
     cfg = compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=5",

@@ -273,3 +273,12 @@ def test_report_without_results_is_a_one_line_error(tmp_path, capsys):
     write_run(tmp_path, "sage", 1, None, status=None)
     assert report.main([str(tmp_path)]) == 2
     assert capsys.readouterr().out.strip() == f"adaptune report: error: no completed results.json under {tmp_path}"
+
+
+def test_differences_equal_up_to_rounding_have_no_p_value():
+    from runner.report.stats import paired
+
+    a, b = [0.755, 0.7383333333333333], [0.8016666666666666, 0.785]   # both differences ~ -0.0467
+    out = paired(a, b)
+    assert out["mean"] == pytest.approx(-0.04666666666666667) and out["p_ttest_rel"] is None
+    assert out["losses"] == 2 and out["ci95"] == pytest.approx([out["mean"]] * 2, abs=1e-9)

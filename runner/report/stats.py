@@ -36,7 +36,9 @@ def paired(a: list[float], b: list[float], greater: bool = True) -> dict:
         out.update(sd=sd, ci95=[out["mean"] - half, out["mean"] + half])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if sd > 0:
+            # (choice) differences equal up to float rounding (e.g. 0.755 - 0.8017 and 0.7383 - 0.785)
+            # have no spread: a t-test would turn the rounding noise into a p-value of ~1e-16
+            if sd > 1e-9 * max(1.0, abs(out["mean"])):
                 out["p_ttest_rel"] = _finite(stats.ttest_rel(a, b).pvalue)
             elif out["mean"] == 0:
                 out["p_ttest_rel"] = 1.0
