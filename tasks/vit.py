@@ -1,8 +1,9 @@
 """Image classification with timm models (``task.kind=vit``): ViT fine-tuning or training from scratch.
 
 The shared loop (``runner/loop.py``) drives this task like every other, so baseline, SAGE and DPS
-apply unchanged; the model family is ``vit`` (``schedules/patterns.py``: SAGE and DPS select
-``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``; DPS also the ``head``).
+apply unchanged; its parameter patterns are timm ViT's (``param_patterns``, ``common/families.py``):
+SAGE and DPS select ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``; DPS also the ``head``;
+no weight decay also for what the model lists in ``no_weight_decay()``.
 
 Model: ``timm.create_model(task.model.name, pretrained=..., num_classes=<from data>,
 img_size=task.model.img_size, **task.model.kwargs)``; any timm model name works (``img_size:

@@ -6,7 +6,7 @@ total number of optimizer steps): step ``s`` (1-based) is in phase ``k = ceil(s 
 ``ceil(n * (1 - p))`` entries of each selected weight by score, ``n`` its number of entries).
 
 Selected tensors: the weights (2-D) of the ``nn.Linear`` modules whose qualified parameter names
-contain one of the model family's ``dps`` patterns (``schedules.patterns``; config key
+contain one of the model's ``dps`` patterns (the task supplies them, ``common.families``; config key
 ``schedule.dps_patterns``). Biases and every other tensor are trained normally. A pattern list
 that matches no Linear weight is a :class:`ConfigError`.
 

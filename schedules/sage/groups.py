@@ -22,7 +22,7 @@ def sage_param_groups(model_or_named_params, family: str = "bert",
     Args:
         model_or_named_params: an ``nn.Module`` or an iterable of ``(name, parameter)``.
         family: model family whose default patterns apply (``bert``, ``roberta``, ``deberta``,
-            ``fairseq_transformer``, ``vit``; see ``schedules/patterns.py``).
+            ``fairseq_transformer``, ``vit``; see ``common/families.py``).
         sage_patterns: name substrings of the SAGE tensors (default: the family's).
         no_decay: name substrings of tensors without weight decay (default: the family's).
         weight_decay: decay of the other tensors.
