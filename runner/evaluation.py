@@ -22,42 +22,22 @@ from __future__ import annotations
 
 import numbers
 from contextlib import nullcontext
+from functools import partial
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from tasks.base import Task, move_to
 
+from .batches import batch_source
 from .distributed import DistInfo
-
-
-class _EvalBatches(torch.utils.data.Dataset):
-    """Evaluation plans as a dataset, so DataLoader workers can run ``task.make_eval_batch``."""
-
-    def __init__(self, task: Task, split: str, plans: Sequence[Any]):
-        self.task, self.split, self.plans = task, split, plans
-
-    def __len__(self) -> int:
-        return len(self.plans)
-
-    def __getitem__(self, i: int):
-        return self.task.make_eval_batch(self.split, self.plans[i])
-
-
-def _identity(batch):
-    return batch
 
 
 def eval_batch_source(task: Task, split: str, plans: Sequence[Any], num_workers: int = 0,
                       pin_memory: bool = False) -> Iterator[Any]:
     """The batches of ``plans`` in order, made by ``num_workers`` DataLoader workers or, when it
     is 0, in this process."""
-    if num_workers <= 0 or not plans:
-        return (task.make_eval_batch(split, p) for p in plans)
-    loader = torch.utils.data.DataLoader(
-        _EvalBatches(task, split, plans), batch_size=None, shuffle=False, num_workers=num_workers,
-        collate_fn=_identity, generator=torch.Generator().manual_seed(0), pin_memory=pin_memory)
-    return iter(loader)
+    return batch_source(partial(task.make_eval_batch, split), plans, num_workers, pin_memory)
 
 
 def _settle(value: Any, where: str) -> Any:
