@@ -118,9 +118,7 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         user_error(str(err))
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        msg = str(err).splitlines()[0]
-        user_error(f"{key}: {msg}" if key else msg)
+        user_error(composition_message(err))
     except TrainingDiverged as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # recorded in results.json; the sweep goes on
             log.error("run diverged: %s", err)

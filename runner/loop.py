@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from common.errors import ConfigError
 from schedules import build_schedule
@@ -81,6 +81,10 @@ class TrainState:
     evals: list = field(default_factory=list)        # [{"step": s, **metrics}]
     train_loss: list = field(default_factory=list)   # [[step, mean loss over the log interval]]
     loss_window: list = field(default_factory=list)  # step losses since the last log line
+
+    def last_eval(self) -> dict:
+        """The metrics of the latest evaluation (without its step), or {} before any."""
+        return {k: v for k, v in self.evals[-1].items() if k != "step"} if self.evals else {}
 
 
 def seed_everything(seed: int) -> None:
@@ -165,7 +169,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "rng": ckpt.rng_state(),
             "state": asdict(self.state),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": self.sections.resolved,
         }, path)
         self.last_saved_step = self.state.step
         return path
@@ -278,9 +282,8 @@ class Trainer:
             self._fire("on_fit_end")
         finally:
             self._fire("teardown")
-        final = {k: v for k, v in st.evals[-1].items() if k != "step"} if st.evals else {}
         test = self.evaluate("test") if self.task.has_test else None
-        results = collect(self, final, test)
+        results = collect(self, st.last_eval(), test)
         if self.dist.enabled:  # parameters, optimizer and schedule state must agree on every rank
             results["ddp_ranks_in_sync"] = ranks_in_sync(
                 self.dist, self.model.state_dict(), self.optimizer.state_dict()["state"],
@@ -300,8 +303,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict:
     from .resume import check_resume, checkpoint_config
 
     if resume == "auto" and done is not None:  # a changed config must not return the old results
-        check_resume(OmegaConf.to_container(cfg, resolve=True), done.get("config"), run_dir,
-                     run_dir / "results.json")
+        check_resume(sections.resolved, done.get("config"), run_dir, run_dir / "results.json")
         if done["status"] == "diverged":
             raise TrainingDiverged(f"{done['degenerate']} (an earlier run in {run_dir}; pass resume=false to train again)")
         log.info("run already complete in %s (results.json); pass resume=false to train again", run_dir)
@@ -310,8 +312,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict:
         raise ConfigError(f"resume=true but there is no checkpoint at {last}")
     resume_from = last if (resume in (True, "auto") and last.is_file()) else None
     if resume_from is not None:  # load_state_dict would keep the saved optimizer settings
-        check_resume(OmegaConf.to_container(cfg, resolve=True), checkpoint_config(resume_from), run_dir,
-                     resume_from)
+        check_resume(sections.resolved, checkpoint_config(resume_from), run_dir, resume_from)
 
     start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -320,16 +321,15 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict:
             f"dataset:{sections.task.name}"]
     logger = NullLogger()
     if trainer.dist.is_main:
-        logger = build_logger(sections.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), tags,
+        logger = build_logger(sections.logger, run_dir, sections.resolved, tags,
                               name=f"{sections.root.name}/{run_dir.name}")
     exit_code = 1
     try:
         try:
             results = trainer.fit(logger, resume_from=resume_from)
         except TrainingDiverged as err:  # recorded, so that a sweep's report counts the run
-            evals = trainer.state.evals
-            final = {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
-            results = collect(trainer, final, None, status="diverged", degenerate=f"diverged: {err.reason}")
+            results = collect(trainer, trainer.state.last_eval(), None, status="diverged",
+                              degenerate=f"diverged: {err.reason}")
             if trainer.dist.is_main:
                 ckpt.atomic_save_json({**results, "wall_time_s": time.time() - start}, run_dir / "results.json")
             raise

@@ -12,8 +12,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import OmegaConf
-
 if TYPE_CHECKING:
     from .loop import Trainer
 
@@ -68,5 +66,5 @@ def collect(trainer: Trainer, final: dict, test: dict | None, status: str = "com
         "evals": st.evals,
         "train_loss": st.train_loss,
         "task_summary": trainer.task.summary(),
-        "config": OmegaConf.to_container(trainer.cfg, resolve=True),
+        "config": sections.resolved,
     }

@@ -23,6 +23,7 @@ class Sections:
     logger: LoggerConfig
     schedule: ScheduleConfig
     task: Any
+    resolved: dict   # the whole config as plain containers (checkpoints, results.json, W&B, resume checks)
 
 
 def validate_config(cfg: DictConfig) -> Sections:
@@ -39,4 +40,5 @@ def validate_config(cfg: DictConfig) -> Sections:
         logger=build(LoggerConfig, cfg.logger, "logger"),
         schedule=build(ScheduleConfig, cfg.schedule, "schedule"),
         task=build(TASK_SCHEMAS[kind], cfg.task, "task"),
+        resolved=OmegaConf.to_container(cfg, resolve=True),
     )
