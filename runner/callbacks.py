@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from common.errors import ConfigError
 
 from . import checkpoint as ckpt
+from .config import TrainerConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer
@@ -125,7 +126,7 @@ class Logging(Callback):
     0 shows the loss and learning rate. The loss window lives in ``trainer.state``, so a resumed
     run logs the same means as an uninterrupted one."""
 
-    def __init__(self, every: int = 10, progress: bool = True):
+    def __init__(self, every: int = TrainerConfig.log_every, progress: bool = TrainerConfig.progress):
         self.every = _every(every)
         self.progress = bool(progress)
         self.bar = None
@@ -167,7 +168,7 @@ class Evaluation(Callback):
     Each one is appended to ``trainer.state.evals`` and logged as ``dev/*``; a new best of the
     task's main metric is written to ``checkpoints/best.pt`` (model weights, step, metrics)."""
 
-    def __init__(self, every: int | None = None):
+    def __init__(self, every: int | None = TrainerConfig.eval_every):
         self.every = _every(every, allow_none=True)
 
     def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
@@ -239,7 +240,7 @@ class Checkpoint(Callback):
     the run stops (``on_stop``), and at the end of ``fit`` when the final state is not saved yet.
     Comes after the evaluation callback, whose results it saves."""
 
-    def __init__(self, every: int = 200):
+    def __init__(self, every: int = TrainerConfig.save_every):
         self.every = _every(every)
         self._saved: tuple[int, int] | None = None
 
