@@ -45,32 +45,42 @@ bench: setup
 	$(BIN)/python bench/bench_sage.py
 	$(BIN)/python bench/bench_dps.py
 
-## Paper tables (GPU-sized, as in the papers). Each is one multirun over experiment presets and
-## ends with its report in outputs/multirun/<name>/report.md. SEEDS / extra ARGS can be overridden.
+## Paper tables (GPU-sized, as in the papers; every setting beside the paper's script: PROTOCOLS.md).
+## Each is one multirun over experiment presets and ends with its report in
+## outputs/multirun/<name>/report.md. Seeds: a named preset (SEED_PRESET=sage|dps|childtuning|3|10)
+## or an explicit list (SEEDS=1,2,3); extra overrides: ARGS=...
 ADAPTUNE := $(BIN)/adaptune
 REPORT := $(BIN)/adaptune report
-SEEDS3 ?= 1,2,3
-SEEDS10 ?= 1,2,3,4,5,6,7,8,9,10
+# The papers' seed values where their scripts give them: SAGE's GLUE script 2018, the DPS script's
+# 666, ChildTuning's published 10-seed list (also used for the DPS tables: 10 seeds, as the paper).
+SEEDS_sage := 2018
+SEEDS_dps := 666
+SEEDS_childtuning := 42,52,57,63,78,96,127,140,298,375
+SEEDS_3 := 1,2,3
+SEEDS_10 := 1,2,3,4,5,6,7,8,9,10
+seeds = $(or $(SEEDS),$(SEEDS_$(or $(SEED_PRESET),$(1))))
 ARGS ?=
+# The DPS paper's tables: vanilla fine-tuning, ChildTuning-D/F, Mixout, DPS-Dense, DPS-Mix.
+DPS_ARMS := baseline,childtuning_d,childtuning_f,mixout,dps,dps_mix
 
-repro-sage-glue: setup       ## SAGE Table: BERT-base, Adamax vs Adamax-SAGE, GLUE dev
-	$(ADAPTUNE) -m experiment=sage_glue_baseline,sage_glue task.name=cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte seed=$(SEEDS3) name=repro_sage_glue $(ARGS)
+repro-sage-glue: setup       ## SAGE Table: BERT-base, MT-DNN Adamax vs Adamax-SAGE, 8 GLUE tasks (dev)
+	$(ADAPTUNE) -m experiment=sage_glue_baseline,sage_glue task.name=cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte seed=$(call seeds,3) name=repro_sage_glue $(ARGS)
 	$(REPORT) outputs/multirun/repro_sage_glue
 
-repro-dps-glue: setup        ## DPS Table: BERT-large-cased, vanilla vs DPS dense vs DPS mix, 10 seeds
-	$(ADAPTUNE) -m experiment=dps_glue schedule=baseline,dps,dps_mix task.name=cola,rte,mrpc,stsb seed=$(SEEDS10) name=repro_dps_glue $(ARGS)
+repro-dps-glue: setup        ## DPS Table: BERT-large-cased, the six arms, 10 seeds
+	$(ADAPTUNE) -m experiment=dps_glue schedule=$(DPS_ARMS) task.name=cola,rte,mrpc,stsb seed=$(call seeds,childtuning) name=repro_dps_glue $(ARGS)
 	$(REPORT) outputs/multirun/repro_dps_glue
 
-repro-dps-low-resource: setup  ## DPS low-resource: 500 / 1,000 stratified training examples
-	$(ADAPTUNE) -m experiment=dps_glue schedule=baseline,dps,dps_mix task.name=cola,rte,mrpc,stsb task.train_subset=500,1000 seed=$(SEEDS10) name=repro_dps_low_resource $(ARGS)
+repro-dps-low-resource: setup  ## DPS low-resource: 500 / 1,000 stratified training examples, 3 epochs, T = one epoch
+	$(ADAPTUNE) -m experiment=dps_low_resource schedule=$(DPS_ARMS) task.name=cola,rte,mrpc,stsb task.train_subset=500,1000 seed=$(call seeds,childtuning) name=repro_dps_low_resource $(ARGS)
 	$(REPORT) outputs/multirun/repro_dps_low_resource
 
 repro-sage-iwslt: setup      ## SAGE IWSLT'14 De-En: Transformer from scratch, Adam vs Adam-SAGE (binarised data: ARGS=task.data_dir=...)
-	$(ADAPTUNE) -m experiment=nmt_iwslt14,nmt_iwslt14_sage seed=$(SEEDS3) name=repro_sage_iwslt $(ARGS)
+	$(ADAPTUNE) -m experiment=nmt_iwslt14,nmt_iwslt14_sage seed=$(call seeds,3) name=repro_sage_iwslt $(ARGS)
 	$(REPORT) outputs/multirun/repro_sage_iwslt
 
 repro-sage-vit: setup        ## SAGE ViT: ViT-B/16 fine-tuned on CIFAR-100, AdamW vs AdamW-SAGE
-	$(ADAPTUNE) -m experiment=vit_cifar100,vit_cifar100_sage seed=$(SEEDS3) name=repro_sage_vit $(ARGS)
+	$(ADAPTUNE) -m experiment=vit_cifar100,vit_cifar100_sage seed=$(call seeds,3) name=repro_sage_vit $(ARGS)
 	$(REPORT) outputs/multirun/repro_sage_vit
 
 ## CPU-sized variants: the same pipelines offline on the shipped model and demo data, in minutes.

@@ -33,8 +33,18 @@ def dirname(overrides: str) -> str:
     return name or "default"
 
 
+def ceil_div(a, b) -> int:
+    """``${ceil_div:a,b}`` = ceil(a / b) for positive integers (steps per epoch: examples, batch)."""
+    a, b = int(a), int(b)
+    if a < 1 or b < 1:
+        raise ValueError(f"ceil_div needs positive integers, got {a}, {b}")
+    return -(-a // b)
+
+
 if not OmegaConf.has_resolver("dirname"):
     OmegaConf.register_new_resolver("dirname", dirname)
+if not OmegaConf.has_resolver("ceil_div"):
+    OmegaConf.register_new_resolver("ceil_div", ceil_div)
 
 
 def user_error(message: str, code: int = 2) -> None:

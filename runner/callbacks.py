@@ -16,9 +16,14 @@ Events, in order (``trainer`` is the :class:`~runner.loop.Trainer`; ``step`` is 
     for each optimizer step:
         on_step_begin(trainer, step)  before the step's first micro-batch
         #  forward + loss_sum.backward() per micro-batch (scaled under fp16); unscale; divide
-        #  the gradients by the step's sample_size; global clipping (trainer.max_grad_norm)
-        on_gradients(trainer, step)   final gradients, before optimizer.step(); not fired when
-                                      fp16 gradients overflowed (nor is the update or LR step)
+        #  the gradients by the step's sample_size
+        on_before_clip(trainer, step) the step's gradients, before global clipping (DPS masks
+                                      here, as its reference masks inside backward); not fired
+                                      when fp16 gradients overflowed (nor is anything below
+                                      until after_step: the update and LR step are skipped)
+        #  global clipping (trainer.max_grad_norm)
+        on_gradients(trainer, step)   final gradients, before optimizer.step() (ChildTuning masks
+                                      here, as its reference masks inside the optimizer)
         #  optimizer.step() (GradScaler under fp16), lr_scheduler.step(), zero_grad()
         after_step(trainer, step)     parameters updated
         #  the trainer records the step: state.step == step, samples, train time, and the
@@ -69,6 +74,10 @@ class Callback:
     def on_step_begin(self, trainer: Trainer, step: int) -> None:
         """Before the forward pass of the step's first micro-batch."""
 
+    def on_before_clip(self, trainer: Trainer, step: int) -> None:
+        """After backward, unscaling and normalisation; before global clipping. Not fired on a
+        step whose fp16 gradients overflowed."""
+
     def on_gradients(self, trainer: Trainer, step: int) -> None:
         """After backward, unscaling, normalisation and clipping; before ``optimizer.step()``.
         Not fired on a step whose fp16 gradients overflowed."""
@@ -103,6 +112,9 @@ class ScheduleHooks(Callback):
 
     def on_step_begin(self, trainer: Trainer, step: int) -> None:
         self.schedule.on_step_begin(step)
+
+    def on_before_clip(self, trainer: Trainer, step: int) -> None:
+        self.schedule.on_before_clip(step)
 
     def on_gradients(self, trainer: Trainer, step: int) -> None:
         self.schedule.on_gradients(step)

@@ -61,14 +61,16 @@ class Precision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def overflowed(self, grads: Iterable[torch.Tensor], norm: torch.Tensor | None = None) -> bool:
-        """Under fp16: whether this step's (unscaled) gradients hold inf/NaN, read from the global
-        norm when clipping computed it, else from the gradients. Always False without a scaler."""
+    def overflowed(self, grads: Iterable[torch.Tensor]) -> bool:
+        """Under fp16: whether this step's (unscaled) gradients hold inf/NaN (one host sync, on
+        the per-tensor norms; an inf/NaN entry makes its tensor's norm non-finite). Always False
+        without a scaler."""
         if self.scaler is None:
             return False
-        if norm is not None:
-            return not bool(torch.isfinite(norm))
-        return not all(bool(torch.isfinite(g).all()) for g in grads)
+        grads = list(grads)
+        if not grads:
+            return False
+        return not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()``; under fp16 through the scaler, which skips the update when the

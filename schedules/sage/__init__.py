@@ -33,10 +33,10 @@ One module per concern:
 """
 from __future__ import annotations
 
-from .adamax import AdamaxSAGE
+from .adamax import AdamaxSAGE, MTDNNAdamax
 from .adamw import AdamWSAGE
 from .groups import sage_param_groups
 from .schedule import SAGESchedule
 from .telemetry import sensitivity_summary
 
-__all__ = ["AdamWSAGE", "AdamaxSAGE", "SAGESchedule", "sage_param_groups", "sensitivity_summary"]
+__all__ = ["AdamWSAGE", "AdamaxSAGE", "MTDNNAdamax", "SAGESchedule", "sage_param_groups", "sensitivity_summary"]

@@ -99,3 +99,24 @@ class AdamaxSAGE(SAGEOptimizer):
                 exp_avg_sens.mul_(beta3).add_(sens, alpha=1 - beta3)          # Ī_t
                 update.mul_(num.div_(exp_avg_sens + eps * eps))               # × |I - Ī| / (Ī + ε²)
             param.add_(update, alpha=-lr)
+
+
+class MTDNNAdamax(AdamaxSAGE):
+    r"""MT-DNN's Adamax, the baseline of the SAGE paper's GLUE table (``schedule.optimizer=adamax_mtdnn``).
+
+    Exactly :class:`AdamaxSAGE`'s ``sage=False`` maths on every group (``m`` not bias-corrected,
+    ``u = max(β2·u, |g| + ε)``, ``θ -= lr·(m/(u + ε) + λ·θ)``: weight decay added to the update,
+    not to the gradient). ``torch.optim.Adamax`` differs on all three points, so it is not the
+    paper's baseline. No sensitivity state is kept. Takes the baseline schedule's arguments
+    (``beta3`` is accepted and unused).
+    """
+
+    def __init__(self, params, lr: float = 5e-5, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = ScheduleConfig.eps, weight_decay: float = ScheduleConfig.weight_decay, *,
+                 fused: bool | None = None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+        for group in self.param_groups:
+            group["sage"] = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group({**param_group, "sage": False})
