@@ -10,7 +10,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
 .PHONY: setup quickstart test test-all bench demo-data clean \
-	repro-sage-glue repro-dps-glue repro-dps-low-resource repro-sage-iwslt repro-sage-vit \
+	repro-sage-glue repro-dps-glue repro-dps-low-resource repro-dps-out-of-domain repro-sage-iwslt repro-sage-vit \
 	repro-sage-glue-cpu repro-dps-glue-cpu repro-dps-low-resource-cpu repro-sage-iwslt-cpu repro-sage-vit-cpu
 
 setup: $(SETUP_STAMP)
@@ -74,6 +74,10 @@ repro-dps-glue: setup        ## DPS Table: BERT-large-cased, the six arms, 10 se
 repro-dps-low-resource: setup  ## DPS low-resource: 500 / 1,000 stratified training examples, 3 epochs, T = one epoch
 	$(ADAPTUNE) -m experiment=dps_low_resource schedule=$(DPS_ARMS) task.name=cola,rte,mrpc,stsb task.train_subset=500,1000 seed=$(call seeds,childtuning) name=repro_dps_low_resource $(ARGS)
 	$(REPORT) outputs/multirun/repro_dps_low_resource
+
+repro-dps-out-of-domain: setup  ## DPS out-of-domain: 8,000 MNLI examples (ARGS=task.name=snli: SNLI), 1,500 steps; MNLI-m, SNLI, SICK, SciTail, RTE
+	$(ADAPTUNE) -m experiment=dps_out_of_domain schedule=$(DPS_ARMS) seed=$(call seeds,childtuning) name=repro_dps_out_of_domain $(ARGS)
+	$(REPORT) outputs/multirun/repro_dps_out_of_domain
 
 repro-sage-iwslt: setup      ## SAGE IWSLT'14 De-En: Transformer from scratch, Adam vs Adam-SAGE (binarised data: ARGS=task.data_dir=...)
 	$(ADAPTUNE) -m experiment=nmt_iwslt14,nmt_iwslt14_sage seed=$(call seeds,3) name=repro_sage_iwslt $(ARGS)

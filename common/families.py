@@ -66,3 +66,27 @@ def family_patterns(family: str, kind: str | None = None):
     if family not in FAMILY_PATTERNS:
         raise ConfigError(f"unknown model family '{family}'; allowed: {', '.join(sorted(FAMILY_PATTERNS))}")
     return FAMILY_PATTERNS[family] if kind is None else FAMILY_PATTERNS[family][kind]
+
+
+#: Hugging Face ``config.model_type`` -> pattern family (GLUE's task and the integrations infer the
+#: family of a model with it).
+HF_MODEL_TYPES: dict[str, str] = {
+    "bert": "bert", "electra": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
+    "camembert": "roberta", "deberta": "deberta", "deberta-v2": "deberta",
+}
+
+#: peft's LoRA adapter matrices (``nn.Linear`` modules). Trailing dots: ``lora_A.`` never matches
+#: ``lora_embedding_A`` (a ParameterDict, not a Linear).
+LORA_SUBSTRINGS = ("lora_A.", "lora_B.")
+
+
+def lora_patterns(patterns: ParamPatterns) -> ParamPatterns:
+    """A family's patterns with SAGE and DPS narrowed to the LoRA adapters.
+
+    **(choice)** DPS selects from both adapter matrices; SAGE scales ``lora_A`` only: its
+    multiplier ``|I - Ī| / (Ī + ε²)`` with ``I = |θ ⊙ g|`` is exactly 0 wherever ``θ = 0``, and peft
+    initialises ``lora_B`` to zeros, so a SAGE-scaled ``lora_B`` would never move and ``lora_A``
+    (whose gradient is proportional to ``lora_B``) would never get one: the adapter would not train.
+    ``lora_B`` is trained by the base optimizer's plain maths. ``no_decay`` stays the family's.
+    """
+    return {**patterns, "sage": ("lora_A.",), "dps": LORA_SUBSTRINGS}

@@ -5,13 +5,15 @@ directory. It returns the results dict it also writes to ``<run_dir>/results.jso
 
 The :class:`Trainer` owns the objects and the step maths; the rest are callbacks (the schedule's
 hooks first, then ``conf/callbacks/``; events and their order: ``runner/callbacks.py``). Per
-optimizer step (``trainer.grad_accum_steps`` micro-batches):
+optimizer step (``trainer.grad_accum_steps`` micro-batches), after, in a fresh (not resumed) run,
+``schedule.before_training`` once (ChildTuning-D's Fisher pass over the epoch-0 batches):
 
 1. ``on_step_begin(step)``
 2. each micro-batch: forward under autocast, ``loss_sum.backward()`` (scaled under fp16)
 3. unscale (fp16), divide gradients by the step's total ``sample_size`` (so accumulation equals
-   one large batch), global grad-norm clipping (``trainer.max_grad_norm``)
-4. ``on_gradients(step)`` (skipped when fp16 gradients overflowed, as is the update)
+   one large batch); ``on_before_clip(step)``; global grad-norm clipping (``trainer.max_grad_norm``)
+4. ``on_gradients(step)`` (this and ``on_before_clip`` are skipped when fp16 gradients
+   overflowed, as is the update)
 5. ``optimizer.step()`` (through the GradScaler under fp16), ``lr_scheduler.step()``
 6. ``after_step(step)``; the trainer records the step and the next batch's position (epoch roll-over)
 7. ``on_step_end(step, loss)``: logging, evaluation + best.pt, stop agreement, last.pt (the default
@@ -31,6 +33,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.errors import ConfigError
-from schedules import build_schedule
+from schedules import Schedule, build_schedule
 from tasks import build_task
 from tasks.base import move_to
 
@@ -138,6 +141,10 @@ class Trainer:
 
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.tcfg.compile:
+            # (choice) only the training forward (and so its backward) is compiled; evaluation and
+            # the schedules use the plain module. Dynamic shapes: GLUE batches vary in width.
+            self.train_model = torch.compile(self.train_model, dynamic=True)
 
         self.accum = self.tcfg.grad_accum_steps
         self.workers = self.tcfg.num_workers
@@ -228,9 +235,12 @@ class Trainer:
         if grads and sample_size > 0:
             # DDP averaged the ranks' gradient sums: scale back to the global sum, then normalise
             torch._foreach_mul_(grads, self.dist.world / sample_size)
+        overflow = self.amp.overflowed(grads)  # fp16 only: skip hooks, update and LR step
+        if not overflow:
+            self._fire("on_before_clip", step)   # DPS masks here: the clip sees masked gradients
         max_norm = self.tcfg.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(self.params, float(max_norm)) if max_norm else None
-        overflow = self.amp.overflowed(grads, norm)  # fp16 only: skip hooks, update and LR step
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, float(max_norm))
         if not overflow:
             self._fire("on_gradients", step)
         self.amp.step(self.optimizer)
@@ -240,6 +250,16 @@ class Trainer:
         self._fire("after_step", step)
         self.state.samples += n_samples
         return stop, mean_loss
+
+    def _batch_loss(self, plan) -> torch.Tensor:
+        """The mean loss of one training batch (this rank's shard of ``plan``) through the training
+        model under the run's autocast: ``Schedule.before_training``'s callables."""
+        if self.dist.enabled:
+            plan = self.task.shard_plan(plan, self.dist.rank, self.dist.world)
+        batch = move_to(self.task.make_batch(plan), self.device)
+        with self.amp.autocast():
+            out = self.task.loss(self.train_model, batch)
+        return out.loss_sum.float() / max(float(out.sample_size), 1.0)
 
     def _fire(self, event: str, *args) -> None:
         for callback in self.callbacks:
@@ -258,6 +278,10 @@ class Trainer:
             self.load_checkpoint(resume_from)
         self.logger, st = logger, self.state
         self.model.train()
+        if resume_from is None and type(self.schedule).before_training is not Schedule.before_training:
+            # once per run (ChildTuning-D's Fisher pass); its result is schedule state
+            self.schedule.before_training(self.model, [partial(self._batch_loss, plan) for plan in
+                                                       self.task.train_batches(0)], self.tcfg.max_grad_norm)
         try:
             self._fire("on_fit_start")
             while st.step < self.total_steps:

@@ -79,6 +79,11 @@ HARMLESS_CALLBACK_SETTINGS: dict[str, tuple[str, ...]] = {
     "runner.callbacks.Checkpoint": ("every",),
 }
 
+#: Built-in callbacks (by ``_target_``) that only observe and log: (choice) such an entry may be
+#: added, removed or turned off and its settings may change (the sensitivity quantiles draw their
+#: sample from a private generator, so training is the same with or without them).
+HARMLESS_CALLBACKS: tuple[str, ...] = ("runner.sensitivity_log.SensitivityQuantiles",)
+
 #: How many differing keys the error message spells out before "and N more".
 SHOWN = 4
 
@@ -114,7 +119,9 @@ def _harmless_callback_keys(new: Mapping, saved: Mapping) -> tuple[str, ...]:
     new_cbs, saved_cbs = new.get("callbacks"), saved.get("callbacks")
     if not isinstance(new_cbs, Mapping) or not isinstance(saved_cbs, Mapping):
         return ()
-    keys = []
+    keys = [f"callbacks.{name}" for name in {**saved_cbs, **new_cbs}
+            if any(isinstance(n, Mapping) and n.get("_target_") in HARMLESS_CALLBACKS
+                   for n in (new_cbs.get(name), saved_cbs.get(name)))]
     for name, node in new_cbs.items():
         old = saved_cbs.get(name)
         if isinstance(node, Mapping) and isinstance(old, Mapping) and node.get("_target_") == old.get("_target_"):

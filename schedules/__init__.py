@@ -1,4 +1,5 @@
-"""Training schedules: ``baseline``, ``sage`` and ``dps``, all behind :class:`schedules.base.Schedule`."""
+"""Training schedules: ``baseline``, ``sage``, ``dps`` and the DPS paper's baselines
+``childtuning_d``, ``childtuning_f``, ``mixout``, all behind :class:`schedules.base.Schedule`."""
 from __future__ import annotations
 
 import importlib
@@ -15,6 +16,9 @@ SCHEDULES = {
     "baseline": "schedules.baseline:BaselineSchedule",
     "sage": "schedules.sage:SAGESchedule",
     "dps": "schedules.dps:DPSSchedule",
+    "childtuning_d": "schedules.childtuning:ChildTuningDSchedule",   # the DPS paper's baselines
+    "childtuning_f": "schedules.childtuning:ChildTuningFSchedule",
+    "mixout": "schedules.mixout:MixoutSchedule",
 }
 
 

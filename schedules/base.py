@@ -5,13 +5,16 @@ The training loop (``runner/loop.py``) drives a schedule like this, once per opt
 
     schedule.prepare_model(model, patterns)      # once, before setup (dropout, forward wrappers)
     schedule.setup(model, patterns, total_steps) # once: builds .optimizer and .lr_scheduler
+    schedule.before_training(model, loss_batches, max_grad_norm)   # once, before step 1; not
+                                                 # on resume (ChildTuning-D's Fisher pass)
 
     ...
     schedule.on_step_begin(step)                 # before the first micro-batch of the step
     loss.backward()                              # every micro-batch
     scaler.unscale_(schedule.optimizer)          # fp16 only
+    schedule.on_before_clip(step)                # DPS masks .grad here (skipped on fp16 overflow)
     clip_grad_norm_(params, max_norm)            # global clipping
-    schedule.on_gradients(step)                  # DPS masks .grad here (skipped on fp16 overflow)
+    schedule.on_gradients(step)                  # ChildTuning masks .grad here (skipped on overflow)
     schedule.optimizer.step()                    # via GradScaler under fp16
     schedule.lr_scheduler.step()
     schedule.after_step(step)
@@ -30,7 +33,7 @@ import dataclasses
 import importlib
 import inspect
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -53,6 +56,7 @@ OPTIMIZERS: dict[str, str] = {
     "adamax": "torch.optim:Adamax",
     "adamw_sage": "schedules.sage:AdamWSAGE",
     "adamax_sage": "schedules.sage:AdamaxSAGE",
+    "adamax_mtdnn": "schedules.sage:MTDNNAdamax",   # the SAGE paper's GLUE baseline (MT-DNN's Adamax)
 }
 
 
@@ -137,8 +141,23 @@ class Schedule:
     def setup(self, model: torch.nn.Module, patterns: ParamPatterns, total_steps: int) -> None:
         raise NotImplementedError
 
+    def before_training(self, model: torch.nn.Module, loss_batches: Sequence[Callable[[], torch.Tensor]],
+                        max_grad_norm: float | None) -> None:
+        """Once, after :meth:`setup` and before the first step of a fresh run (default: nothing).
+
+        ``loss_batches``: one zero-argument callable per training batch (one epoch, the task's
+        shuffled order for epoch 0, the training batch size; under DDP this rank's shard), each
+        running the forward pass on its batch (the model in train mode, the run's autocast) and
+        returning the mean loss to back-propagate. ``max_grad_norm``: ``trainer.max_grad_norm``
+        (None or 0: no clipping). A resumed run skips this hook: what it computes must be in
+        :meth:`state_dict`.
+        """
+
     def on_step_begin(self, step: int) -> None:
         """Before the forward pass of the first micro-batch of optimizer step ``step``."""
+
+    def on_before_clip(self, step: int) -> None:
+        """After backward and unscaling, before global clipping (DPS masks here)."""
 
     def on_gradients(self, step: int) -> None:
         """After backward, unscaling and clipping; before ``optimizer.step()``."""

@@ -1,8 +1,10 @@
 """The baseline schedule: AdamW or Adamax with warmup then decay (linear, inverse-sqrt, ...).
 
 ``schedule.optimizer=adamw`` uses ``torch.optim.AdamW`` (decoupled weight decay);
-``schedule.optimizer=adamax`` uses ``torch.optim.Adamax``, whose weight decay is added to the
-gradient (L2), as in the MT-DNN Adamax the SAGE paper compares against.
+``schedule.optimizer=adamax`` uses ``torch.optim.Adamax`` (bias-corrected m, weight decay added to
+the gradient); ``schedule.optimizer=adamax_mtdnn`` is MT-DNN's Adamax, the SAGE paper's GLUE
+baseline (:class:`schedules.sage.MTDNNAdamax`: no bias correction, weight decay added to the
+update). Any name registered in ``schedules.base.OPTIMIZERS`` works.
 """
 from __future__ import annotations
 

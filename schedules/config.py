@@ -31,9 +31,9 @@ def _known_schedule(name) -> str | None:
 @dataclass
 class ScheduleConfig:
     # ---------------------------------------------------------------- every schedule
-    name: str = setting(check=_known_schedule)   # baseline | sage | dps: set by each conf/schedule/ preset
+    name: str = setting(check=_known_schedule)   # set by each conf/schedule/ preset; allowed: SCHEDULES
     label: Optional[str] = None         # a name for reports (schedule=dps_mix: "dps_mix"); null: name
-    optimizer: str = "adamw"            # baseline / DPS base optimizer: adamw | adamax (any registered name)
+    optimizer: str = "adamw"            # baseline / DPS base optimizer: adamw | adamax | adamax_mtdnn (any registered name)
     lr: float = setting(5e-5, check=at_least(0))   # peak learning rate (quickstart default for the pip MiniLM)
     betas: List[float] = setting(factory=lambda: [0.9, 0.999], check=pair_in(0, 1))
     eps: float = setting(1e-6, check=at_least(0))  # SAGE: its multiplier's denominator uses eps²
@@ -58,7 +58,23 @@ class ScheduleConfig:
     variant: str = setting("dense", check=one_of(*DPS_VARIANTS))   # mix: masked entries mixed toward a snapshot
     p: float = setting(0.3, check=in_range(0, 1))   # fraction of entries DROPPED in a selection phase
     update_ratio: float = setting(0.05, check=in_range(0, 1, low_open=True, high_open=False))  # U = int(T * ratio)
+    # DPS's T, which sets the phase length U = int(T * update_ratio): null = the run's optimizer
+    # steps (the GLUE protocol); the low-resource protocol sets one epoch's steps (ceil(n / batch)).
+    T: Optional[int] = setting(None, check=optional(at_least(1)))
     dps_patterns: Optional[List[str]] = None    # null: the model's DPS linear layers (from the task)
     # The paper's script sets hidden and attention dropout to 0 with DPS (it keeps 0.1 for Dense
-    # runs of 2000+ steps: set false there).
+    # runs of 2000+ steps: set false there). Mixout reads it too (its reference sets dropout to 0).
     disable_dropout: bool = True
+
+    # ---------------------------------------------------------------- childtuning_d / _f, mixout (ALGORITHMS.md §3)
+    # ChildTuning: fraction of gradient entries KEPT (unlike DPS's p). Reference run.sh: 0.3 (D and
+    # F); the paper tunes 0.1-0.3 (D) and 0.2-0.4 (F) per task.
+    reserve_p: float = setting(0.3, check=in_range(0, 1, low_open=True, high_open=False))
+    # ChildTuning-D: the tensors whose Fisher is scored and masked; the reference's criterion is
+    # the name substring "layer" (BERT's encoder.layer.N; fairseq's layers.N); timm ViT: [blocks]
+    childtuning_patterns: List[str] = setting(factory=lambda: ["layer"])
+    # Mixout: mix probability p (W_eff mixes each input column back to the target with prob. p).
+    # 0.9: the Mixout paper's choice for BERT-large on small GLUE tasks; the DPS paper tunes it
+    # over 0.1-0.8.
+    mixout_p: float = setting(0.9, check=in_range(0, 1))
+    mixout_patterns: Optional[List[str]] = None   # null: the model's DPS linear layers (from the task)

@@ -12,6 +12,7 @@ from omegaconf import II
 from common.schema import at_least, in_range, one_of, optional, pair_in, positive, setting
 
 from .glue_data import SPECS as GLUE_SPECS
+from .nli_data import OOD_SETS
 from .nmt_data import DATA_KINDS as NMT_DATA_KINDS
 from .nmt_data import DEMO_PATH, SUBWORD_MODEL_TYPES, SUBWORD_TOOLS
 from .vit_data import DATASETS as VIT_DATASETS
@@ -43,10 +44,51 @@ class GlueModelConfig:
     family: Optional[str] = setting(None, check=optional(one_of("bert", "roberta", "deberta")))
 
 
+def _ood_sets(value: Any) -> str | None:
+    bad = [v for v in value if v not in OOD_SETS]
+    if bad or len(set(value)) != len(value):
+        return f"must be distinct names among {', '.join(OOD_SETS)}, got {list(value)}"
+    return None
+
+
+@dataclass
+class OODDataDirs:
+    """Directories of the out-of-domain sets in their original formats (tasks/nli_data.py); null:
+    the Hugging Face hub (for the training set's own dataset: task.data_dir when that is set)."""
+    mnli: Optional[str] = None          # GLUE MNLI: dev_matched.tsv
+    snli: Optional[str] = None          # snli_1.0/: snli_1.0_{train,dev,test}.jsonl
+    sick: Optional[str] = None          # the folder of SICK.txt (SICK.zip)
+    scitail: Optional[str] = None       # SciTailV1.1/ (tsv_format/scitail_1.0_{dev,test}.tsv)
+    rte: Optional[str] = None           # GLUE RTE: dev.tsv
+
+
+@dataclass
+class OODConfig:
+    """The DPS out-of-domain protocol (tasks/ood.py): a 3-way NLI model (task.name=mnli | snli)
+    evaluated at the end of the run on these named sets, as results.json test/<set>/accuracy."""
+    sets: List[str] = setting(factory=list, check=_ood_sets)   # e.g. [mnli, snli, sick, scitail, rte]; []: off
+    # dev: each set's dev split, as the reference script evaluates (SICK: TRIAL); test: SNLI / SICK /
+    # SciTail test. MNLI (matched) and RTE: GLUE dev either way.
+    split: str = setting("dev", check=one_of("dev", "test"))
+    data_dirs: OODDataDirs = setting(factory=OODDataDirs)
+
+
+@dataclass
+class LoRASettings:
+    """task.peft=lora: LoRA adapters (the peft library; tasks/lora.py). Only the adapters and the
+    classifier head train; SAGE and DPS apply to the adapters (lora_A / lora_B)."""
+    r: int = setting(8, check=positive)               # adapter rank
+    alpha: float = setting(16.0, check=at_least(0, open_=True))   # scaling: alpha / r
+    dropout: float = setting(0.1, check=in_range(0, 1))   # dropout on the adapters' input
+    # module-name suffixes to adapt, e.g. [query, value]; null: peft's default for the model type
+    # (BERT / RoBERTa / DeBERTa: query and value projections)
+    target_modules: Optional[List[str]] = None
+
+
 @dataclass
 class GlueConfig:
     kind: str = "glue"
-    name: str = setting("rte", check=one_of(*GLUE_SPECS))   # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli
+    name: str = setting("rte", check=one_of(*GLUE_SPECS))   # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli | snli
     # null: download nyu-mll/glue from the Hugging Face hub; or a directory in the original GLUE
     # format (train.tsv / dev.tsv as the classic download_glue_data.py writes them)
     data_dir: Optional[str] = None
@@ -63,6 +105,16 @@ class GlueConfig:
     batch_size: int = setting(II("trainer.batch_size"), check=positive)
     eval_batch_size: int = setting(II("trainer.eval_batch_size"), check=positive)
     model: GlueModelConfig = setting(factory=GlueModelConfig)
+    # null: full fine-tuning; lora: train LoRA adapters (task.lora) and the head only
+    peft: Optional[str] = setting(None, check=optional(one_of("lora")))
+    lora: LoRASettings = setting(factory=LoRASettings)
+    ood: OODConfig = setting(factory=OODConfig)   # out-of-domain test sets (DPS protocol)
+
+    def check(self, prefix: str) -> None:
+        if self.ood.sets:
+            from .ood import check_training_labels
+
+            check_training_labels(GLUE_SPECS[self.name].labels, self.name)
 
 
 # ============================================================================ NMT (tasks/nmt.py)

@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ConfigError
-from common.families import ParamPatterns, family_patterns
+from common.families import HF_MODEL_TYPES, ParamPatterns, family_patterns, lora_patterns
 
 from . import metrics as glue_metrics
+from . import ood
 from .base import StepLoss, Task
 from .glue_data import Example, get_spec, load_examples, split_off, stratified_subset
+from .lora import apply_lora
 
 log = logging.getLogger("adaptune")
 
@@ -33,8 +35,7 @@ log = logging.getLogger("adaptune")
 #: and seed of a comparison is selected on the same examples.
 SELECTION_SEED = 20_221_130
 
-_FAMILIES = {"bert": "bert", "electra": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
-             "camembert": "roberta", "deberta": "deberta", "deberta-v2": "deberta"}
+_FAMILIES = HF_MODEL_TYPES
 
 
 def resolve_model_path(name: str) -> str:
@@ -82,6 +83,11 @@ class GlueTask(Task):
             sets = {"dev": [(selection, "")], "test": official}
         else:
             sets = {"dev": official}
+        self.two_way: set[str] = set()   # suffixes of 2-way OOD sets (scored entailment vs not)
+        if self.cfg.ood.sets:   # the out-of-domain protocol: named sets join "test" (tasks/ood.py)
+            named = ood.load_sets(self.cfg.ood, self.spec.name, self.cfg.data_dir)
+            sets["test"] = sets.get("test", []) + [(examples, suffix) for examples, suffix, _ in named]
+            self.two_way = {suffix for _, suffix, two_way in named if two_way}
         if self.cfg.train_subset:
             train = stratified_subset(train, self.cfg.train_subset, self.seed, self.spec.is_regression)
         if self.cfg.eval_subset:
@@ -149,8 +155,11 @@ class GlueTask(Task):
     # ------------------------------------------------------------------ model
     def param_patterns(self, model: torch.nn.Module) -> ParamPatterns:
         """The patterns of the model's family: ``task.model.family``, else the one its
-        ``config.model_type`` belongs to (BERT's names for encoders not listed)."""
+        ``config.model_type`` belongs to (BERT's names for encoders not listed); with
+        ``task.peft=lora``, SAGE and DPS narrowed to the LoRA adapters."""
         family = self.cfg.model.family or _FAMILIES.get(model.config.model_type, "bert")
+        if self.cfg.peft == "lora":   # SAGE / DPS on the adapters only (tasks/lora.py)
+            return lora_patterns(family_patterns(family))
         return family_patterns(family)
 
     def build_model(self) -> torch.nn.Module:
@@ -169,6 +178,8 @@ class GlueTask(Task):
                 model = AutoModelForSequenceClassification.from_config(config)
         except (OSError, ValueError) as err:
             raise _hub_error(self.model_path, err) from None
+        if self.cfg.peft == "lora":   # adapters + the head (peft modules_to_save); tasks/lora.py
+            model = apply_lora(model, self.cfg.lora)
         return model
 
     def _logits(self, model, batch) -> torch.Tensor:
@@ -210,7 +221,9 @@ class GlueTask(Task):
         suffix = batch["suffix"]
         logits = self._logits(model, batch["inputs"])
         out = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
-        return {f"loss{suffix}": self._loss_sum(logits, batch["inputs"]["labels"]),
+        labels = batch["inputs"]["labels"]
+        loss = ood.two_way_nll(logits, labels) if suffix in self.two_way else self._loss_sum(logits, labels)
+        return {f"loss{suffix}": loss,
                 f"preds{suffix}": dict(zip(batch["ids"], out.tolist()))}
 
     def finalize(self, split: str, reduced) -> dict[str, float]:
@@ -219,12 +232,14 @@ class GlueTask(Task):
             preds = reduced.get(f"preds{suffix}", {})
             ids = sorted(preds)
             values = [preds[i] for i in ids]
-            scores = glue_metrics.compute(self.spec.metrics, [data["labels"][i] for i in ids], values)
-            results.update({f"{k}{suffix}": v for k, v in scores.items()})
-            results[f"loss{suffix}"] = float(reduced.get(f"loss{suffix}", 0.0)) / max(len(ids), 1)
-            results.update({f"{k}{suffix}": v for k, v in self._prediction_spread(values).items()})
-        if self.main_metric not in results:   # selection protocol, "test": the first official set's
-            results[self.main_metric] = results[f"{self.main_metric}{self.eval_sets[split][0][1]}"]
+            scored = ood.to_two_way(values) if suffix in self.two_way else values   # 3-way model, 2-way set
+            scores = glue_metrics.compute(self.spec.metrics, [data["labels"][i] for i in ids], scored)
+            results.update({ood.metric_key(k, suffix): v for k, v in scores.items()})
+            results[ood.metric_key("loss", suffix)] = float(reduced.get(f"loss{suffix}", 0.0)) / max(len(ids), 1)
+            results.update({ood.metric_key(k, suffix): v for k, v in self._prediction_spread(values).items()})
+        first = ood.metric_key(self.main_metric, self.eval_sets[split][0][1])
+        if self.main_metric not in results and first in results:   # selection protocol, "test": the first official set's
+            results[self.main_metric] = results[first]
         return results
 
     def _prediction_spread(self, values: Sequence[float]) -> dict[str, float]:

@@ -86,10 +86,13 @@ SPECS: dict[str, DatasetSpec] = {
                        tsv=TsvFormat(True, ("sentence1", "sentence2"), "label"), glue_dir="RTE"),
     "wnli": DatasetSpec("wnli", _BIN, ("accuracy",), "accuracy", ("sentence1", "sentence2"),
                         tsv=TsvFormat(True, ("sentence1", "sentence2"), "label"), glue_dir="WNLI"),
+    # not part of GLUE: the DPS out-of-domain protocol's other training set (tasks/nli_data.py reads it)
+    "snli": DatasetSpec("snli", ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy",
+                        ("premise", "hypothesis"), dev_files=("snli_1.0_dev.jsonl",), glue_dir="snli_1.0"),
     "amazon_reviews": DatasetSpec("amazon_reviews", ("other", "great"), ("accuracy", "f1"), "accuracy",
                                   ("review",)),
 }
-GLUE_TASKS = tuple(n for n in SPECS if n != "amazon_reviews")
+GLUE_TASKS = tuple(n for n in SPECS if n not in ("amazon_reviews", "snli"))
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -234,35 +237,38 @@ def load_amazon_reviews(spec: DatasetSpec):
 def load_examples(spec: DatasetSpec, data_dir: str | None, skip_malformed: bool = False):
     if spec.name == "amazon_reviews":
         return load_amazon_reviews(spec)
+    if spec.name == "snli":
+        from .nli_data import load_snli_task   # (late: nli_data imports this module)
+
+        return load_snli_task(data_dir)
     if data_dir:
         return load_glue_dir(spec, Path(data_dir), skip_malformed)
     return load_glue_hub(spec)
 
 
 def stratified_subset(examples: Sequence[Example], n: int, seed: int, regression: bool) -> list[Example]:
-    """A random subset of ``n`` examples keeping the label proportions (classification)."""
+    """A random subset of ``n`` examples keeping the label proportions (classification), in file order.
+
+    Classification draws with the DPS paper's sampler: scikit-learn's
+    ``StratifiedShuffleSplit(n_splits=1, train_size=n, random_state=seed)`` over the labels in file
+    order (its low-resource and out-of-domain subsets), so with the same file order and label ids
+    the subset is the script's own. **(choice)** Regression (STS-B) draws ``n`` uniformly: the
+    script's stratified split cannot stratify continuous scores (scikit-learn refuses classes of
+    one member).
+    """
     import numpy as np
 
     if n >= len(examples):
         return list(examples)
-    rng = np.random.default_rng(seed)
     if regression:
+        rng = np.random.default_rng(seed)
         idx = sorted(rng.choice(len(examples), size=n, replace=False).tolist())
         return [examples[i] for i in idx]
-    by_label: dict = {}
-    for i, ex in enumerate(examples):
-        by_label.setdefault(ex.label, []).append(i)
-    labels = sorted(by_label)
-    quotas = {lab: int(n * len(by_label[lab]) / len(examples)) for lab in labels}
-    # hand out what rounding left over to the largest remainders
-    rest = n - sum(quotas.values())
-    order = sorted(labels, key=lambda lab: -(n * len(by_label[lab]) / len(examples) - quotas[lab]))
-    for lab in order[:rest]:
-        quotas[lab] += 1
-    chosen = []
-    for lab in labels:
-        chosen += rng.choice(by_label[lab], size=quotas[lab], replace=False).tolist()
-    return [examples[i] for i in sorted(chosen)]
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    labels = np.array([ex.label for ex in examples])
+    chosen, _ = next(StratifiedShuffleSplit(n_splits=1, train_size=n, random_state=seed).split(labels, labels))
+    return [examples[i] for i in sorted(chosen.tolist())]
 
 
 def split_off(examples: Sequence[Example], size: float, seed: int,

@@ -201,7 +201,7 @@ def test_callback_config_mistakes_are_config_errors():
     with pytest.raises(ConfigError, match=r"callbacks.bad needs a _target_"):
         build_callbacks(cfg.callbacks)
     built = build_callbacks(compose(["callbacks.logging=null", "trainer.save_every=7"]).callbacks)
-    assert [type(c).__name__ for c in built] == ["Evaluation", "StopOnSignal", "Checkpoint"]
+    assert [type(c).__name__ for c in built] == ["SensitivityQuantiles", "Evaluation", "StopOnSignal", "Checkpoint"]
     assert built[-1].every == 7
 
 

@@ -92,6 +92,23 @@ def test_stratified_subset_keeps_label_proportions():
     assert stratified_subset(data, 40, seed=2, regression=False) != sub
 
 
+def test_stratified_subset_is_the_dps_scripts_sampler():
+    """The DPS script draws its low-resource / out-of-domain subsets with scikit-learn's
+    StratifiedShuffleSplit(train_size=n, random_state=seed) over the labels: the same examples."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    from tasks.glue_data import Example
+
+    labels = [i * 7 % 3 for i in range(300)]
+    data = [Example(f"s{i}", None, lab) for i, lab in enumerate(labels)]
+    for seed in (1, 666):
+        y = np.array(labels)
+        idx, _ = next(StratifiedShuffleSplit(n_splits=1, train_size=50, random_state=seed).split(y, y))
+        assert [e.text_a for e in stratified_subset(data, 50, seed, regression=False)] == \
+            [f"s{i}" for i in sorted(idx.tolist())]
+
+
 # ------------------------------------------------------------------------------ bad inputs
 def test_wrong_task_name_lists_allowed(tmp_path):
     cfg = compose(glue_overrides(tmp_path, "rtee"))

@@ -71,6 +71,10 @@ def test_dps_glue_jobs_are_the_papers_setting():
             assert int(trainer["max_steps"] * sched["update_ratio"]) == {"mrpc": 34, "rte": 23, "stsb": 54,
                                                                          "cola": 80}[task["name"]]
             assert sched["disable_dropout"] is True
+        if job["schedule"] in ("childtuning_d", "childtuning_f"):   # the reference run.sh's reserve_p
+            assert sched["reserve_p"] == 0.3 and sched["childtuning_patterns"] == ["layer"]
+        if job["schedule"] == "mixout":   # the Mixout paper's p for BERT-large on small GLUE tasks
+            assert sched["mixout_p"] == 0.9 and sched["disable_dropout"] is True
 
 
 @pytest.mark.parametrize("n,steps_per_epoch,U", [(500, 32, 1), (1000, 63, 3)])
@@ -109,7 +113,8 @@ def test_sage_glue_jobs_are_the_papers_setting():
         task, sched, trainer = cfg["task"], cfg["schedule"], cfg["trainer"]
         assert task["model"]["name"] == "bert-base-uncased"
         assert task["max_seq_length"] == 512 and task["group_by_length"] is False
-        assert task["model"]["config_overrides"]["classifier_dropout"] == (0.3 if task["name"] == "mnli" else 0.1)
+        dropout = {"mnli": 0.3, "cola": 0.05}.get(task["name"], 0.1)   # the SAGE repo's task_def
+        assert task["model"]["config_overrides"]["classifier_dropout"] == dropout
         assert trainer["batch_size"] == 32 and trainer["epochs"] == 3 and trainer["max_steps"] is None
         assert trainer["precision"] == "fp32" and trainer["max_grad_norm"] == 1.0
         assert sched["warmup_ratio"] == 0.1 and sched["lr_schedule"] == "linear" and sched["weight_decay"] == 0.01
@@ -141,3 +146,18 @@ def test_seed_presets_and_explicit_seeds():
     assert _seeds(_jobs("repro-dps-glue", "SEED_PRESET=dps")[1]) == [666]
     assert _seeds(_jobs("repro-dps-glue", "SEED_PRESET=10")[1]) == list(range(1, 11))
     assert _seeds(_jobs("repro-sage-glue", "SEEDS=7,8")[1]) == [7, 8]
+
+
+def test_dps_out_of_domain_jobs_are_the_reference_scripts_setting():
+    _, jobs = _jobs("repro-dps-out-of-domain")
+    assert _seeds(jobs) == CHILDTUNING_SEEDS
+    assert {j["schedule"] for j in jobs} == DPS_ARMS
+    for job, cfg in _compose_jobs(jobs):
+        task, sched, trainer = cfg["task"], cfg["schedule"], cfg["trainer"]
+        assert task["name"] == "mnli" and task["train_subset"] == 8000
+        assert task["ood"]["sets"] == ["mnli", "snli", "sick", "scitail", "rte"] and task["ood"]["split"] == "dev"
+        assert task["model"]["name"] == "bert-large-cased" and task["max_seq_length"] == 128
+        assert trainer["max_steps"] == 1500 and trainer["batch_size"] == 16 and trainer["precision"] == "fp16"
+        assert sched["lr"] == 2e-5 and sched["eps"] == 1e-8 and sched["warmup_ratio"] == 0.1
+        if job["schedule"] in ("dps", "dps_mix"):
+            assert sched["T"] is None and int(1500 * sched["update_ratio"]) == 75

@@ -6,6 +6,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from .collect import Run, natural, schedule_key
+from .named_sets import markdown_section as named_sets_section
+from .named_sets import report_json as named_sets_json
 from .selection import SELECTION_RULE, Point, TaskTable, mean_std, reported_block
 from .stats import CI_METHOD
 
@@ -97,6 +99,7 @@ def markdown(root: Path, tables: list[TaskTable], paired: dict, which: str,
         text += ["", "† Selection-split protocol: each setting selected on the "
                  f"`{which}` metric of a slice carved from the training set (task.selection_split); "
                  "the numbers are the official dev set (results.json `test`), untouched by selection."]
+    text += named_sets_section(tables)
     if grid:
         bias = (" Where a setting is selected and reported on the same dev set (protocol dev, the "
                 "papers' practice) its number is the best of the grid, so optimistically biased; "
@@ -181,7 +184,8 @@ def csv_rows(tables: list[TaskTable], paired: dict, which: str) -> list[list]:
         for sched, g in t.groups.items():
             for p in g.points:
                 counted = [r for r in p.runs if r.counts]
-                blocks = sorted({which} | {reported_block(r, which) for r in counted})
+                blocks = sorted({which} | {reported_block(r, which) for r in counted}
+                                | {"test" for r in counted if r.res.get("test")})
                 for block in blocks:
                     values = defaultdict(list)
                     for run in counted:
@@ -235,4 +239,5 @@ def report_json(root: Path, tables: list[TaskTable], paired: dict, which: str,
         "degenerate": [{"dir": str(r.dir), "task": r.col, "schedule": r.sched, "setting": r.setting_label,
                         "seed": r.seed, "status": r.status, "reason": r.degenerate} for r in degenerate],
         "incomplete": incomplete,
+        "named_test_sets": named_sets_json(tables),
     }

@@ -77,6 +77,18 @@ class DPS:
         self.masks: list[torch.Tensor | None] = [None] * k    # M (bool): selection only
         self.w_tgt: list[torch.Tensor | None] = [None] * k    # Mix, selection only
         self.noise: list[torch.Tensor | None] = [None] * k    # N (bool, (1, in)) of the current step
+        # Selection record for analysis (``adaptune analyze``), kept in the state dict: per entry
+        # the number of selection phases it was kept in (uint8, int16 when more than 255 phases
+        # can occur), the previous selection phase's mask (to measure the overlap of consecutive
+        # masks) and one overlap per selection phase after the first: |M_k & M_prev| / |M_k|.
+        # (choice) The previous mask stays alive through the exploration phase that follows it,
+        # 1 byte per entry, instead of every mask being saved.
+        n_phases = -(-self.total_steps // self.phase_len)
+        self.count_dtype = torch.uint8 if (n_phases + 1) // 2 <= 255 else torch.int16
+        self.selected: list[torch.Tensor | None] = [None] * k
+        self.prev_masks: list[torch.Tensor | None] = [None] * k
+        self.selections = 0       # selection phases whose masks were computed
+        self.overlaps: list[float] = []
         self.score_phase = 0      # the exploration phase the scores were accumulated in (0: none)
         self.mask_phase = 0       # the selection phase the masks were computed for (0: none)
         self.begun_step = 0       # last step on_step_begin ran for
@@ -153,6 +165,7 @@ class DPS:
                 self._select(k)
             return
         if self.mask_phase != 0:            # leaving a selection phase: masks and W_tgt go
+            self.prev_masks = self.masks
             self.masks = [None] * len(self.params)
             self.w_tgt = [None] * len(self.params)
             self.mask_phase = 0
@@ -180,10 +193,28 @@ class DPS:
             kept += int(mask.sum())
             if self.mix is not None:
                 self.w_tgt[i] = t.detach().clone()
+        if have_scores:
+            self._record_selection()
         self.scores = [None] * len(self.params)
         self.counts = [None] * len(self.params)
         self.mask_phase = k
         self.kept = kept / self.numel
+
+    def _record_selection(self) -> None:
+        """Add the new masks to the per-entry selection counts; the overlap with the previous masks."""
+        both = total = 0
+        for i, mask in enumerate(self.masks):
+            if self.selected[i] is None:
+                self.selected[i] = torch.zeros(mask.shape, dtype=self.count_dtype, device=mask.device)
+            self.selected[i].add_(mask.to(self.count_dtype))
+            prev = self.prev_masks[i]
+            if prev is not None:
+                both += int((mask & prev).sum())
+                total += int(mask.sum())
+        if total:
+            self.overlaps.append(both / total)
+        self.prev_masks = [None] * len(self.params)
+        self.selections += 1
 
     def _draw_noise(self) -> None:
         """Bernoulli(1-p) per input column of every selected weight, one CPU draw, one copy each."""
@@ -222,6 +253,8 @@ class DPS:
             "generator": self.generator.get_state(),
             "scores": named(self.scores), "counts": named(self.counts), "masks": named(self.masks),
             "noise": named(self.noise), "w_tgt": named(self.w_tgt), "w_pre": named(self.w_pre or []),
+            "selected": named(self.selected), "prev_masks": named(self.prev_masks),
+            "selections": self.selections, "overlaps": list(self.overlaps),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -252,6 +285,12 @@ class DPS:
         self.masks = restore(state["masks"], torch.bool)
         self.noise = restore(state["noise"], torch.bool)
         self.w_tgt = restore(state["w_tgt"], like_param=True)
+        # (choice) absent in checkpoints written before the selection record existed: it restarts
+        # empty (same STATE_VERSION, so those runs still resume)
+        self.selected = restore(state.get("selected", {}), self.count_dtype)
+        self.prev_masks = restore(state.get("prev_masks", {}), torch.bool)
+        self.selections = int(state.get("selections", 0))
+        self.overlaps = [float(v) for v in state.get("overlaps", [])]
         if self.mix is not None:
             pre = restore(state["w_pre"], like_param=True)
             if any(t is None for t in pre):

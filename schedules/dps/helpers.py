@@ -13,9 +13,9 @@ from common.errors import ConfigError
 from common.schema import check_values
 
 from ..config import ScheduleConfig
+from ..sync import default_seed  # noqa: F401  (re-exported: schedules.dps.default_seed)
 
 PARAMETRIZED_SUFFIX = "parametrizations.weight.original"
-_SEED_SALT = 0x5DEECE66D  # keeps the DPS stream distinct from the global generator's
 
 
 def check_dps_hparams(p: Any, update_ratio: Any, variant: Any, prefix: str = "schedule") -> None:
@@ -76,11 +76,6 @@ def linear_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             weight = module.weight
         out.append((f"{mod_name}.weight" if mod_name else "weight", weight))
     return out
-
-
-def default_seed() -> int:
-    """A seed that follows the run seed (``torch.initial_seed()``) without drawing from it."""
-    return (torch.initial_seed() ^ _SEED_SALT) % (2**63 - 1)
 
 
 def disable_dropout(model: nn.Module) -> int:

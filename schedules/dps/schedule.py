@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
 from common.families import ParamPatterns
 
 from ..baseline import BaselineSchedule
 from .algorithm import DPS
-from .helpers import default_seed, disable_dropout, linear_weights, phase_length
+from ..sync import shared_seed
+from .helpers import disable_dropout, linear_weights, phase_length
 from .mix import MixoutWeight, attach_mix
 
 
@@ -49,24 +49,10 @@ class DPSSchedule(BaselineSchedule):
                      horizon_key="schedule.T" if self.cfg.T is not None else None)
         super().setup(model, patterns, total_steps)
         self.dps = DPS(linear_weights(model), horizon, self.p, self.update_ratio, self.variant,
-                       patterns=self.patterns(patterns, "dps"), mix=self._mix, seed=self._shared_seed(model))
+                       patterns=self.patterns(patterns, "dps"), mix=self._mix, seed=shared_seed())
         if self._pending_state is not None:
             self.dps.load_state_dict(self._pending_state)
             self._pending_state = None
-
-    @staticmethod
-    def _shared_seed(model: nn.Module) -> int:
-        seed = default_seed()
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            device = torch.device("cpu")
-            if dist.get_backend() == "nccl":
-                device = torch.device("cuda", torch.cuda.current_device())
-            value = torch.tensor([seed], dtype=torch.int64, device=device)
-            dist.broadcast(value, src=0)
-            seed = int(value.item())
-        return seed
 
     def on_step_begin(self, step: int) -> None:
         self.dps.on_step_begin(step)

@@ -1,0 +1,87 @@
+"""``schedule=childtuning_d`` / ``schedule=childtuning_f``: the baseline optimizer plus a ChildTuning
+gradient mask (see ``schedules.childtuning``)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from common.families import ParamPatterns
+
+from ..baseline import BaselineSchedule
+from ..sync import shared_seed
+from .algorithm import ChildTuningD, ChildTuningF
+
+
+class _ChildTuningSchedule(BaselineSchedule):
+    """The baseline's optimizer (``schedule.optimizer``, ``schedule.impl``) and LR schedule; the
+    mask object (``self.child``) is built in :meth:`setup` and masks ``.grad`` in
+    :meth:`on_gradients` (after global clipping, before ``optimizer.step()``)."""
+
+    config_keys = BaselineSchedule.config_keys | {"reserve_p"}
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__(cfg)
+        self.child: ChildTuningD | ChildTuningF | None = None
+        self._pending_state: dict | None = None
+
+    def _build(self, model: nn.Module, patterns: ParamPatterns) -> ChildTuningD | ChildTuningF:
+        raise NotImplementedError
+
+    def setup(self, model: nn.Module, patterns: ParamPatterns, total_steps: int) -> None:
+        super().setup(model, patterns, total_steps)
+        self.child = self._build(model, patterns)
+        if self._pending_state is not None:
+            self.child.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_gradients(self, step: int) -> None:
+        self.child.apply()
+
+    def state_dict(self) -> dict:
+        return self.child.state_dict() if self.child is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.child is None:
+            self._pending_state = dict(state)
+        else:
+            self.child.load_state_dict(state)
+
+
+class ChildTuningFSchedule(_ChildTuningSchedule):
+    """``schedule=childtuning_f``: every step, every gradient entry the optimizer holds is kept
+    with probability ``reserve_p`` and rescaled by ``1/reserve_p``."""
+
+    name = "childtuning_f"
+
+    def _build(self, model: nn.Module, patterns: ParamPatterns) -> ChildTuningF:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return ChildTuningF(params, self.cfg.reserve_p, seed=shared_seed())
+
+
+class ChildTuningDSchedule(_ChildTuningSchedule):
+    """``schedule=childtuning_d``: a Fisher pass before training fixes a mask over the tensors
+    matched by ``schedule.childtuning_patterns`` (the top ``reserve_p`` of their entries, one
+    global threshold); every step masks their gradients with it."""
+
+    name = "childtuning_d"
+    config_keys = _ChildTuningSchedule.config_keys | {"childtuning_patterns"}
+
+    def _build(self, model: nn.Module, patterns: ParamPatterns) -> ChildTuningD:
+        return ChildTuningD(model.named_parameters(), self.cfg.reserve_p, self.cfg.childtuning_patterns)
+
+    def before_training(self, model: nn.Module, loss_batches: Sequence[Callable[[], torch.Tensor]],
+                        max_grad_norm: float | None) -> None:
+        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        was_training = model.training
+        model.train()
+        with torch.random.fork_rng(devices=devices):   # training's dropout stays the baseline's
+            self.child.compute(model, loss_batches, max_grad_norm)
+        model.train(was_training)
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        return {**super().log_metrics(step), "childtuning/kept_fraction": float(self.child.kept),
+                "childtuning/threshold": float(self.child.threshold or 0.0)}

@@ -1,0 +1,123 @@
+"""DPS in a plain ``accelerate`` loop, in the reference order (mask, then clip)::
+
+    from schedules.integrations.accelerate import AccelerateDPS
+
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    dps = AccelerateDPS(accelerator, model, total_steps=T, p=0.3, update_ratio=0.05)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            dps.before_forward()                 # Mix draws its masks here; harmless for Dense
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            dps.clip_grad_norm_(model.parameters(), 1.0)   # instead of accelerator.clip_grad_norm_
+            optimizer.step(); scheduler.step(); optimizer.zero_grad()
+
+Everything keys on the optimizer-step counter, which the helper counts itself: a step ends each
+time the gradients are synchronised (``accelerator.sync_gradients``), so gradient accumulation
+and DDP are handled as ``accelerate`` runs them (DPS sees the accumulated, all-reduced gradient,
+the same on every rank). :meth:`AccelerateDPS.clip_grad_norm_` (or :meth:`mask_gradients` when
+you do not clip) does nothing on accumulation micro-steps; on a sync step it unscales fp16
+gradients (``accelerator.unscale_gradients``), skips DPS when they overflowed (the GradScaler skips
+that step too), masks or scores them with :class:`schedules.dps.DPS`, then clips the global norm
+with ``torch.nn.utils.clip_grad_norm_``: **the DPS reference's order, masking before clipping**.
+**(choice)** It replaces ``accelerator.clip_grad_norm_`` rather than following it, because that
+would unscale a second time (a GradScaler error) and clip before masking.
+
+**(choice)** Forgetting the hook cannot pass silently: a step pre-hook on the optimizer raises
+when ``optimizer.step()`` updates the parameters for a step whose gradients DPS never saw.
+
+``before_forward()`` may be called before every forward (it acts once per optimizer step); it
+is required for ``variant="mix"`` (the forward is patched by :func:`schedules.dps.attach_mix` when
+the helper is built: build it after ``accelerator.prepare`` and before the first forward).
+DeepSpeed / FSDP: a ConfigError (sharded gradients), as in :mod:`.hf`.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from ..dps import DPS, attach_mix, linear_weights, phase_length
+from ..dps.helpers import check_dps_hparams
+from .guards import grads_overflowed, refuse_sharded
+from .patterns import model_patterns
+
+__all__ = ["AccelerateDPS"]
+
+
+class AccelerateDPS:
+    """DPS driven from an ``accelerate`` loop (see the module docstring).
+
+    Args:
+        accelerator: the ``accelerate.Accelerator``.
+        model: the prepared model (DDP-wrapped or not; DPS works on the unwrapped module).
+        total_steps: ``T``, the number of optimizer steps of the run.
+        p, update_ratio, variant, patterns, family, seed: as :class:`schedules.integrations.hf.DPSCallback`.
+        optimizer: the prepared optimizer; given, a step that DPS did not see raises.
+    """
+
+    KEY = "AccelerateDPS"
+
+    def __init__(self, accelerator, model: torch.nn.Module, total_steps: int, p: float = 0.3,
+                 update_ratio: float = 0.05, variant: str = "dense", patterns: Sequence[str] | None = None, *,
+                 family: str | None = None, seed: int | None = None, optimizer=None):
+        check_dps_hparams(p, update_ratio, variant, prefix=self.KEY)
+        phase_length(int(total_steps), float(update_ratio), prefix=self.KEY)
+        self.accelerator = accelerator
+        self.model = accelerator.unwrap_model(model)
+        dist_type = str(getattr(accelerator, "distributed_type", ""))
+        sharded = next((name for name in ("DEEPSPEED", "FSDP") if name in dist_type), None)
+        refuse_sharded(self.model, None, self.KEY, reason=sharded and {"DEEPSPEED": "DeepSpeed"}.get(sharded, sharded))
+        patterns = list(patterns) if patterns is not None else list(model_patterns(self.model, family)["dps"])
+        key = f"{self.KEY}.patterns"
+        mix = attach_mix(self.model, patterns, key=key) if variant == "mix" else None
+        self.dps = DPS(linear_weights(self.model), int(total_steps), p, update_ratio, variant,
+                       patterns=patterns, mix=mix, seed=seed, key=key)
+        self.step = 0               # optimizer steps whose gradients DPS processed
+        self.skipped_steps = 0      # fp16 overflows
+        self._begun = 0
+        self._optimizer = optimizer
+        if optimizer is not None:
+            inner = optimizer
+            while hasattr(inner, "optimizer") and isinstance(getattr(inner, "optimizer"), torch.optim.Optimizer):
+                inner = inner.optimizer
+            inner.register_step_pre_hook(self._check_seen)
+
+    def before_forward(self) -> None:
+        """Before a forward pass: the first call of each optimizer step enters it (Mix: draws ``N``)."""
+        step = self.step + 1
+        if self._begun != step:
+            self.dps.on_step_begin(step)
+            self._begun = step
+
+    def mask_gradients(self) -> bool:
+        """After ``accelerator.backward``: on a sync step, unscale (fp16), then score or mask the
+        gradients. Returns whether this was a sync step."""
+        if not self.accelerator.sync_gradients:
+            return False
+        step = self.step + 1
+        if self.dps.mix is not None and self._begun != step:
+            raise RuntimeError(f"{self.KEY}: DPS-Mix needs before_forward() before the forward of each step")
+        self.accelerator.unscale_gradients()
+        if grads_overflowed(self.model, getattr(self.accelerator, "scaler", None)):
+            self.skipped_steps += 1
+        else:
+            self.dps.on_gradients(step)
+        self.step = step
+        return True
+
+    def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0):
+        """:meth:`mask_gradients`, then ``torch.nn.utils.clip_grad_norm_`` (on a sync step; returns the
+        total norm before clipping, or None on an accumulation micro-step)."""
+        if not self.mask_gradients():
+            return None
+        return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type)
+
+    def _check_seen(self, optimizer, args, kwargs) -> None:
+        if self.step == self._updates:      # (a step the GradScaler skipped never reaches here)
+            raise RuntimeError(
+                f"{self.KEY}: optimizer.step() updates the parameters for step {self.step + 1} but DPS never "
+                "saw its gradients; call dps.clip_grad_norm_(...) or dps.mask_gradients() after accelerator.backward")
+        self._updates = self.step
+
+    _updates = 0

@@ -1,0 +1,249 @@
+"""SAGE and DPS in the Hugging Face ``Trainer`` (transformers 5; needs ``accelerate``)::
+
+    from schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs
+
+    trainer = Trainer(model, args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=sage_optimizer_cls_and_kwargs(model, lr=2e-4, beta3=0.75))
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[DPSCallback(p=0.3, update_ratio=0.05)])
+
+**SAGE.** :func:`sage_optimizer_cls_and_kwargs` returns ``(cls, kwargs)``; the Trainer calls
+``cls(its_param_groups, **kwargs)``. **(choice)** The Trainer builds its own two groups (decay /
+no decay by its own rules) and passes them positionally; a SAGE optimizer needs groups made from
+the parameter *names*. So ``kwargs`` carries our groups under ``sage_groups`` and ``cls`` is a thin
+subclass of the SAGE optimizer (:class:`AdamaxSAGEForTrainer` / :class:`AdamWSAGEForTrainer`) that
+uses them instead, after checking they hold exactly the parameters the Trainer wanted to train
+(a different model is an error). This works whether the Trainer passes ``model.parameters()`` or
+groups, and does not rely on the Trainer popping a ``params`` key. Consequences: the optimizer's
+learning rate is ``lr`` given here (the LR *schedule* is still the Trainer's, a multiplier on
+it), and weight decay is ``weight_decay`` given here for weights, 0 for biases and norms (the
+family's ``no_decay`` patterns); ``TrainingArguments.learning_rate`` / ``weight_decay`` are not
+seen by the optimizer. :func:`make_sage_optimizer` builds the plain optimizer for
+``Trainer(optimizers=(opt, None))``.
+
+**DPS.** :class:`DPSCallback` builds :class:`schedules.dps.DPS` at ``on_train_begin`` over the
+model's ``nn.Linear`` weights matched by the DPS patterns, with ``T = state.max_steps`` optimizer
+steps, and drives it with the Trainer's events, keyed on the optimizer-step counter
+(``state.global_step + 1``), never on micro-batches:
+
+- ``on_step_begin`` (before the first micro-batch's forward of each optimizer step): phase entry;
+  Mix draws its column masks ``N``.
+- ``on_pre_optimizer_step`` (after all micro-batches' backward, the DDP all-reduce, fp16
+  unscaling **and the Trainer's gradient clipping**; right before ``optimizer.step()``): scores or
+  masks ``.grad``. **Order (documented honestly):** the DPS reference (and the runner) masks
+  *before* global-norm clipping; the Trainer offers no event between backward and its clipping,
+  so here clipping comes first: with ``max_grad_norm > 0`` the clip coefficient is computed on
+  the unmasked gradient (masked entries are still zeroed exactly; exploration scores are scaled
+  by that step's clip coefficient). Set ``max_grad_norm=0`` to avoid the difference, or use the
+  runner / :mod:`schedules.integrations.accelerate` for the reference order.
+- ``on_step_end``: **(choice)** if ``on_pre_optimizer_step`` did not fire for the step just
+  finished (a transformers without that event, a custom loop, a Trainer subclass that drops it)
+  it raises instead of silently training without DPS, at the end of the first optimizer step.
+
+Gradient accumulation, DDP and fp16 / bf16 work as the Trainer runs them: one mask per optimizer
+step on the all-reduced, unscaled gradient (identical on every rank, so the masks are too). An
+fp16 step whose gradients overflowed (the GradScaler skips it) is skipped by DPS as well.
+DeepSpeed and FSDP shard or flatten the gradients, so DPS cannot see whole weight matrices: a
+:class:`~common.errors.ConfigError` at ``on_train_begin``.
+
+**(choice) Mix** is supported: ``on_train_begin`` attaches :func:`schedules.dps.attach_mix` to the
+selected Linears (a ``torch.nn.utils.parametrize`` of their weights: same ``Parameter`` objects, so
+the optimizer the Trainer built is unaffected; ``state_dict`` keys unchanged). It is refused, with
+the reason, where that forward cannot be patched: DeepSpeed/FSDP, a selected weight that is not a
+floating-point ``nn.Linear`` weight (quantised layers), or one already parametrized by something
+else. Not tested with ``torch_compile=True``.
+
+Not saved in Trainer checkpoints: the DPS scores/masks (``resume_from_checkpoint`` restarts the
+current phase's bookkeeping; a selection phase whose scores were lost keeps every entry).
+LoRA (peft) models: SAGE and DPS apply to the ``lora_A`` / ``lora_B`` adapters only
+(:mod:`schedules.integrations.patterns`).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from transformers import TrainerCallback
+
+from common.errors import ConfigError
+
+from ..dps import DPS, attach_mix, check_dps_hparams, linear_weights, phase_length
+from ..sage import AdamaxSAGE, AdamWSAGE, sage_param_groups
+from .guards import grads_overflowed, refuse_sharded
+from .patterns import model_patterns
+
+__all__ = ["AdamWSAGEForTrainer", "AdamaxSAGEForTrainer", "DPSCallback", "make_sage_optimizer",
+           "sage_groups", "sage_optimizer_cls_and_kwargs"]
+
+
+# ============================================================================ SAGE
+def _params_of(params: Any) -> list[torch.Tensor]:
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            out.extend(item["params"])
+        else:
+            out.append(item)
+    return out
+
+
+class _FromSageGroups:
+    """Mixin: take the SAGE groups from ``sage_groups`` instead of the caller's parameters."""
+
+    def __init__(self, params: Iterable, sage_groups: list[dict] | None = None, **kwargs):
+        if sage_groups is not None:
+            given = {id(p) for p in _params_of(params)}
+            ours = {id(p) for p in _params_of(sage_groups)}
+            if given - ours:
+                raise ValueError(
+                    f"{type(self).__name__}: the Trainer trains {len(given - ours)} parameter(s) that the SAGE "
+                    "groups do not hold; build them from the model you pass to the Trainer, after freezing "
+                    "or adding adapters")
+            params = [{**g, "params": [p for p in g["params"] if id(p) in given]} for g in sage_groups]
+            params = [g for g in params if g["params"]]
+        super().__init__(params, **kwargs)
+
+
+class AdamaxSAGEForTrainer(_FromSageGroups, AdamaxSAGE):
+    """:class:`~schedules.sage.AdamaxSAGE` that takes its groups from ``sage_groups=``."""
+
+
+class AdamWSAGEForTrainer(_FromSageGroups, AdamWSAGE):
+    """:class:`~schedules.sage.AdamWSAGE` that takes its groups from ``sage_groups=``."""
+
+
+_BASES = {"adamax": (AdamaxSAGE, AdamaxSAGEForTrainer), "adamw": (AdamWSAGE, AdamWSAGEForTrainer)}
+
+
+def sage_groups(model: torch.nn.Module, family: str | None = None, *, weight_decay: float = 0.01,
+                sage_patterns: Sequence[str] | None = None,
+                no_decay: Sequence[str] | None = None) -> list[dict]:
+    """SAGE parameter groups of ``model``'s trainable parameters: ``sage=True`` for the tensors
+    matched by the SAGE patterns (the family's, from ``family`` or ``model.config.model_type``;
+    a LoRA model's adapters), decay / no-decay split by the family's ``no_decay`` patterns."""
+    patterns = model_patterns(model, family) if sage_patterns is None or no_decay is None else {}
+    return sage_param_groups(model, sage_patterns=sage_patterns or patterns["sage"],
+                             no_decay=no_decay if no_decay is not None else patterns["no_decay"],
+                             weight_decay=weight_decay)
+
+
+def _split(base: str, kw: dict) -> tuple[type, type, dict]:
+    if base not in _BASES:
+        raise ConfigError(f"base='{base}' is unknown; allowed: {', '.join(_BASES)}")
+    group_kw = {k: kw.pop(k) for k in ("weight_decay", "sage_patterns", "no_decay") if k in kw}
+    return (*_BASES[base], group_kw)
+
+
+def sage_optimizer_cls_and_kwargs(model: torch.nn.Module, family: str | None = None, base: str = "adamax", *,
+                                  lr: float, beta3: float = 0.75, **kw) -> tuple[type, dict[str, Any]]:
+    """``(cls, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``: Adamax-SAGE (``base="adamax"``,
+    the paper's GLUE optimizer) or AdamW-SAGE (``"adamw"``) over the SAGE groups of ``model``.
+
+    Args:
+        model: the model the Trainer trains (after freezing / adding LoRA adapters).
+        family: ``bert`` | ``roberta`` | ``deberta`` | ... (``common/families.py``); None: from
+            ``model.config.model_type``; LoRA models: the adapters.
+        lr: the optimizer's (peak) learning rate; the Trainer's LR schedule multiplies it.
+        beta3: SAGE's sensitivity EMA (the paper uses 0.6-0.9).
+        **kw: ``weight_decay`` (default 0.01 for weights; biases/norms get 0), ``sage_patterns``,
+            ``no_decay``, and the optimizer's own: ``betas``, ``eps``, ``fused``, ``bias_correction``
+            (AdamW-SAGE).
+    """
+    _, trainer_cls, group_kw = _split(base, kw)
+    return trainer_cls, {"sage_groups": sage_groups(model, family, **group_kw), "lr": lr, "beta3": beta3, **kw}
+
+
+def make_sage_optimizer(model: torch.nn.Module, family: str | None = None, base: str = "adamax", *,
+                        lr: float, beta3: float = 0.75, **kw) -> torch.optim.Optimizer:
+    """The SAGE optimizer itself, for ``Trainer(optimizers=(opt, None))`` or any loop (same
+    arguments as :func:`sage_optimizer_cls_and_kwargs`)."""
+    cls, _, group_kw = _split(base, kw)
+    return cls(sage_groups(model, family, **group_kw), lr=lr, beta3=beta3, **kw)
+
+
+# ============================================================================ DPS
+class DPSCallback(TrainerCallback):
+    """DPS (Dense or Mix) in the Hugging Face Trainer; see the module docstring for the event order.
+
+    Args:
+        p: fraction of entries dropped in a selection phase, in [0, 1).
+        update_ratio: phase length ``U = int(T * update_ratio)``; ``U < 1`` is a ConfigError.
+        variant: ``"dense"`` or ``"mix"``.
+        patterns: name substrings of the Linear weights DPS selects from; None: the model's
+            family's DPS patterns (``model.config.model_type``, or ``family``), or a LoRA model's
+            adapters.
+        family: the pattern family when ``patterns`` is None and the model type is not known.
+        total_steps: ``T``; None: ``state.max_steps`` (the run's optimizer steps).
+        seed: seed of Mix's draws; None: derived from the run seed (the Trainer seeds every rank
+            alike, so DDP ranks draw the same masks).
+
+    After training, ``callback.dps`` is the :class:`~schedules.dps.DPS` object (``kept_fraction()``,
+    ``masks``, ``state_dict()``).
+    """
+
+    KEY = "DPSCallback"
+
+    def __init__(self, p: float = 0.3, update_ratio: float = 0.05, variant: str = "dense",
+                 patterns: Sequence[str] | None = None, *, family: str | None = None,
+                 total_steps: int | None = None, seed: int | None = None):
+        check_dps_hparams(p, update_ratio, variant, prefix=self.KEY)
+        self.p, self.update_ratio, self.variant = float(p), float(update_ratio), variant
+        self.patterns = list(patterns) if patterns is not None else None
+        self.family, self.total_steps, self.seed = family, total_steps, seed
+        self.dps: DPS | None = None
+        self.masked_step = 0       # last optimizer step whose gradients DPS processed (or skipped: fp16 overflow)
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise RuntimeError(f"{self.KEY}: the Trainer passed no model to on_train_begin")
+        refuse_sharded(model, args, self.KEY)
+        total = int(self.total_steps or state.max_steps)
+        phase_length(total, self.update_ratio, prefix=self.KEY)
+        patterns = self.patterns or list(model_patterns(model, self.family)["dps"])
+        key = f"{self.KEY}.patterns"
+        mix = None
+        if self.variant == "mix":
+            self._check_patchable(model, patterns, key)
+            mix = attach_mix(model, patterns, key=key)
+        self.dps = DPS(linear_weights(model), total, self.p, self.update_ratio, self.variant,
+                       patterns=patterns, mix=mix, seed=self.seed, key=key)
+        self.masked_step = int(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._require_dps("on_step_begin")
+        self.dps.on_step_begin(state.global_step + 1)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._require_dps("on_pre_optimizer_step")
+        step = state.global_step + 1
+        if model is not None and grads_overflowed(model, getattr(optimizer, "scaler", None)):
+            self.skipped_steps += 1
+        else:
+            self.dps.on_gradients(step)
+        self.masked_step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._require_dps("on_step_end")
+        if self.masked_step != state.global_step:
+            import transformers
+
+            raise RuntimeError(
+                f"{self.KEY}: optimizer step {state.global_step} ran but on_pre_optimizer_step never fired, so DPS "
+                f"masked nothing (transformers {transformers.__version__}). The Trainer must call the callback "
+                "event on_pre_optimizer_step between backward and optimizer.step() (transformers 5 does); a custom "
+                "loop must call callback.on_pre_optimizer_step(args, state, control, model=..., optimizer=...)")
+
+    # ------------------------------------------------------------------ helpers
+    def _require_dps(self, event: str) -> None:
+        if self.dps is None:
+            raise RuntimeError(f"{self.KEY}: {event} before on_train_begin; add the callback to the Trainer "
+                               "(callbacks=[...]) before train(), not during training")
+
+    @staticmethod
+    def _check_patchable(model: torch.nn.Module, patterns: Sequence[str], key: str) -> None:
+        """Refuse Mix, with the reason, where the weights cannot take the Mix forward."""
+        for name, weight in linear_weights(model):
+            if weight.requires_grad and any(pat in name for pat in patterns) and not weight.is_floating_point():
+                raise ConfigError(f"{key}: DPS-Mix cannot patch the forward of {name} ({weight.dtype} weights, "
+                                  "e.g. a quantised layer): its weight is not a floating-point tensor; use variant='dense'")

@@ -1,0 +1,68 @@
+"""``schedule=mixout``: the baseline optimizer plus :class:`~schedules.mixout.Mixout` (the runner adapter)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from common.errors import ConfigError
+from common.families import ParamPatterns
+
+from ..baseline import BaselineSchedule
+from ..dps.helpers import disable_dropout
+from ..dps.mix import MixoutWeight, attach_mix
+from ..sync import shared_seed
+from .algorithm import Mixout
+
+KEY = "schedule.mixout_patterns"
+
+
+class MixoutSchedule(BaselineSchedule):
+    """``schedule=mixout``: the baseline's optimizer and LR schedule; Linear weights mixed toward
+    their start-of-training values with probability ``schedule.mixout_p``; dropout off
+    (``schedule.disable_dropout``)."""
+
+    name = "mixout"
+    config_keys = BaselineSchedule.config_keys | {"mixout_p", "mixout_patterns", "disable_dropout"}
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__(cfg)
+        self.mixout: Mixout | None = None
+        self._wrappers: dict[str, MixoutWeight] | None = None
+        self._pending_state: dict | None = None
+
+    def _patterns(self, patterns: ParamPatterns) -> tuple[str, ...]:
+        if self.cfg.mixout_patterns:
+            return tuple(self.cfg.mixout_patterns)
+        if "dps" not in patterns:
+            raise ConfigError(f"this model declares no linear-layer ('dps') parameter patterns; set {KEY}")
+        return tuple(patterns["dps"])
+
+    def prepare_model(self, model: nn.Module, patterns: ParamPatterns) -> None:
+        if self.cfg.disable_dropout:
+            disable_dropout(model)
+        self._wrappers = attach_mix(model, self._patterns(patterns), KEY)
+
+    def setup(self, model: nn.Module, patterns: ParamPatterns, total_steps: int) -> None:
+        if self._wrappers is None:
+            self._wrappers = attach_mix(model, self._patterns(patterns), KEY)
+        super().setup(model, patterns, total_steps)
+        # the targets are snapshotted here, after the loop moved the model to its device
+        self.mixout = Mixout(model, self.cfg.mixout_p, wrappers=self._wrappers, seed=shared_seed(), key=KEY)
+        if self._pending_state is not None:
+            self.mixout.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        return {**super().log_metrics(step), "mixout/kept_columns": self.mixout.kept}
+
+    def state_dict(self) -> dict:
+        return self.mixout.state_dict() if self.mixout is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.mixout is None:
+            self._pending_state = dict(state)
+        else:
+            self.mixout.load_state_dict(state)

@@ -1,0 +1,70 @@
+"""DPS in a plain accelerate loop (mask, then clip: the reference order) and the runnable example."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+accelerate = pytest.importorskip("accelerate")
+
+from conftest import REPO  # noqa: E402
+from schedules.dps import DPS, linear_weights  # noqa: E402
+from schedules.integrations.accelerate import AccelerateDPS  # noqa: E402
+from test_integrations_hf import BATCH, Rows, tiny_bert  # noqa: E402
+
+
+def test_accelerate_dps_masks_before_clipping_like_a_hand_loop():
+    steps, accum = 8, 2
+    data = Rows(n=BATCH * steps * accum)
+    batches = list(data.batches(BATCH))
+    acc = accelerate.Accelerator(gradient_accumulation_steps=accum, cpu=True)
+    model, ref = tiny_bert(), tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, opt = acc.prepare(model, opt)
+    dps = AccelerateDPS(acc, model, total_steps=steps, update_ratio=0.25, optimizer=opt)
+    for batch in batches:
+        with acc.accumulate(model):
+            dps.before_forward()
+            acc.backward(model(**batch).loss)
+            dps.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+    assert dps.step == steps and dps.dps.phase_len == 2
+
+    ref_dps = DPS(linear_weights(ref), steps, 0.3, 0.25, "dense", patterns=dps.dps.names)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for step in range(1, steps + 1):
+        for batch in batches[(step - 1) * accum: step * accum]:
+            (ref(**batch).loss / accum).backward()
+        ref_dps.on_gradients(step)                               # mask ...
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)    # ... then clip
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for a, b in zip(dps.dps.masks, ref_dps.masks):
+        assert a is not None and torch.equal(a, b)
+    for (name, p), q in zip(acc.unwrap_model(model).named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def test_forgetting_the_hook_raises_at_the_optimizer_step():
+    acc = accelerate.Accelerator(cpu=True)
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    AccelerateDPS(acc, model, total_steps=10, update_ratio=0.2, optimizer=opt)
+    acc.backward(model(**next(Rows().batches(BATCH))).loss)
+    with pytest.raises(RuntimeError, match="DPS never saw its gradients"):
+        opt.step()
+
+
+@pytest.mark.parametrize("flags", [[], ["--mix", "--sage"]], ids=["dense", "mix_sage"])
+def test_example_runs_and_learns(flags, capsys):
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import accelerate_dps
+    finally:
+        sys.path.pop(0)
+    last = accelerate_dps.main(["--steps", "20", *flags])
+    out = capsys.readouterr().out
+    assert "20 optimizer steps" in out and last == last
