@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: setup quickstart test test-all bench demo-data clean \
+.PHONY: setup quickstart test test-all bench gpu-check demo-data clean \
 	repro-sage-glue repro-dps-glue repro-dps-low-resource repro-dps-out-of-domain repro-sage-iwslt repro-sage-vit \
 	repro-sage-glue-cpu repro-dps-glue-cpu repro-dps-low-resource-cpu repro-sage-iwslt-cpu repro-sage-vit-cpu
 
@@ -41,9 +41,13 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-bench: setup
+bench: setup   ## run alone: two heavy jobs on two cores make every number meaningless
 	$(BIN)/python bench/bench_sage.py
 	$(BIN)/python bench/bench_dps.py
+	$(BIN)/python bench/bench_loop.py
+
+gpu-check: setup   ## needs a CUDA device (<= 8 min on one GPU); GPU_CHECK_DRY=1 make gpu-check: CPU dry run
+	bash bench/gpu_check.sh
 
 ## Paper tables (GPU-sized, as in the papers; every setting beside the paper's script: PROTOCOLS.md).
 ## Each is one multirun over experiment presets and ends with its report in
