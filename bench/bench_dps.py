@@ -85,6 +85,9 @@ def train_step(run, step: int, batch: dict, bf16: bool) -> float:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(**batch).loss
     loss.float().backward()
+    t1 = time.perf_counter()
+    schedule.on_before_clip(step)      # DPS masks here, before the global clip (the runner's order)
+    hook += time.perf_counter() - t1
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     t1 = time.perf_counter()
     schedule.on_gradients(step)
