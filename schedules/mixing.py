@@ -30,7 +30,6 @@ class _MixWeight(torch.autograd.Function):
 def mix_weight(weight: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """``reference + mask·(weight - reference)·scale`` whose gradient to ``weight`` is
     ``grad ⊙ mask`` (the references' backward; ``scale`` is ``1/(1-p)``). ``mask`` broadcasts
-    against ``weight`` (``(1, in)`` per input column, or ``(out, in)``) and may be bool."""
-    if mask.dtype == torch.bool:
-        mask = mask.to(weight.dtype)
+    against ``weight`` (``(1, in)`` per input column, or ``(out, in)``) and may be bool (used as it
+    is: multiplying by a bool tensor promotes on the fly, no float copy of the mask is made)."""
     return _MixWeight.apply(weight, reference, mask, float(scale))
