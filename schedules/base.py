@@ -122,6 +122,7 @@ class Schedule:
 
     def __init__(self, cfg: ScheduleConfig | Mapping[str, Any]):
         self.cfg: ScheduleConfig = build(ScheduleConfig, cfg, "schedule")
+        self._pending_state: dict | None = None   # state loaded before setup() (load_state_dict)
         defaults = ScheduleConfig(name=self.cfg.name)
         self.ignored_keys = sorted(
             f.name for f in dataclasses.fields(ScheduleConfig)
@@ -168,11 +169,32 @@ class Schedule:
     def log_metrics(self, step: int) -> dict[str, float]:
         return {}
 
+    def state_owner(self) -> Any:
+        """The object holding what this schedule keeps besides the optimizer and LR scheduler (DPS,
+        ChildTuning's masks, Mixout's targets), or None (none, or not built yet: :meth:`setup`
+        builds it). Subclasses with state override this; the state dict methods below use it."""
+        return None
+
     def state_dict(self) -> dict:
-        return {}
+        owner = self.state_owner()
+        return owner.state_dict() if owner is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore ``state`` into :meth:`state_owner`; state loaded before :meth:`setup` built the
+        owner is kept until then (:meth:`restore_pending_state`)."""
+        if not state:
+            return
+        owner = self.state_owner()
+        if owner is None:
+            self._pending_state = dict(state)
+        else:
+            owner.load_state_dict(state)
+
+    def restore_pending_state(self) -> None:
+        """Called by subclasses at the end of :meth:`setup`, once :meth:`state_owner` exists."""
+        pending, self._pending_state = self._pending_state, None
+        if pending is not None:
+            self.state_owner().load_state_dict(pending)
 
     # ----------------------------------------------------------------- shared helpers
     def patterns(self, patterns: ParamPatterns, kind: str) -> tuple[str, ...]:

@@ -24,7 +24,6 @@ class _ChildTuningSchedule(BaselineSchedule):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
         self.child: ChildTuningD | ChildTuningF | None = None
-        self._pending_state: dict | None = None
 
     def _build(self, model: nn.Module, patterns: ParamPatterns) -> ChildTuningD | ChildTuningF:
         raise NotImplementedError
@@ -32,23 +31,13 @@ class _ChildTuningSchedule(BaselineSchedule):
     def setup(self, model: nn.Module, patterns: ParamPatterns, total_steps: int) -> None:
         super().setup(model, patterns, total_steps)
         self.child = self._build(model, patterns)
-        if self._pending_state is not None:
-            self.child.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self.restore_pending_state()
 
     def on_gradients(self, step: int) -> None:
         self.child.apply()
 
-    def state_dict(self) -> dict:
-        return self.child.state_dict() if self.child is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if self.child is None:
-            self._pending_state = dict(state)
-        else:
-            self.child.load_state_dict(state)
+    def state_owner(self) -> ChildTuningD | ChildTuningF | None:
+        return self.child
 
 
 class ChildTuningFSchedule(_ChildTuningSchedule):

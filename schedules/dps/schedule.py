@@ -31,7 +31,6 @@ class DPSSchedule(BaselineSchedule):
         self.p, self.update_ratio, self.variant = self.cfg.p, self.cfg.update_ratio, self.cfg.variant
         self.dps: DPS | None = None
         self._mix: dict[str, MixoutWeight] | None = None
-        self._pending_state: dict | None = None
 
     def prepare_model(self, model: nn.Module, patterns: ParamPatterns) -> None:
         if self.cfg.disable_dropout:
@@ -50,9 +49,7 @@ class DPSSchedule(BaselineSchedule):
         super().setup(model, patterns, total_steps)
         self.dps = DPS(linear_weights(model), horizon, self.p, self.update_ratio, self.variant,
                        patterns=self.patterns(patterns, "dps"), mix=self._mix, seed=shared_seed())
-        if self._pending_state is not None:
-            self.dps.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self.restore_pending_state()
 
     def on_step_begin(self, step: int) -> None:
         self.dps.on_step_begin(step)
@@ -70,13 +67,5 @@ class DPSSchedule(BaselineSchedule):
         })
         return metrics
 
-    def state_dict(self) -> dict:
-        return self.dps.state_dict() if self.dps is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if self.dps is None:
-            self._pending_state = dict(state)
-        else:
-            self.dps.load_state_dict(state)
+    def state_owner(self) -> DPS | None:
+        return self.dps

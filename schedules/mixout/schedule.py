@@ -29,7 +29,6 @@ class MixoutSchedule(BaselineSchedule):
         super().__init__(cfg)
         self.mixout: Mixout | None = None
         self._wrappers: dict[str, MixoutWeight] | None = None
-        self._pending_state: dict | None = None
 
     def _patterns(self, patterns: ParamPatterns) -> tuple[str, ...]:
         if self.cfg.mixout_patterns:
@@ -49,20 +48,10 @@ class MixoutSchedule(BaselineSchedule):
         super().setup(model, patterns, total_steps)
         # the targets are snapshotted here, after the loop moved the model to its device
         self.mixout = Mixout(model, self.cfg.mixout_p, wrappers=self._wrappers, seed=shared_seed(), key=KEY)
-        if self._pending_state is not None:
-            self.mixout.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self.restore_pending_state()
 
     def log_metrics(self, step: int) -> dict[str, float]:
         return {**super().log_metrics(step), "mixout/kept_columns": self.mixout.kept}
 
-    def state_dict(self) -> dict:
-        return self.mixout.state_dict() if self.mixout is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if self.mixout is None:
-            self._pending_state = dict(state)
-        else:
-            self.mixout.load_state_dict(state)
+    def state_owner(self) -> Mixout | None:
+        return self.mixout
