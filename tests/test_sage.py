@@ -679,3 +679,32 @@ def test_registry_and_configs():
     assert exp.schedule.base == "adamax" and exp.schedule.lr == 2e-4 and exp.schedule.beta3 == 0.85
     assert exp.trainer.batch_size == 32 and exp.trainer.epochs == 3 and exp.trainer.max_grad_norm == 1.0
     assert exp.seed == 2018 and exp.name == "sage_glue" and exp.schedule.warmup_ratio == 0.1
+
+
+def test_mtdnn_adamax_is_adamax_sage_without_sage_and_not_torch_adamax():
+    """schedule.optimizer=adamax_mtdnn (the SAGE paper's GLUE baseline): m not bias-corrected,
+    u = max(b2·u, |g| + eps), theta -= lr·(m/(u + eps) + wd·theta), step by step by hand."""
+    from schedules import optimizer_class
+    from schedules.sage import AdamaxSAGE, MTDNNAdamax
+
+    assert optimizer_class("adamax_mtdnn") is MTDNNAdamax
+    torch.manual_seed(0)
+    w0 = torch.randn(4, 3, dtype=torch.float64)
+    grads = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    lr, (b1, b2), eps, wd = 0.1, (0.9, 0.999), 1e-6, 0.01
+    a, b, c = (torch.nn.Parameter(w0.clone()) for _ in range(3))
+    mine = MTDNNAdamax([a], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    sage_off = AdamaxSAGE([{"params": [b], "sage": False}], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    plain = torch.optim.Adamax([c], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    theta, m, u = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    for g in grads:
+        for p, opt in ((a, mine), (b, sage_off), (c, plain)):
+            p.grad = g.clone()
+            opt.step()
+        m = b1 * m + (1 - b1) * g
+        u = torch.maximum(b2 * u, g.abs() + eps)
+        theta = theta - lr * (m / (u + eps) + wd * theta)
+        torch.testing.assert_close(a.detach(), theta, rtol=1e-12, atol=1e-12)
+        assert torch.equal(a, b)
+    assert "exp_avg_sens" not in mine.state[a]
+    assert not torch.allclose(c.detach(), theta, rtol=1e-6, atol=1e-9)   # torch's Adamax is other maths
