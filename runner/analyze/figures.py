@@ -37,6 +37,14 @@ def _plt():
     return plt
 
 
+def _save_png(plt, fig, png: Path, files: list[Path]) -> None:
+    """Lay out, write and close ``fig``; its PNG goes first in ``files`` (before the CSVs)."""
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    files.insert(0, png)
+
+
 def _write_csv(path: Path, header: Sequence[str], rows: list[Sequence[Any]]) -> Path:
     import io
 
@@ -125,10 +133,7 @@ def sensitivity_section(analyses, out: Path, suffix: str, title: str) -> tuple[l
         ax.set_ylabel("fraction of entries per 0.05-decade bin")
         ax.set_title(f"{title}: sensitivity of the SAGE-pattern weights")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(png, dpi=120)
-        plt.close(fig)
-        files.insert(0, png)
+        _save_png(plt, fig, png, files)
     table = ["| schedule | " + " | ".join(f"< {r:g}·ref" for r in BELOW) + " |",
              "|---|" + "---|" * len(BELOW)]
     for sched, runs in groups.items():
@@ -183,10 +188,7 @@ def pruning_section(analyses, out: Path, suffix: str, title: str, criteria: Sequ
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.suptitle(f"{title}: pruning curves (mean, min–max over seeds)")
-        fig.tight_layout()
-        fig.savefig(png, dpi=120)
-        plt.close(fig)
-        files.insert(0, png)
+        _save_png(plt, fig, png, files)
     sparsities = sorted({s for pts in series.values() for s, _ in pts})
     table = ["| criterion | schedule | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |",
              "|---|---|" + "---|" * len(sparsities)]
@@ -253,10 +255,7 @@ def layers_section(analyses, out: Path, suffix: str, title: str, redundant: floa
                 ax.set_title(f"{sched}: {label}", fontsize=8)
                 fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(f"{title}: per layer (seeds pooled)")
-        fig.tight_layout()
-        fig.savefig(png, dpi=120)
-        plt.close(fig)
-        files.insert(0, png)
+        _save_png(plt, fig, png, files)
     table = ["| schedule | mean sensitivity | redundant |", "|---|---|---|"]
     for sched, runs in groups.items():
         means, reds = [], []

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .figures import _by_schedule, _plt, _write_csv
+from .figures import _by_schedule, _plt, _save_png, _write_csv
 
 
 def selected_fraction_counts(record: dict[str, Any]) -> list[int]:
@@ -69,10 +69,7 @@ def dps_section(analyses, records: dict[str, dict], out: Path, suffix: str, titl
         else:
             ax2.text(0.5, 0.5, "one selection phase: no overlap", ha="center", transform=ax2.transAxes)
         fig.suptitle(f"{title}: DPS selection")
-        fig.tight_layout()
-        fig.savefig(png, dpi=120)
-        plt.close(fig)
-        files.insert(0, png)
+        _save_png(plt, fig, png, files)
     table = ["| schedule | runs | selection phases | never kept | always kept | mean overlap |", "|---|---|---|---|---|---|"]
     for sched, runs in groups.items():
         never, always, overlaps, phases = [], [], [], set()
