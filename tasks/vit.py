@@ -12,6 +12,12 @@ weights from the Hugging Face hub (timm's default source); offline that is a one
 ``ConfigError`` pointing at ``task.model.pretrained=false`` or ``task.model.pretrained_file``
 (a local weights file that timm adapts to the new number of classes).
 
+LoRA (``task.peft=lora``, :mod:`tasks.lora`): the model is wrapped by peft with adapters on
+``task.lora.target_modules`` (null: ``TIMM_LORA_TARGETS``, the attention ``qkv``) and the classifier
+head (the module timm's ``pretrained_cfg["classifier"]`` names: ``head`` for ViT, ``fc`` for ResNets)
+kept trainable as a peft ``modules_to_save`` copy; every other weight is frozen and SAGE / DPS act on
+the adapters only (``common.families.lora_patterns``).
+
 Data (``task.dataset``: cifar10, cifar100, fashion_mnist, imagefolder, hf) is read by
 :mod:`tasks.vit_data`, which describes each dataset and the check of image files at setup.
 
@@ -44,6 +50,7 @@ cross-entropy per example (without label smoothing).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import warnings
@@ -55,15 +62,41 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ConfigError
-from common.families import ParamPatterns, family_patterns
+from common.families import ParamPatterns, family_patterns, lora_patterns
 
 from . import vit_data
 from .base import StepLoss, Task
 from .config import ViTConfig
+from .lora import apply_lora
 from .vit_data import DATASETS, FMNIST_DIR, ON_BAD_IMAGE, VERIFY_IMAGES, Source, Split, read_idx  # noqa: F401
 from .vit_data import abs_path as _abs_path, one_line as _one_line
 
 log = logging.getLogger("adaptune")
+
+#: **(choice)** The adapted modules when ``task.lora.target_modules`` is null (peft has no default for
+#: timm models): ``qkv``, the fused query/key/value projection of every ViT block; as in the LoRA
+#: paper, attention only: ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` are not adapted unless listed
+#: (e.g. ``[qkv,attn.proj,fc1,fc2]``; a bare ``proj`` would also match ``patch_embed.proj``, a Conv2d).
+#: Models without ``qkv`` modules (ResNets, ...) must name theirs: else a ConfigError.
+TIMM_LORA_TARGETS = ("qkv",)
+
+
+def classifier_names(model: torch.nn.Module) -> list[str]:
+    """The module name(s) of a timm model's classifier head: what its ``pretrained_cfg["classifier"]``
+    names (``head`` for ViT, ``fc`` for ResNets, ``head.fc`` for ConvNeXt, ``head`` and ``head_dist``
+    for distilled DeiT), else the module ``get_classifier()`` returns."""
+    modules = dict(model.named_modules())
+    pcfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = pcfg.get("classifier")
+    names = [n for n in ([names] if isinstance(names, str) else list(names or ())) if n in modules]
+    if not names and callable(getattr(model, "get_classifier", None)):
+        head = model.get_classifier()
+        names = [n for n, m in modules.items() if n and m is head][:1]
+    if not names:
+        raise ConfigError(f"task.peft=lora: cannot find the classifier head of the timm model "
+                          f"{type(model).__name__} (no pretrained_cfg['classifier'] nor get_classifier())")
+    return names
+
 
 class BatchPlan(NamedTuple):
     """One planned training batch: positions into the training split."""
@@ -143,12 +176,14 @@ class ImageClassificationTask(Task):
 
     def param_patterns(self, model: torch.nn.Module) -> ParamPatterns:
         """timm ViT names (``common.families``); no weight decay also for what the model itself
-        lists in ``no_weight_decay()`` (position embeddings, class / distillation tokens)."""
+        lists in ``no_weight_decay()`` (position embeddings, class / distillation tokens); with
+        ``task.peft=lora``, SAGE and DPS narrowed to the LoRA adapters (tasks/lora.py)."""
         patterns = dict(family_patterns("vit"))
-        own = getattr(model, "no_weight_decay", None)
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model   # peft
+        own = getattr(base, "no_weight_decay", None)
         if callable(own):
             patterns["no_decay"] = tuple(dict.fromkeys(patterns["no_decay"] + tuple(sorted(own()))))
-        return patterns
+        return lora_patterns(patterns) if self.cfg.peft == "lora" else patterns
 
     @property
     def num_classes(self) -> int:
@@ -286,6 +321,18 @@ class ImageClassificationTask(Task):
                     f"task.model.pretrained_file={m.pretrained_file}: cannot load it into '{m.name}' "
                     f"({_one_line(err)})") from None
             raise
+        if self.cfg.peft == "lora":   # adapters + the head (peft modules_to_save); tasks/lora.py
+            lora, default = self.cfg.lora, not self.cfg.lora.target_modules
+            if default:
+                lora = dataclasses.replace(lora, target_modules=list(TIMM_LORA_TARGETS))
+            head = classifier_names(model)
+            try:
+                model = apply_lora(model, lora, task_type=None, modules_to_save=head)
+            except ConfigError as err:
+                if not default:
+                    raise
+                raise ConfigError(f"{err} (task.lora.target_modules=null means {list(TIMM_LORA_TARGETS)} for timm "
+                                  f"models: list the modules of '{m.name}' to adapt)") from None
         return model
 
     # ------------------------------------------------------------------ batches

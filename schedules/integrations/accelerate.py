@@ -28,7 +28,13 @@ when ``optimizer.step()`` updates the parameters for a step whose gradients DPS 
 
 ``before_forward()`` may be called before every forward (it acts once per optimizer step); it
 is required for ``variant="mix"`` (the forward is patched by :func:`schedules.dps.attach_mix` when
-the helper is built: build it after ``accelerator.prepare`` and before the first forward).
+the helper is built: build it after ``accelerator.prepare`` and before the first forward). **Mix
+under DDP:** also call :meth:`AccelerateDPS.prepare_mix` on the model *before* ``accelerator.prepare``:
+registering the parametrization gives each weight a new autograd accumulator that the hooks DDP
+registered when it wrapped the model never see, so patched after the wrap those gradients would
+not be all-reduced (a ConfigError says so). Mix's draws use rank 0's seed on every rank
+(``seed=None``: :func:`schedules.sync.shared_seed`), as ``set_seed(..., device_specific=True)``
+seeds the ranks apart.
 DeepSpeed / FSDP: a ConfigError (sharded gradients), as in :mod:`.hf`.
 """
 from __future__ import annotations
@@ -37,8 +43,11 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..dps import DPS, attach_mix, linear_weights, phase_length
+from common.errors import ConfigError
+
+from ..dps import DPS, MixoutWeight, attach_mix, linear_weights, phase_length
 from ..dps.helpers import check_dps_hparams
+from ..sync import shared_seed
 from .guards import grads_overflowed, refuse_sharded
 from .patterns import model_patterns
 
@@ -70,9 +79,19 @@ class AccelerateDPS:
         refuse_sharded(self.model, None, self.KEY, reason=sharded and {"DEEPSPEED": "DeepSpeed"}.get(sharded, sharded))
         patterns = list(patterns) if patterns is not None else list(model_patterns(self.model, family)["dps"])
         key = f"{self.KEY}.patterns"
-        mix = attach_mix(self.model, patterns, key=key) if variant == "mix" else None
+        mix = None
+        if variant == "mix":
+            before = {id(m) for m in self.model.modules() if isinstance(m, MixoutWeight)}
+            mix = attach_mix(self.model, patterns, key=key)
+            if (isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                    and any(id(w) not in before for w in mix.values())):
+                raise ConfigError(
+                    f"{self.KEY}: DPS-Mix under DDP must patch the forward before accelerator.prepare wraps the model "
+                    "(else DDP never all-reduces the patched weights' gradients): call "
+                    "AccelerateDPS.prepare_mix(model) before accelerator.prepare(model, ...)")
+        # (seed) rank 0's on every rank: accelerate's set_seed(..., device_specific=True) seeds ranks apart
         self.dps = DPS(linear_weights(self.model), int(total_steps), p, update_ratio, variant,
-                       patterns=patterns, mix=mix, seed=seed, key=key)
+                       patterns=patterns, mix=mix, seed=seed if seed is not None else shared_seed(), key=key)
         self.step = 0               # optimizer steps whose gradients DPS processed
         self.skipped_steps = 0      # fp16 overflows
         self._begun = 0
@@ -82,6 +101,14 @@ class AccelerateDPS:
             while hasattr(inner, "optimizer") and isinstance(getattr(inner, "optimizer"), torch.optim.Optimizer):
                 inner = inner.optimizer
             inner.register_step_pre_hook(self._check_seen)
+
+    @classmethod
+    def prepare_mix(cls, model: torch.nn.Module, patterns: Sequence[str] | None = None, *,
+                    family: str | None = None) -> None:
+        """DPS-Mix under DDP: patch the forward of the *unprepared* ``model`` (before
+        ``accelerator.prepare``); the helper built after ``prepare`` with the same patterns reuses it."""
+        patterns = list(patterns) if patterns is not None else list(model_patterns(model, family)["dps"])
+        attach_mix(model, patterns, key=f"{cls.KEY}.patterns")
 
     def before_forward(self) -> None:
         """Before a forward pass: the first call of each optimizer step enters it (Mix: draws ``N``)."""

@@ -45,9 +45,15 @@ fp16 step whose gradients overflowed (the GradScaler skips it) is skipped by DPS
 DeepSpeed and FSDP shard or flatten the gradients, so DPS cannot see whole weight matrices: a
 :class:`~common.errors.ConfigError` at ``on_train_begin``.
 
-**(choice) Mix** is supported: ``on_train_begin`` attaches :func:`schedules.dps.attach_mix` to the
-selected Linears (a ``torch.nn.utils.parametrize`` of their weights: same ``Parameter`` objects, so
-the optimizer the Trainer built is unaffected; ``state_dict`` keys unchanged). It is refused, with
+**(choice) Mix** is supported: ``on_init_end`` (the end of ``Trainer.__init__``, before ``train()``
+wraps the model in DDP) attaches :func:`schedules.dps.attach_mix` to the selected Linears (a
+``torch.nn.utils.parametrize`` of their weights: same ``Parameter`` objects, so the optimizer the
+Trainer built is unaffected; ``state_dict`` keys unchanged). Registering the parametrization gives
+each weight a new autograd accumulator, which the hooks DDP registered when it wrapped the model
+never see: attached after the wrap, those gradients would not be all-reduced (ranks drift apart
+silently under the Trainer's ``find_unused_parameters=True``). So under DDP the callback must be
+passed to ``Trainer(callbacks=[...])`` with the model (``add_callback`` / ``model_init``: a
+ConfigError at ``on_train_begin``); in one process ``on_train_begin`` attaches it. It is refused, with
 the reason, where that forward cannot be patched: DeepSpeed/FSDP, a selected weight that is not a
 floating-point ``nn.Linear`` weight (quantised layers), or one already parametrized by something
 else. Not tested with ``torch_compile=True``.
@@ -68,6 +74,7 @@ from common.errors import ConfigError
 
 from ..dps import DPS, attach_mix, check_dps_hparams, linear_weights, phase_length
 from ..sage import AdamaxSAGE, AdamWSAGE, sage_param_groups
+from ..sync import shared_seed
 from .guards import grads_overflowed, refuse_sharded
 from .patterns import model_patterns
 
@@ -173,8 +180,9 @@ class DPSCallback(TrainerCallback):
             adapters.
         family: the pattern family when ``patterns`` is None and the model type is not known.
         total_steps: ``T``; None: ``state.max_steps`` (the run's optimizer steps).
-        seed: seed of Mix's draws; None: derived from the run seed (the Trainer seeds every rank
-            alike, so DDP ranks draw the same masks).
+        seed: seed of Mix's draws; None: derived from the run seed, rank 0's on every rank
+            (:func:`schedules.sync.shared_seed`), so DDP ranks draw the same masks even where
+            user code seeds the ranks apart.
 
     After training, ``callback.dps`` is the :class:`~schedules.dps.DPS` object (``kept_fraction()``,
     ``masks``, ``state_dict()``).
@@ -190,10 +198,22 @@ class DPSCallback(TrainerCallback):
         self.patterns = list(patterns) if patterns is not None else None
         self.family, self.total_steps, self.seed = family, total_steps, seed
         self.dps: DPS | None = None
+        self._mix_attached = False  # Mix's forward patched at on_init_end, before the Trainer wraps the model (DDP)
         self.masked_step = 0       # last optimizer step whose gradients DPS processed (or skipped: fp16 overflow)
         self.skipped_steps = 0
 
     # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # Mix: patch the forward now, before train() wraps the model in DistributedDataParallel.
+        # register_parametrization gives each weight a new autograd accumulator, so DDP's
+        # all-reduce hooks (registered on the old ones when it wrapped) would never fire for it.
+        if self.variant == "mix" and model is not None:
+            refuse_sharded(model, args, self.KEY)
+            patterns = self.patterns or list(model_patterns(model, self.family)["dps"])
+            self._check_patchable(model, patterns, f"{self.KEY}.patterns")
+            attach_mix(model, patterns, key=f"{self.KEY}.patterns")
+            self._mix_attached = True
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise RuntimeError(f"{self.KEY}: the Trainer passed no model to on_train_begin")
@@ -204,10 +224,16 @@ class DPSCallback(TrainerCallback):
         key = f"{self.KEY}.patterns"
         mix = None
         if self.variant == "mix":
+            if not self._mix_attached and getattr(args, "world_size", 1) > 1:
+                raise ConfigError(
+                    f"{self.KEY}: DPS-Mix under DDP must patch the forward before the Trainer wraps the model in "
+                    "DistributedDataParallel (else DDP never all-reduces the patched weights' gradients); pass the "
+                    "callback to Trainer(callbacks=[...]) with the model (not add_callback, not model_init)")
             self._check_patchable(model, patterns, key)
             mix = attach_mix(model, patterns, key=key)
         self.dps = DPS(linear_weights(model), total, self.p, self.update_ratio, self.variant,
-                       patterns=patterns, mix=mix, seed=self.seed, key=key)
+                       patterns=patterns, mix=mix, seed=self.seed if self.seed is not None else shared_seed(),
+                       key=key)
         self.masked_step = int(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
