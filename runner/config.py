@@ -41,7 +41,7 @@ class TrainerConfig:
     num_threads: int = setting(2, check=positive)   # torch intra-op threads on CPU
     num_workers: int = setting(0, check=non_negative_int)   # DataLoader processes preparing batches; 0: in-process
     # torch.compile the training forward/backward (evaluation stays eager). Off by default: on 2
-    # CPU cores compiling MiniLM took ~3 min for a step ~5% faster (bench/bench_loop.py --variants ours ours_compile)
+    # CPU cores compiled MiniLM steps ran at 0.90x eager speed (bench/bench_loop.py --part ceiling --compile)
     compile: bool = False
     eval_every: Optional[int] = setting(None, check=optional(positive))   # steps between dev evaluations; null: each epoch's end
     save_every: int = setting(200, check=positive)   # steps between checkpoints (also at each evaluation and the end)
