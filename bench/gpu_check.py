@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py env          # the environment
     python bench/gpu_check.py sage-step    # (a) SAGE's fused path vs torch fused AdamW, BERT-base shapes
+    python bench/gpu_check.py sage-grouped # (a2) its grouped (multi-tensor) compiled form vs per tensor
     python bench/gpu_check.py one-step     # (b) one training step per schedule, bf16 and fp16
     python bench/gpu_check.py data DIR     # RTE-shaped GLUE files for (c)
     python bench/gpu_check.py summarize DIR  # (c) the 200-step runs' results.json files as a table
@@ -19,6 +20,10 @@ What each part checks and prints:
     to fused AdamW (issue #16: a ratio over 1.5x asks for a multi-tensor CUDA path) and the first
     step (includes compilation). The memory-traffic ratio, the floor for any implementation, is
     1.22x.
+(a2) The same shapes: AdamW-SAGE's compiled update in its multi-tensor form
+    (``compiled.BACKEND = "grouped"``, one call per group) against fused AdamW, and its first step
+    (the compilation): against (a)'s per-tensor line, which form should be the default on CUDA.
+    Run last: its compilation time on a GPU is unknown.
 (b) For each schedule (baseline, sage, dps dense, dps mix) and precision (bf16, fp16): the
     runner's ``Trainer`` on a randomly initialised BERT-base (the MiniLM package's BERT config
     and tokenizer with BERT-base sizes; nothing is downloaded), RTE-shaped data (pairs cut to
@@ -112,15 +117,15 @@ def part_env(args) -> None:
 
 
 # ------------------------------------------------------------------------------------ (a)
-def part_sage_step(args) -> None:
-    from bench_sage import bert_base_shapes, state_bytes
+def _bert_base_params(args):
+    """BERT-base's tensors (tiny in a dry run) with gradients, and SAGE's parameter groups."""
+    from bench_sage import bert_base_shapes
 
-    from schedules.sage import AdamaxSAGE, AdamWSAGE, sage_param_groups
+    from schedules.sage import sage_param_groups
 
     dry = dry_run(args)
     device = device_or_exit(dry)
     sizes = {"layers": 1, "hidden": 64, "inter": 128, "vocab": 1000, "max_pos": 64} if dry else {}
-    rounds = 3 if dry else args.rounds
     torch.manual_seed(0)
     named = [(n, torch.nn.Parameter(torch.randn(s, device=device) * 0.02)) for n, s in bert_base_shapes(**sizes)]
     for _, p in named:
@@ -129,25 +134,44 @@ def part_sage_step(args) -> None:
     groups = sage_param_groups(named, family="bert", weight_decay=0.01)
     n_total = sum(p.numel() for p in params)
     n_sage = sum(p.numel() for g in groups if g["sage"] for p in g["params"])
-    print(f"(a) optimizer step on {device}: {len(params)} tensors, {n_total / 1e6:.1f}M parameters "
-          f"({n_sage / 1e6:.1f}M in SAGE groups), {rounds} interleaved rounds")
-    opts = {"torch AdamW fused": torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True),
-            "AdamW-SAGE fused": AdamWSAGE(groups, lr=1e-5, beta3=0.85, fused=True),
-            "Adamax-SAGE fused": AdamaxSAGE(groups, lr=2e-5, beta3=0.85, fused=True)}
-    first, times = {}, {name: [] for name in opts}
-    for name, opt in opts.items():
-        sync(device)
-        t0 = time.perf_counter()
-        opt.step()
-        sync(device)
-        first[name] = time.perf_counter() - t0
-    for _ in range(rounds):
-        for name, opt in opts.items():
+    rounds = 3 if dry else args.rounds
+    print(f"optimizer step on {device}: {len(params)} tensors, {n_total / 1e6:.1f}M parameters "
+          f"({n_sage / 1e6:.1f}M in SAGE groups), {rounds} interleaved rounds", flush=True)
+    return device, params, groups, rounds
+
+
+def _time_steps(opts: dict, device, rounds: int, setup=None) -> tuple[dict, dict]:
+    """First step (compilation included) and ``rounds`` interleaved CUDA-synchronised step times of
+    each optimizer; ``setup(name)`` returns a context entered around that optimizer's steps."""
+    import contextlib
+
+    def timed(name, opt):
+        with setup(name) if setup else contextlib.nullcontext():
             sync(device)
             t0 = time.perf_counter()
             opt.step()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            return time.perf_counter() - t0
+
+    first = {name: timed(name, opt) for name, opt in opts.items()}
+    times = {name: [] for name in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            times[name].append(timed(name, opt))
+    return first, times
+
+
+def part_sage_step(args) -> None:
+    from bench_sage import state_bytes
+
+    from schedules.sage import AdamaxSAGE, AdamWSAGE
+
+    print("(a) ", end="")
+    device, params, groups, rounds = _bert_base_params(args)
+    opts = {"torch AdamW fused": torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True),
+            "AdamW-SAGE fused": AdamWSAGE(groups, lr=1e-5, beta3=0.85, fused=True),
+            "Adamax-SAGE fused": AdamaxSAGE(groups, lr=2e-5, beta3=0.85, fused=True)}
+    first, times = _time_steps(opts, device, rounds)
     ref = statistics.median(times["torch AdamW fused"])
     print(f"{'optimizer':22s} {'path':10s} {'median ms':>10s} {'ratio':>7s} {'min ms':>8s} {'first step ms':>14s} "
           f"{'state MB':>9s}")
@@ -163,6 +187,50 @@ def part_sage_step(args) -> None:
     verdict = "within" if worst <= 1.5 else "OVER"
     print(f"SUMMARY (a): slowest SAGE step {worst:.2f}x torch fused AdamW ({verdict} the 1.5x bound of issue #16; "
           "the memory-traffic floor is 1.22x)")
+    if not finite:
+        sys.exit(1)
+
+
+def part_sage_grouped(args) -> None:
+    """(a2) The fused path's multi-tensor compiled form (``schedules.sage.compiled.BACKEND =
+    "grouped"``: one call per group) against its per-tensor form and torch's fused AdamW; in a dry
+    run both compiled forms are forced on this CPU (instead of the C++ kernel)."""
+    import contextlib
+
+    from schedules.sage import AdamWSAGE, compiled
+    from schedules.sage import optimizer as sage_optimizer
+
+    print("(a2) ", end="")
+    device, params, groups, rounds = _bert_base_params(args)
+    ref_params = [p.detach().clone() for p in params]
+    # (choice) the per-tensor form is (a)'s AdamW-SAGE line: not compiled again here, to keep the
+    # part's time for the grouped compilation (one graph per group)
+    opts = {"torch AdamW fused": torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True),
+            "AdamW-SAGE grouped": AdamWSAGE(groups, lr=1e-5, beta3=0.85, fused=True)}
+
+    @contextlib.contextmanager
+    def backend(name):
+        saved = compiled.BACKEND, sage_optimizer.USE_CPU_KERNEL
+        compiled.BACKEND = "grouped" if name.endswith("grouped") else "per_tensor"
+        sage_optimizer.USE_CPU_KERNEL = device.type != "cpu"   # dry run: the compiled forms on CPU
+        try:
+            yield
+        finally:
+            compiled.BACKEND, sage_optimizer.USE_CPU_KERNEL = saved
+
+    first, times = _time_steps(opts, device, rounds, setup=backend)
+    ref = statistics.median(times["torch AdamW fused"])
+    print(f"{'optimizer':22s} {'median ms':>10s} {'ratio':>7s} {'min ms':>8s} {'first step ms':>14s}")
+    for name in opts:
+        med = statistics.median(times[name])
+        print(f"{name:22s} {med * 1e3:10.2f} {med / ref:6.2f}x {min(times[name]) * 1e3:8.2f} {first[name] * 1e3:14.0f}")
+    moved = max(float((p.detach() - q).abs().max()) for p, q in zip(params, ref_params))
+    finite = all(bool(torch.isfinite(p).all()) for p in params) and not compiled._broken
+    print(f"parameters finite, compilation ok: {finite}; largest move {moved:.2e}")
+    grouped = statistics.median(times["AdamW-SAGE grouped"]) / ref
+    print(f"SUMMARY (a2): AdamW-SAGE grouped {grouped:.2f}x torch fused AdamW, first step (compilation) "
+          f"{first['AdamW-SAGE grouped']:.0f} s; compare (a)'s AdamW-SAGE fused line, the per-tensor form "
+          f"(schedules/sage/compiled.py BACKEND is {compiled.BACKEND!r})")
     if not finite:
         sys.exit(1)
 
@@ -301,7 +369,7 @@ def part_summarize(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=("env", "sage-step", "one-step", "data", "summarize"))
+    ap.add_argument("part", choices=("env", "sage-step", "sage-grouped", "one-step", "data", "summarize"))
     ap.add_argument("dir", nargs="?", help="data: where to write; summarize: the multirun directory")
     ap.add_argument("--dry", action="store_true", help="CPU, tiny shapes (also GPU_CHECK_DRY=1)")
     ap.add_argument("--rounds", type=int, default=20, help="(a) timed rounds")
@@ -313,6 +381,8 @@ def main(argv=None) -> None:
         part_env(args)
     elif args.part == "sage-step":
         part_sage_step(args)
+    elif args.part == "sage-grouped":
+        part_sage_grouped(args)
     elif args.part == "one-step":
         part_one_step(args)
     elif args.part == "data":

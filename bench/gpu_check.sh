@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of issue #16: one command for a session that has a CUDA device (written for one
-# H200; about 4-5 minutes there expected, at most 7.7 with every part at its timeout:
-# 20 + 120 + 120 + 180 + 20 s). Run it unchanged:
+# H200; about 4-5 minutes there expected, at most 8.0 with every part at its timeout:
+# 20 + 90 + 110 + 160 + 10 + 90 s). Run it unchanged:
 #
 #   bash bench/gpu_check.sh                  # needs CUDA; exits 3 at once without it
-#   GPU_CHECK_DRY=1 bash bench/gpu_check.sh  # CPU dry run, tiny shapes (~30 s on 2 idle cores)
+#   GPU_CHECK_DRY=1 bash bench/gpu_check.sh  # CPU dry run, tiny shapes (~50 s on 2 idle cores)
 #
 # Parts (each under its own timeout; the Python parts live in bench/gpu_check.py):
 #   env  the environment (python, torch, CUDA, the device)
@@ -13,6 +13,7 @@
 #        BERT-base through the runner's Trainer: finite losses, step times
 #   (c)  200-step BERT-base RTE-shaped runs (batch 32 and 16, seq 128, 2 classes) on generated
 #        data through the app (one Hydra multirun), samples/s and ratios vs the baseline
+#   (a2) last: (a) with the fused update compiled per group (multi-tensor) instead of per tensor
 # The summary (every part's output) goes to $OUT/gpu_check.txt when $OUT is set, else to
 # outputs/gpu_check/gpu_check.txt. Exit status: 0 all parts passed, 3 no CUDA device, 4 packages
 # missing (make setup), else the number of failed parts.
@@ -43,13 +44,13 @@ PYEOF
 fi
 
 if [[ -n "$DRY" ]]; then
-  STEPS=4; BATCHES=4,2; NTRAIN=32; T_A=300; T_B=600; T_C=600
+  STEPS=4; BATCHES=4,2; NTRAIN=32; T_A=300; T_A2=300; T_B=600; T_C=600
   # (DPS needs a phase of at least one step: U = int(4 * 0.25) = 1)
   DEVICE_ARGS=(trainer.device=cpu trainer.precision=fp32 schedule.update_ratio=0.25)
   MODEL=(task.model.config_overrides='{hidden_size:32,num_hidden_layers:2,num_attention_heads:2,intermediate_size:64,max_position_embeddings:160}')
   echo "gpu_check: DRY RUN on CPU with tiny shapes (GPU_CHECK_DRY is set)" | tee -a "$SUMMARY"
 else
-  STEPS=200; BATCHES=32,16; NTRAIN=6400; T_A=120; T_B=120; T_C=180
+  STEPS=200; BATCHES=32,16; NTRAIN=6400; T_A=90; T_A2=90; T_B=110; T_C=160
   DEVICE_ARGS=(trainer.device=cuda trainer.precision=auto)
   MODEL=(task.model.config_overrides='{hidden_size:768,num_hidden_layers:12,num_attention_heads:12,intermediate_size:3072}')
   if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
@@ -91,7 +92,9 @@ run_part "(c) ${STEPS}-step RTE-shaped runs through the app" "$T_C" "$PY" -m run
   callbacks.evaluation=null callbacks.checkpoint=null logger=none resume=false seed=1 \
   schedule=baseline,sage,dps,dps_mix trainer.batch_size=$BATCHES \
   name=gpu_check "hydra.sweep.dir=$WORK/multirun"
-run_part "(c) summary" 20 "$PY" bench/gpu_check.py summarize "$WORK/multirun"
+run_part "(c) summary" 10 "$PY" bench/gpu_check.py summarize "$WORK/multirun"
+# last: how long the grouped compilation takes on a GPU is not known yet
+run_part "(a2) SAGE fused update compiled per group (multi-tensor)" "$T_A2" "$PY" bench/gpu_check.py sage-grouped "${DRYFLAG[@]}"
 
 echo "=== gpu_check: $FAILED part(s) failed; summary in $SUMMARY ===" | tee -a "$SUMMARY"
 exit "$FAILED"

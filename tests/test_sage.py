@@ -123,22 +123,26 @@ def cpu_kernel_or_skip():
         pytest.skip(f"the SAGE CPU kernel cannot be built here: {cpu_kernel.failure()}")
 
 
-def use_compiled_kernel(monkeypatch):
-    """Route the fused path through the torch.compile kernels (the CUDA path) on this CPU."""
+def use_compiled_kernel(monkeypatch, backend: str = "per_tensor"):
+    """Route the fused path through the torch.compile kernels (the CUDA path) on this CPU:
+    per tensor, or ``grouped`` (one multi-tensor call per group)."""
     if not compiled.usable():
         pytest.skip("torch.compile is not usable here")
     monkeypatch.setattr(optimizer_mod, "USE_CPU_KERNEL", False)
     monkeypatch.setattr(compiled, "MIN_TENSOR", 0)           # compile even these tiny tensors
+    monkeypatch.setattr(compiled, "BACKEND", backend)
+    monkeypatch.setattr(compiled, "_broken", False)          # a failure elsewhere must not hide this path
 
 
-@pytest.mark.parametrize("impl", ["reference", "fused", "compiled"])
+@pytest.mark.parametrize("impl", ["reference", "fused", "compiled", "grouped"])
 @pytest.mark.parametrize("kind,cls,bc,wd", CASES)
 def test_matches_spec_transcription(kind, cls, bc, wd, impl, monkeypatch):
     """Every implementation against the float64 transcription, step by step, in double
     precision (fused on CPU: the C++ multi-tensor kernel; compiled: the fused path's
-    torch.compile backend, as on CUDA)."""
-    if impl == "compiled":
-        use_compiled_kernel(monkeypatch)
+    torch.compile backend, as on CUDA, per tensor; grouped: its multi-tensor form)."""
+    compiled_path = impl in ("compiled", "grouped")
+    if compiled_path:
+        use_compiled_kernel(monkeypatch, "grouped" if impl == "grouped" else "per_tensor")
         impl = "fused"
     elif impl == "fused":
         cpu_kernel_or_skip()
@@ -161,6 +165,7 @@ def test_matches_spec_transcription(kind, cls, bc, wd, impl, monkeypatch):
         if SPEC_GROUPS(wd)[i][0]:
             torch.testing.assert_close(st["exp_avg_sens"], spec.sbar[i], rtol=1e-10, atol=1e-12)
     assert spec.t == [60, 45, 60, 60]
+    assert not (compiled_path and compiled._broken)   # the compiled kernels ran, not the eager fallback
     # the run moved every tensor substantially (the comparison is not vacuous)
     assert all((p.detach() - q).abs().max() > 1e-3 for p, q in zip(params, make_params()))
 
@@ -210,11 +215,15 @@ def _same_as_reference(cls, impl: str, steps: int) -> bool:
     return all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("backend", ["cpu_kernel", "compiled"])
+@pytest.mark.parametrize("backend", ["cpu_kernel", "compiled", "grouped"])
 def test_fused_matches_reference(backend, monkeypatch):
-    """Both fused backends (both optimizers, SAGE and plain groups; bf16 in test_bf16_*)."""
-    if backend == "compiled":
-        use_compiled_kernel(monkeypatch)
+    """Every fused backend (both optimizers, SAGE and plain groups; bf16 in test_bf16_*)."""
+    calls = []
+    if backend in ("compiled", "grouped"):
+        use_compiled_kernel(monkeypatch, "grouped" if backend == "grouped" else "per_tensor")
+        run = compiled.run
+        monkeypatch.setattr(compiled, "run", lambda fn, fallback, *a: (
+            calls.append((fn.__name__, len(a[0]) if isinstance(a[0], list) else 1)), run(fn, fallback, *a)))
     else:
         cpu_kernel_or_skip()
         monkeypatch.setattr(compiled, "run", lambda *a: pytest.fail("compiled kernel called"))
@@ -231,6 +240,15 @@ def test_fused_matches_reference(backend, monkeypatch):
     if backend == "compiled":
         assert not compiled._broken
         assert {"adamw_fused_kernel", "adamax_fused_kernel"} <= {k.split("/")[0] for k in compiled._cache}
+        assert {name for name, _ in calls} == {"adamw_fused_kernel", "adamax_fused_kernel"}
+    if backend == "grouped":
+        # one call per group and step (two in group 0 once its second tensor, which skips every
+        # 4th step, lags the first): 72 calls per optimizer carry all 75 tensor updates
+        assert not compiled._broken
+        for name in ("adamw_fused_kernel_grouped", "adamax_fused_kernel_grouped"):
+            mine = [n for c, n in calls if c == name]
+            assert len(mine) == 72 and sum(mine) == 75
+        assert len(calls) == 144
 
 
 @pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])

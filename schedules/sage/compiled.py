@@ -21,8 +21,17 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-MIN_TENSOR = 1 << 15            # smaller tensors take the reference loop instead
+MIN_TENSOR = 1 << 15            # smaller tensors take the reference loop instead (per_tensor backend)
+#: How the fused path calls the compiled update where the C++ kernel does not run (CUDA):
+#: ``"per_tensor"``: one compiled call per tensor from :data:`MIN_TENSOR` elements on (~40 µs of
+#: Python each), smaller tensors in the reference loop; ``"grouped"``: one compiled call per group
+#: over all its contiguous tensors, small ones included (:func:`grouped`; on CUDA inductor's combo
+#: kernels launch many tensors' updates at once). **(choice)** ``per_tensor`` stays the default until
+#: ``bench/gpu_check.sh`` has timed both on a GPU (its part (a) prints both ratios to fused AdamW).
+BACKEND = "per_tensor"
+GROUPED_RECOMPILE_LIMIT = 64     # grouped graphs allowed per process (see :func:`run`)
 _cache: dict[str, Callable] = {}  # "kernel name/threads=N" -> compiled kernel
+_grouped: dict[Callable, Callable] = {}  # per-tensor update -> its multi-tensor wrapper
 _broken = False                 # a compilation failed: use the eager path from now on
 
 
@@ -42,10 +51,28 @@ def kernel(fn: Callable) -> Callable:
     key = f"{fn.__name__}/threads={threads}"
     if key not in _cache:
         log.info("SAGE: compiling %s with torch.compile (once per process)", fn.__name__)
-        _cache[key] = torch.compile(fn, dynamic=True, fullgraph=True, options={
-            "cpp.threads": threads, "cpp.min_chunk_size": 1,
-            "cpp.enable_floating_point_contract_flag": "fast"})
+        options = {"cpp.threads": threads, "cpp.min_chunk_size": 1,
+                   "cpp.enable_floating_point_contract_flag": "fast"}
+        if getattr(fn, "_multi_tensor", False) and torch.cuda.is_available():
+            options["combo_kernels"] = True   # horizontal fusion: few launches for the whole group
+        _cache[key] = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
     return _cache[key]
+
+
+def grouped(fn: Callable) -> Callable:
+    """The multi-tensor form of a per-tensor update ``fn(p, g, m, v, s, *scalars)``: the same
+    arguments as lists (``s`` a list or None), ``fn`` applied to each tensor in turn. Compiled by
+    :func:`kernel` as one graph per group (recompiled when the group's tensor count changes), so a
+    step costs one Python call per group instead of one per tensor."""
+    if fn not in _grouped:
+        def multi(ps, gs, ms, vs, ss, *scalars):
+            for i in range(len(ps)):
+                fn(ps[i], gs[i], ms[i], vs[i], None if ss is None else ss[i], *scalars)
+
+        multi.__name__ = f"{fn.__name__}_grouped"
+        multi._multi_tensor = True
+        _grouped[fn] = multi
+    return _grouped[fn]
 
 
 def usable() -> bool:
@@ -70,7 +97,15 @@ def run(fn: Callable, fallback: Callable[[], None], *args) -> None:
     global _broken
     if not _broken:
         try:
-            kernel(fn)(*args)
+            if getattr(fn, "_multi_tensor", False):
+                # one graph per group signature (tensor count, SAGE or plain, optimizer): more than
+                # dynamo's default of 8 recompiles per code object, all sharing ``multi``'s code
+                import torch._dynamo
+
+                with torch._dynamo.config.patch(recompile_limit=GROUPED_RECOMPILE_LIMIT):
+                    kernel(fn)(*args)
+            else:
+                kernel(fn)(*args)
             return
         except Exception as err:  # BackendCompilerFailed, missing C++ compiler, ...
             _broken = True

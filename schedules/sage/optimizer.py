@@ -37,7 +37,9 @@ Implementation choices shared by both optimizers (**(choice)** marks a decision 
     - elsewhere (CUDA), or where that kernel cannot be built, the same expression per tensor,
       compiled once per process with ``torch.compile(dynamic=True)`` (:mod:`.compiled`); tensors
       under 2^15 elements take the reference loop there, since each compiled call costs ~40 µs
-      of Python.
+      of Python. Its multi-tensor form (``compiled.BACKEND = "grouped"``: one compiled call per
+      group, small tensors included) is ready for CUDA and tested on CPU, but not yet timed on a
+      GPU, so it is not the default (``bench/gpu_check.sh`` times both).
 
     Non-contiguous tensors take the reference loop. Both backends compute low-precision dtypes in
     float32 and contract multiply-adds, so they match the reference to rounding (float64 runs
@@ -201,7 +203,8 @@ class SAGEOptimizer(torch.optim.Optimizer):
 
         On CPU all contiguous tensors go to the C++ kernel in one call. Elsewhere (or where that
         kernel cannot be built) each contiguous tensor from ``compiled.MIN_TENSOR`` elements on
-        gets one call of the compiled kernel.
+        gets one call of the compiled kernel, or, with ``compiled.BACKEND = "grouped"``, all
+        contiguous tensors one call of its compiled multi-tensor form.
         """
         keys = (*self._base_keys, "exp_avg_sens") if group["sage"] else self._base_keys
         coefficients = self._kernel_coefficients(group, t)
@@ -217,6 +220,17 @@ class SAGEOptimizer(torch.optim.Optimizer):
                     state_lists.append([])
                 getattr(cpu_kernels, self._cpu_kernel)(
                     [params[i] for i in take], [grads[i] for i in take], *state_lists, *coefficients)
+        elif compiled.BACKEND == "grouped":
+            take = [i for i, ok in enumerate(contiguous) if ok]
+            if take:
+                flat = compiled.flat
+                lists = [[flat(params[i]) for i in take], [flat(grads[i]) for i in take],
+                         *([flat(states[i][k]) for i in take] for k in self._base_keys),
+                         [flat(states[i]["exp_avg_sens"]) for i in take] if group["sage"] else None]
+                compiled.run(compiled.grouped(self._fused_kernel),
+                             lambda: self._reference(group, t, [params[i] for i in take], [grads[i] for i in take],
+                                                     [states[i] for i in take]),
+                             *lists, *compiled.scalars(params[0].device, params[0].dtype, coefficients))
         else:
             take, scalars = [], None
             flat = compiled.flat
