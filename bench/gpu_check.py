@@ -2,7 +2,7 @@
 
     python bench/gpu_check.py env          # the environment
     python bench/gpu_check.py sage-step    # (a) SAGE's fused path vs torch fused AdamW, BERT-base shapes
-    python bench/gpu_check.py sage-grouped # (a2) its grouped (multi-tensor) compiled form vs per tensor
+    python bench/gpu_check.py sage-grouped # (a2) its grouped (multi-tensor) compiled form vs fused AdamW
     python bench/gpu_check.py one-step     # (b) one training step per schedule, bf16 and fp16
     python bench/gpu_check.py data DIR     # RTE-shaped GLUE files for (c)
     python bench/gpu_check.py summarize DIR  # (c) the 200-step runs' results.json files as a table
@@ -193,8 +193,8 @@ def part_sage_step(args) -> None:
 
 def part_sage_grouped(args) -> None:
     """(a2) The fused path's multi-tensor compiled form (``schedules.sage.compiled.BACKEND =
-    "grouped"``: one call per group) against its per-tensor form and torch's fused AdamW; in a dry
-    run both compiled forms are forced on this CPU (instead of the C++ kernel)."""
+    "grouped"``: one call per group) against torch's fused AdamW; in a dry run it is forced on this
+    CPU (instead of the C++ kernel)."""
     import contextlib
 
     from schedules.sage import AdamWSAGE, compiled
@@ -209,9 +209,9 @@ def part_sage_grouped(args) -> None:
             "AdamW-SAGE grouped": AdamWSAGE(groups, lr=1e-5, beta3=0.85, fused=True)}
 
     @contextlib.contextmanager
-    def backend(name):
+    def backend(name):   # (torch's AdamW ignores both switches)
         saved = compiled.BACKEND, sage_optimizer.USE_CPU_KERNEL
-        compiled.BACKEND = "grouped" if name.endswith("grouped") else "per_tensor"
+        compiled.BACKEND = "grouped"
         sage_optimizer.USE_CPU_KERNEL = device.type != "cpu"   # dry run: the compiled forms on CPU
         try:
             yield

@@ -54,6 +54,11 @@ from .patterns import model_patterns
 __all__ = ["AccelerateDPS"]
 
 
+def _dps_patterns(model: torch.nn.Module, patterns: Sequence[str] | None, family: str | None) -> list[str]:
+    """The selected weights' patterns: ``patterns``, else the model's family's DPS patterns."""
+    return list(patterns) if patterns is not None else list(model_patterns(model, family)["dps"])
+
+
 class AccelerateDPS:
     """DPS driven from an ``accelerate`` loop (see the module docstring).
 
@@ -77,7 +82,7 @@ class AccelerateDPS:
         dist_type = str(getattr(accelerator, "distributed_type", ""))
         sharded = next((name for name in ("DEEPSPEED", "FSDP") if name in dist_type), None)
         refuse_sharded(self.model, None, self.KEY, reason=sharded and {"DEEPSPEED": "DeepSpeed"}.get(sharded, sharded))
-        patterns = list(patterns) if patterns is not None else list(model_patterns(self.model, family)["dps"])
+        patterns = _dps_patterns(self.model, patterns, family)
         key = f"{self.KEY}.patterns"
         mix = None
         if variant == "mix":
@@ -107,8 +112,7 @@ class AccelerateDPS:
                     family: str | None = None) -> None:
         """DPS-Mix under DDP: patch the forward of the *unprepared* ``model`` (before
         ``accelerator.prepare``); the helper built after ``prepare`` with the same patterns reuses it."""
-        patterns = list(patterns) if patterns is not None else list(model_patterns(model, family)["dps"])
-        attach_mix(model, patterns, key=f"{cls.KEY}.patterns")
+        attach_mix(model, _dps_patterns(model, patterns, family), key=f"{cls.KEY}.patterns")
 
     def before_forward(self) -> None:
         """Before a forward pass: the first call of each optimizer step enters it (Mix: draws ``N``)."""

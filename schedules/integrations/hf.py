@@ -209,9 +209,7 @@ class DPSCallback(TrainerCallback):
         # all-reduce hooks (registered on the old ones when it wrapped) would never fire for it.
         if self.variant == "mix" and model is not None:
             refuse_sharded(model, args, self.KEY)
-            patterns = self.patterns or list(model_patterns(model, self.family)["dps"])
-            self._check_patchable(model, patterns, f"{self.KEY}.patterns")
-            attach_mix(model, patterns, key=f"{self.KEY}.patterns")
+            self._attach_mix(model, self._patterns(model))
             self._mix_attached = True
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -220,8 +218,7 @@ class DPSCallback(TrainerCallback):
         refuse_sharded(model, args, self.KEY)
         total = int(self.total_steps or state.max_steps)
         phase_length(total, self.update_ratio, prefix=self.KEY)
-        patterns = self.patterns or list(model_patterns(model, self.family)["dps"])
-        key = f"{self.KEY}.patterns"
+        patterns = self._patterns(model)
         mix = None
         if self.variant == "mix":
             if not self._mix_attached and getattr(args, "world_size", 1) > 1:
@@ -229,11 +226,10 @@ class DPSCallback(TrainerCallback):
                     f"{self.KEY}: DPS-Mix under DDP must patch the forward before the Trainer wraps the model in "
                     "DistributedDataParallel (else DDP never all-reduces the patched weights' gradients); pass the "
                     "callback to Trainer(callbacks=[...]) with the model (not add_callback, not model_init)")
-            self._check_patchable(model, patterns, key)
-            mix = attach_mix(model, patterns, key=key)
+            mix = self._attach_mix(model, patterns)   # (idempotent: returns the wrappers on_init_end made)
         self.dps = DPS(linear_weights(model), total, self.p, self.update_ratio, self.variant,
                        patterns=patterns, mix=mix, seed=self.seed if self.seed is not None else shared_seed(),
-                       key=key)
+                       key=f"{self.KEY}.patterns")
         self.masked_step = int(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -265,6 +261,17 @@ class DPSCallback(TrainerCallback):
         if self.dps is None:
             raise RuntimeError(f"{self.KEY}: {event} before on_train_begin; add the callback to the Trainer "
                                "(callbacks=[...]) before train(), not during training")
+
+    def _patterns(self, model: torch.nn.Module) -> list[str]:
+        """The selected weights' patterns: the given ones, else the model's family's DPS patterns."""
+        return self.patterns or list(model_patterns(model, self.family)["dps"])
+
+    def _attach_mix(self, model: torch.nn.Module, patterns: Sequence[str]) -> dict:
+        """Mix's wrappers of the selected Linears (:func:`attach_mix`, idempotent), after refusing
+        weights that cannot take the Mix forward."""
+        key = f"{self.KEY}.patterns"
+        self._check_patchable(model, patterns, key)
+        return attach_mix(model, patterns, key=key)
 
     @staticmethod
     def _check_patchable(model: torch.nn.Module, patterns: Sequence[str], key: str) -> None:

@@ -27,7 +27,7 @@ MIN_TENSOR = 1 << 15            # smaller tensors take the reference loop instea
 #: Python each), smaller tensors in the reference loop; ``"grouped"``: one compiled call per group
 #: over all its contiguous tensors, small ones included (:func:`grouped`; on CUDA inductor's combo
 #: kernels launch many tensors' updates at once). **(choice)** ``per_tensor`` stays the default until
-#: ``bench/gpu_check.sh`` has timed both on a GPU (its part (a) prints both ratios to fused AdamW).
+#: ``bench/gpu_check.sh`` has timed both on a GPU (its parts (a) and (a2): each one's ratio to fused AdamW).
 BACKEND = "per_tensor"
 GROUPED_RECOMPILE_LIMIT = 64     # grouped graphs allowed per process (see :func:`run`)
 _cache: dict[str, Callable] = {}  # "kernel name/threads=N" -> compiled kernel
