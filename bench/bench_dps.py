@@ -11,7 +11,7 @@ What it measures:
 1. Median time of one training step (forward + backward + global clip + DPS hook + AdamW step +
    LR step) for baseline, DPS-Dense and DPS-Mix, each on its own copy of the model, interleaved
    step by step (the order rotates every step) so that machine load hits all three alike. The
-   schedules are the real ``schedules.build_schedule`` objects driven in the shared loop's hook
+   schedules are the real ``adaptune.schedules.build_schedule`` objects driven in the shared loop's hook
    order. Dropout is off in all three models (``--keep-dropout`` leaves the baseline's on, as
    ``schedule=baseline`` would): the comparison isolates DPS's own cost.
    Exploration and selection steps are reported apart; the first step of each selection phase
@@ -40,17 +40,14 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch  # noqa: E402
 
-from schedules import build_schedule  # noqa: E402
-from schedules.dps import disable_dropout, keep_count, linear_weights, topk_threshold  # noqa: E402
-from common.families import family_patterns  # noqa: E402
+from adaptune.schedules import build_schedule  # noqa: E402
+from adaptune.schedules.dps import disable_dropout, keep_count, linear_weights, topk_threshold  # noqa: E402
+from adaptune.common.families import family_patterns  # noqa: E402
 
 BASE_CFG = {"optimizer": "adamw", "lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01,
             "lr_schedule": "linear", "warmup_ratio": 0.1}

@@ -11,7 +11,7 @@ reviews, cut to 128 tokens), batch size 16, the same optimizer settings (AdamW l
 weight decay 0.01, linear schedule with 10% warm-up, global clipping at 1.0), fp32, dropout on,
 the same thread count, no evaluation, no checkpoints, no logging. Variants:
 
-- ``ours``: :class:`runner.loop.Trainer` built from the config the app composes
+- ``ours``: :class:`adaptune.runner.loop.Trainer` built from the config the app composes
   (``task=reviews trainer.batch_size=16 ...`` via Hydra; the evaluation, checkpoint and logging
   callbacks turned off), trained with ``fit``: dynamic padding, length-grouped batches
   (``task.group_by_length``, our default), the default base optimizer (``schedule.impl=auto``:
@@ -69,8 +69,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 BASE = ["task=reviews", "logger=none", "trainer.progress=false", "trainer.precision=fp32",
@@ -95,7 +93,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from runner.app import (
+    from adaptune.runner.app import (
         CONFIG_DIR,  # registers the schemas and the ${dirname:} resolver
     )
 
@@ -134,9 +132,9 @@ class Window:
 # ------------------------------------------------------------------------------------ ours
 def run_ours(args, seed: int, steps: int, extra: list[str] = ()) -> dict:
     """One epoch of ``steps`` steps over ``steps * batch`` reviews through our Trainer."""
-    from runner.callbacks import Callback
-    from runner.loggers import NullLogger
-    from runner.loop import Trainer
+    from adaptune.runner.callbacks import Callback
+    from adaptune.runner.loggers import NullLogger
+    from adaptune.runner.loop import Trainer
 
     window = Window(steps)
 
@@ -166,7 +164,7 @@ def hf_data(tokenizer, dynamic: bool, size: int, seed: int):
     GLUE example does: padded to ``max_length`` (its default) or not (dynamic padding)."""
     import datasets
 
-    from tasks.glue_data import get_spec, load_amazon_reviews, stratified_subset
+    from adaptune.tasks.glue_data import get_spec, load_amazon_reviews, stratified_subset
 
     spec = get_spec("amazon_reviews")
     train, _ = load_amazon_reviews(spec)
@@ -192,7 +190,7 @@ def run_hf(args, seed: int, steps: int, best: bool) -> dict:
         default_data_collator,
     )
 
-    from tasks.glue import resolve_model_path
+    from adaptune.tasks.glue import resolve_model_path
 
     window = Window(steps)
 
@@ -232,8 +230,8 @@ def preload() -> None:
     import transformers.models.bert.modeling_bert  # noqa: F401
     from transformers import AutoTokenizer, Trainer  # noqa: F401
 
-    import runner.loop  # noqa: F401
-    import tasks.glue  # noqa: F401
+    import adaptune.runner.loop  # noqa: F401
+    import adaptune.tasks.glue  # noqa: F401
     compose(BASE)
 
 
@@ -295,7 +293,7 @@ def _timed_hook(fn, rec):
 def optimizer_share(args) -> None:
     """Per schedule: time in optimizer.step() and in the schedule's per-step hooks, as fractions of
     the whole step of our loop; the schedules' trainers step in turn (one step each per round)."""
-    from runner.loop import Trainer
+    from adaptune.runner.loop import Trainer
 
     total = args.warmup + args.share_steps
     runs = {}
@@ -316,7 +314,7 @@ def optimizer_share(args) -> None:
             return out
 
         trainer.optimizer.step = timed_step
-        hooks = trainer.callbacks[0]   # the schedule's hooks (runner.callbacks.ScheduleHooks)
+        hooks = trainer.callbacks[0]   # the schedule's hooks (adaptune.runner.callbacks.ScheduleHooks)
         for event in ("on_step_begin", "on_before_clip", "on_gradients", "after_step"):
             if hasattr(hooks, event):
                 setattr(hooks, event, _timed_hook(getattr(hooks, event), rec))
@@ -381,7 +379,7 @@ def ceiling(args) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from runner.loop import Trainer
+    from adaptune.runner.loop import Trainer
 
     total = args.warmup + args.share_steps
     tmp = tempfile.TemporaryDirectory()

@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -59,7 +57,7 @@ def model_overrides(a) -> dict:
 
 
 def data_overrides(a, workdir: Path) -> list[str]:
-    from tasks.nmt_data import DEMO_PATH
+    from adaptune.tasks.nmt_data import DEMO_PATH
 
     kind = a.data
     if kind == "auto":
@@ -77,7 +75,7 @@ def data_overrides(a, workdir: Path) -> list[str]:
 def compose_cfg(a, data: list[str], extra: list[str] = ()):
     from hydra import compose, initialize_config_dir
 
-    from runner.app import CONFIG_DIR
+    from adaptune.runner.app import CONFIG_DIR
 
     model = [f"task.model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in model_overrides(a).items()]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -94,7 +92,7 @@ def compose_cfg(a, data: list[str], extra: list[str] = ()):
 def binarised_dir(cfg) -> Path:
     from omegaconf import OmegaConf
 
-    from tasks.nmt_data import prepare_text_data
+    from adaptune.tasks.nmt_data import prepare_text_data
 
     task = OmegaConf.to_container(cfg.task, resolve=True)
     return prepare_text_data(task, task["source_lang"], task["target_lang"])
@@ -133,8 +131,8 @@ def run_fairseq(a, data_dir: Path) -> dict:
 
 
 def run_ours(a, cfg, run_dir: Path) -> dict:
-    from runner import loop
-    from tasks.nmt import TranslationTask
+    from adaptune.runner import loop
+    from adaptune.tasks.nmt import TranslationTask
 
     tokens = {"n": 0.0}
     marks: list[tuple[float, float]] = []  # (elapsed training seconds, tokens) after each step

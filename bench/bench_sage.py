@@ -32,16 +32,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from schedules.sage import AdamaxSAGE, AdamWSAGE, compiled, sage_param_groups  # noqa: E402
-from schedules.sage import optimizer as sage_optimizer  # noqa: E402
+from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE, compiled, sage_param_groups  # noqa: E402
+from adaptune.schedules.sage import optimizer as sage_optimizer  # noqa: E402
 
 
 def bert_base_shapes(layers: int = 12, hidden: int = 768, inter: int = 3072, vocab: int = 30522,

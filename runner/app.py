@@ -14,14 +14,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
+from adaptune.common.extras import missing_message
+from adaptune.conf import CONFIG_DIR as _CONF
 
 from .config import register_configs
 
 log = logging.getLogger("adaptune")
 
-#: conf/ at the repository root (the package is installed in editable mode).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+#: The shipped configs (package data ``adaptune.conf``), found relative to the installed package.
+CONFIG_DIR = str(_CONF)
 
 
 def dirname(overrides: str) -> str:
@@ -53,6 +55,9 @@ def user_error(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+#: Launchers / sweepers that Hydra plugins (``adaptune[sweeps]``) add.
+PLUGIN_OPTIONS = ("joblib", "submitit_local", "submitit_slurm", "optuna")
+
 _MISSING_OPTION = re.compile(r"Could not (?:find|load) '([^']+)/([^'/]+)'")
 
 
@@ -73,7 +78,10 @@ def composition_message(err: BaseException) -> str:
                 allowed.append(line.strip())
         if not allowed:
             allowed = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
-        return f"{group}={option} is unknown; allowed: {', '.join(allowed)}"
+        hint = ""
+        if group in ("hydra/launcher", "hydra/sweeper") and option in PLUGIN_OPTIONS:
+            hint = f" (the {option} plugin is not installed: pip install 'adaptune[sweeps]')"
+        return f"{group}={option} is unknown; allowed: {', '.join(allowed)}{hint}"
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
     if cause is not None or isinstance(err, OmegaConfBaseException):
         inner = cause or err
@@ -121,7 +129,7 @@ _install_one_line_errors()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from runner.loop import Interrupted, TrainingDiverged, run
+    from adaptune.runner.loop import Interrupted, TrainingDiverged, run
 
     try:
         results = run(cfg, HydraConfig.get().runtime.output_dir)
@@ -136,5 +144,10 @@ def main(cfg: DictConfig) -> float | None:
         user_error(str(err), code=3)
     except Interrupted as err:
         user_error(str(err), code=130)
+    except ModuleNotFoundError as err:   # an optional dependency the chosen task/schedule needs
+        message = missing_message(err)
+        if message is None:
+            raise
+        user_error(message)
     main_metric = results["main_metric"]
     return results["best"].get(main_metric)  # what an Optuna sweep optimises

@@ -1,6 +1,6 @@
 """Callbacks: what the training loop does around its steps, as objects configured in ``conf/``.
 
-The loop (:meth:`runner.loop.Trainer.fit`) owns the model, optimizer, data and the step maths;
+The loop (:meth:`adaptune.runner.loop.Trainer.fit`) owns the model, optimizer, data and the step maths;
 everything else it does is a callback receiving events. The schedule's per-step hooks are the
 first callback (:class:`ScheduleHooks`); then come the entries of ``conf/callbacks/default.yaml``
 in their order, each ``{_target_: module.Class, **settings}`` built by ``hydra.utils.instantiate``.
@@ -10,7 +10,7 @@ Add your own from the command line::
 
 and turn a built-in one off with ``callbacks.logging=null`` (or ``~callbacks.logging``).
 
-Events, in order (``trainer`` is the :class:`~runner.loop.Trainer`; ``step`` is 1-based)::
+Events, in order (``trainer`` is the :class:`~adaptune.runner.loop.Trainer`; ``step`` is 1-based)::
 
     on_fit_start(trainer)             after resuming from a checkpoint, before the first step
     for each optimizer step:
@@ -38,7 +38,7 @@ Events, in order (``trainer`` is the :class:`~runner.loop.Trainer`; ``step`` is 
 Each event goes to every callback in order before the next event starts. The schedule's own
 hooks (``schedules/base.py``) are the first three per-step events without ``trainer``.
 
-Callbacks share the trainer: ``trainer.state`` (:class:`~runner.loop.TrainState`, checkpointed),
+Callbacks share the trainer: ``trainer.state`` (:class:`~adaptune.runner.loop.TrainState`, checkpointed),
 ``trainer.logger``, ``trainer.should_stop`` (set it in ``on_step_end`` to stop after the current
 step; under DDP every rank must set it at the same step),
 ``trainer.epoch_ended`` (in ``on_step_end``: this step finished its epoch),
@@ -54,7 +54,7 @@ import logging
 import signal
 from typing import TYPE_CHECKING, Any, Mapping
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 from . import checkpoint as ckpt
 from .config import TrainerConfig
@@ -295,7 +295,7 @@ def build_callbacks(cfg: Mapping[str, Any] | None) -> list[Callback]:
             continue
         target = node.get("_target_") if isinstance(node, Mapping) else None
         if not target:
-            raise ConfigError(f"callbacks.{name} needs a _target_ (module.Class of a runner.callbacks.Callback), "
+            raise ConfigError(f"callbacks.{name} needs a _target_ (module.Class of a adaptune.runner.callbacks.Callback), "
                               f"got {node!r}")
         try:
             callback = instantiate(node, _convert_="all")
@@ -306,7 +306,7 @@ def build_callbacks(cfg: Mapping[str, Any] | None) -> list[Callback]:
             reason = str(cause or err).splitlines()[0] if str(cause or err) else type(cause or err).__name__
             raise ConfigError(f"callbacks.{name}: cannot build {target}: {reason}") from err
         if not isinstance(callback, Callback):
-            raise ConfigError(f"callbacks.{name}: {target} is not a runner.callbacks.Callback "
+            raise ConfigError(f"callbacks.{name}: {target} is not a adaptune.runner.callbacks.Callback "
                               f"(got {type(callback).__name__})")
         out.append(callback)
     return out

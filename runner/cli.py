@@ -1,27 +1,59 @@
 """``adaptune`` command: Hydra training by default, ``adaptune report DIR`` for tables,
-``adaptune compare NAME`` for per-schedule grids over the same seeds (conf/compare/),
-``adaptune analyze DIR`` for sensitivity, pruning and DPS-selection plots of finished runs."""
+``adaptune compare NAME|PATH.yaml`` for per-schedule grids over the same seeds (presets in
+conf/compare/, or a spec file of your own), ``adaptune analyze DIR`` for sensitivity, pruning and
+DPS-selection plots of finished runs, ``adaptune plugin-path fairseq`` for fairseq's ``--user-dir``."""
 from __future__ import annotations
 
 import sys
 
+PLUGINS = ("fairseq",)
+
+
+def plugin_path(argv: list[str]) -> int:
+    """Print the directory to pass as fairseq's ``--user-dir`` (it works from a wheel install)."""
+    if len(argv) != 1 or argv[0] not in PLUGINS:
+        print(f"adaptune plugin-path: error: name one plugin: {', '.join(PLUGINS)}", file=sys.stderr)
+        return 2
+    from importlib.resources import files
+
+    print(files("adaptune.schedules.integrations") / "fairseq_user_dir" / "adaptune_fairseq")
+    return 0
+
+
+def _dispatch(argv: list[str]) -> int | None:
+    command = argv[0] if argv else None
+    if command == "plugin-path":
+        return plugin_path(argv[1:])
+    if command == "report":
+        from adaptune.runner.report import main as report_main
+
+        return report_main(argv[1:])
+    if command == "analyze":
+        from adaptune.runner.analyze import main as analyze_main
+
+        return analyze_main(argv[1:])
+    if command == "compare":
+        from adaptune.runner.compare import main as compare_main
+
+        return compare_main(argv[1:])
+    from adaptune.runner.app import main as hydra_main
+
+    hydra_main()   # exits by itself on errors; its return value is the Optuna objective, not a status
+    return 0
+
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "report":
-        from runner.report import main as report_main
+    try:
+        code = _dispatch(sys.argv[1:])
+    except ModuleNotFoundError as err:   # an extra that is not installed: one line, no traceback
+        from adaptune.common.extras import missing_message
 
-        sys.exit(report_main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "analyze":
-        from runner.analyze import main as analyze_main
-
-        sys.exit(analyze_main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "compare":
-        from runner.compare import main as compare_main
-
-        sys.exit(compare_main(sys.argv[2:]))
-    from runner.app import main as hydra_main
-
-    hydra_main()
+        message = missing_message(err)
+        if message is None:
+            raise
+        print(f"adaptune: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""``adaptune compare NAME [hydra overrides] [--dry-run]``: compare schedules the papers' way.
+"""``adaptune compare NAME|PATH.yaml [hydra overrides] [--dry-run]``: compare schedules the papers' way.
 
-``conf/compare/NAME.yaml`` gives each schedule its own grid (``grids: {sage: {schedule.lr: [...],
+A compare spec (a shipped preset ``conf/compare/NAME.yaml``, or any YAML file of the user's, given
+by its path) gives each schedule its own grid (``grids: {sage: {schedule.lr: [...],
 schedule.beta3: [...]}, ...}``), the seeds every grid point runs over, the experiment preset and
 extra overrides. For each schedule one Hydra multirun is launched (as a subprocess, its output
 streamed) into the one sweep directory ``outputs/multirun/NAME``; then ``adaptune report`` selects
@@ -20,9 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+from adaptune.conf import CONFIG_DIR as CONF
 KEYS = ("experiment", "seeds", "overrides", "grids")
 # chosen by compare itself: a grid or an extra override may not set them
 RESERVED = ("seed", "schedule", "name", "experiment", "hydra.sweep.subdir")
@@ -57,13 +58,35 @@ def _check_override(item, where: str) -> str:
     return item
 
 
-def load(name: str) -> dict:
-    """The validated compare spec ``conf/compare/NAME.yaml``; ConfigError (one line) if not."""
-    allowed = _names("compare")
+def _is_path(name: str) -> bool:
+    """A spec argument that names a file (``my_grid.yaml``, ``specs/x.yml``, ``./x``) rather than a preset."""
+    return name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name
+
+
+def locate(name: str) -> tuple[Path, str, str]:
+    """(file, name, how to cite it in messages) of a compare spec: a shipped preset NAME, or a
+    user's YAML file by its path (its name is the file's stem); ConfigError (one line) if neither."""
+    if _is_path(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"compare spec {name} does not exist (a YAML file, or one of the presets: "
+                              f"{', '.join(_names('compare'))})")
+        stem = path.stem
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", stem):
+            raise ConfigError(f"compare spec {name}: its file name is the sweep's name and may only hold "
+                              "letters, digits, '_', '.' and '-'")
+        return path, stem, str(name)
     path = CONF / "compare" / f"{name}.yaml"
-    where = f"conf/compare/{name}.yaml"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file():
-        raise ConfigError(f"{where} does not exist; allowed names: {', '.join(allowed)}")
+        raise ConfigError(f"conf/compare/{name}.yaml does not exist; allowed names: "
+                          f"{', '.join(_names('compare'))} (or the path of a YAML file)")
+    return path, name, f"conf/compare/{name}.yaml"
+
+
+def load(name: str) -> dict:
+    """The validated compare spec: the preset ``conf/compare/NAME.yaml`` or the YAML file at a
+    path; ConfigError (one line) if not."""
+    path, name, where = locate(name)
     from omegaconf import OmegaConf
 
     try:
@@ -100,7 +123,7 @@ def load(name: str) -> dict:
             if (not re.fullmatch(r"[A-Za-z_][\w.]*", key) or not isinstance(values, list) or not values
                     or not all(isinstance(v, (int, float, str, bool)) for v in values)):
                 raise ConfigError(f"{where}: grids.{sched}.{key}: expected a non-empty list of values")
-    return {"name": name, "experiment": experiment, "seeds": seeds, "overrides": overrides,
+    return {"name": name, "source": where, "experiment": experiment, "seeds": seeds, "overrides": overrides,
             "grids": {s: {k: [fmt(v) for v in vals] for k, vals in g.items()} for s, g in grids.items()}}
 
 
@@ -108,7 +131,7 @@ def commands(spec: dict, extra: list[str] = ()) -> list[tuple[str, list[str]]]:
     """(schedule, command) of each schedule's multirun."""
     out = []
     for sched, grid in spec["grids"].items():
-        cmd = [sys.executable, "-m", "runner", "-m"]
+        cmd = [sys.executable, "-m", "adaptune", "-m"]
         if spec["experiment"]:
             cmd.append(f"experiment={spec['experiment']}")
         cmd.append(f"schedule={sched}")
@@ -132,7 +155,7 @@ def _check_extra(spec: dict, extra: list[str]) -> None:
         owners = [s for s, g in spec["grids"].items() if _key(item) in g]
         if owners:
             raise ConfigError(f"{_key(item)} is a grid axis of {', '.join(owners)} in "
-                              f"conf/compare/{spec['name']}.yaml (grids); edit the grid there")
+                              f"{spec['source']} (grids); edit the grid there")
 
 
 def n_runs(spec: dict) -> int:
@@ -142,7 +165,8 @@ def n_runs(spec: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaptune compare", description=__doc__.splitlines()[0])
-    parser.add_argument("name", help=f"a file of conf/compare/ ({', '.join(_names('compare'))})")
+    parser.add_argument("name", metavar="NAME|PATH.yaml",
+                        help=f"a preset ({', '.join(_names('compare'))}) or the path of a compare spec")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every run")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_intermixed_args(argv)
@@ -174,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if rc != 0:
             failed.append(f"{sched} (exit {rc})")
-    from runner.report import main as report_main
+    from adaptune.runner.report import main as report_main
 
     print(flush=True)
     code = report_main([str(sweep)])

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from common.schema import (
+from adaptune.common.schema import (
     at_least,
     non_negative_int,
     one_of,
@@ -20,8 +20,8 @@ from common.schema import (
     positive,
     setting,
 )
-from schedules.config import ScheduleConfig
-from tasks.config import TASK_SCHEMAS
+from adaptune.schedules.config import ScheduleConfig
+from adaptune.tasks.config import TASK_SCHEMAS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

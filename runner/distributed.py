@@ -1,6 +1,6 @@
 """Data-parallel training with ``torchrun`` (``torch.distributed``); a no-op in one process.
 
-``torchrun --nproc_per_node=N -m runner ...`` starts N copies of the app; each takes its share of
+``torchrun --nproc_per_node=N -m adaptune ...`` starts N copies of the app; each takes its share of
 every global batch plan (``Task.shard_plan``), gradients are all-reduced by
 DistributedDataParallel, and the loop rescales them so that every rank holds the same
 ``sum of losses / global sample_size`` gradient a single process would compute for the global

@@ -15,7 +15,7 @@ seeds from a generator of its own, leaving the global RNG untouched.
 
 Outside the runner::
 
-    from runner.evaluation import evaluate
+    from adaptune.runner.evaluation import evaluate
     metrics = evaluate(task, model, "dev")          # device: the model's; one process; fp32
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, S
 
 import torch
 
-from tasks.base import Task, move_to
+from adaptune.tasks.base import Task, move_to
 
 from .batches import batch_source
 from .distributed import DistInfo

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from common.errors import ConfigError
-from schedules import Schedule, build_schedule
-from tasks import build_task
-from tasks.base import move_to
+from adaptune.common.errors import ConfigError
+from adaptune.schedules import Schedule, build_schedule
+from adaptune.tasks import build_task
+from adaptune.tasks.base import move_to
 
 from . import checkpoint as ckpt
 from .batches import train_batch_source

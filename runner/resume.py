@@ -30,13 +30,13 @@ numbers in ``results.json``, only how the run is labelled, shown, logged or fed:
 - ``hydra`` and everything under it: launcher, sweeper and output settings (it is normally absent
   from the job's config anyway).
 - the display and bookkeeping settings of the built-in callbacks (:data:`HARMLESS_CALLBACK_SETTINGS`):
-  ``progress`` and ``every`` of ``runner.callbacks.Logging`` (they follow ``trainer.progress`` and
-  ``trainer.log_every``) and ``every`` of ``runner.callbacks.Checkpoint`` (``trainer.save_every``).
+  ``progress`` and ``every`` of ``adaptune.runner.callbacks.Logging`` (they follow ``trainer.progress`` and
+  ``trainer.log_every``) and ``every`` of ``adaptune.runner.callbacks.Checkpoint`` (``trainer.save_every``).
   (choice) They are matched by the entry's ``_target_``, not by its name, and only when the saved
   and the new entry have the same ``_target_``: ``callbacks.logging.every`` of a user's own class
   may mean anything, so it stays significant. A callback added, removed or turned off
   (``callbacks.x=null``), a changed ``_target_`` and every setting of other callbacks (notably
-  ``runner.callbacks.Evaluation``'s ``every``) are significant.
+  ``adaptune.runner.callbacks.Evaluation``'s ``every``) are significant.
 
 Everything else is significant (choice: when unsure, a key is significant, because a false alarm
 costs a ``resume=false`` while a missed change silently mixes two configurations), notably:
@@ -55,7 +55,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 log = logging.getLogger("adaptune")
 
@@ -75,14 +75,14 @@ HARMLESS: tuple[str, ...] = (
 
 #: Settings of built-in callbacks (by ``_target_``) that only change display or bookkeeping.
 HARMLESS_CALLBACK_SETTINGS: dict[str, tuple[str, ...]] = {
-    "runner.callbacks.Logging": ("every", "progress"),
-    "runner.callbacks.Checkpoint": ("every",),
+    "adaptune.runner.callbacks.Logging": ("every", "progress"),
+    "adaptune.runner.callbacks.Checkpoint": ("every",),
 }
 
 #: Built-in callbacks (by ``_target_``) that only observe and log: (choice) such an entry may be
 #: added, removed or turned off and its settings may change (the sensitivity quantiles draw their
 #: sample from a private generator, so training is the same with or without them).
-HARMLESS_CALLBACKS: tuple[str, ...] = ("runner.sensitivity_log.SensitivityQuantiles",)
+HARMLESS_CALLBACKS: tuple[str, ...] = ("adaptune.runner.sensitivity_log.SensitivityQuantiles",)
 
 #: How many differing keys the error message spells out before "and N more".
 SHOWN = 4

@@ -41,7 +41,7 @@ class SensitivityQuantiles(Callback):
         self.sample = _every(sample)
         self.quantiles = tuple(float(q) for q in quantiles)
         if not self.quantiles or any(not 0 <= q <= 1 for q in self.quantiles):
-            from common.errors import ConfigError
+            from adaptune.common.errors import ConfigError
 
             raise ConfigError(f"quantiles must be numbers in [0, 1], got {list(quantiles)!r}")
         self.seed = int(seed)

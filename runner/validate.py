@@ -7,10 +7,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ConfigError
-from common.schema import build, validate
-from schedules.config import ScheduleConfig
-from tasks.config import TASK_SCHEMAS
+from adaptune.common.errors import ConfigError
+from adaptune.common.schema import build, validate
+from adaptune.schedules.config import ScheduleConfig
+from adaptune.tasks.config import TASK_SCHEMAS
 
 from .config import LoggerConfig, RootConfig, TrainerConfig
 

@@ -37,9 +37,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from common.errors import ConfigError
-from common.families import ParamPatterns
-from common.schema import build
+from adaptune.common.errors import ConfigError
+from adaptune.common.families import ParamPatterns
+from adaptune.common.schema import build
 
 from .config import ScheduleConfig
 from .lr import build_lr_scheduler, warmup_steps
@@ -54,9 +54,9 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 OPTIMIZERS: dict[str, str] = {
     "adamw": "torch.optim:AdamW",
     "adamax": "torch.optim:Adamax",
-    "adamw_sage": "schedules.sage:AdamWSAGE",
-    "adamax_sage": "schedules.sage:AdamaxSAGE",
-    "adamax_mtdnn": "schedules.sage:MTDNNAdamax",   # the SAGE paper's GLUE baseline (MT-DNN's Adamax)
+    "adamw_sage": "adaptune.schedules.sage:AdamWSAGE",
+    "adamax_sage": "adaptune.schedules.sage:AdamaxSAGE",
+    "adamax_mtdnn": "adaptune.schedules.sage:MTDNNAdamax",   # the SAGE paper's GLUE baseline (MT-DNN's Adamax)
 }
 
 

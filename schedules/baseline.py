@@ -3,14 +3,14 @@
 ``schedule.optimizer=adamw`` uses ``torch.optim.AdamW`` (decoupled weight decay);
 ``schedule.optimizer=adamax`` uses ``torch.optim.Adamax`` (bias-corrected m, weight decay added to
 the gradient); ``schedule.optimizer=adamax_mtdnn`` is MT-DNN's Adamax, the SAGE paper's GLUE
-baseline (:class:`schedules.sage.MTDNNAdamax`: no bias correction, weight decay added to the
-update). Any name registered in ``schedules.base.OPTIMIZERS`` works.
+baseline (:class:`adaptune.schedules.sage.MTDNNAdamax`: no bias correction, weight decay added to the
+update). Any name registered in ``adaptune.schedules.base.OPTIMIZERS`` works.
 """
 from __future__ import annotations
 
 import torch
 
-from common.families import ParamPatterns
+from adaptune.common.families import ParamPatterns
 
 from .base import Schedule
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from common.schema import at_least, in_range, one_of, optional, pair_in, setting
+from adaptune.common.schema import at_least, in_range, one_of, optional, pair_in, setting
 
 LR_SCHEDULES = ("linear", "inverse_sqrt", "constant", "cosine")
 SAGE_BASES = ("adamax", "adamw")
@@ -48,13 +48,13 @@ class ScheduleConfig:
     # kernel for the device, else foreach; SAGE: its own choice) | fused | foreach | loop
     impl: str = setting("auto", check=one_of(*IMPLS))
 
-    # ---------------------------------------------------------------- sage (ALGORITHMS.md §1)
+    # ---------------------------------------------------------------- sage (docs/algorithms.md §1)
     base: str = setting("adamax", check=one_of(*SAGE_BASES))   # Adamax-SAGE (paper's GLUE) | AdamW-SAGE
     beta3: float = setting(0.75, check=in_range(0, 1))   # EMA of the sensitivity; the paper uses 0.6-0.9
     bias_correction: bool = True        # AdamW-SAGE only (its first step leaves SAGE tensors unchanged)
     sage_patterns: Optional[List[str]] = None   # null: the model's encoder linear layers (from the task)
 
-    # ---------------------------------------------------------------- dps (ALGORITHMS.md §2)
+    # ---------------------------------------------------------------- dps (docs/algorithms.md §2)
     variant: str = setting("dense", check=one_of(*DPS_VARIANTS))   # mix: masked entries mixed toward a snapshot
     p: float = setting(0.3, check=in_range(0, 1))   # fraction of entries DROPPED in a selection phase
     update_ratio: float = setting(0.05, check=in_range(0, 1, low_open=True, high_open=False))  # U = int(T * ratio)
@@ -66,8 +66,8 @@ class ScheduleConfig:
     # runs of 2000+ steps: set false there). Mixout reads it too (its reference sets dropout to 0).
     disable_dropout: bool = True
 
-    # ---------------------------------------------------------------- childtuning_d / _f, mixout (ALGORITHMS.md §3)
-    # ChildTuning: fraction of gradient entries KEPT (unlike DPS's p). Reference run.sh: 0.3 (D and
+    # ---------------------------------------------------------------- childtuning_d / _f, mixout (docs/algorithms.md §3)
+    # ChildTuning: fraction of gradient entries KEPT (unlike DPS's p). AliceMind ChildTuning run.sh: 0.3 (D and
     # F); the paper tunes 0.1-0.3 (D) and 0.2-0.4 (F) per task.
     reserve_p: float = setting(0.3, check=in_range(0, 1, low_open=True, high_open=False))
     # ChildTuning-D: the tensors whose Fisher is scored and masked; the reference's criterion is

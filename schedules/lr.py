@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 LR_SCHEDULES = ("linear", "inverse_sqrt", "constant", "cosine")
 

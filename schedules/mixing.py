@@ -6,7 +6,7 @@ Both references (DPS's ``MixLinear`` op and ``bloodwass/mixout``) compute, in th
 
 (``R`` the reference weight, ``N`` a 0/1 mask, ``p`` the mix probability) and return, from a
 custom backward, ``dL/dW = dL/dW_eff ⊙ N`` **without** the ``1/(1-p)`` factor that true autograd
-would give (ALGORITHMS.md §2 and §3). :func:`mix_weight` reproduces exactly that: the selected
+would give (docs/algorithms.md §2 and §3). :func:`mix_weight` reproduces exactly that: the selected
 entries get the gradient of ``W_eff`` unscaled, so a global-norm clip sees what the references'
 clip saw. No gradient flows to ``R`` or ``N`` (constants).
 """

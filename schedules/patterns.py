@@ -1,14 +1,14 @@
 """Matching parameter names against patterns (substrings, as the reference implementations do).
 
 The patterns themselves belong to the models: the task supplies them (``Task.param_patterns``),
-drawing on :mod:`common.families`, re-exported here for code outside the runner.
+drawing on :mod:`adaptune.common.families`, re-exported here for code outside the runner.
 """
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from common.errors import ConfigError
-from common.families import FAMILY_PATTERNS, ParamPatterns, family_patterns
+from adaptune.common.errors import ConfigError
+from adaptune.common.families import FAMILY_PATTERNS, ParamPatterns, family_patterns
 
 __all__ = ["FAMILY_PATTERNS", "ParamPatterns", "family_patterns", "matches", "select_names"]
 

@@ -5,17 +5,17 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
-from common.schema import field_of
+from adaptune.common.errors import ConfigError
+from adaptune.common.schema import field_of
 
 from .base import StepLoss, Task
 
 # task.kind -> "module:Class"; imported on demand (fairseq and timm are heavy and fairseq has
 # import side effects, see tasks/nmt.py).
 TASKS = {
-    "glue": "tasks.glue:GlueTask",
-    "nmt": "tasks.nmt:TranslationTask",
-    "vit": "tasks.vit:ImageClassificationTask",
+    "glue": "adaptune.tasks.glue:GlueTask",
+    "nmt": "adaptune.tasks.nmt:TranslationTask",
+    "vit": "adaptune.tasks.vit:ImageClassificationTask",
 }
 
 

@@ -43,8 +43,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from common.families import ParamPatterns
-from common.schema import build
+from adaptune.common.families import ParamPatterns
+from adaptune.common.schema import build
 
 
 class StepLoss(NamedTuple):
@@ -64,7 +64,7 @@ class Task:
     has_test = False
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, seed: int):
-        from .config import TASK_SCHEMAS   # (late: tasks.config imports the data modules)
+        from .config import TASK_SCHEMAS   # (late: adaptune.tasks.config imports the data modules)
 
         #: the task's typed config (``tasks/config.py``), validated; read without fallbacks. A kind
         #: without a registered schema (a task defined outside this package) gets ``cfg`` as given.
@@ -77,7 +77,7 @@ class Task:
         """The parameter-name patterns of ``model`` (the one :meth:`build_model` returned) per
         kind, ``sage``, ``dps`` and ``no_decay``, as timm models supply ``no_weight_decay()``:
         the task owns its model, so it says which tensors are its encoder's linear layers.
-        Tasks draw on :mod:`common.families`; ``schedule.<kind>_patterns`` overrides them."""
+        Tasks draw on :mod:`adaptune.common.families`; ``schedule.<kind>_patterns`` overrides them."""
         raise NotImplementedError
 
     def setup(self) -> None:
@@ -103,7 +103,7 @@ class Task:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ evaluation
-    # Driven by runner.evaluation.evaluate(task, model, split, ...); see the module docstring.
+    # Driven by adaptune.runner.evaluation.evaluate(task, model, split, ...); see the module docstring.
     def eval_batches(self, split: str) -> Sequence[Any]:
         """Plans of the evaluation batches of ``split`` (``dev`` or ``test``), identical on every
         rank; raise ``ConfigError`` for a split the task cannot evaluate."""

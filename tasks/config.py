@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import II
 
-from common.schema import at_least, in_range, one_of, optional, pair_in, positive, setting
+from adaptune.common.schema import at_least, in_range, one_of, optional, pair_in, positive, setting
 
 from .glue_data import SPECS as GLUE_SPECS
 from .nli_data import OOD_SETS
@@ -184,7 +184,7 @@ class NMTConfig:
     eval_batch_size: int = setting(II("trainer.eval_batch_size"), check=positive)
 
     def check(self, prefix: str) -> None:
-        from common.errors import ConfigError
+        from adaptune.common.errors import ConfigError
 
         if self.source_lang == self.target_lang:
             raise ConfigError(f"{prefix}.source_lang and {prefix}.target_lang must differ, both are '{self.source_lang}'")
@@ -237,7 +237,7 @@ class AugmentConfig:
         for key in ("scale", "ratio"):
             problem = pair_in(0, float("inf"))(getattr(self, key))
             if problem or getattr(self, key)[0] > getattr(self, key)[1]:
-                from common.errors import ConfigError
+                from adaptune.common.errors import ConfigError
 
                 raise ConfigError(f"{prefix}.{key} must be two numbers low <= high, got {list(getattr(self, key))}")
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.errors import ConfigError
-from common.families import HF_MODEL_TYPES, ParamPatterns, family_patterns, lora_patterns
+from adaptune.common.errors import ConfigError
+from adaptune.common.families import HF_MODEL_TYPES, ParamPatterns, family_patterns, lora_patterns
 
 from . import metrics as glue_metrics
 from . import ood

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ original frozen. Every other base weight, the pooler included, is frozen.
 ``nn.Linear`` modules); SAGE scales ``lora_A`` only: its multiplier is exactly 0 where a weight is
 0, and peft initialises ``lora_B`` to zeros, so a SAGE-scaled ``lora_B`` would never move and the
 adapter would never train (``schedules/integrations/patterns.py`` explains it). ``lora_B`` and the
-head are trained by the base optimizer's plain maths (``common.families.lora_patterns``, shared
-with ``schedules.integrations``).
+head are trained by the base optimizer's plain maths (``adaptune.common.families.lora_patterns``, shared
+with ``adaptune.schedules.integrations``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 
 def apply_lora(model: torch.nn.Module, cfg: Any, task_type: str | None = "SEQ_CLS",

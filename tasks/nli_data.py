@@ -1,14 +1,14 @@
 """The NLI datasets of the DPS paper's out-of-domain protocol: readers of their original files, the
 Hugging Face hub, and their label spaces.
 
-Every set is read into :class:`tasks.glue_data.Example` with labels in MNLI's order
+Every set is read into :class:`adaptune.tasks.glue_data.Example` with labels in MNLI's order
 (:data:`NLI_LABELS`: 0 entailment, 1 neutral, 2 contradiction); the 2-way sets (SciTail, RTE) use
 0 entailment, 1 not entailment (SciTail's ``neutral``, RTE's ``not_entailment``). Rows without a
 gold label are skipped (SNLI's ``"-"``, the hub's ``-1``).
 
 Original formats (a directory per dataset, ``task.ood.data_dirs.<name>``):
 
-- MNLI, RTE: the GLUE files (``dev_matched.tsv``; ``dev.tsv``), read by :mod:`tasks.glue_data`;
+- MNLI, RTE: the GLUE files (``dev_matched.tsv``; ``dev.tsv``), read by :mod:`adaptune.tasks.glue_data`;
 - SNLI 1.0 (``snli_1.0.zip``): ``snli_1.0_{train,dev,test}.jsonl``, one JSON object a line with
   ``sentence1``, ``sentence2`` and ``gold_label`` (``"-"`` where the annotators did not agree);
 - SICK (``SICK.zip``): ``SICK.txt``, tab-separated with a header row (``pair_ID``, ``sentence_A``,
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 from .glue_data import Example, get_spec, read_text, read_tsv
 

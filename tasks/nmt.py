@@ -6,9 +6,9 @@ cross-entropy, token-based batches (``task.max_tokens``), beam search and BLEU, 
 shared training loop so that the baseline, SAGE and DPS schedules apply unchanged.
 
 fairseq is imported lazily inside the task (never at module import) through
-:func:`tasks.nmt_data.import_fairseq`, which also undoes the import's side effects on logging and
+:func:`adaptune.tasks.nmt_data.import_fairseq`, which also undoes the import's side effects on logging and
 on Hydra's ConfigStore. Data paths (``task.data``: binarized | raw | demo) are described in
-:mod:`tasks.nmt_data`.
+:mod:`adaptune.tasks.nmt_data`.
 
 Batching follows ``fairseq-train``: the training set is sorted by length (ties broken by a
 permutation seeded with the run's seed), filtered by ``max_source_positions`` /
@@ -45,8 +45,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from common.errors import ConfigError
-from common.families import ParamPatterns, family_patterns
+from adaptune.common.errors import ConfigError
+from adaptune.common.families import ParamPatterns, family_patterns
 
 from . import nmt_data
 from .base import StepLoss, Task

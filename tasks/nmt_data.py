@@ -5,7 +5,7 @@ The task reads one on-disk format, the one ``fairseq-preprocess`` writes (``dict
 
 ``binarized``
     A directory already made by ``fairseq-preprocess`` (fairseq's IWSLT'14 recipe:
-    ``examples/translation/prepare-iwslt14.sh`` then ``fairseq-preprocess --source-lang de
+    ``examples/translation/prepare-iwslt14.sh`` in the fairseq repository then ``fairseq-preprocess --source-lang de
     --target-lang en --trainpref $TEXT/train --validpref $TEXT/valid --testpref $TEXT/test
     --destdir data-bin/iwslt14.tokenized.de-en``). Used as is.
 ``raw``
@@ -39,7 +39,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 log = logging.getLogger("adaptune")
 
@@ -119,9 +119,10 @@ def import_fairseq() -> types.SimpleNamespace:
             from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
             from fairseq.sequence_generator import SequenceGenerator
     except ImportError as err:
-        raise ConfigError(
-            f"task=nmt needs fairseq, which is not installed ({err}); run `make setup` "
-            "(see requirements-nmt.txt for the exact pip commands)") from err
+        from adaptune.common.extras import FAIRSEQ_HINT, missing_message
+
+        hint = (missing_message(err) if isinstance(err, ModuleNotFoundError) else None) or FAIRSEQ_HINT
+        raise ConfigError(f"task=nmt: {hint} ({err})") from err
     finally:
         for h in list(root.handlers):
             if h not in handlers:

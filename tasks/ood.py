@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 from .glue_data import Example
 from .nli_data import NLI_LABELS, SETS, load_set

@@ -12,14 +12,14 @@ weights from the Hugging Face hub (timm's default source); offline that is a one
 ``ConfigError`` pointing at ``task.model.pretrained=false`` or ``task.model.pretrained_file``
 (a local weights file that timm adapts to the new number of classes).
 
-LoRA (``task.peft=lora``, :mod:`tasks.lora`): the model is wrapped by peft with adapters on
+LoRA (``task.peft=lora``, :mod:`adaptune.tasks.lora`): the model is wrapped by peft with adapters on
 ``task.lora.target_modules`` (null: ``TIMM_LORA_TARGETS``, the attention ``qkv``) and the classifier
 head (the module timm's ``pretrained_cfg["classifier"]`` names: ``head`` for ViT, ``fc`` for ResNets)
 kept trainable as a peft ``modules_to_save`` copy; every other weight is frozen and SAGE / DPS act on
-the adapters only (``common.families.lora_patterns``).
+the adapters only (``adaptune.common.families.lora_patterns``).
 
 Data (``task.dataset``: cifar10, cifar100, fashion_mnist, imagefolder, hf) is read by
-:mod:`tasks.vit_data`, which describes each dataset and the check of image files at setup.
+:mod:`adaptune.tasks.vit_data`, which describes each dataset and the check of image files at setup.
 
 Splits: evaluation split ``"dev"`` uses the validation split where the data has one, else the
 test split; ``"test"`` uses the test split, else the validation split. ``train_subset`` trains on a
@@ -38,7 +38,7 @@ whenever it is built (resumed runs reproduce exactly) and the loop's own RNG str
 Mixup / CutMix draw per batch from (seed, epoch, batch number).
 
 Unreadable images: ``task.verify_images`` / ``task.on_bad_image`` check the files at setup
-(:func:`tasks.vit_data.verify_images`). A file that passes the check but fails to decode later
+(:func:`adaptune.tasks.vit_data.verify_images`). A file that passes the check but fails to decode later
 (possible with ``quick``, or if it changes during the run) is dropped from its batch with a
 warning rather than stopping a long run half-way; the loss is a sum with ``sample_size`` = the
 examples actually in the batch, so the step stays correctly normalised.
@@ -61,8 +61,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.errors import ConfigError
-from common.families import ParamPatterns, family_patterns, lora_patterns
+from adaptune.common.errors import ConfigError
+from adaptune.common.families import ParamPatterns, family_patterns, lora_patterns
 
 from . import vit_data
 from .base import StepLoss, Task
@@ -175,7 +175,7 @@ class ImageClassificationTask(Task):
         self._mixup = None
 
     def param_patterns(self, model: torch.nn.Module) -> ParamPatterns:
-        """timm ViT names (``common.families``); no weight decay also for what the model itself
+        """timm ViT names (``adaptune.common.families``); no weight decay also for what the model itself
         lists in ``no_weight_decay()`` (position embeddings, class / distillation tokens); with
         ``task.peft=lora``, SAGE and DPS narrowed to the LoRA adapters (tasks/lora.py)."""
         patterns = dict(family_patterns("vit"))

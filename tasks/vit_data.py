@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 log = logging.getLogger("adaptune")
 

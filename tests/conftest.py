@@ -16,7 +16,7 @@ from hydra import compose as hydra_compose  # noqa: E402
 from hydra import initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from runner.app import CONFIG_DIR  # noqa: E402  (also registers the ${dirname:} resolver)
+from adaptune.runner.app import CONFIG_DIR  # noqa: E402  (also registers the ${dirname:} resolver)
 
 REPO = Path(__file__).resolve().parent.parent
 

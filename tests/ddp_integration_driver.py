@@ -23,8 +23,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the checkout
-
 VOCAB, LEN = 60, 8
 STEPS, ACCUM, GLOBAL_BATCH = 6, 2, 8        # DPS: update_ratio 0.34 -> phases of 2 steps: explore, select, explore
 P, UPDATE_RATIO = 0.3, 0.34
@@ -87,7 +85,7 @@ def _inner(optimizer):
 def run_hf(name: str, out: Path, world: int) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs
+    from adaptune.schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs
 
     class Recorder(TrainerCallback):
         def __init__(self, dps_cb):
@@ -129,8 +127,8 @@ def run_accelerate(name: str, out: Path, world: int) -> dict:
     import accelerate
     from accelerate.state import AcceleratorState
 
-    from schedules.integrations.accelerate import AccelerateDPS
-    from schedules.integrations.hf import make_sage_optimizer
+    from adaptune.schedules.integrations.accelerate import AccelerateDPS
+    from adaptune.schedules.integrations.hf import make_sage_optimizer
 
     AcceleratorState._reset_state(reset_partial_state=True)   # a Trainer of this process configured it
     acc = accelerate.Accelerator(gradient_accumulation_steps=ACCUM, cpu=True)
@@ -169,9 +167,9 @@ def run_errors(name: str, out: Path, world: int) -> dict:
     from accelerate.state import AcceleratorState
     from transformers import Trainer, TrainingArguments
 
-    from common.errors import ConfigError
-    from schedules.integrations.accelerate import AccelerateDPS
-    from schedules.integrations.hf import DPSCallback
+    from adaptune.common.errors import ConfigError
+    from adaptune.schedules.integrations.accelerate import AccelerateDPS
+    from adaptune.schedules.integrations.hf import DPSCallback
 
     found = {}
     args = TrainingArguments(output_dir=str(out / "trainer" / name), use_cpu=True,

@@ -11,14 +11,14 @@ import torch
 from conftest import compose, glue_overrides, write_glue
 from torch import nn
 
-from runner import analyze
-from runner.analyze import compute
-from runner.analyze import scores as S
-from runner.loop import run
-from runner.resume import config_diff
-from runner.sensitivity_log import SensitivityQuantiles
-from schedules.dps import DPS
-from tasks.base import StepLoss, Task
+from adaptune.runner import analyze
+from adaptune.runner.analyze import compute
+from adaptune.runner.analyze import scores as S
+from adaptune.runner.loop import run
+from adaptune.runner.resume import config_diff
+from adaptune.runner.sensitivity_log import SensitivityQuantiles
+from adaptune.schedules.dps import DPS
+from adaptune.tasks.base import StepLoss, Task
 
 
 # ------------------------------------------------------------------------------ hand-built numbers
@@ -145,8 +145,8 @@ def test_sensitivity_quantiles_are_logged_every_n_steps_without_touching_the_rng
 
 
 def test_the_sensitivity_callback_never_blocks_a_resume():
-    sens = {"_target_": "runner.sensitivity_log.SensitivityQuantiles", "every": 20, "sample": 1024}
-    base = {"seed": 1, "callbacks": {"logging": {"_target_": "runner.callbacks.Logging", "every": 5}}}
+    sens = {"_target_": "adaptune.runner.sensitivity_log.SensitivityQuantiles", "every": 20, "sample": 1024}
+    base = {"seed": 1, "callbacks": {"logging": {"_target_": "adaptune.runner.callbacks.Logging", "every": 5}}}
     new = {"seed": 1, "callbacks": {**base["callbacks"], "sensitivity": sens}}
     assert config_diff(new, base) == [] and config_diff(base, new) == []
     assert config_diff({"seed": 1, "callbacks": {**base["callbacks"], "sensitivity": {**sens, "every": 5}}}, new) == []

@@ -32,7 +32,7 @@ def test_gpu_check_without_cuda_stops_at_once(tmp_path):
 
 
 def test_generated_rte_files_are_glue_data_past_128_tokens(tmp_path):
-    from tasks.glue_data import get_spec, load_glue_dir
+    from adaptune.tasks.glue_data import get_spec, load_glue_dir
 
     gpu_check = _gpu_check()
     gpu_check.write_rte(tmp_path / "RTE", n_train=10, n_dev=4)

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 from conftest import InfGrad, compose, glue_overrides, write_glue
-from runner import checkpoint as ckpt
-from runner.callbacks import Callback, build_callbacks
-from runner.loggers import NullLogger
-from runner.loop import Interrupted, Trainer, run
-from runner.precision import Precision, resolve_precision
+from adaptune.runner import checkpoint as ckpt
+from adaptune.runner.callbacks import Callback, build_callbacks
+from adaptune.runner.loggers import NullLogger
+from adaptune.runner.loop import Interrupted, Trainer, run
+from adaptune.runner.precision import Precision, resolve_precision
 
 
 class Recorder(Callback):
@@ -87,7 +87,7 @@ def _glue(tmp_path, *extra, n_train=32):
 
 
 def test_user_callback_from_the_command_line_gets_the_events_in_order(tmp_path, monkeypatch):
-    from schedules.baseline import BaselineSchedule
+    from adaptune.schedules.baseline import BaselineSchedule
 
     Recorder.instances.clear()
     schedule_calls = []
@@ -192,7 +192,7 @@ def test_callback_config_mistakes_are_config_errors():
     with pytest.raises(ConfigError, match=r"callbacks.bad: cannot build no_such_module.Callback"):
         build_callbacks(cfg.callbacks)
     cfg = compose(["+callbacks.bad._target_=collections.OrderedDict"])
-    with pytest.raises(ConfigError, match=r"callbacks.bad: collections.OrderedDict is not a runner.callbacks.Callback"):
+    with pytest.raises(ConfigError, match=r"callbacks.bad: collections.OrderedDict is not a adaptune.runner.callbacks.Callback"):
         build_callbacks(cfg.callbacks)
     cfg = compose(["callbacks.evaluation.every=0"])
     with pytest.raises(ConfigError, match=r"callbacks.evaluation: every must be a positive integer or null, got 0"):

@@ -1,4 +1,4 @@
-"""ChildTuning-F and -D (ALGORITHMS.md §3) against the spec, step by step on small tensors, and
+"""ChildTuning-F and -D (docs/algorithms.md §3) against the spec, step by step on small tensors, and
 through the shared loop (resume skips D's Fisher pass and restores its mask)."""
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 from conftest import compose, glue_overrides, write_glue
-from runner import checkpoint as ckpt
-from runner.loop import Interrupted, Trainer, run
-from schedules import build_schedule
-from schedules.childtuning import ChildTuningD, ChildTuningDSchedule, ChildTuningF, percentile_threshold
+from adaptune.runner import checkpoint as ckpt
+from adaptune.runner.loop import Interrupted, Trainer, run
+from adaptune.schedules import build_schedule
+from adaptune.schedules.childtuning import ChildTuningD, ChildTuningDSchedule, ChildTuningF, percentile_threshold
 
 
 # --------------------------------------------------------------------------- ChildTuning-F

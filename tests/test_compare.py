@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, TINY_BERT, write_glue
 from test_report import write_run
 
-from runner import compare
+from adaptune.runner import compare
 
 PY = shlex.quote(sys.executable)
 
@@ -23,15 +23,15 @@ QS = "task.train_subset=1280 task.max_seq_length=64 task.eval_subset=300 trainer
 
 
 def test_dry_run_prints_each_schedules_multirun_for_quickstart(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "runner", "compare", "quickstart", "--dry-run"],
+    out = subprocess.run([sys.executable, "-m", "adaptune", "compare", "quickstart", "--dry-run"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
-        f"{PY} -m runner -m experiment=quickstart schedule=baseline schedule.lr=5e-5,1e-4 "
+        f"{PY} -m adaptune -m experiment=quickstart schedule=baseline schedule.lr=5e-5,1e-4 "
         f"seed=1,2 name=quickstart {QS}",
-        f"{PY} -m runner -m experiment=quickstart schedule=sage "
+        f"{PY} -m adaptune -m experiment=quickstart schedule=sage "
         f"schedule.lr=2.5e-4,5e-4 seed=1,2 name=quickstart {QS}",
-        f"{PY} -m runner -m experiment=quickstart schedule=dps schedule.lr=5e-5,1e-4 "
+        f"{PY} -m adaptune -m experiment=quickstart schedule=dps schedule.lr=5e-5,1e-4 "
         f"seed=1,2 name=quickstart {QS}",
         "adaptune report outputs/multirun/quickstart",
     ]
@@ -56,11 +56,33 @@ def test_the_sage_lr_grid_is_2_to_5_times_the_baselines_default():
 
 
 def test_unknown_name_is_a_one_line_error():
-    out = subprocess.run([sys.executable, "-m", "runner", "compare", "nope"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "adaptune", "compare", "nope"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == [
-        "adaptune compare: error: conf/compare/nope.yaml does not exist; allowed names: quickstart"]
+        "adaptune compare: error: conf/compare/nope.yaml does not exist; allowed names: quickstart "
+        "(or the path of a YAML file)"]
+
+
+def test_missing_spec_file_is_a_one_line_error(tmp_path, capsys):
+    assert compare.main([str(tmp_path / "mine.yaml"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"adaptune compare: error: compare spec {tmp_path / 'mine.yaml'} does not exist "
+        "(a YAML file, or one of the presets: quickstart)"]
+
+
+def test_a_spec_file_anywhere_runs_like_the_preset(tmp_path, capsys):
+    """``adaptune compare PATH.yaml``: a user's spec outside the package, the same plan as the
+    preset it copies (the sweep is named after the file)."""
+    mine = tmp_path / "specs" / "mine.yaml"
+    mine.parent.mkdir()
+    mine.write_text((REPO / "conf" / "compare" / "quickstart.yaml").read_text())
+    assert compare.main(["quickstart", "--dry-run"]) == 0
+    preset = capsys.readouterr().out
+    assert compare.main([str(mine), "--dry-run"]) == 0
+    own = capsys.readouterr().out
+    assert own == preset.replace("name=quickstart", "name=mine").replace("multirun/quickstart", "multirun/mine")
+    assert own != preset
 
 
 @pytest.fixture
@@ -88,15 +110,24 @@ def conf(tmp_path, monkeypatch):
     ("seeds: [1]\ngrids: {sage: {seed: [1, 2]}}\n",
      "conf/compare/bad.yaml: grids.sage: seed is set by adaptune compare"),
 ])
-def test_bad_compare_file_is_a_one_line_error_naming_the_key(conf, capsys, text, message):
-    (conf / "bad.yaml").write_text(text)
-    assert compare.main(["bad", "--dry-run"]) == 2
+@pytest.mark.parametrize("form", ["preset", "path"])
+def test_bad_compare_file_is_a_one_line_error_naming_the_key(conf, tmp_path, capsys, text, message, form):
+    """The same validation for a shipped preset (by name) and for a user's file (by path)."""
+    if form == "preset":
+        (conf / "bad.yaml").write_text(text)
+        arg = "bad"
+    else:
+        arg = str(tmp_path / "mine" / "bad.yaml")
+        Path(arg).parent.mkdir()
+        Path(arg).write_text(text)
+        message = message.replace("conf/compare/bad.yaml", arg)
+    assert compare.main([arg, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith(f"adaptune compare: error: {message}")
 
 
 def _fake_multirun(calls, codes=None):
-    """Stands in for ``python -m runner -m ...``: writes each job's results.json as a sweep would
+    """Stands in for ``python -m adaptune -m ...``: writes each job's results.json as a sweep would
     (accuracy peaks at lr=1e-4 for sage and at 5e-5 for the baseline)."""
     def run(cmd, **_):
         args = cmd[cmd.index("-m", 3) + 1:]

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_BERT, compose, write_glue
-from schedules import SCHEDULES
-from tasks import TASKS
+from adaptune.schedules import SCHEDULES
+from adaptune.tasks import TASKS
 
 CONF = REPO / "conf"
 
@@ -40,7 +40,7 @@ def test_every_experiment_composes():
 def test_every_schedule_option_builds_without_ignored_keys():
     """A schedule's own preset sets only keys that schedule reads (the 'ignored keys' warning
     cannot fire on a schedule's own settings)."""
-    from schedules import build_schedule
+    from adaptune.schedules import build_schedule
 
     for option in _options("schedule"):
         schedule = build_schedule(compose([f"schedule={option}"]).schedule)
@@ -48,7 +48,7 @@ def test_every_schedule_option_builds_without_ignored_keys():
 
 
 def test_keys_of_another_schedules_preset_are_reported(caplog):
-    from schedules import build_schedule
+    from adaptune.schedules import build_schedule
 
     cfg = compose(["experiment=dps_glue", "schedule=baseline"])
     with caplog.at_level("WARNING"):
@@ -73,11 +73,11 @@ def _makefile_sweeps() -> dict[str, list[str]]:
                              cwd=REPO, capture_output=True, text=True, check=True).stdout
         compare = [ln.split() for ln in out.splitlines() if ln.startswith(".venv/bin/adaptune compare ")]
         if compare:   # one multirun per schedule of conf/compare/<name>.yaml
-            from runner import compare as cmp
+            from adaptune.runner import compare as cmp
 
             spec = cmp.load(compare[0][2])
             for schedule, cmd in cmp.commands(spec, compare[0][3:]):
-                sweeps[f"{target}/{schedule}"] = cmd[cmd.index("runner") + 2:]   # after "-m runner -m"
+                sweeps[f"{target}/{schedule}"] = cmd[cmd.index("adaptune") + 2:]   # after "-m adaptune -m"
             continue
         lines = [ln.split() for ln in out.splitlines() if ln.startswith(".venv/bin/adaptune -m ")]
         assert len(lines) == 1, (target, out)
@@ -90,8 +90,8 @@ def test_every_makefile_sweep_composes():
     schedule (seed lists collapsed to one value: they cannot change composition)."""
     import itertools
 
-    from runner.validate import validate_config
-    from schedules import build_schedule
+    from adaptune.runner.validate import validate_config
+    from adaptune.schedules import build_schedule
 
     sweeps = _makefile_sweeps()
     assert {"quickstart/baseline", "quickstart/sage", "quickstart/dps", "repro-sage-glue", "repro-dps-glue-cpu",
@@ -119,7 +119,7 @@ def test_defaults_are_the_offline_quickstart():
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "adaptune", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -174,7 +174,7 @@ def test_tiny_multirun_writes_one_result_per_job(tmp_path):
 
 
 def test_run_directory_names_are_safe_and_bounded():
-    from runner.app import dirname
+    from adaptune.runner.app import dirname
 
     assert dirname("") == "default"
     assert dirname("task.data_dir=/x/RTE,seed=1") == "task.data_dir=_x_RTE,seed=1"

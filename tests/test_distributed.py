@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_BERT, write_glue
-from runner import checkpoint as ckpt
+from adaptune.runner import checkpoint as ckpt
 
 
 def _args(data, run_dir, schedule):
@@ -28,11 +28,11 @@ def test_two_gloo_processes_match_one_process(tmp_path, schedule):
     pytest.importorskip(f"schedules.{schedule}")
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
     extra = ["schedule.update_ratio=0.34"] if schedule == "dps" else []  # phases of 2 steps in 6
-    one = subprocess.run([sys.executable, "-m", "runner", *_args(data, tmp_path / "one", schedule), *extra],
+    one = subprocess.run([sys.executable, "-m", "adaptune", *_args(data, tmp_path / "one", schedule), *extra],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "runner",
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "adaptune",
                           *_args(data, tmp_path / "two", schedule), *extra],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

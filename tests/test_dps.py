@@ -1,4 +1,4 @@
-"""DPS (schedules/dps.py) against ALGORITHMS.md §2, on tiny models (CPU, a few seconds)."""
+"""DPS (schedules/dps.py) against docs/algorithms.md §2, on tiny models (CPU, a few seconds)."""
 from __future__ import annotations
 
 import io
@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from schedules import build_schedule
-from schedules.dps import (DPS, DPSSchedule, attach_mix, disable_dropout, keep_count, linear_weights,
+from adaptune.schedules import build_schedule
+from adaptune.schedules.dps import (DPS, DPSSchedule, attach_mix, disable_dropout, keep_count, linear_weights,
                            phase_length)
-from common.errors import ConfigError
-from common.families import family_patterns
+from adaptune.common.errors import ConfigError
+from adaptune.common.families import family_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP_PATTERNS = ("0", "2", "4")   # the three Linears of tiny_mlp()
@@ -480,7 +480,7 @@ def test_mix_gradient_is_the_reference_backward_without_the_1_over_1_minus_p_fac
 def test_dense_mask_is_applied_before_global_clipping_in_the_loop(tmp_path, monkeypatch):
     """The runner fires DPS in on_before_clip: the clip's total norm is the masked gradient's."""
     from conftest import compose, glue_overrides, write_glue
-    from runner.loop import run
+    from adaptune.runner.loop import run
 
     norms = []
     original = torch.nn.utils.clip_grad_norm_
@@ -494,7 +494,7 @@ def test_dense_mask_is_applied_before_global_clipping_in_the_loop(tmp_path, monk
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     masked_at_clip = []
 
-    import schedules.dps.algorithm as algorithm
+    import adaptune.schedules.dps.algorithm as algorithm
     on_gradients = algorithm.DPS.on_gradients
 
     def record(self, step):
@@ -518,7 +518,7 @@ def test_dense_mask_is_applied_before_global_clipping_in_the_loop(tmp_path, monk
 
 
 def test_schedule_T_sets_the_phase_length_independently_of_the_run_length():
-    from common.families import family_patterns
+    from adaptune.common.families import family_patterns
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose, glue_overrides, write_glue
-from runner.evaluation import evaluate, reduce_partials
-from tasks import build_task
-from tasks.base import Task
+from adaptune.runner.evaluation import evaluate, reduce_partials
+from adaptune.tasks import build_task
+from adaptune.tasks.base import Task
 
 
 # ------------------------------------------------------------------------------ reduction
@@ -163,7 +163,7 @@ def test_glue_cola_and_mnli_metrics_equal_a_hand_computation(tmp_path):
         labels = torch.tensor(data["labels"])
         assert metrics[f"accuracy{suffix}"] == int((logits.argmax(-1) == labels).sum()) / len(labels)
         assert metrics[f"loss{suffix}"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
-    from common.errors import ConfigError
+    from adaptune.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="GLUE test labels are not public"):
         evaluate(task, model, "test")
@@ -197,13 +197,12 @@ def test_dataloader_workers_give_identical_metrics(tmp_path):
 _DDP_SCRIPT = """
 import json, os, socket, sys
 from pathlib import Path
-sys.path.insert(0, {repo!r})
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runner.distributed import DistInfo
-from runner.evaluation import evaluate
-from tasks import build_task
+from adaptune.runner.distributed import DistInfo
+from adaptune.runner.evaluation import evaluate
+from adaptune.tasks import build_task
 
 
 def rank_main(rank, world, port, task, model, out):

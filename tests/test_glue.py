@@ -6,10 +6,10 @@ import math
 import pytest
 
 from conftest import compose, glue_overrides, write_glue
-from runner.loop import run
-from common.errors import ConfigError
-from tasks import metrics
-from tasks.glue_data import SPECS, get_spec, read_tsv, stratified_subset
+from adaptune.runner.loop import run
+from adaptune.common.errors import ConfigError
+from adaptune.tasks import metrics
+from adaptune.tasks.glue_data import SPECS, get_spec, read_tsv, stratified_subset
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -83,7 +83,7 @@ def test_unknown_label_is_named(tmp_path):
 
 
 def test_stratified_subset_keeps_label_proportions():
-    from tasks.glue_data import Example
+    from adaptune.tasks.glue_data import Example
 
     data = [Example(str(i), None, int(i % 4 == 0)) for i in range(400)]  # 25% positives
     sub = stratified_subset(data, 40, seed=1, regression=False)
@@ -98,7 +98,7 @@ def test_stratified_subset_is_the_dps_scripts_sampler():
     import numpy as np
     from sklearn.model_selection import StratifiedShuffleSplit
 
-    from tasks.glue_data import Example
+    from adaptune.tasks.glue_data import Example
 
     labels = [i * 7 % 3 for i in range(300)]
     data = [Example(f"s{i}", None, lab) for i, lab in enumerate(labels)]

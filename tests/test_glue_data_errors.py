@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 from conftest import REPO, glue_overrides, write_glue
-from tasks.glue_data import get_spec, read_tsv
+from adaptune.tasks.glue_data import get_spec, read_tsv
 
 RTE = get_spec("rte")
 
@@ -97,7 +97,7 @@ def test_utf16_and_gzip_files_say_what_they_are(tmp_path):
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     path, offset = _latin1_on_line_3(tmp_path / "rte")
     args = [*glue_overrides(path.parent, "rte"), "trainer=cpu_fast", f"hydra.run.dir={tmp_path / 'run'}"]
-    out = subprocess.run([sys.executable, "-m", "runner", *args], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "adaptune", *args], cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 2, out.stderr
     assert out.stderr.splitlines() == [

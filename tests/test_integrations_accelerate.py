@@ -9,8 +9,8 @@ import torch
 accelerate = pytest.importorskip("accelerate")
 
 from conftest import REPO  # noqa: E402
-from schedules.dps import DPS, linear_weights  # noqa: E402
-from schedules.integrations.accelerate import AccelerateDPS  # noqa: E402
+from adaptune.schedules.dps import DPS, linear_weights  # noqa: E402
+from adaptune.schedules.integrations.accelerate import AccelerateDPS  # noqa: E402
 from test_integrations_hf import BATCH, Rows, tiny_bert  # noqa: E402
 
 

@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,14 @@ if importlib.util.find_spec("fairseq") is None:
     pytest.skip("fairseq is not installed", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
-PLUGIN = REPO / "schedules" / "integrations" / "fairseq_plugin"
+PLUGIN = Path(str(files("adaptune.schedules.integrations") / "fairseq_user_dir" / "adaptune_fairseq"))
 BIN = Path(sys.executable).parent
 WORDS = "the cat dog bird house tree car road river town city park".split()
 GERMAN = dict(zip(WORDS, "die katze hund vogel haus baum auto strasse fluss stadt stadt park".split()))
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,8 @@ def test_fairseq_train_with_sage_plugin(data_bin, tmp_path, optimizer):
 
 
 def test_runner_does_not_import_fairseq_through_integrations():
-    """The runner's import of schedules.integrations must not import fairseq (Hydra ConfigStore)."""
-    code = "import schedules.integrations, runner.loop, sys; print('fairseq' in sys.modules)"
+    """The runner's import of adaptune.schedules.integrations must not import fairseq (Hydra ConfigStore)."""
+    code = "import adaptune.schedules.integrations, adaptune.runner.loop, sys; print('fairseq' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120, env=_env())
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -96,7 +97,7 @@ def test_runner_does_not_import_fairseq_through_integrations():
 PLUGIN_UNIT = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-import fairseq_plugin as fp
+import adaptune_fairseq as fp
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from omegaconf import OmegaConf
 from fairseq.optim import OPTIMIZER_REGISTRY

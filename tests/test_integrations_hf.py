@@ -1,6 +1,6 @@
 """The Hugging Face Trainer integration on a tiny random BERT: SAGE through
 ``optimizer_cls_and_kwargs`` equals a hand loop step for step; ``DPSCallback`` masks exactly what
-:class:`schedules.dps.DPS` masks in a hand loop; a hook the Trainer never fires is an error."""
+:class:`adaptune.schedules.dps.DPS` masks in a hand loop; a hook the Trainer never fires is an error."""
 from __future__ import annotations
 
 import copy
@@ -14,11 +14,11 @@ pytest.importorskip("accelerate")
 
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from common.errors import ConfigError  # noqa: E402
-from schedules.dps import DPS, linear_weights  # noqa: E402
-from schedules.integrations.hf import (AdamaxSAGEForTrainer, DPSCallback, make_sage_optimizer,  # noqa: E402
+from adaptune.common.errors import ConfigError  # noqa: E402
+from adaptune.schedules.dps import DPS, linear_weights  # noqa: E402
+from adaptune.schedules.integrations.hf import (AdamaxSAGEForTrainer, DPSCallback, make_sage_optimizer,  # noqa: E402
                                        sage_optimizer_cls_and_kwargs)
-from schedules.sage import AdamaxSAGE, AdamWSAGE  # noqa: E402
+from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE  # noqa: E402
 
 N, LEN, BATCH = 24, 8, 4
 

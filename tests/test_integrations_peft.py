@@ -10,10 +10,10 @@ pytest.importorskip("accelerate")
 
 from transformers import Trainer  # noqa: E402
 
-from common.errors import ConfigError  # noqa: E402
+from adaptune.common.errors import ConfigError  # noqa: E402
 from conftest import compose, glue_overrides  # noqa: E402
-from schedules.integrations import is_lora_model, model_patterns  # noqa: E402
-from schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs  # noqa: E402
+from adaptune.schedules.integrations import is_lora_model, model_patterns  # noqa: E402
+from adaptune.schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs  # noqa: E402
 from test_integrations_hf import Rows, args, tiny_bert  # noqa: E402
 
 ADAPTER = ("lora_A.", "lora_B.")
@@ -49,7 +49,7 @@ def test_lora_patterns_are_the_adapters():
 
 def test_sage_never_moves_zero_initialised_lora_b():
     """Why SAGE scales lora_A only: I = |θ ⊙ g| is 0 where θ = 0, so is SAGE's multiplier."""
-    from schedules.integrations.hf import make_sage_optimizer
+    from adaptune.schedules.integrations.hf import make_sage_optimizer
 
     model = lora_bert()
     opt = make_sage_optimizer(model, lr=1e-2, sage_patterns=ADAPTER)
@@ -92,7 +92,7 @@ def test_trainer_dps_mix_on_lora(tmp_path):
 
 # ------------------------------------------------------------------------------ the runner
 def test_runner_lora_config_composes_and_is_checked(tmp_path):
-    from runner.validate import validate_config
+    from adaptune.runner.validate import validate_config
 
     cfg = compose(glue_overrides(tmp_path, "rte", "task.peft=lora", "task.lora.r=4", "task.lora.alpha=8",
                                  "task.lora.dropout=0.0", "task.lora.target_modules=[query,value]"))
@@ -109,8 +109,8 @@ def test_runner_lora_config_composes_and_is_checked(tmp_path):
                                       ["schedule=dps", "schedule.update_ratio=0.25"]],
                          ids=["baseline", "sage", "dps"])
 def test_runner_lora_run_trains_only_adapters(tmp_path, glue_dir, monkeypatch, schedule):
-    from runner.loop import run
-    from tasks.glue import GlueTask
+    from adaptune.runner.loop import run
+    from adaptune.tasks.glue import GlueTask
 
     built = {}
     original = GlueTask.build_model

@@ -6,8 +6,8 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from schedules.integrations.timm import register_sage_optimizers, sage_param_group_fn  # noqa: E402
-from schedules.sage import AdamaxSAGE, AdamWSAGE  # noqa: E402
+from adaptune.schedules.integrations.timm import register_sage_optimizers, sage_param_group_fn  # noqa: E402
+from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE  # noqa: E402
 
 
 def tiny_vit():

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import InfGrad, compose, glue_overrides, write_glue
-from runner import checkpoint as ckpt
-from runner.loop import Interrupted, Trainer, TrainingDiverged, run
-from common.errors import ConfigError
-from wandb_records import read_run
+from adaptune.runner import checkpoint as ckpt
+from adaptune.runner.loop import Interrupted, Trainer, TrainingDiverged, run
+from adaptune.common.errors import ConfigError
+from wandb_records import closed_run
 
 
 def _params(run_dir):
@@ -105,7 +105,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
 
 def _alter_nth_loss(monkeypatch, n: int, alter) -> None:
     """Make the GLUE task's ``n``-th loss call return ``alter(loss_sum)`` instead."""
-    from tasks.glue import GlueTask
+    from adaptune.tasks.glue import GlueTask
 
     original = GlueTask.loss
     calls = {"n": 0}
@@ -143,7 +143,7 @@ def test_results_json_and_wandb_offline_metrics(tmp_path):
     assert saved["config"]["task"]["name"] == "rte" and saved["config"]["seed"] == 7
     logs = list((tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1
-    rec = read_run(logs[0])
+    rec = closed_run(logs[0])
     assert rec["run"]["group"] == "wbtest"
     assert {"task:glue", "schedule:baseline", "seed:7"} <= set(rec["run"]["tags"])
     losses = [h["train/loss"] for h in rec["history"] if "train/loss" in h]
@@ -168,7 +168,7 @@ def test_wandb_failure_never_fails_training(tmp_path, monkeypatch):
 def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
     """Under fp16 an inf gradient skips the update, the schedule hooks and the LR step."""
     data = write_glue(tmp_path / "rte", "rte", n_train=64, n_dev=8)
-    from schedules.baseline import BaselineSchedule
+    from adaptune.schedules.baseline import BaselineSchedule
 
     _alter_nth_loss(monkeypatch, 3, InfGrad.apply)  # finite loss, infinite gradient
     hooked, before_clip = [], []
@@ -179,7 +179,7 @@ def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
                                  "trainer.precision=fp16", "schedule.warmup_ratio=0.0"))
     trainer = Trainer(cfg, tmp_path / "r")
     assert trainer.scaler is not None
-    from runner.loggers import NullLogger
+    from adaptune.runner.loggers import NullLogger
 
     res = trainer.fit(NullLogger())
     assert res["steps"] == 5 and res["precision"] == "fp16"

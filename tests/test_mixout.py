@@ -1,16 +1,16 @@
-"""Mixout (ALGORITHMS.md §3) against the spec on a small Linear, and through the shared loop."""
+"""Mixout (docs/algorithms.md §3) against the spec on a small Linear, and through the shared loop."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 from conftest import compose, glue_overrides, write_glue
-from runner import checkpoint as ckpt
-from runner.loop import run
-from schedules import build_schedule
-from schedules.mixout import Mixout
+from adaptune.runner import checkpoint as ckpt
+from adaptune.runner.loop import run
+from adaptune.schedules import build_schedule
+from adaptune.schedules.mixout import Mixout
 
 
 class Net(nn.Module):

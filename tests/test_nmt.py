@@ -23,18 +23,18 @@ from omegaconf import OmegaConf
 
 # Not pytest.importorskip("fairseq"): a bare `import fairseq` fills Hydra's ConfigStore, which breaks
 # composing conf/config.yaml ("Error merging 'config' with schema"); the task imports it through
-# tasks.nmt_data.import_fairseq, which cleans up after it.
+# adaptune.tasks.nmt_data.import_fairseq, which cleans up after it.
 for _module in ("fairseq", "sentencepiece", "sacrebleu"):
     if importlib.util.find_spec(_module) is None:
         pytest.skip(f"{_module} is not installed (make setup installs the NMT extras)", allow_module_level=True)
 
 from conftest import FAST, REPO, compose  # noqa: E402
-from runner import checkpoint as ckpt  # noqa: E402
-from runner.evaluation import evaluate  # noqa: E402
-from runner.loop import Interrupted, Trainer, run  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
-from tasks import build_task  # noqa: E402
-from tasks import nmt_data  # noqa: E402
+from adaptune.runner import checkpoint as ckpt  # noqa: E402
+from adaptune.runner.evaluation import evaluate  # noqa: E402
+from adaptune.runner.loop import Interrupted, Trainer, run  # noqa: E402
+from adaptune.common.errors import ConfigError  # noqa: E402
+from adaptune.tasks import build_task  # noqa: E402
+from adaptune.tasks import nmt_data  # noqa: E402
 
 TINY_MODEL = [
     "task.model.encoder_embed_dim=64", "task.model.decoder_embed_dim=64",
@@ -303,13 +303,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
-sys.path.insert(0, {repo!r})
-from runner.app import CONFIG_DIR
+from adaptune.runner.app import CONFIG_DIR
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg):
     if cfg.task.kind == "nmt":  # what the NMT task does when its job runs
-        from tasks.nmt_data import import_fairseq
+        from adaptune.tasks.nmt_data import import_fairseq
         import_fairseq()
     out = Path({out!r}) / f"job{{HydraConfig.get().job.num}}.json"
     out.write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True)))
@@ -337,7 +336,7 @@ def test_multirun_sweeping_glue_and_nmt_composes_each_job(tmp_path):
 
 # ------------------------------------------------------------------------------ schedules
 def test_sage_and_dps_default_patterns_pick_attention_and_ffn_linears(synth, cache):
-    from schedules.patterns import matches
+    from adaptune.schedules.patterns import matches
 
     task = build_task(task_cfg(data="raw", data_dir=str(synth), cache_dir=str(cache), subword={"vocab_size": 100}),
                       Path("unused"), seed=1)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from conftest import FAST, REPO, TINY_BERT, compose
 
-from common.errors import ConfigError
-from tasks import build_task, ood
-from tasks.nli_data import load_set, read_scitail_tsv, read_sick, read_snli_jsonl
+from adaptune.common.errors import ConfigError
+from adaptune.tasks import build_task, ood
+from adaptune.tasks.nli_data import load_set, read_scitail_tsv, read_sick, read_snli_jsonl
 
 LABELS = ("entailment", "neutral", "contradiction")
 MARK = {"entailment": "yes", "neutral": "maybe", "contradiction": "no"}
@@ -162,7 +162,7 @@ class FakeNLI(torch.nn.Module):
 
 
 def test_fake_model_scores_equal_hand_computation(tmp_path, nli_dirs):
-    from runner.evaluation import evaluate
+    from adaptune.runner.evaluation import evaluate
 
     cfg = compose(ood_overrides(nli_dirs, "task.ood.split=test"))
     task = build_task(cfg.task, tmp_path, seed=1)
@@ -220,7 +220,7 @@ def test_ood_sets_need_a_three_way_training_set(tmp_path, nli_dirs):
 def test_cli_missing_data_prints_one_line(tmp_path, nli_dirs):
     args = [*ood_overrides({**nli_dirs, "snli": tmp_path / "nowhere"}), "trainer.max_steps=1",
             f"hydra.run.dir={tmp_path / 'run'}"]
-    out = subprocess.run([sys.executable, "-m", "runner", *args], check=False, cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "adaptune", *args], check=False, cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
@@ -231,8 +231,8 @@ def test_cli_missing_data_prints_one_line(tmp_path, nli_dirs):
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.parametrize("train_on", ["mnli", "snli"])
 def test_tiny_run_writes_a_test_metric_per_set(tmp_path, nli_dirs, train_on):
-    from runner.checkpoint import load
-    from runner.loop import run
+    from adaptune.runner.checkpoint import load
+    from adaptune.runner.loop import run
 
     extra = ["trainer.max_steps=6", "trainer.batch_size=8", "schedule.lr=5e-3", "task.train_subset=24"]
     if train_on == "snli":   # the preset's way: the training set's directory is its OOD entry
@@ -273,7 +273,7 @@ def test_preset_is_the_reference_setting(tmp_path):
 
 
 def test_report_shows_named_test_sets(tmp_path):
-    from runner.report import report
+    from adaptune.runner.report import report
 
     values = {("baseline", 1): 0.5, ("baseline", 2): 0.7, ("dps", 1): 0.6, ("dps", 2): 0.9}
     for (sched, seed), v in values.items():

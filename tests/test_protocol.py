@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import compose, glue_overrides, write_glue
-from runner.callbacks import Callback
-from runner.loop import Trainer, run
+from adaptune.runner.callbacks import Callback
+from adaptune.runner.loop import Trainer, run
 
 
 class Collapse(Callback):
@@ -45,7 +45,7 @@ def test_collapsed_run_is_marked_degenerate(tmp_path, task, reason, caplog):
 
 
 def test_report_counts_degenerate_runs(tmp_path):
-    from runner.report import main as report_main
+    from adaptune.runner.report import main as report_main
 
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
     sweep = tmp_path / "sweep"
@@ -76,7 +76,7 @@ def test_selection_split_never_reads_the_official_dev_set_before_the_end(tmp_pat
     monkeypatch.setattr(Trainer, "evaluate", spy)
     res = run(cfg, tmp_path / "run")
 
-    import tasks.glue as glue
+    import adaptune.tasks.glue as glue
 
     trainer_task = glue.GlueTask(cfg.task, tmp_path / "x", seed=42)   # the run's data, rebuilt
     trainer_task.setup()
@@ -100,7 +100,7 @@ def test_selection_split_never_reads_the_official_dev_set_before_the_end(tmp_pat
 
 
 def test_selection_split_must_leave_training_examples(tmp_path):
-    from common.errors import ConfigError
+    from adaptune.common.errors import ConfigError
 
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
     cfg = compose(glue_overrides(data, "rte", "task.selection_split=16"))

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from runner import report
+from adaptune.runner import report
 
 
 def write_run(root, schedule, seed, value, *, setting=None, task=("glue", "rte", "accuracy"),
@@ -276,7 +276,7 @@ def test_report_without_results_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_differences_equal_up_to_rounding_have_no_p_value():
-    from runner.report.stats import paired
+    from adaptune.runner.report.stats import paired
 
     a, b = [0.755, 0.7383333333333333], [0.8016666666666666, 0.785]   # both differences ~ -0.0467
     out = paired(a, b)

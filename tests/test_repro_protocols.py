@@ -94,7 +94,7 @@ def test_dps_low_resource_jobs_train_three_epochs_with_T_one_epoch(n, steps_per_
 
 def test_dps_low_resource_run_length_and_phase_length_as_the_trainer_computes_them(tmp_path):
     """The preset's T and the run's 3 epochs through the real Trainer (tiny model, 600 examples)."""
-    from runner.loop import Trainer
+    from adaptune.runner.loop import Trainer
 
     data = write_glue(tmp_path / "cola", "cola", n_train=600, n_dev=8)
     cfg = compose(["experiment=dps_low_resource", *glue_overrides(data, "cola"), "task.train_subset=500",

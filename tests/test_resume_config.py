@@ -8,12 +8,12 @@ import signal
 
 import pytest
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 from conftest import compose, glue_overrides, write_glue
-from runner import checkpoint as ckpt
-from runner import loop
-from runner.loop import Interrupted, Trainer, run
-from runner.resume import ABSENT, HARMLESS, check_resume, config_diff, describe, is_harmless
+from adaptune.runner import checkpoint as ckpt
+from adaptune.runner import loop
+from adaptune.runner.loop import Interrupted, Trainer, run
+from adaptune.runner.resume import ABSENT, HARMLESS, check_resume, config_diff, describe, is_harmless
 
 TAIL = "; pass resume=false to start over in that directory, or change name= to train in another one"
 
@@ -92,9 +92,9 @@ def test_harmless_keys_are_ignored_and_nothing_else():
 
 
 def test_only_display_settings_of_builtin_callbacks_are_harmless():
-    cbs = {"logging": {"_target_": "runner.callbacks.Logging", "every": 5, "progress": True},
-           "evaluation": {"_target_": "runner.callbacks.Evaluation", "every": None},
-           "checkpoint": {"_target_": "runner.callbacks.Checkpoint", "every": 10},
+    cbs = {"logging": {"_target_": "adaptune.runner.callbacks.Logging", "every": 5, "progress": True},
+           "evaluation": {"_target_": "adaptune.runner.callbacks.Evaluation", "every": None},
+           "checkpoint": {"_target_": "adaptune.runner.callbacks.Checkpoint", "every": 10},
            "mine": {"_target_": "my.Callback", "every": 3, "progress": True}}
     saved = {**SAVED, "callbacks": cbs}
     assert config_diff(_new(callbacks=cbs), saved) == []

@@ -1,5 +1,5 @@
 """SAGE optimizers and schedule (the schedules/sage package) against an independent
-transcription of ALGORITHMS.md §1."""
+transcription of docs/algorithms.md §1."""
 from __future__ import annotations
 
 import copy
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.errors import ConfigError
-from common.families import family_patterns
-from schedules import build_schedule, optimizer_class
-from schedules.sage import AdamaxSAGE, AdamWSAGE, SAGESchedule, compiled, cpu_kernel, sage_param_groups
-from schedules.sage import optimizer as optimizer_mod
+from adaptune.common.errors import ConfigError
+from adaptune.common.families import family_patterns
+from adaptune.schedules import build_schedule, optimizer_class
+from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE, SAGESchedule, compiled, cpu_kernel, sage_param_groups
+from adaptune.schedules.sage import optimizer as optimizer_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_KEYS = {AdamWSAGE: {"step", "exp_avg", "exp_avg_sq"}, AdamaxSAGE: {"step", "exp_avg", "exp_inf"}}
@@ -24,7 +24,7 @@ BERT = family_patterns("bert")   # the patterns a GLUE task supplies for a BERT 
 
 # ---------------------------------------------------------------------------------- transcription
 class SpecSAGE:
-    """Plain float64 transcription of ALGORITHMS.md §1, one tensor at a time, no torch optimizer."""
+    """Plain float64 transcription of docs/algorithms.md §1, one tensor at a time, no torch optimizer."""
 
     def __init__(self, kind, params, groups, lr, betas, beta3, eps, bias_correction=True):
         self.kind, self.lr, self.betas, self.beta3, self.eps = kind, lr, betas, beta3, eps
@@ -702,8 +702,8 @@ def test_registry_and_configs():
 def test_mtdnn_adamax_is_adamax_sage_without_sage_and_not_torch_adamax():
     """schedule.optimizer=adamax_mtdnn (the SAGE paper's GLUE baseline): m not bias-corrected,
     u = max(b2·u, |g| + eps), theta -= lr·(m/(u + eps) + wd·theta), step by step by hand."""
-    from schedules import optimizer_class
-    from schedules.sage import AdamaxSAGE, MTDNNAdamax
+    from adaptune.schedules import optimizer_class
+    from adaptune.schedules.sage import AdamaxSAGE, MTDNNAdamax
 
     assert optimizer_class("adamax_mtdnn") is MTDNNAdamax
     torch.manual_seed(0)

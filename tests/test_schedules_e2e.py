@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import FAST, compose
-from runner.loop import run
+from adaptune.runner.loop import run
 
 QUICK = ["experiment=quickstart", *FAST, "task.train_subset=96", "task.eval_subset=32", "task.max_seq_length=40",
          "trainer.batch_size=12", "trainer.epochs=3", "trainer.log_every=4", "schedule.warmup_ratio=0.0"]

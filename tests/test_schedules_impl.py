@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.errors import ConfigError
-from schedules import build_schedule
+from adaptune.common.errors import ConfigError
+from adaptune.schedules import build_schedule
 
 PATTERNS = {"sage": ("body",), "dps": ("body",), "no_decay": ("bias", "norm")}
 

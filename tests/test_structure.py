@@ -20,9 +20,9 @@ PACKAGES = ("common", "runner", "tasks", "schedules")
 
 def _schema_defaults(group: str, option_cfg) -> dict:
     """The defaults the schema gives the composed node of ``group`` (by its kind for tasks)."""
-    from runner.config import LoggerConfig, TrainerConfig
-    from schedules.config import ScheduleConfig
-    from tasks.config import TASK_SCHEMAS
+    from adaptune.runner.config import LoggerConfig, TrainerConfig
+    from adaptune.schedules.config import ScheduleConfig
+    from adaptune.tasks.config import TASK_SCHEMAS
 
     schema = {"trainer": TrainerConfig, "logger": LoggerConfig, "schedule": ScheduleConfig,
               "task": TASK_SCHEMAS.get(option_cfg.get("kind"))}[group]
@@ -60,7 +60,7 @@ def test_every_key_has_exactly_one_default(group):
 
 def test_schema_defaults_are_the_composed_defaults():
     """With no preset values, a composed group equals its schema: the YAML adds nothing hidden."""
-    from runner.config import TrainerConfig
+    from adaptune.runner.config import TrainerConfig
 
     cfg = compose(["trainer=default"])
     assert OmegaConf.to_container(cfg.trainer) == dataclasses.asdict(TrainerConfig())
@@ -78,14 +78,20 @@ def test_components_read_config_without_fallback_defaults():
     assert not offenders, "\n".join(offenders)
 
 
+def _top(module: str) -> str:
+    """The package a module belongs to: ``adaptune.tasks.glue`` -> ``tasks``; ``torch.nn`` -> ``torch``."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "adaptune" and len(parts) > 1 else parts[0]
+
+
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
+            found.update(_top(alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
+            found.add(_top(node.module))
     return found
 
 
@@ -101,6 +107,22 @@ def test_import_graph(package, forbidden):
     assert not bad, bad
 
 
+def test_code_imports_only_through_the_adaptune_package():
+    """Installed, the only top-level name is ``adaptune``: no module imports ``runner``, ``tasks``,
+    ``schedules``, ``common`` or ``conf`` as top-level packages (a user's ``tasks.py`` would win)."""
+    bad = []
+    for root in (*PACKAGES, "conf", "adaptune", "tests", "bench", "examples"):
+        for path in (REPO / root).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                         else [])
+                bad += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names
+                        if n.split(".")[0] in (*PACKAGES, "conf")]
+    assert not bad, bad
+
+
 def test_no_source_file_over_500_lines():
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines())
              for package in PACKAGES for p in (REPO / package).rglob("*.py")}
@@ -110,8 +132,8 @@ def test_no_source_file_over_500_lines():
 def test_optimizer_registry_does_not_depend_on_import_order():
     """``schedule=baseline schedule.optimizer=adamw_sage`` works in a fresh process in which no
     SAGE module was imported first."""
-    code = ("import sys; from schedules import optimizer_class; "
-            "assert 'schedules.sage' not in sys.modules; "
+    code = ("import sys; from adaptune.schedules import optimizer_class; "
+            "assert 'adaptune.schedules.sage' not in sys.modules; "
             "print(optimizer_class('adamw_sage').__name__, optimizer_class('adamax').__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -122,8 +144,8 @@ def test_task_supplies_its_models_patterns():
     """The schedule receives patterns from the task for the model it built, not a family name."""
     import torch
 
-    from common.families import FAMILY_PATTERNS
-    from schedules import build_schedule
+    from adaptune.common.families import FAMILY_PATTERNS
+    from adaptune.schedules import build_schedule
 
     model = torch.nn.Sequential()
     model.add_module("blocks", torch.nn.ModuleList([torch.nn.Linear(4, 4)]))

@@ -16,7 +16,7 @@ from conftest import REPO, TINY_BERT, write_glue
 
 
 def _sweep_cmd(data, sweep, *extra):
-    return [sys.executable, "-m", "runner", "-m", "task=glue", "task.name=rte", f"task.data_dir={data}",
+    return [sys.executable, "-m", "adaptune", "-m", "task=glue", "task.name=rte", f"task.data_dir={data}",
             *TINY_BERT, "logger=none", "trainer=cpu_fast", "trainer.progress=false",
             f"hydra.sweep.dir={sweep}", *extra]
 
@@ -63,7 +63,7 @@ def test_report_over_two_schedules_and_two_seeds(tmp_path, schedules):
     assert out.returncode == 0, out.stderr[-2000:]
     (sweep / "broken").mkdir()
     (sweep / "broken" / "results.json").write_text(json.dumps({"status": "running"}))
-    rep = subprocess.run([sys.executable, "-m", "runner", "report", str(sweep)], cwd=REPO,
+    rep = subprocess.run([sys.executable, "-m", "adaptune", "report", str(sweep)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
     results = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
@@ -95,7 +95,7 @@ def _fake_run(root, name, schedule, seed, acc, overrides, task=("glue", "rte", "
 
 
 def test_report_scales_fractions_but_not_bleu(tmp_path):
-    from runner import report
+    from adaptune.runner import report
 
     _fake_run(tmp_path, "a", "baseline", 1, 0.81, ["seed=1"])
     _fake_run(tmp_path, "b", "baseline", 1, 4.9, ["seed=1"], task=("nmt", "de-en", "bleu"))
@@ -106,7 +106,7 @@ def test_report_scales_fractions_but_not_bleu(tmp_path):
 
 
 def test_report_splits_presets_that_share_schedule_and_task(tmp_path):
-    from runner import report
+    from adaptune.runner import report
 
     for exp, acc in (("sage_a", 0.6), ("sage_b", 0.8)):
         _fake_run(tmp_path, exp, "sage", 1, acc, [f"experiment={exp}", "seed=1"])
@@ -120,7 +120,7 @@ def test_report_splits_by_every_varying_override_but_the_seed(tmp_path):
     """Low-resource sizes become columns and swept schedule settings a grid (each schedule shown at
     its selected setting); seeds are averaged, and overrides that are the same everywhere (or name
     the schedule/preset) split nothing."""
-    from runner import report
+    from adaptune.runner import report
 
     for sched, lr in (("baseline", None), ("sage", "1e-4"), ("sage", "2e-4")):
         for n in (500, 1000):

@@ -14,10 +14,10 @@ import torch
 pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 
-from common.errors import ConfigError  # noqa: E402
-from tasks import build_task  # noqa: E402
-from runner.evaluation import evaluate  # noqa: E402
-from tasks.vit import BatchPlan, ImageClassificationTask, read_idx, topk_correct  # noqa: E402
+from adaptune.common.errors import ConfigError  # noqa: E402
+from adaptune.tasks import build_task  # noqa: E402
+from adaptune.runner.evaluation import evaluate  # noqa: E402
+from adaptune.tasks.vit import BatchPlan, ImageClassificationTask, read_idx, topk_correct  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("checker", "hstripes", "quadrant", "vstripes")  # sorted, as ImageFolder orders them
@@ -366,7 +366,7 @@ def _compose(overrides: list[str]):
 
 @pytest.mark.parametrize("schedule", ["baseline", "sage", "dps"])
 def test_runs_through_the_shared_loop(folder, tmp_path, schedule):
-    loop = pytest.importorskip("runner.loop")
+    loop = pytest.importorskip("adaptune.runner.loop")
     if not (REPO / "conf" / "schedule" / f"{schedule}.yaml").is_file():
         pytest.skip(f"conf/schedule/{schedule}.yaml is not there yet")
     cfg = _compose([

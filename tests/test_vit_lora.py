@@ -16,11 +16,11 @@ import torch
 pytest.importorskip("timm")
 peft = pytest.importorskip("peft")
 
-from common.errors import ConfigError  # noqa: E402
+from adaptune.common.errors import ConfigError  # noqa: E402
 from conftest import REPO, compose  # noqa: E402
-from runner import checkpoint as ckpt  # noqa: E402
-from runner.loop import Interrupted, Trainer, run  # noqa: E402
-from tasks.vit import ImageClassificationTask, classifier_names  # noqa: E402
+from adaptune.runner import checkpoint as ckpt  # noqa: E402
+from adaptune.runner.loop import Interrupted, Trainer, run  # noqa: E402
+from adaptune.tasks.vit import ImageClassificationTask, classifier_names  # noqa: E402
 from test_vit import CLASSES, TINY, task_cfg, write_imagefolder  # noqa: E402
 
 ADAPTER = ("lora_A.", "lora_B.")
@@ -164,7 +164,7 @@ def test_param_patterns_and_head_through_the_wrapper(tmp_path):
 def test_cli_bad_target_modules_is_one_line(folder, tmp_path):
     args = [*overrides(folder, "sage"), "task.lora.target_modules=[nope]", f"hydra.run.dir={tmp_path / 'run'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "runner", *args], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "adaptune", *args], cwd=REPO, capture_output=True, text=True,
                          timeout=300, env=env)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()

@@ -3,6 +3,11 @@
 The file is a LevelDB-style log: a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks
 of records, each with a 7-byte header (crc32, length, type: full/first/middle/last) carrying a
 serialised ``wandb.proto.wandb_internal_pb2.Record``.
+
+W&B writes the file from its own service process, which may still be writing when ``run.finish()``
+has returned: call :func:`closed_run` (it shuts the service down first, ``wandb.teardown()``, so
+the file is complete) rather than reading a live file. A log without the run's ``exit`` record is
+refused, never read half.
 """
 from __future__ import annotations
 
@@ -41,11 +46,21 @@ def _payloads(path: Path):
             pending = b""
 
 
+def closed_run(path: Path) -> dict:
+    """:func:`read_run` after W&B's service has flushed and closed every file it writes."""
+    import wandb
+
+    wandb.teardown()
+    return read_run(path)
+
+
 def read_run(path: Path) -> dict:
-    """{"run": {group, tags, job_type}, "history": [{key: value}], "summary": {key: value}}."""
+    """{"run": {group, tags, job_type}, "history": [{key: value}], "summary": {key: value}} of a
+    finished run's log; AssertionError if the log has no ``exit`` record (still being written)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     out = {"run": {}, "history": [], "summary": {}}
+    exited = False
     for payload in _payloads(path):
         record = pb.Record()
         record.ParseFromString(payload)
@@ -59,4 +74,7 @@ def read_run(path: Path) -> dict:
         elif kind == "summary":
             for i in record.summary.update:
                 out["summary"][i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+        elif kind == "exit":
+            exited = True
+    assert exited, f"{path} has no exit record: the run is not finished or W&B is still writing it"
     return out

@@ -27,7 +27,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 from .compute import CRITERIA, Options, RunAnalysis
 from .load import AnalysedRun, dps_record, find_runs

@@ -1,7 +1,7 @@
 """What ``adaptune analyze`` computes per run, cached so that a re-run computes only what is missing.
 
 Cache: ``<dir>/analysis/cache/<run>/`` holds one JSON file per result, written atomically
-(:func:`runner.checkpoint.atomic_save_json`): ``sensitivity.json`` (per weight: entries, mean
+(:func:`adaptune.runner.checkpoint.atomic_save_json`): ``sensitivity.json`` (per weight: entries, mean
 sensitivity, log10 histogram), ``dense.json`` (the unpruned dev metrics) and
 ``prune_<criterion>_<sparsity>.json``. Each file holds the key it was computed for: the checkpoint's
 name, size and modification time and the options that change it (split and batches for sensitivity

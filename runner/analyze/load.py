@@ -1,7 +1,7 @@
 """Finding the runs of a directory and rebuilding one run's task and trained model.
 
-A run is what ``adaptune report`` finds (:func:`runner.report.collect.collect`) that has a
-checkpoint. Its task and model are rebuilt by the training loop's own :class:`~runner.loop.Trainer`
+A run is what ``adaptune report`` finds (:func:`adaptune.runner.report.collect.collect`) that has a
+checkpoint. Its task and model are rebuilt by the training loop's own :class:`~adaptune.runner.loop.Trainer`
 from the config the run saved (``results.json``'s ``config``, else the checkpoint's): the same task
 setup, model, schedule wrappers (DPS-Mix parametrizations), device and precision, so that an
 evaluation here is the evaluation the run made. (choice) Only what cannot matter is changed: no
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 from .. import checkpoint as ckpt
 from ..report.collect import Run, collect, label_runs, load_plan
@@ -111,7 +111,7 @@ def find_runs(root: Path, settings: str = "selected") -> list[AnalysedRun]:
 
 
 def rebuild(run: AnalysedRun, device: str | None = None, max_sentences: int | None = None):
-    """The run's :class:`~runner.loop.Trainer` with the checkpoint's weights loaded (in eval use only)."""
+    """The run's :class:`~adaptune.runner.loop.Trainer` with the checkpoint's weights loaded (in eval use only)."""
     from omegaconf import OmegaConf
 
     from ..loop import Trainer

@@ -1,7 +1,7 @@
 """The numbers behind ``adaptune analyze``: which weights, their sensitivity, histograms, pruning.
 
 Weights analysed: the 2-D tensors that the model's ``sage`` patterns match (the encoder's linear
-weights, ``Task.param_patterns`` / :mod:`common.families`), by their plain names (a DPS-Mix
+weights, ``Task.param_patterns`` / :mod:`adaptune.common.families`), by their plain names (a DPS-Mix
 parametrization's ``...parametrizations.weight.original`` is reported as ``...weight``).
 
 Sensitivity of an entry (SAGE's importance score): ``I = |θ ⊙ ∇L|`` with ``∇L`` the gradient of a
@@ -19,9 +19,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from schedules.dps.helpers import canonical_name
-from schedules.patterns import select_names
-from tasks.base import Task, move_to
+from adaptune.schedules.dps.helpers import canonical_name
+from adaptune.schedules.patterns import select_names
+from adaptune.tasks.base import Task, move_to
 
 #: histogram of log10(sensitivity): fixed edges, so histograms of runs computed apart can be pooled
 LOG_LO, LOG_HI, LOG_STEP = -16.0, 4.0, 0.05

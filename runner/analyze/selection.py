@@ -23,7 +23,7 @@ def selected_fraction_counts(record: dict[str, Any]) -> list[int]:
 
 
 def dps_section(analyses, records: dict[str, dict], out: Path, suffix: str, title: str) -> tuple[list[Path], str]:
-    """``records``: run key -> :func:`runner.analyze.load.dps_record` of the runs that have one."""
+    """``records``: run key -> :func:`adaptune.runner.analyze.load.dps_record` of the runs that have one."""
     groups = {s: [a for a in runs if a.run.key in records] for s, runs in _by_schedule(analyses).items()}
     groups = {s: runs for s, runs in groups.items() if runs}
     if not groups:

@@ -1,5 +1,5 @@
 """ChildTuning (Xu et al., EMNLP 2021, "Raise a Child in Large Language Model"), one of the DPS
-paper's baselines, as ALGORITHMS.md §3 specifies: the baseline optimizer, but each step only a
+paper's baselines, as docs/algorithms.md §3 specifies: the baseline optimizer, but each step only a
 "child network" of gradient entries reaches it. ``reserve_p`` is the fraction of entries KEPT
 (unlike DPS's ``p``, the fraction dropped).
 
@@ -30,7 +30,7 @@ Decisions marked **(choice)**:
   eps, weight decay and LR schedule. The reference's ``ChildTuningAdamW`` is Hugging Face's
   AdamW maths (bias correction on) but applies the decoupled decay *after* the Adam update
   (``θ <- (θ - s·m̂/(√v̂+ε)) - lr·λ·(θ - s·m̂/(√v̂+ε))``); torch's AdamW decays *before* it
-  (``θ <- θ(1 - lr·λ) - s·m̂/(√v̂+ε)``); ALGORITHMS.md §3 says "decay before the update", but
+  (``θ <- θ(1 - lr·λ) - s·m̂/(√v̂+ε)``); docs/algorithms.md §3 says "decay before the update", but
   the reference code (like ``transformers.AdamW``, "fixed version") decays after. The two differ
   by ``lr·λ·s·m̂/(√v̂+ε)`` per step, the step times ``lr·λ`` (2e-7 of it at lr 2e-5, λ 0.01); we
   keep torch's order so that the fast fused/foreach paths apply and ChildTuning differs from the
@@ -39,7 +39,7 @@ Decisions marked **(choice)**:
   the parameters' device (a full-size draw per step; drawing on the CPU and copying would cost a
   transfer of every gradient's size each step), one draw per tensor in the optimizer's parameter
   order, as ``torch.rand(shape) < reserve_p``. Its seed follows the run seed without drawing from
-  the global generator (``schedules.sync.shared_seed``, rank 0's under DDP, so every rank draws
+  the global generator (``adaptune.schedules.sync.shared_seed``, rank 0's under DDP, so every rank draws
   the same ``B``); its state is in ``state_dict()``, so a resumed run continues the same stream.
   The same seed gives different ``B`` on CPU and CUDA (different generators). Tensors without a
   gradient draw nothing; ``reserve_p = 1`` draws nothing (the mask would be all ones).

@@ -1,4 +1,4 @@
-"""ChildTuning's gradient masks (see ``schedules.childtuning``), usable outside the runner::
+"""ChildTuning's gradient masks (see ``adaptune.schedules.childtuning``), usable outside the runner::
 
     f = ChildTuningF(optimizer_params, reserve_p=0.3, seed=1)
     ... loss.backward(); clip ...; f.apply(); optimizer.step()
@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from common.errors import ConfigError
-from common.schema import check_values
+from adaptune.common.errors import ConfigError
+from adaptune.common.schema import check_values
 
 from ..config import ScheduleConfig
 from ..patterns import select_names

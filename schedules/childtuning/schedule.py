@@ -1,5 +1,5 @@
 """``schedule=childtuning_d`` / ``schedule=childtuning_f``: the baseline optimizer plus a ChildTuning
-gradient mask (see ``schedules.childtuning``)."""
+gradient mask (see ``adaptune.schedules.childtuning``)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from common.families import ParamPatterns
+from adaptune.common.families import ParamPatterns
 
 from ..baseline import BaselineSchedule
 from ..sync import shared_seed

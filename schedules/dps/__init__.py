@@ -1,4 +1,4 @@
-"""DPS: dynamic parameter selection (Zhang et al., NeurIPS 2022), as ALGORITHMS.md §2 specifies.
+"""DPS: dynamic parameter selection (Zhang et al., NeurIPS 2022), as docs/algorithms.md §2 specifies.
 
 Training alternates between phases of ``U = int(T * update_ratio)`` optimizer steps (``T`` the
 total number of optimizer steps, or ``schedule.T`` when set: the low-resource protocol's one epoch): step ``s`` (1-based) is in phase ``k = ceil(s / U)``; odd phases
@@ -6,7 +6,7 @@ total number of optimizer steps, or ``schedule.T`` when set: the low-resource pr
 ``ceil(n * (1 - p))`` entries of each selected weight by score, ``n`` its number of entries).
 
 Selected tensors: the weights (2-D) of the ``nn.Linear`` modules whose qualified parameter names
-contain one of the model's ``dps`` patterns (the task supplies them, ``common.families``; config key
+contain one of the model's ``dps`` patterns (the task supplies them, ``adaptune.common.families``; config key
 ``schedule.dps_patterns``). Biases and every other tensor are trained normally. A pattern list
 that matches no Linear weight is a :class:`ConfigError`.
 
@@ -30,7 +30,7 @@ replaces the Linear's weight by::
 
 Evaluation (``module.eval()``) uses ``W`` itself.
 
-Hooks, in the order the shared loop calls them (``schedules.base``): ``on_step_begin(step)``
+Hooks, in the order the shared loop calls them (``adaptune.schedules.base``): ``on_step_begin(step)``
 before the first micro-batch's forward (Mix draws ``N`` here, and both variants enter a new phase
 here: Mix needs ``M`` and ``W_tgt`` before the first forward of a selection phase), then
 ``DPS.on_gradients(step)`` once per optimizer step after all micro-batches were back-propagated
@@ -39,7 +39,7 @@ Everything depends on the optimizer-step counter ``step``, never on micro-batche
 accumulation and DDP (every rank sees the same all-reduced gradient, hence the same mask) are
 handled by the loop.
 
-Decisions marked **(choice)** (ALGORITHMS.md asks for them to be recorded here):
+Decisions marked **(choice)** (docs/algorithms.md asks for them to be recorded here):
 
 - **(choice) Forward wrapping for Mix: ``torch.nn.utils.parametrize``.** A parametrization
   replaces every *read* of ``linear.weight``, so it also reaches code that reads the weight
@@ -57,7 +57,7 @@ Decisions marked **(choice)** (ALGORITHMS.md asks for them to be recorded here):
   ``state_dict()`` (the loop does).
 - **Mix's backward is the reference's, not autograd's.** ``((1-N)·R + N·W - p·R)/(1-p)`` is
   computed as ``R + (N·(W - R)) / (1-p)`` (algebraically identical; two full-size ops instead of
-  five), with ``R`` = ``W_pre`` or ``W_tgt``, by ``schedules.mixing.mix_weight``, whose backward
+  five), with ``R`` = ``W_pre`` or ``W_tgt``, by ``adaptune.schedules.mixing.mix_weight``, whose backward
   returns ``grad(W_eff) ⊙ N`` with no ``1/(1-p)`` factor, as the reference's custom op does
   (true autograd would give selected weights ``1/(1-p)`` = 1.43× larger gradients at p=0.3, and
   global clipping would bite harder). Masking ``g`` by ``N`` in ``on_gradients`` is then a no-op
@@ -90,7 +90,7 @@ Decisions marked **(choice)** (ALGORITHMS.md asks for them to be recorded here):
   reset at the next processed exploration step. A selection phase whose preceding exploration
   produced no scores at all (every step overflowed) keeps every entry.
 - The mask only touches the gradient: the base optimizer's momentum and weight decay still move
-  masked entries (reference behaviour, ALGORITHMS.md §2).
+  masked entries (reference behaviour, docs/algorithms.md §2).
 """
 from .algorithm import DPS, STATE_VERSION
 from .helpers import (canonical_name, check_dps_hparams, default_seed, disable_dropout, keep_count,

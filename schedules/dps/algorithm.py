@@ -5,7 +5,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 from ..config import ScheduleConfig
 from ..patterns import select_names

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from common.errors import ConfigError
-from common.schema import check_values
+from adaptune.common.errors import ConfigError
+from adaptune.common.schema import check_values
 
 from ..config import ScheduleConfig
-from ..sync import default_seed  # noqa: F401  (re-exported: schedules.dps.default_seed)
+from ..sync import default_seed  # noqa: F401  (re-exported: adaptune.schedules.dps.default_seed)
 
 PARAMETRIZED_SUFFIX = "parametrizations.weight.original"
 

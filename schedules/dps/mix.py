@@ -1,4 +1,4 @@
-"""DPS-Mix's forward: a parametrization of each selected Linear's weight (see ``schedules.dps``)."""
+"""DPS-Mix's forward: a parametrization of each selected Linear's weight (see ``adaptune.schedules.dps``)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 from ..mixing import mix_weight
 from ..patterns import select_names

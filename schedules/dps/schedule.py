@@ -1,11 +1,11 @@
-"""``schedule=dps``: the baseline optimizer plus :class:`~schedules.dps.DPS` (the runner adapter)."""
+"""``schedule=dps``: the baseline optimizer plus :class:`~adaptune.schedules.dps.DPS` (the runner adapter)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 from torch import nn
 
-from common.families import ParamPatterns
+from adaptune.common.families import ParamPatterns
 
 from ..baseline import BaselineSchedule
 from .algorithm import DPS

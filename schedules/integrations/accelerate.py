@@ -1,6 +1,6 @@
 """DPS in a plain ``accelerate`` loop, in the reference order (mask, then clip)::
 
-    from schedules.integrations.accelerate import AccelerateDPS
+    from adaptune.schedules.integrations.accelerate import AccelerateDPS
 
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     dps = AccelerateDPS(accelerator, model, total_steps=T, p=0.3, update_ratio=0.05)
@@ -18,7 +18,7 @@ and DDP are handled as ``accelerate`` runs them (DPS sees the accumulated, all-r
 the same on every rank). :meth:`AccelerateDPS.clip_grad_norm_` (or :meth:`mask_gradients` when
 you do not clip) does nothing on accumulation micro-steps; on a sync step it unscales fp16
 gradients (``accelerator.unscale_gradients``), skips DPS when they overflowed (the GradScaler skips
-that step too), masks or scores them with :class:`schedules.dps.DPS`, then clips the global norm
+that step too), masks or scores them with :class:`adaptune.schedules.dps.DPS`, then clips the global norm
 with ``torch.nn.utils.clip_grad_norm_``: **the DPS reference's order, masking before clipping**.
 **(choice)** It replaces ``accelerator.clip_grad_norm_`` rather than following it, because that
 would unscale a second time (a GradScaler error) and clip before masking.
@@ -27,13 +27,13 @@ would unscale a second time (a GradScaler error) and clip before masking.
 when ``optimizer.step()`` updates the parameters for a step whose gradients DPS never saw.
 
 ``before_forward()`` may be called before every forward (it acts once per optimizer step); it
-is required for ``variant="mix"`` (the forward is patched by :func:`schedules.dps.attach_mix` when
+is required for ``variant="mix"`` (the forward is patched by :func:`adaptune.schedules.dps.attach_mix` when
 the helper is built: build it after ``accelerator.prepare`` and before the first forward). **Mix
 under DDP:** also call :meth:`AccelerateDPS.prepare_mix` on the model *before* ``accelerator.prepare``:
 registering the parametrization gives each weight a new autograd accumulator that the hooks DDP
 registered when it wrapped the model never see, so patched after the wrap those gradients would
 not be all-reduced (a ConfigError says so). Mix's draws use rank 0's seed on every rank
-(``seed=None``: :func:`schedules.sync.shared_seed`), as ``set_seed(..., device_specific=True)``
+(``seed=None``: :func:`adaptune.schedules.sync.shared_seed`), as ``set_seed(..., device_specific=True)``
 seeds the ranks apart.
 DeepSpeed / FSDP: a ConfigError (sharded gradients), as in :mod:`.hf`.
 """
@@ -43,7 +43,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 from ..dps import DPS, MixoutWeight, attach_mix, linear_weights, phase_length
 from ..dps.helpers import check_dps_hparams
@@ -66,7 +66,7 @@ class AccelerateDPS:
         accelerator: the ``accelerate.Accelerator``.
         model: the prepared model (DDP-wrapped or not; DPS works on the unwrapped module).
         total_steps: ``T``, the number of optimizer steps of the run.
-        p, update_ratio, variant, patterns, family, seed: as :class:`schedules.integrations.hf.DPSCallback`.
+        p, update_ratio, variant, patterns, family, seed: as :class:`adaptune.schedules.integrations.hf.DPSCallback`.
         optimizer: the prepared optimizer; given, a step that DPS did not see raises.
     """
 

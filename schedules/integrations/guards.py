@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
 
 
 def refuse_sharded(model: torch.nn.Module, args: Any = None, where: str = "DPSCallback",

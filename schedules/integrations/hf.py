@@ -1,6 +1,6 @@
 """SAGE and DPS in the Hugging Face ``Trainer`` (transformers 5; needs ``accelerate``)::
 
-    from schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs
+    from adaptune.schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs
 
     trainer = Trainer(model, args, train_dataset=ds,
                       optimizer_cls_and_kwargs=sage_optimizer_cls_and_kwargs(model, lr=2e-4, beta3=0.75))
@@ -20,7 +20,7 @@ family's ``no_decay`` patterns); ``TrainingArguments.learning_rate`` / ``weight_
 seen by the optimizer. :func:`make_sage_optimizer` builds the plain optimizer for
 ``Trainer(optimizers=(opt, None))``.
 
-**DPS.** :class:`DPSCallback` builds :class:`schedules.dps.DPS` at ``on_train_begin`` over the
+**DPS.** :class:`DPSCallback` builds :class:`adaptune.schedules.dps.DPS` at ``on_train_begin`` over the
 model's ``nn.Linear`` weights matched by the DPS patterns, with ``T = state.max_steps`` optimizer
 steps, and drives it with the Trainer's events, keyed on the optimizer-step counter
 (``state.global_step + 1``), never on micro-batches:
@@ -34,7 +34,7 @@ steps, and drives it with the Trainer's events, keyed on the optimizer-step coun
   so here clipping comes first: with ``max_grad_norm > 0`` the clip coefficient is computed on
   the unmasked gradient (masked entries are still zeroed exactly; exploration scores are scaled
   by that step's clip coefficient). Set ``max_grad_norm=0`` to avoid the difference, or use the
-  runner / :mod:`schedules.integrations.accelerate` for the reference order.
+  runner / :mod:`adaptune.schedules.integrations.accelerate` for the reference order.
 - ``on_step_end``: **(choice)** if ``on_pre_optimizer_step`` did not fire for the step just
   finished (a transformers without that event, a custom loop, a Trainer subclass that drops it)
   it raises instead of silently training without DPS, at the end of the first optimizer step.
@@ -43,10 +43,10 @@ Gradient accumulation, DDP and fp16 / bf16 work as the Trainer runs them: one ma
 step on the all-reduced, unscaled gradient (identical on every rank, so the masks are too). An
 fp16 step whose gradients overflowed (the GradScaler skips it) is skipped by DPS as well.
 DeepSpeed and FSDP shard or flatten the gradients, so DPS cannot see whole weight matrices: a
-:class:`~common.errors.ConfigError` at ``on_train_begin``.
+:class:`~adaptune.common.errors.ConfigError` at ``on_train_begin``.
 
 **(choice) Mix** is supported: ``on_init_end`` (the end of ``Trainer.__init__``, before ``train()``
-wraps the model in DDP) attaches :func:`schedules.dps.attach_mix` to the selected Linears (a
+wraps the model in DDP) attaches :func:`adaptune.schedules.dps.attach_mix` to the selected Linears (a
 ``torch.nn.utils.parametrize`` of their weights: same ``Parameter`` objects, so the optimizer the
 Trainer built is unaffected; ``state_dict`` keys unchanged). Registering the parametrization gives
 each weight a new autograd accumulator, which the hooks DDP registered when it wrapped the model
@@ -61,16 +61,18 @@ else. Not tested with ``torch_compile=True``.
 Not saved in Trainer checkpoints: the DPS scores/masks (``resume_from_checkpoint`` restarts the
 current phase's bookkeeping; a selection phase whose scores were lost keeps every entry).
 LoRA (peft) models: SAGE and DPS apply to the ``lora_A`` / ``lora_B`` adapters only
-(:mod:`schedules.integrations.patterns`).
+(:mod:`adaptune.schedules.integrations.patterns`).
 """
 from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
 import torch
-from transformers import TrainerCallback
 
-from common.errors import ConfigError
+from adaptune.common.errors import ConfigError
+from adaptune.common.extras import require
+
+TrainerCallback = require("transformers", "adaptune.schedules.integrations.hf").TrainerCallback
 
 from ..dps import DPS, attach_mix, check_dps_hparams, linear_weights, phase_length
 from ..sage import AdamaxSAGE, AdamWSAGE, sage_param_groups
@@ -111,11 +113,11 @@ class _FromSageGroups:
 
 
 class AdamaxSAGEForTrainer(_FromSageGroups, AdamaxSAGE):
-    """:class:`~schedules.sage.AdamaxSAGE` that takes its groups from ``sage_groups=``."""
+    """:class:`~adaptune.schedules.sage.AdamaxSAGE` that takes its groups from ``sage_groups=``."""
 
 
 class AdamWSAGEForTrainer(_FromSageGroups, AdamWSAGE):
-    """:class:`~schedules.sage.AdamWSAGE` that takes its groups from ``sage_groups=``."""
+    """:class:`~adaptune.schedules.sage.AdamWSAGE` that takes its groups from ``sage_groups=``."""
 
 
 _BASES = {"adamax": (AdamaxSAGE, AdamaxSAGEForTrainer), "adamw": (AdamWSAGE, AdamWSAGEForTrainer)}
@@ -181,10 +183,10 @@ class DPSCallback(TrainerCallback):
         family: the pattern family when ``patterns`` is None and the model type is not known.
         total_steps: ``T``; None: ``state.max_steps`` (the run's optimizer steps).
         seed: seed of Mix's draws; None: derived from the run seed, rank 0's on every rank
-            (:func:`schedules.sync.shared_seed`), so DDP ranks draw the same masks even where
+            (:func:`adaptune.schedules.sync.shared_seed`), so DDP ranks draw the same masks even where
             user code seeds the ranks apart.
 
-    After training, ``callback.dps`` is the :class:`~schedules.dps.DPS` object (``kept_fraction()``,
+    After training, ``callback.dps`` is the :class:`~adaptune.schedules.dps.DPS` object (``kept_fraction()``,
     ``masks``, ``state_dict()``).
     """
 

@@ -1,7 +1,7 @@
 """The SAGE / DPS / no-decay name patterns of a model handed to an integration.
 
 **(choice)** A PEFT model with LoRA adapters (trainable parameters named ``...lora_A...`` /
-``...lora_B...``) gets ``common.families.lora_patterns``: DPS selects from both adapter matrices (peft's
+``...lora_B...``) gets ``adaptune.common.families.lora_patterns``: DPS selects from both adapter matrices (peft's
 ``lora_A`` / ``lora_B`` are ``nn.Linear`` modules, so DPS sees their weights as Linear weights);
 SAGE scales ``lora_A`` only. SAGE's multiplier ``|I - Ī| / (Ī + ε²)`` with ``I = |θ ⊙ g|`` is
 exactly 0 wherever ``θ = 0``, and peft initialises ``lora_B`` to zeros: under SAGE it would never
@@ -22,8 +22,8 @@ from typing import Mapping
 
 import torch
 
-from common.errors import ConfigError
-from common.families import (FAMILY_PATTERNS, HF_MODEL_TYPES, LORA_SUBSTRINGS, ParamPatterns, family_patterns,
+from adaptune.common.errors import ConfigError
+from adaptune.common.families import (FAMILY_PATTERNS, HF_MODEL_TYPES, LORA_SUBSTRINGS, ParamPatterns, family_patterns,
                              lora_patterns)
 
 

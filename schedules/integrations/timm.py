@@ -1,7 +1,7 @@
 """SAGE for ``timm.optim.create_optimizer_v2`` users::
 
     from timm.optim import create_optimizer_v2
-    from schedules.integrations.timm import register_sage_optimizers, sage_param_group_fn
+    from adaptune.schedules.integrations.timm import register_sage_optimizers, sage_param_group_fn
 
     register_sage_optimizers()            # adds "adamwsage" / "adamaxsage" to timm's registry
     opt = create_optimizer_v2(model, opt="adamwsage", lr=1e-4, weight_decay=0.05, beta3=0.75,
@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from common.families import family_patterns
+from adaptune.common.extras import require
+from adaptune.common.families import family_patterns
 
 from ..sage import AdamaxSAGE, AdamWSAGE, sage_param_groups
 
@@ -51,11 +52,12 @@ def sage_param_group_fn(family: str = "vit", *, weight_decay: float = 0.05,
 
 def register_sage_optimizers() -> list[str]:
     """Register AdamW-SAGE / Adamax-SAGE in timm's optimizer registry (idempotent); their names."""
+    require("timm", "adaptune.schedules.integrations.timm")
     from timm.optim import OptimInfo
     from timm.optim._optim_factory import default_registry
 
     for name, cls in NAMES.items():
         if name not in default_registry.list_optimizers():
             default_registry.register(OptimInfo(name=name, opt_class=cls, has_betas=True,
-                                                description=f"{cls.__name__} (SAGE, schedules.sage)"))
+                                                description=f"{cls.__name__} (SAGE, adaptune.schedules.sage)"))
     return list(NAMES)

@@ -1,4 +1,4 @@
-"""Mixout (Lee et al., ICLR 2020), one of the DPS paper's baselines, as ALGORITHMS.md §3 specifies.
+"""Mixout (Lee et al., ICLR 2020), one of the DPS paper's baselines, as docs/algorithms.md §3 specifies.
 
 Each selected ``nn.Linear`` weight ``W`` is mixed, in training-mode forward passes, toward its
 target ``W_tgt`` = the weight at the start of fine-tuning (the pretrained weight; a fresh head's
@@ -20,8 +20,8 @@ BERT the encoder's linear sub-layers, the pooler and the classifier; the referen
 Decisions marked **(choice)**:
 
 - **(choice) Shared machinery with DPS-Mix.** The forward is DPS-Mix's parametrization
-  (``schedules.dps.mix``: ``attach_mix`` / ``MixoutWeight``, which calls
-  ``schedules.mixing.mix_weight``: ``W_tgt + N·(W - W_tgt)/(1-p)``, algebraically the formula
+  (``adaptune.schedules.dps.mix``: ``attach_mix`` / ``MixoutWeight``, which calls
+  ``adaptune.schedules.mixing.mix_weight``: ``W_tgt + N·(W - W_tgt)/(1-p)``, algebraically the formula
   above, with exactly the reference's backward). So every read of ``linear.weight`` is mixed
   (also code that reads the weight without calling ``Linear.forward``), eval mode reads ``W``,
   and ``state_dict()`` keys stay plain (``x.weight``); ``named_parameters()`` shows
@@ -35,7 +35,7 @@ Decisions marked **(choice)**:
 - **(choice) Randomness** as DPS-Mix's: ``N`` comes from a CPU ``torch.Generator`` owned by the
   schedule (one draw of ``sum(in_features)`` uniforms per forward, then one small copy per
   weight), seeded from the run seed without drawing from the global generator
-  (``schedules.sync.shared_seed``; rank 0's under DDP, so every rank mixes alike); the same seed
+  (``adaptune.schedules.sync.shared_seed``; rank 0's under DDP, so every rank mixes alike); the same seed
   gives the same ``N`` on CPU and GPU and the data order and any other randomness stay those of
   a baseline run. The generator's state and the targets are in ``state_dict()``: a resumed run
   continues exactly (one full copy of every selected weight, as the reference keeps).

@@ -1,4 +1,4 @@
-"""Mixout on a model's Linear weights (see ``schedules.mixout``), usable outside the runner::
+"""Mixout on a model's Linear weights (see ``adaptune.schedules.mixout``), usable outside the runner::
 
     mixout = Mixout(model, p=0.9, patterns=family_patterns("bert", "dps"))   # after model.to(device)
     ... train as usual: every training-mode forward of ``model`` draws a fresh mask
@@ -10,8 +10,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from common.errors import ConfigError
-from common.schema import check_values
+from adaptune.common.errors import ConfigError
+from adaptune.common.schema import check_values
 
 from ..config import ScheduleConfig
 from ..dps.helpers import default_seed, linear_weights
@@ -28,9 +28,9 @@ class Mixout:
             pre-hook; :meth:`remove` takes it off).
         p: mix probability in [0, 1).
         patterns: name substrings selecting Linear weights (None: every trainable Linear).
-        wrappers: the parametrizations from :func:`~schedules.dps.mix.attach_mix` when the model
+        wrappers: the parametrizations from :func:`~adaptune.schedules.dps.mix.attach_mix` when the model
             was prepared earlier (before building the optimizer); None attaches them now.
-        seed: the mask generator's seed (default :func:`~schedules.dps.helpers.default_seed`).
+        seed: the mask generator's seed (default :func:`~adaptune.schedules.dps.helpers.default_seed`).
     """
 
     def __init__(self, model: nn.Module, p: float = ScheduleConfig.mixout_p,

@@ -1,12 +1,12 @@
-"""``schedule=mixout``: the baseline optimizer plus :class:`~schedules.mixout.Mixout` (the runner adapter)."""
+"""``schedule=mixout``: the baseline optimizer plus :class:`~adaptune.schedules.mixout.Mixout` (the runner adapter)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 from torch import nn
 
-from common.errors import ConfigError
-from common.families import ParamPatterns
+from adaptune.common.errors import ConfigError
+from adaptune.common.families import ParamPatterns
 
 from ..baseline import BaselineSchedule
 from ..dps.helpers import disable_dropout

@@ -1,4 +1,4 @@
-"""SAGE: sensitivity-guided adaptive learning rate (Liang et al., ICLR 2022; ALGORITHMS.md §1).
+"""SAGE: sensitivity-guided adaptive learning rate (Liang et al., ICLR 2022; docs/algorithms.md §1).
 
 Sensitivity ``I = |θ ⊙ g|`` estimates how much the loss changes if an entry is zeroed. SAGE keeps
 an exponential moving average ``Ī`` of it and scales each entry's step by the local uncertainty
@@ -7,7 +7,7 @@ an exponential moving average ``Ī`` of it and scales each entry's step by the l
 This package exports
 
 - :class:`AdamWSAGE` and :class:`AdamaxSAGE`, plain ``torch.optim.Optimizer`` subclasses
-  (named ``adamw_sage`` / ``adamax_sage`` in ``schedules.base.OPTIMIZERS``, imported on use). A
+  (named ``adamw_sage`` / ``adamax_sage`` in ``adaptune.schedules.base.OPTIMIZERS``, imported on use). A
   parameter group with ``sage=False`` is updated by the plain base optimizer's maths; groups that
   do not say get ``sage=True``.
 - :func:`sage_param_groups`, optimizer-ready groups for users outside the runner::

@@ -40,7 +40,7 @@ def adamax_fused_kernel(p: Tensor, g: Tensor, m: Tensor, u: Tensor, s: Tensor | 
 
 
 class AdamaxSAGE(SAGEOptimizer):
-    r"""Adamax with SAGE (reference name ``UnstructAwareAdamax``; ALGORITHMS.md §1).
+    r"""Adamax with SAGE (reference name ``UnstructAwareAdamax``; docs/algorithms.md §1).
 
     For each parameter of a ``sage=True`` group (no bias correction anywhere in this variant)::
 
@@ -59,7 +59,7 @@ class AdamaxSAGE(SAGEOptimizer):
         lr: learning rate. betas: (β1, β2) in [0, 1). beta3: in [0, 1), the paper uses 0.6–0.9
         (0.85 for MNLI). eps: ε >= 0. weight_decay: λ >= 0 (0.01 for weights in the reference;
         use 0 for biases and LayerNorm, as :func:`sage_param_groups` does).
-        fused: implementation choice, see :mod:`schedules.sage.optimizer` (None: automatic;
+        fused: implementation choice, see :mod:`adaptune.schedules.sage.optimizer` (None: automatic;
         False: the reference loop).
     """
 

@@ -41,7 +41,7 @@ def adamw_fused_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor | N
 
 
 class AdamWSAGE(SAGEOptimizer):
-    r"""AdamW with SAGE (reference name ``UnstructAwareAdamW``; ALGORITHMS.md §1).
+    r"""AdamW with SAGE (reference name ``UnstructAwareAdamW``; docs/algorithms.md §1).
 
     For each parameter of a ``sage=True`` group, with ``t`` its step counter::
 
@@ -75,7 +75,7 @@ class AdamWSAGE(SAGEOptimizer):
         eps: ε (the multiplier's denominator uses ε²), >= 0.
         weight_decay: λ, >= 0.
         bias_correction: bias-correct m, v and Ī (default True, the reference's default).
-        fused: implementation choice, see :mod:`schedules.sage.optimizer` (None: automatic;
+        fused: implementation choice, see :mod:`adaptune.schedules.sage.optimizer` (None: automatic;
             False: the reference loop).
     """
 

@@ -14,7 +14,7 @@ feature flags.
 
 Where the build fails (no compiler, a read-only cache), :func:`kernels` logs one warning and
 returns None, and SAGE falls back to its other implementations (the compiled backend of
-:mod:`schedules.sage.compiled`, then the reference loop).
+:mod:`adaptune.schedules.sage.compiled`, then the reference loop).
 
 The kernel's module state (the loaded library, or why it failed) lives here, once per process.
 """

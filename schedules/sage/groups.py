@@ -30,7 +30,7 @@ def sage_param_groups(model_or_named_params, family: str = "bert",
     Returns:
         Groups with ``params``, ``weight_decay`` and ``sage`` (no ``names``), ready for
         :class:`AdamWSAGE` / :class:`AdamaxSAGE`. A pattern list matching no parameter raises
-        :class:`~common.errors.ConfigError`.
+        :class:`~adaptune.common.errors.ConfigError`.
     """
     named = (model_or_named_params.named_parameters()
              if isinstance(model_or_named_params, torch.nn.Module) else model_or_named_params)

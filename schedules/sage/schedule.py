@@ -1,4 +1,4 @@
-"""``schedule=sage``: the runner's adapter for the SAGE optimizers (ALGORITHMS.md §1)."""
+"""``schedule=sage``: the runner's adapter for the SAGE optimizers (docs/algorithms.md §1)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -6,7 +6,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from common.families import ParamPatterns
+from adaptune.common.families import ParamPatterns
 
 from ..base import Schedule
 from ..config import ScheduleConfig
@@ -20,7 +20,7 @@ class SAGESchedule(Schedule):
     ``beta3``, ``eps``, ``weight_decay``, ``bias_correction`` (AdamW-SAGE only; Adamax-SAGE has no
     bias correction), ``lr_schedule``, ``warmup_ratio``, ``warmup_steps``, ``sage_patterns``,
     ``no_decay_patterns``, ``impl`` (auto | fused | loop: the optimizer implementation, see
-    :mod:`schedules.sage.optimizer`; SAGE has no foreach path).
+    :mod:`adaptune.schedules.sage.optimizer`; SAGE has no foreach path).
 
     ``log_metrics`` returns ``lr`` and the :func:`sensitivity_summary` of a fixed random sample of
     4096 SAGE entries (chosen once, seed 0). **(choice)** The multiplier needs the step's I, which

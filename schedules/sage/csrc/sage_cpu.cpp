@@ -1,4 +1,4 @@
-// Multi-tensor SAGE updates on CPU: AdamW-SAGE and Adamax-SAGE (ALGORITHMS.md §1).
+// Multi-tensor SAGE updates on CPU: AdamW-SAGE and Adamax-SAGE (docs/algorithms.md §1).
 //
 // One call updates every tensor of a parameter group: the tensors are cut into chunks of
 // kChunk elements and one parallel loop (ATen's OpenMP pool, torch.get_num_threads() threads)

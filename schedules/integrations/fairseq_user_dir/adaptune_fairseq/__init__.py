@@ -2,7 +2,7 @@
 (Adamax-SAGE), fairseq 0.12::
 
     fairseq-train data-bin/iwslt14.tokenized.de-en --arch transformer_iwslt_de_en \\
-        --user-dir schedules/integrations/fairseq_plugin \\
+        --user-dir "$(adaptune plugin-path fairseq)" \\
         --optimizer adam_sage --adam-betas '(0.9, 0.98)' --beta3 0.75 --weight-decay 0.0001 \\
         --lr 5e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000 ...
 
@@ -28,26 +28,19 @@ its dataclasses in Hydra's ConfigStore.
 """
 # (no ``from __future__ import annotations``: fairseq reads the config dataclasses' field types)
 import logging
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, List
-
-try:
-    import schedules  # noqa: F401
-except ImportError:  # the repository is not installed: its root is three levels up
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import fairseq.models
 from fairseq.dataclass import FairseqDataclass
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II
 
-from common.families import family_patterns
-from schedules.config import ScheduleConfig
-from schedules.sage import AdamaxSAGE, AdamWSAGE, sage_param_groups
+from adaptune.common.families import family_patterns
+from adaptune.schedules.config import ScheduleConfig
+from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE, sage_param_groups
 
-logger = logging.getLogger("fairseq_plugin.sage")
+logger = logging.getLogger("adaptune_fairseq.sage")
 FAMILY = "fairseq_transformer"
 
 # ------------------------------------------------------------------ tag parameter names
@@ -88,7 +81,7 @@ def sage_groups(params, weight_decay: float, patterns: str) -> list[dict]:
             f"adam_sage/adamax_sage: {len(unnamed)} of {len(params)} parameters have no name (shape "
             f"{tuple(unnamed[0].shape)}): the optimizer needs the model's parameter names to find the SAGE "
             "tensors. --fp16 flattens the parameters into nameless fp32 copies; train in fp32 or with --amp. "
-            "A model built outside fairseq.models.build_model: call fairseq_plugin.tag_parameter_names(model)")
+            "A model built outside fairseq.models.build_model: call adaptune_fairseq.tag_parameter_names(model)")
     sage = [s.strip() for s in patterns.split(",") if s.strip()] or list(family_patterns(FAMILY, "sage"))
     groups = sage_param_groups([(p.sage_name, p) for p in params], sage_patterns=sage,
                                no_decay=family_patterns(FAMILY, "no_decay"), weight_decay=weight_decay)
@@ -122,7 +115,7 @@ class AdamaxSAGEConfig(FairseqDataclass):
 
 @register_optimizer("adam_sage", dataclass=AdamSAGEConfig)
 class FairseqAdamSAGE(FairseqOptimizer):
-    """AdamW-SAGE (``schedules.sage.AdamWSAGE``) as a fairseq optimizer."""
+    """AdamW-SAGE (``adaptune.schedules.sage.AdamWSAGE``) as a fairseq optimizer."""
 
     def __init__(self, cfg: AdamSAGEConfig, params):
         super().__init__(cfg)
@@ -139,7 +132,7 @@ class FairseqAdamSAGE(FairseqOptimizer):
 
 @register_optimizer("adamax_sage", dataclass=AdamaxSAGEConfig)
 class FairseqAdamaxSAGE(FairseqOptimizer):
-    """Adamax-SAGE (``schedules.sage.AdamaxSAGE``) as a fairseq optimizer."""
+    """Adamax-SAGE (``adaptune.schedules.sage.AdamaxSAGE``) as a fairseq optimizer."""
 
     def __init__(self, cfg: AdamaxSAGEConfig, params):
         super().__init__(cfg)
