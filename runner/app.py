@@ -129,10 +129,19 @@ _install_one_line_errors()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from adaptune.runner.checkpoint import WriteFailed
+    from adaptune.runner.lock import RunLocked
     from adaptune.runner.loop import Interrupted, TrainingDiverged, run
 
     try:
         results = run(cfg, HydraConfig.get().runtime.output_dir)
+    except RunLocked as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # another process trains it; the sweep goes on
+            log.error("skipped: %s", err)
+            return None
+        user_error(str(err), code=75)   # EX_TEMPFAIL: try again later
+    except WriteFailed as err:
+        user_error(str(err), code=74)   # EX_IOERR
     except ConfigError as err:
         user_error(str(err))
     except OmegaConfBaseException as err:

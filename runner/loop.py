@@ -167,17 +167,25 @@ class Trainer:
         if not self.dist.is_main:
             self.last_saved_step = self.state.step
             return path
-        ckpt.atomic_save({
-            "version": 1,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.schedule.lr_scheduler.state_dict(),
-            "scaler": self.amp.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "rng": ckpt.rng_state(),
-            "state": asdict(self.state),
-            "config": self.sections.resolved,
-        }, path)
+        try:
+            ckpt.save_rotating({
+                "version": 1,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.schedule.lr_scheduler.state_dict(),
+                "scaler": self.amp.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "rng": ckpt.rng_state(),
+                "state": asdict(self.state),
+                "config": self.sections.resolved,
+            }, self.ckpt_dir)
+        except ckpt.WriteFailed as err:
+            kept = (f"the checkpoint of step {self.last_saved_step} ({path}) is intact"
+                    if self.last_saved_step is not None and path.is_file() else
+                    f"{path.name} of an earlier invocation is intact" if path.is_file() else
+                    "no checkpoint was written before it")
+            raise ckpt.WriteFailed(err.path, f"{err.reason}; {kept}; run the same command again once "
+                                   "the cause is fixed to resume") from err
         self.last_saved_step = self.state.step
         return path
 
@@ -318,9 +326,17 @@ class Trainer:
 
 
 def run(cfg: DictConfig, run_dir: Path | str) -> dict:
-    """Train and evaluate one run configured by ``cfg`` in ``run_dir``; return its results."""
+    """Train and evaluate one run configured by ``cfg`` in ``run_dir``; return its results.
+    The run holds ``run_dir``'s lock throughout (:mod:`.lock`: one writer per directory)."""
+    from .lock import run_lock
+
     run_dir = Path(run_dir)
     sections = validate_config(cfg)
+    with run_lock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _run_locked(cfg, run_dir, sections)
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, sections) -> dict:
     resume = sections.root.resume
     done = results_complete(run_dir)
     last = run_dir / "checkpoints" / ckpt.LAST
@@ -332,9 +348,11 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict:
             raise TrainingDiverged(f"{done['degenerate']} (an earlier run in {run_dir}; pass resume=false to train again)")
         log.info("run already complete in %s (results.json); pass resume=false to train again", run_dir)
         return done
-    if resume is True and not last.is_file():
+    resume_from = None
+    if resume in (True, "auto"):   # the newest intact checkpoint; a damaged last.pt is set aside
+        resume_from = ckpt.resume_candidate(last.parent, main_process=int(os.environ.get("RANK", "0")) == 0)
+    if resume is True and resume_from is None:
         raise ConfigError(f"resume=true but there is no checkpoint at {last}")
-    resume_from = last if (resume in (True, "auto") and last.is_file()) else None
     if resume_from is not None:  # load_state_dict would keep the saved optimizer settings
         check_resume(sections.resolved, checkpoint_config(resume_from), run_dir, resume_from)
 

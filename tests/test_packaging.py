@@ -32,17 +32,16 @@ def _folder(package: str) -> Path:
     raise AssertionError(f"{package} is not under a mapped folder")
 
 
-def test_package_list_is_every_folder_with_an_init():
-    """pyproject's explicit package list misses no subpackage (a missing one would be absent from
-    wheels while editable installs still found it)."""
+def test_package_list_is_every_folder_of_the_mapped_trees():
+    """pyproject's explicit package list misses no folder (a missing one would be absent from
+    wheels while editable installs still found it); data folders (conf/*, csrc) are listed too."""
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
-    found = {"adaptune"}
+    found = set()
     for package, folder in MAPPED.items():
-        for init in (REPO / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(REPO / folder)
-            if "fairseq_user_dir" in rel.parts:   # the plug-in is package data, imported by fairseq
-                continue
-            found.add(".".join([package, *rel.parts]))
+        found.add(package)
+        for sub in (REPO / folder).rglob("*"):
+            if sub.is_dir() and "__pycache__" not in sub.parts:
+                found.add(".".join([package, *sub.relative_to(REPO / folder).parts]))
     assert listed == found
     assert all(_folder(p).is_dir() for p in listed)
 
