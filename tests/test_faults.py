@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, compose, glue_overrides, write_glue
+from conftest import compose, glue_overrides, write_glue
 
 from adaptune.common.errors import ConfigError
 from adaptune.runner import checkpoint as ckpt
-from adaptune.runner.lock import RunLocked, run_lock
+from adaptune.runner.lock import run_lock
 from adaptune.runner.loop import run
 
 
