@@ -10,9 +10,9 @@ import argparse
 import tempfile
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
-from adaptune.schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs  # noqa: E402
+from adaptune.schedules.integrations.hf import DPSCallback, SageTrainer
 
 
 class Parity(torch.utils.data.Dataset):
@@ -44,13 +44,14 @@ def main(argv=None) -> dict:
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                                             task_type="SEQ_CLS"))   # keeps the classifier trainable
     with tempfile.TemporaryDirectory() as out:
+        # SAGE's lr, decay, betas and eps are the TrainingArguments'; its own settings are optim_args
         args = TrainingArguments(output_dir=out, use_cpu=True, report_to=[], save_strategy="no", max_steps=40,
                                  per_device_train_batch_size=8, gradient_accumulation_steps=2, max_grad_norm=1.0,
-                                 lr_scheduler_type="linear", warmup_steps=4, logging_steps=10, disable_tqdm=True)
-        trainer = Trainer(
-            model=model, args=args, train_dataset=Parity(),
-            optimizer_cls_and_kwargs=sage_optimizer_cls_and_kwargs(model, lr=5e-3 if opts.lora else 2e-3, beta3=0.75),
-            callbacks=[DPSCallback(p=0.3, update_ratio=0.1, variant=opts.variant)])
+                                 lr_scheduler_type="linear", warmup_steps=4, logging_steps=10, disable_tqdm=True,
+                                 learning_rate=5e-3 if opts.lora else 2e-3, weight_decay=0.01, adam_epsilon=1e-6,
+                                 optim_args="beta3=0.75,base=adamax")
+        trainer = SageTrainer(model=model, args=args, train_dataset=Parity(),
+                              callbacks=[DPSCallback(p=0.3, update_ratio=0.1, variant=opts.variant)])
         result = trainer.train()
     print(f"trained {result.global_step} steps, final train loss {result.training_loss:.3f}")
     return result.metrics

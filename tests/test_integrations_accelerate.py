@@ -68,3 +68,60 @@ def test_example_runs_and_learns(flags, capsys):
     last = accelerate_dps.main(["--steps", "20", *flags])
     out = capsys.readouterr().out
     assert "20 optimizer steps" in out and last == last
+
+
+def _train(acc, model, opt, dps, batches):
+    for batch in batches:
+        with acc.accumulate(model):
+            dps.before_forward()
+            acc.backward(model(**batch).loss)
+            dps.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("variant", ["dense", "mix"])
+def test_save_state_and_load_state_resume_dps_bit_identically(tmp_path, variant):
+    """``register_for_checkpointing(dps)``: a run stopped after 5 of 12 steps and resumed from
+    ``accelerator.save_state`` in fresh objects ends bit-identical to an uninterrupted one."""
+    from adaptune.schedules.integrations.accelerate import total_steps
+
+    accum, batches = 2, list(Rows(n=BATCH * 24).batches(BATCH))
+    steps = total_steps(batches, epochs=1, gradient_accumulation_steps=accum)
+    assert steps == 12
+
+    def fresh():
+        acc = accelerate.Accelerator(gradient_accumulation_steps=accum, cpu=True)
+        model = tiny_bert()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model, opt = acc.prepare(model, opt)
+        dps = AccelerateDPS(acc, model, total_steps=steps, update_ratio=0.25, variant=variant, seed=3, optimizer=opt)
+        acc.register_for_checkpointing(dps)
+        return acc, model, opt, dps
+
+    acc, model, opt, dps = fresh()
+    _train(acc, model, opt, dps, batches)
+    full = {k: v.clone() for k, v in acc.unwrap_model(model).state_dict().items()}
+    full_masks = [m.clone() for m in dps.dps.masks if m is not None]
+
+    acc, model, opt, dps = fresh()
+    _train(acc, model, opt, dps, batches[:5 * accum])
+    acc.save_state(str(tmp_path / "state"))
+    acc, model, opt, dps = fresh()
+    acc.load_state(str(tmp_path / "state"))
+    assert dps.step == 5 and dps.dps.state_dict()["begun_step"] == 5
+    _train(acc, model, opt, dps, batches[5 * accum:])
+    assert dps.step == steps
+    assert [m for m in dps.dps.masks if m is not None] and all(
+        torch.equal(a, b) for a, b in zip(full_masks, [m for m in dps.dps.masks if m is not None]))
+    for k, v in acc.unwrap_model(model).state_dict().items():
+        assert torch.equal(full[k], v), k
+
+
+def test_total_steps_counts_partial_accumulation_groups():
+    from adaptune.schedules.integrations.accelerate import total_steps
+
+    assert total_steps(10, epochs=3, gradient_accumulation_steps=4) == 9   # 4 + 4 + 2 per epoch
+    assert total_steps(range(8), epochs=2) == 16
+    with pytest.raises(ValueError, match="positive"):
+        total_steps(0, epochs=1)

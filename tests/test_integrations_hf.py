@@ -202,3 +202,124 @@ def test_dps_callback_refuses_sharded_training_and_bad_settings():
                                      model=tiny_bert())
     with pytest.raises(ConfigError, match="DPSCallback.patterns"):
         DPSCallback(patterns=["nosuch"]).on_train_begin(SimpleNamespace(), state, None, model=tiny_bert())
+
+
+# ------------------------------------------------------------------------------ DPS: resume
+@pytest.mark.parametrize("variant", ["dense", "mix"])
+def test_dps_resumed_from_a_trainer_checkpoint_ends_bit_identical(tmp_path, variant):
+    """The callback's state travels with ``checkpoint-<step>/``: ``train(resume_from_checkpoint=...)``
+    continues DPS's phases, and the run ends equal to an uninterrupted one (parameters, masks)."""
+    data, steps = Rows(n=BATCH * 12), 12
+
+    def trainer(out, **kw):
+        cb = DPSCallback(p=0.3, update_ratio=0.25, variant=variant, seed=5)
+        tr = Trainer(model=tiny_bert(), args=args(tmp_path, output_dir=str(out), max_steps=steps, save_strategy="steps",
+                                                   save_steps=5, max_grad_norm=0.0, **kw),
+                     train_dataset=data, callbacks=[cb])
+        return tr, cb
+
+    full, full_cb = trainer(tmp_path / "full")
+    full.train()
+    first, _ = trainer(tmp_path / "resumed")
+    first.train()   # saves checkpoint-5 and -10 on the way; resume from checkpoint-5 below
+    assert (tmp_path / "resumed" / "checkpoint-5" / DPSCallback.STATE_FILE).is_file()
+    resumed, cb = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-5"))
+    assert cb.masked_step == steps and cb.dps.state_dict()["begun_step"] == steps
+    pairs = list(zip(masks_of(cb.dps), masks_of(full_cb.dps)))
+    assert any(a is not None for a, _ in pairs)
+    assert all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs)
+    for (name, p), q in zip(resumed.model.named_parameters(), full.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_dps_resume_without_its_state_is_an_error(tmp_path):
+    data = Rows(n=BATCH * 8)
+    tr = Trainer(model=tiny_bert(), args=args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4),
+                 train_dataset=data)
+    tr.train()   # a checkpoint written without the callback
+    cb = DPSCallback(update_ratio=0.25)
+    tr = Trainer(model=tiny_bert(), args=args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4),
+                 train_dataset=data, callbacks=[cb])
+    with pytest.raises(ConfigError, match="resumes at step 4 but .*adaptune_dps.pt does not exist"):
+        tr.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+
+
+# ------------------------------------------------------------------------------ SageTrainer
+def test_sage_trainer_reads_training_arguments_and_optim_args(tmp_path):
+    """``learning_rate=3e-4`` and ``optim_args="beta3=0.8,base=adamw"`` reach the optimizer, and it
+    trains exactly as make_sage_optimizer with those values in a hand loop."""
+    from adaptune.schedules.integrations.hf import SageTrainer
+
+    data = Rows()
+    targs = args(tmp_path, learning_rate=3e-4, weight_decay=0.05, adam_beta2=0.98, adam_epsilon=1e-6,
+                 optim_args="beta3=0.8,base=adamw")
+    trainer = SageTrainer(model=tiny_bert(), args=targs, train_dataset=data)
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert type(opt) is AdamWSAGE
+    assert opt.defaults["lr"] == 3e-4 and opt.defaults["beta3"] == 0.8 and opt.defaults["betas"] == (0.9, 0.98)
+    assert opt.defaults["eps"] == 1e-6
+    assert sorted({g["weight_decay"] for g in opt.param_groups}) == [0.0, 0.05]
+
+    ref = tiny_bert()
+    ref.train()
+    hand = make_sage_optimizer(ref, base="adamw", lr=3e-4, beta3=0.8, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
+    hand_loop(ref, data, hand, steps=N // BATCH)
+    for (name, p), q in zip(trainer.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
+
+
+def test_sage_trainer_builds_groups_from_the_model_of_each_model_init_run(tmp_path):
+    """As ``hyperparameter_search`` runs it: ``model_init`` makes a new model per trial and the
+    trial sets ``args.learning_rate``; each run's optimizer holds that model's parameters and lr."""
+    from adaptune.schedules.integrations.hf import SageTrainer
+
+    seeds = iter(range(10))
+    trainer = SageTrainer(model_init=lambda *_: tiny_bert(next(seeds)), args=args(tmp_path), train_dataset=Rows())
+    for lr in (1e-3, 5e-4):
+        trainer.args.learning_rate = lr
+        trainer.optimizer, trainer.lr_scheduler = None, None
+        trainer.train()
+        params = {id(p) for p in trainer.model.parameters()}
+        held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        assert held == params and trainer.optimizer.optimizer.defaults["lr"] == lr
+
+
+@pytest.mark.parametrize("optim_args,message", [
+    ("beta4=0.8", "'beta4=0.8' is not one of SageTrainer's settings (beta3=..., base=..., bias_correction=..., family=...)"),
+    ("beta3=high", "beta3=high is not a float"),
+    ("bias_correction=true", "bias_correction applies to base=adamw only"),
+])
+def test_sage_trainer_bad_optim_args_are_one_line_errors(tmp_path, optim_args, message):
+    from adaptune.schedules.integrations.hf import SageTrainer
+
+    trainer = SageTrainer(model=tiny_bert(), args=args(tmp_path, optim_args=optim_args), train_dataset=Rows())
+    with pytest.raises(ConfigError) as err:
+        trainer.train()
+    assert str(err.value) == f"optim_args: {message}"
+
+
+def test_sage_trainer_under_hyperparameter_search(tmp_path):
+    """Trainer.hyperparameter_search (Optuna) over the lr: every trial's SAGE optimizer holds the
+    trial's lr and the trial's fresh model."""
+    pytest.importorskip("optuna")
+    from adaptune.schedules.integrations.hf import SageTrainer
+
+    seen = []
+
+    class Recording(SageTrainer):
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            seen.append((opt.defaults["lr"], {id(p) for g in opt.param_groups for p in g["params"]},
+                         {id(p) for p in self.model.parameters()}))
+            return opt
+
+    trainer = Recording(model_init=lambda *_: tiny_bert(), args=args(tmp_path), train_dataset=Rows(),
+                        eval_dataset=Rows(n=8))
+    best = trainer.hyperparameter_search(
+        direction="minimize", backend="optuna", n_trials=2,
+        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)})
+    assert len(seen) == 2 and seen[0][0] != seen[1][0]
+    assert all(held == params for _, held, params in seen)
+    assert best.hyperparameters["learning_rate"] in (seen[0][0], seen[1][0])

@@ -36,10 +36,18 @@ not be all-reduced (a ConfigError says so). Mix's draws use rank 0's seed on eve
 (``seed=None``: :func:`adaptune.schedules.sync.shared_seed`), as ``set_seed(..., device_specific=True)``
 seeds the ranks apart.
 DeepSpeed / FSDP: a ConfigError (sharded gradients), as in :mod:`.hf`.
+
+**Checkpoints.** The helper has ``state_dict`` / ``load_state_dict`` (DPS's scores, masks, phase,
+generator, and the helper's step counters), so ``accelerator.register_for_checkpointing(dps)``
+puts it in ``accelerator.save_state`` and ``load_state`` resumes DPS where it was; a resumed run
+ends bit-identical to an uninterrupted one on CPU. ``T`` for a run of whole epochs::
+
+    T = total_steps(train_loader, epochs=3, gradient_accumulation_steps=accelerator.gradient_accumulation_steps)
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import math
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -52,6 +60,17 @@ from .guards import grads_overflowed, refuse_sharded
 from .patterns import model_patterns
 
 __all__ = ["AccelerateDPS"]
+
+
+def total_steps(dataloader, epochs: int, gradient_accumulation_steps: int = 1) -> int:
+    """Optimizer steps of ``epochs`` passes over ``dataloader`` (the prepared one: its length is
+    this process's batches) with accumulation: ``ceil(len / accumulation)`` per epoch, as
+    ``accelerator.accumulate`` also steps on an epoch's last, partial group of batches."""
+    batches = dataloader if isinstance(dataloader, int) else len(dataloader)
+    if batches < 1 or epochs < 1 or gradient_accumulation_steps < 1:
+        raise ValueError(f"total_steps needs positive batches, epochs and accumulation; got {batches}, {epochs}, "
+                         f"{gradient_accumulation_steps}")
+    return math.ceil(batches / gradient_accumulation_steps) * int(epochs)
 
 
 def _dps_patterns(model: torch.nn.Module, patterns: Sequence[str] | None, family: str | None) -> list[str]:
@@ -143,6 +162,18 @@ class AccelerateDPS:
         if not self.mask_gradients():
             return None
         return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type)
+
+    def state_dict(self) -> dict:
+        """DPS's state and the helper's counters: plain containers of tensors
+        (``accelerator.register_for_checkpointing(dps)`` saves it with the run)."""
+        return {"dps": self.dps.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
+                "begun": self._begun, "updates": self._updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checked against this helper's p, update ratio, variant and T)."""
+        self.dps.load_state_dict(state["dps"])
+        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        self._begun, self._updates = int(state["begun"]), int(state["updates"])
 
     def _check_seen(self, optimizer, args, kwargs) -> None:
         if self.step == self._updates:      # (a step the GradScaler skipped never reaches here)

@@ -1,12 +1,18 @@
 """SAGE and DPS in the Hugging Face ``Trainer`` (transformers 5; needs ``accelerate``)::
 
-    from adaptune.schedules.integrations.hf import DPSCallback, sage_optimizer_cls_and_kwargs
+    from adaptune.schedules.integrations.hf import DPSCallback, SageTrainer
 
-    trainer = Trainer(model, args, train_dataset=ds,
-                      optimizer_cls_and_kwargs=sage_optimizer_cls_and_kwargs(model, lr=2e-4, beta3=0.75))
+    args = TrainingArguments(..., learning_rate=2e-4, optim_args="beta3=0.75")   # base=adamw for AdamW-SAGE
+    trainer = SageTrainer(model, args, train_dataset=ds)       # or model_init=..., hyperparameter_search
     trainer = Trainer(model, args, train_dataset=ds, callbacks=[DPSCallback(p=0.3, update_ratio=0.05)])
 
-**SAGE.** :func:`sage_optimizer_cls_and_kwargs` returns ``(cls, kwargs)``; the Trainer calls
+**SAGE, the Trainer's way.** :class:`SageTrainer` (a ``Trainer`` subclass) builds the SAGE optimizer
+in ``create_optimizer`` from ``TrainingArguments`` (``learning_rate``, ``weight_decay``, betas,
+``adam_epsilon``) and ``optim_args`` (SAGE's own settings), over the groups of the model the
+Trainer actually trains, so ``--learning_rate``, ``model_init``, PEFT and
+``hyperparameter_search`` act on SAGE.
+
+**SAGE, explicit.** :func:`sage_optimizer_cls_and_kwargs` returns ``(cls, kwargs)``; the Trainer calls
 ``cls(its_param_groups, **kwargs)``. **(choice)** The Trainer builds its own two groups (decay /
 no decay by its own rules) and passes them positionally; a SAGE optimizer needs groups made from
 the parameter *names*. So ``kwargs`` carries our groups under ``sage_groups`` and ``cls`` is a thin
@@ -58,14 +64,17 @@ the reason, where that forward cannot be patched: DeepSpeed/FSDP, a selected wei
 floating-point ``nn.Linear`` weight (quantised layers), or one already parametrized by something
 else. Not tested with ``torch_compile=True``.
 
-Not saved in Trainer checkpoints: the DPS scores/masks (``resume_from_checkpoint`` restarts the
-current phase's bookkeeping; a selection phase whose scores were lost keeps every entry).
+Checkpoints: the callback writes DPS's state (scores, masks, phase, Mix generator) as
+``adaptune_dps.pt`` into each ``checkpoint-<step>/`` the Trainer saves, and reads it back when
+``trainer.train(resume_from_checkpoint=...)`` resumes: a resumed run ends bit-identical to an
+uninterrupted one on CPU.
 LoRA (peft) models: SAGE and DPS apply to the ``lora_A`` / ``lora_B`` adapters only
 (:mod:`adaptune.schedules.integrations.patterns`).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -169,7 +178,88 @@ def make_sage_optimizer(model: torch.nn.Module, family: str | None = None, base:
     return cls(sage_groups(model, family, **group_kw), lr=lr, beta3=beta3, **kw)
 
 
+#: ``optim_args`` keys :class:`SageTrainer` reads, with their types (lr, weight decay, betas and eps
+#: come from ``TrainingArguments``).
+SAGE_OPTIM_ARGS: dict[str, type] = {"beta3": float, "base": str, "bias_correction": bool, "family": str}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(text)
+
+
+def sage_kwargs_from_args(args) -> dict[str, Any]:
+    """The :func:`make_sage_optimizer` arguments a ``TrainingArguments`` describes: ``learning_rate``,
+    ``weight_decay``, ``adam_beta1`` / ``adam_beta2``, ``adam_epsilon``, and SAGE's own settings from
+    ``optim_args`` (``"beta3=0.8,base=adamw,bias_correction=true,family=bert"``; keys
+    :data:`SAGE_OPTIM_ARGS`). An unknown key or a bad value is a one-line :class:`ConfigError`."""
+    out: dict[str, Any] = {"lr": float(args.learning_rate), "weight_decay": float(args.weight_decay),
+                           "betas": (float(args.adam_beta1), float(args.adam_beta2)), "eps": float(args.adam_epsilon)}
+    text = (getattr(args, "optim_args", None) or "").strip()
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in SAGE_OPTIM_ARGS:
+            raise ConfigError(f"optim_args: '{item}' is not one of SageTrainer's settings "
+                              f"({', '.join(f'{k}=...' for k in SAGE_OPTIM_ARGS)})")
+        try:
+            out[key] = _parse_bool(value) if SAGE_OPTIM_ARGS[key] is bool else SAGE_OPTIM_ARGS[key](value)
+        except ValueError:
+            raise ConfigError(f"optim_args: {key}={value} is not a {SAGE_OPTIM_ARGS[key].__name__}") from None
+    if "bias_correction" in out and out.get("base", "adamax") != "adamw":
+        raise ConfigError("optim_args: bias_correction applies to base=adamw only")
+    return out
+
+
+def _sage_trainer_class():
+    from transformers import Trainer
+
+    class SageTrainer(Trainer):
+        """A ``transformers.Trainer`` whose optimizer is SAGE, configured the Trainer's way.
+
+        ``TrainingArguments.learning_rate``, ``weight_decay``, ``adam_beta1`` / ``adam_beta2`` and
+        ``adam_epsilon`` are SAGE's (so ``--learning_rate`` and ``hyperparameter_search`` over them
+        act on SAGE); SAGE's own settings come from ``optim_args``, e.g.
+        ``optim_args="beta3=0.8,base=adamw"`` (:data:`SAGE_OPTIM_ARGS`; default Adamax-SAGE,
+        ``beta3=0.75``). The groups are built in ``create_optimizer`` from the model the Trainer
+        actually trains (after ``model_init``, PEFT adapters, freezing): SAGE on the family's
+        patterned weights (a LoRA model's ``lora_A``), plain updates elsewhere, no decay on biases
+        and norms. ``args.optim`` is not read. (choice) ``adam_epsilon`` defaults to 1e-8 in
+        ``TrainingArguments``; SAGE's own default is 1e-6 (its multiplier divides by eps²): pass
+        ``adam_epsilon=1e-6`` for that setting.
+        """
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
+                opt_model = self.model if model is None else model
+                kwargs = sage_kwargs_from_args(self.args)
+                family = kwargs.pop("family", None)
+                self.optimizer = make_sage_optimizer(opt_model, family, **kwargs)
+            return super().create_optimizer(model)
+
+    return SageTrainer
+
+
+def __getattr__(name: str):
+    # SageTrainer subclasses transformers.Trainer, whose import is slow: built on first use
+    if name == "SageTrainer":
+        cls = _sage_trainer_class()
+        globals()["SageTrainer"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ============================================================================ DPS
+def _checkpoint_folder(args, state) -> Path:
+    """The Trainer's checkpoint folder of ``state.global_step`` (``<output_dir>/checkpoint-<step>``)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
 class DPSCallback(TrainerCallback):
     """DPS (Dense or Mix) in the Hugging Face Trainer; see the module docstring for the event order.
 
@@ -233,6 +323,8 @@ class DPSCallback(TrainerCallback):
                        patterns=patterns, mix=mix, seed=self.seed if self.seed is not None else shared_seed(),
                        key=f"{self.KEY}.patterns")
         self.masked_step = int(state.global_step)
+        if state.global_step > 0:
+            self._resume(args, state)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._require_dps("on_step_begin")
@@ -257,6 +349,41 @@ class DPSCallback(TrainerCallback):
                 f"masked nothing (transformers {transformers.__version__}). The Trainer must call the callback "
                 "event on_pre_optimizer_step between backward and optimizer.step() (transformers 5 does); a custom "
                 "loop must call callback.on_pre_optimizer_step(args, state, control, model=..., optimizer=...)")
+
+    # ------------------------------------------------------------------ checkpoints
+    STATE_FILE = "adaptune_dps.pt"
+
+    def state_dict(self) -> dict:
+        """DPS's state (scores, masks, phase, Mix generator) and the callback's step counters."""
+        self._require_dps("state_dict")
+        return {"dps": self.dps.state_dict(), "masked_step": self.masked_step, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._require_dps("load_state_dict")
+        self.dps.load_state_dict(state["dps"])
+        self.masked_step, self.skipped_steps = int(state["masked_step"]), int(state["skipped_steps"])
+
+    def on_save(self, args, state, control, **kwargs):
+        """Beside the Trainer's checkpoint (``checkpoint-<step>/``): :data:`STATE_FILE`, so that
+        ``trainer.train(resume_from_checkpoint=...)`` resumes DPS where it was (written by the
+        main process; every rank holds the same state)."""
+        if self.dps is None or not state.is_world_process_zero:
+            return
+        folder = _checkpoint_folder(args, state)
+        if folder.is_dir():
+            torch.save(self.state_dict(), folder / self.STATE_FILE)
+
+    def _resume(self, args, state) -> None:
+        """At ``on_train_begin`` of a resumed run (``state.global_step > 0``): the DPS state saved
+        with that checkpoint. (choice) A resumed run without it is an error, not a silent restart
+        of DPS's phases."""
+        given = getattr(args, "resume_from_checkpoint", None)   # set by scripts that pass it through args
+        folder = Path(given) if isinstance(given, str) and Path(given).is_dir() else _checkpoint_folder(args, state)
+        path = folder / self.STATE_FILE
+        if not path.is_file():
+            raise ConfigError(f"{self.KEY}: the run resumes at step {state.global_step} but {path} does not exist "
+                              "(a checkpoint saved without the callback?); DPS cannot continue its phases")
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # ------------------------------------------------------------------ helpers
     def _require_dps(self, event: str) -> None:
