@@ -14,6 +14,17 @@ from adaptune.schedules.integrations.accelerate import AccelerateDPS  # noqa: E4
 from test_integrations_hf import BATCH, Rows, tiny_bert  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps its state (gradient accumulation, sync flags) in process-wide singletons
+    that an earlier Trainer (e.g. a hyperparameter search) leaves set: each test starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+
+
 def test_accelerate_dps_masks_before_clipping_like_a_hand_loop():
     steps, accum = 8, 2
     data = Rows(n=BATCH * steps * accum)
