@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from typing import TYPE_CHECKING, Any, Mapping
 
 from adaptune.common.errors import ConfigError
@@ -134,21 +135,27 @@ def _every(value: Any, allow_none: bool = False) -> int | None:
 class Logging(Callback):
     """Every ``every`` steps and at the last step: the mean training loss since the previous log
     point, the epoch, samples/s and the schedule's ``log_metrics`` go to the logger (W&B) and the
-    loss to ``trainer.state.train_loss`` (``results.json``); with ``progress``, a tqdm bar on rank
-    0 shows the loss and learning rate. The loss window lives in ``trainer.state``, so a resumed
-    run logs the same means as an uninterrupted one."""
+    loss to ``trainer.state.train_loss`` (``results.json``); with ``progress``, rank 0 shows the
+    loss and learning rate: a tqdm bar on a terminal, and (choice) where stderr is not a terminal
+    (a SLURM log, ``| tee``, a file) one plain line per log point instead, so that logs hold no
+    carriage-return bar redraws. The loss window lives in ``trainer.state``, so a resumed run logs
+    the same means as an uninterrupted one."""
 
     def __init__(self, every: int = TrainerConfig.log_every, progress: bool = TrainerConfig.progress):
         self.every = _every(every)
         self.progress = bool(progress)
         self.bar = None
+        self.lines = False   # progress as log lines (stderr is not a terminal)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if self.progress and trainer.dist.is_main:
+            if not sys.stderr.isatty():
+                self.lines = True
+                return
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, desc="train",
-                            unit="step", dynamic_ncols=True, leave=False)
+                            unit="step", dynamic_ncols=True, leave=True)
 
     def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
         st = trainer.state
@@ -165,8 +172,12 @@ class Logging(Callback):
                    "train/samples_per_s": st.samples / max(st.train_time, 1e-9)}
         metrics.update({f"train/{k}": v for k, v in trainer.schedule.log_metrics(step).items()})
         trainer.logger.log(metrics, step=step)
+        lr = trainer.optimizer.param_groups[0]["lr"]
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{trainer.optimizer.param_groups[0]['lr']:.2e}")
+            self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+        elif self.lines:
+            log.info("step %d/%d (%d%%) loss %.4f lr %.2e %.1f samples/s", step, trainer.total_steps,
+                     100 * step // trainer.total_steps, mean, lr, metrics["train/samples_per_s"])
 
     def teardown(self, trainer: Trainer) -> None:
         if self.bar is not None:

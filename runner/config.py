@@ -52,10 +52,11 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     kind: str = setting("wandb", check=one_of("wandb", "none"))
-    # offline: writes <run dir>/wandb, upload later with `wandb sync` | online | disabled
-    mode: str = setting("offline", check=one_of("offline", "online", "disabled"))
-    project: str = "adaptune"
-    entity: Optional[str] = None
+    # offline: writes <run dir>/wandb, upload later with `wandb sync` | online | disabled.
+    # null: $WANDB_MODE, else offline. (A key set here wins over the environment.)
+    mode: Optional[str] = setting(None, check=one_of(None, "offline", "online", "disabled"))
+    project: Optional[str] = None        # null: $WANDB_PROJECT, else "adaptune"
+    entity: Optional[str] = None         # null: $WANDB_ENTITY, else W&B's default
     group: str = "${name}"               # one group per sweep / experiment
     job_type: str = "train"
     tags: List[str] = setting(factory=list)   # task, schedule and seed are always added

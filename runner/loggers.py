@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -28,26 +29,66 @@ class NullLogger:
         pass
 
 
+#: The W&B run id of a run directory, kept beside its checkpoints.
+RUN_ID_FILE = "wandb_run_id.txt"
+#: W&B's modes (``$WANDB_MODE`` values we accept).
+MODES = ("offline", "online", "disabled")
+
+
+def wandb_settings(cfg: LoggerConfig) -> dict[str, Any]:
+    """mode / project / entity as W&B users expect: a key set in the config wins, then
+    ``$WANDB_MODE`` / ``$WANDB_PROJECT`` / ``$WANDB_ENTITY``, then our defaults (offline,
+    "adaptune", W&B's default entity). A bad ``$WANDB_MODE`` is a one-line ConfigError."""
+    from adaptune.common.errors import ConfigError
+
+    mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+    if mode not in MODES:
+        raise ConfigError(f"WANDB_MODE={mode} is unknown; allowed: {', '.join(MODES)} (or set logger.mode)")
+    return {"mode": mode, "project": cfg.project or os.environ.get("WANDB_PROJECT") or "adaptune",
+            "entity": cfg.entity or os.environ.get("WANDB_ENTITY") or None}
+
+
+def wandb_run_id(run_dir: Path, fresh: bool) -> str:
+    """The run's W&B id: a new one when training starts from step 0 (``resume=false`` in a used
+    directory must not log steps 1..N into a W&B run already at N), kept in
+    ``run_dir/wandb_run_id.txt`` so that resuming from a checkpoint continues the same W&B run.
+    A directory without the file (an older version) keeps its path-derived id."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if not fresh:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    run_id = hashlib.sha1(f"{Path(run_dir).resolve()}:{time.time_ns()}:{os.getpid()}".encode()).hexdigest()[:16]
+    from .checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write(run_id.encode()))
+    return run_id
+
+
 class WandbLogger(NullLogger):
-    """Wraps one ``wandb`` run. ``mode=offline`` writes ``<run_dir>/wandb/offline-run-*``."""
+    """Wraps one ``wandb`` run. ``mode=offline`` writes ``<run_dir>/wandb/offline-run-*``
+    (:attr:`offline_dir`: what ``wandb sync`` takes)."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any],
-                 tags: list[str], name: str):
+                 tags: list[str], name: str, fresh: bool = True):
         self.run = None
+        self.offline_dir: Path | None = None
         try:
             import wandb
 
+            settings = wandb_settings(cfg)
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            # A stable id per run directory: a resumed run continues the same W&B run.
-            run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(
-                project=cfg.project, entity=cfg.entity, group=cfg.group,
+                project=settings["project"], entity=settings["entity"], group=cfg.group,
                 job_type=cfg.job_type, tags=sorted(set(tags) | set(cfg.tags)),
-                config=dict(config), dir=str(run_dir), mode=cfg.mode,
-                name=name, id=run_id, resume="allow", reinit="finish_previous",
+                config=dict(config), dir=str(run_dir), mode=settings["mode"],
+                name=name, id=wandb_run_id(run_dir, fresh), resume="allow", reinit="finish_previous",
             )
+            if settings["mode"] == "offline" and getattr(self.run, "dir", None):
+                self.offline_dir = Path(self.run.dir).parent
         except Exception as err:  # noqa: BLE001 - W&B must never fail the run
             self._disable(err)
 
@@ -83,8 +124,9 @@ class WandbLogger(NullLogger):
 
 
 def build_logger(cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any],
-                 tags: list[str], name: str) -> NullLogger:
-    """The logger ``cfg`` (``logger.*``, typed: runner/config.py) describes."""
-    if cfg.kind == "wandb" and cfg.mode != "disabled":
-        return WandbLogger(cfg, run_dir, config, tags, name)
+                 tags: list[str], name: str, fresh: bool = True) -> NullLogger:
+    """The logger ``cfg`` (``logger.*``, typed: runner/config.py) describes; ``fresh``: the run
+    starts from step 0 (a new W&B run id)."""
+    if cfg.kind == "wandb" and wandb_settings(cfg)["mode"] != "disabled":
+        return WandbLogger(cfg, run_dir, config, tags, name, fresh=fresh)
     return NullLogger()

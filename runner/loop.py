@@ -341,6 +341,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, sections) -> dict:
     done = results_complete(run_dir)
     last = run_dir / "checkpoints" / ckpt.LAST
     from .resume import check_resume, checkpoint_config
+    from .summary import end_block, start_block
 
     if resume == "auto" and done is not None:  # a changed config must not return the old results
         check_resume(sections.resolved, done.get("config"), run_dir, run_dir / "results.json")
@@ -364,7 +365,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path, sections) -> dict:
     logger = NullLogger()
     if trainer.dist.is_main:
         logger = build_logger(sections.logger, run_dir, sections.resolved, tags,
-                              name=f"{sections.root.name}/{run_dir.name}")
+                              name=f"{sections.root.name}/{run_dir.name}", fresh=resume_from is None)
+        log.info(start_block(trainer, run_dir, resume_from,
+                             ckpt.saved_step(resume_from) if resume_from is not None else None))
     exit_code = 1
     try:
         try:
@@ -384,6 +387,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, sections) -> dict:
         if results["test"]:
             logger.summary({f"test/{k}": v for k, v in results["test"].items()})
         logger.summary({"samples_per_s": results["samples_per_s"], "steps": results["steps"]})
+        if trainer.dist.is_main:
+            log.info(end_block(results, run_dir, getattr(logger, "offline_dir", None)))
         exit_code = 0
         return results
     finally:

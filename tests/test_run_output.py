@@ -1,0 +1,80 @@
+"""What a run prints without W&B (start and end blocks, progress lines in a log), and W&B
+settings the way W&B users expect (environment variables, a new run id when starting over)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import compose, glue_overrides, write_glue
+
+from adaptune.common.errors import ConfigError
+from adaptune.runner.config import LoggerConfig
+from adaptune.runner.loggers import RUN_ID_FILE, wandb_settings
+from adaptune.runner.loop import run
+
+
+def test_a_logged_run_says_what_ran_where_and_where_its_results_are(tmp_path):
+    """Run as a batch job would (stderr is a pipe): the start block, one progress line per log
+    point and no carriage returns, the end block with the metric, the results file and the
+    ``wandb sync`` command of the offline W&B run."""
+    data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
+    run_dir = tmp_path / "r"
+    args = [*glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=4", "trainer.log_every=2",
+                            "trainer.progress=true", "logger=wandb"), f"hydra.run.dir={run_dir}"]
+    out = subprocess.run([sys.executable, "-m", "adaptune", *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "\r" not in text
+    assert f"adaptune: run {run_dir} (fresh)" in text
+    assert "task glue/rte" in text and "schedule baseline, seed 42" in text
+    assert "device cpu (" in text and "precision fp32" in text and "world size 1" in text
+    assert "4 optimizer steps" in text
+    assert "step 2/4 (50%) loss " in text and "step 4/4 (100%) loss " in text
+    res = json.loads((run_dir / "results.json").read_text())
+    best = res["best"]["accuracy"]
+    assert (f"adaptune: done: accuracy best {best:.4f} at step {res['best_step']}, "
+            f"final {res['final']['accuracy']:.4f} at step 4 (completed)") in text
+    assert f"results: {run_dir / 'results.json'}" in text
+    sync = [line for line in text.splitlines() if "wandb sync" in line]
+    assert len(sync) == 1 and sync[0].split("wandb sync ")[1].startswith(str(run_dir / "wandb" / "offline-run-"))
+
+
+@pytest.mark.parametrize("config,env,expected", [
+    ({}, {}, ("offline", "adaptune", None)),
+    ({}, {"WANDB_MODE": "disabled", "WANDB_PROJECT": "p", "WANDB_ENTITY": "e"}, ("disabled", "p", "e")),
+    ({"mode": "online", "project": "mine"}, {"WANDB_MODE": "disabled", "WANDB_PROJECT": "p"}, ("online", "mine", None)),
+])
+def test_wandb_environment_wins_over_defaults_and_config_keys_win_over_it(monkeypatch, config, env, expected):
+    for key in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    got = wandb_settings(LoggerConfig(**config))
+    assert (got["mode"], got["project"], got["entity"]) == expected
+
+
+def test_a_bad_wandb_mode_in_the_environment_is_one_line(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match="WANDB_MODE=sometimes is unknown; allowed: offline, online, disabled"):
+        wandb_settings(LoggerConfig())
+
+
+def test_starting_over_gets_a_new_wandb_run_and_resuming_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
+    run_dir = tmp_path / "r"
+    over = glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=2", "logger=wandb")
+    run(compose(over), run_dir)
+    first = (run_dir / RUN_ID_FILE).read_text()
+    (run_dir / "results.json").unlink()
+    run(compose(over), run_dir)                     # resumes from its checkpoint: the same W&B run
+    assert (run_dir / RUN_ID_FILE).read_text() == first
+    run(compose([*over, "resume=false"]), run_dir)  # starts over: a new W&B run
+    second = (run_dir / RUN_ID_FILE).read_text()
+    assert second != first and len(second) == 16
+    runs = sorted(p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert set(runs) == {first, second}
