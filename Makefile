@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: setup setup-quickstart setup-nmt quickstart test test-all bench gpu-check demo-data clean \
+.PHONY: setup setup-quickstart setup-nmt quickstart test test-all lint bench gpu-check demo-data clean \
 	repro-sage-glue repro-dps-glue repro-dps-low-resource repro-dps-out-of-domain repro-sage-iwslt repro-sage-vit \
 	repro-sage-glue-cpu repro-dps-glue-cpu repro-dps-low-resource-cpu repro-sage-iwslt-cpu repro-sage-vit-cpu
 
@@ -42,9 +42,12 @@ $(VENV)/.setup-nmt: $(VENV)/.setup-all
 quickstart: setup-quickstart
 	$(BIN)/adaptune compare quickstart $(QUICKSTART_ARGS)
 
-## The default test suite, everything installed (slow tests are opt-in: make test-all).
-test: setup setup-nmt
+## The default test suite, everything installed (slow tests are opt-in: make test-all), after the lint.
+test: setup setup-nmt lint
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
 
 test-all: setup setup-nmt
 	$(BIN)/python -m pytest -q -m "slow or not slow"

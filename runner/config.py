@@ -33,7 +33,7 @@ class TrainerConfig:
     grad_accum_steps: int = setting(1, check=positive)   # micro-batches per optimizer step
     epochs: int = setting(3, check=positive)
     max_steps: Optional[int] = setting(None, check=optional(positive))   # optimizer steps; wins over epochs
-    max_grad_norm: Optional[float] = setting(1.0, check=optional(at_least(0, open_=True)))   # global clipping; null: off
+    max_grad_norm: Optional[float] = setting(1.0, check=optional(at_least(0)))   # global clipping; null or 0: off
     # auto: bf16 where the hardware is fast at it (CUDA, CPUs with AMX / AVX512-BF16), else fp32
     # (on an AVX2-only CPU bf16 autocast is ~10x slower than fp32) | fp32 | bf16 | fp16 (+ GradScaler)
     precision: str = setting("auto", check=one_of(*PRECISIONS))

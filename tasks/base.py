@@ -1,7 +1,7 @@
 """The interface every task implements; the shared training loop only talks to this.
 
-A task owns its data and its model (and which of its parameters are which: ``param_patterns``); the loop owns optimisation, precision, checkpoints and
-logging. Per run the loop does::
+A task owns its data and its model (and which of its parameters are which: ``param_patterns``);
+the loop owns optimisation, precision, checkpoints and logging. Per run the loop does::
 
     task = build_task(cfg.task, run_dir=..., seed=cfg.seed)
     task.setup()                                   # read/download data, tokenizer; ConfigError on bad input

@@ -22,7 +22,9 @@ from .vit_data import ON_BAD_IMAGE, VERIFY_IMAGES
 
 
 def _mapping(value: Any) -> str | None:
-    return None if isinstance(value, dict) else f"must be a mapping of model-config fields, e.g. {{num_hidden_layers: 2}}, got {value!r}"
+    if isinstance(value, dict):
+        return None
+    return f"must be a mapping of model-config fields, e.g. {{num_hidden_layers: 2}}, got {value!r}"
 
 
 def _selection(value: float) -> str | None:
@@ -98,7 +100,8 @@ class GlueConfig:
     # (0, 1) or a count), select hyper-parameters on it ("dev"), report the official dev set as
     # "test". The slice is the same for every seed and never trained on.
     selection_split: Optional[float] = setting(None, check=optional(_selection))
-    train_subset: Optional[int] = setting(None, check=optional(positive))   # stratified random subset of N (low-resource protocol)
+    # stratified random subset of N (low-resource protocol)
+    train_subset: Optional[int] = setting(None, check=optional(positive))
     eval_subset: Optional[int] = setting(None, check=optional(positive))    # first N dev examples (quick checks)
     group_by_length: bool = True        # batch examples of similar length (within shuffled mega-batches)
     main_metric: Optional[str] = None   # null: the dataset's official one (CoLA matthews, MRPC f1, ...)
@@ -214,7 +217,8 @@ class ViTModelConfig:
 class AugmentConfig:
     """The training transform (timm create_transform); evaluation: resize + centre crop."""
     enabled: bool = True                 # false: no augmentation (the evaluation transform)
-    train_crop_mode: Optional[str] = setting(None, check=optional(one_of("rrc", "rkrc", "rkrr")))   # null: rrc (RandomResizedCrop)
+    # null: rrc (RandomResizedCrop)
+    train_crop_mode: Optional[str] = setting(None, check=optional(one_of("rrc", "rkrc", "rkrr")))
     scale: List[float] = setting(factory=lambda: [0.08, 1.0])   # RandomResizedCrop area range
     ratio: List[float] = setting(factory=lambda: [0.75, 1.3333333])
     hflip: float = setting(0.5, check=in_range(0, 1, high_open=False))
@@ -257,8 +261,9 @@ class ViTConfig:
     hf_config: Optional[str] = None
     hf_image_column: Optional[str] = None   # null: the column with the Image feature
     hf_label_column: Optional[str] = None   # null: the ClassLabel column, else label / labels / fine_label
-    train_subset: Optional[int] = setting(None, check=optional(positive))   # random subset of N training images (a function of the seed)
-    eval_subset: Optional[int] = setting(None, check=optional(positive))    # at most N dev / test images (the same for every seed)
+    # random subset of N training images (a function of the seed); at most N dev / test images (the same for every seed)
+    train_subset: Optional[int] = setting(None, check=optional(positive))
+    eval_subset: Optional[int] = setting(None, check=optional(positive))
     # error: stop at setup naming the file | skip: drop unreadable images with a warning
     on_bad_image: str = setting("error", check=one_of(*ON_BAD_IMAGE))
     verify_images: str = setting("auto", check=one_of(*VERIFY_IMAGES))

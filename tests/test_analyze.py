@@ -159,7 +159,8 @@ def sweep(tmp_path_factory):
     BERT, 8 steps each."""
     root = tmp_path_factory.mktemp("sweep")
     data = write_glue(root.parent / "rte_data", "rte", n_train=48, n_dev=16)
-    for sched, seed, extra in (("baseline", 1, []), ("baseline", 2, []), ("dps", 1, ["schedule.update_ratio=0.125", "callbacks.sensitivity.every=2"])):
+    dps_extra = ["schedule.update_ratio=0.125", "callbacks.sensitivity.every=2"]
+    for sched, seed, extra in (("baseline", 1, []), ("baseline", 2, []), ("dps", 1, dps_extra)):
         over = glue_overrides(data, "rte", f"schedule={sched}", f"seed={seed}", "trainer.max_steps=8",
                               "trainer.batch_size=8", "trainer.eval_every=4", "schedule.lr=1e-3",
                               "trainer.num_threads=1", *extra)

@@ -100,7 +100,8 @@ def conf(tmp_path, monkeypatch):
     ("seeds: [1]\ngrids: {sage: {schedule.lr: [1]}}\nlr: 1\n",
      "conf/compare/bad.yaml: unknown key 'lr'; allowed: experiment, seeds, overrides, grids"),
     ("seeds: [1]\ngrids: {adam: {schedule.lr: [1]}}\n",
-     "conf/compare/bad.yaml: grids.adam: unknown schedule; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage"),
+     "conf/compare/bad.yaml: grids.adam: unknown schedule; allowed: "
+     "baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage"),
     ("seeds: [1]\nexperiment: nope\ngrids: {sage: {schedule.lr: [1]}}\n",
      "conf/compare/bad.yaml: experiment=nope is unknown; allowed: "),
     ("seeds: []\ngrids: {sage: {schedule.lr: [1]}}\n",

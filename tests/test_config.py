@@ -126,7 +126,8 @@ def _cli(*args, cwd=REPO):
 @pytest.mark.parametrize("args,line", [
     (["schedule=nope"], "schedule=nope is unknown; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage"),
     (["task=nosuch"], "task=nosuch is unknown; allowed: glue, nmt, reviews, vit"),
-    (["-m", "schedule=baseline,nope"], "schedule=nope is unknown; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage"),
+    (["-m", "schedule=baseline,nope"],
+     "schedule=nope is unknown; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage"),
     (["schedule.lr=-1"], "schedule.lr must be a number >= 0, got -1.0"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown; allowed: auto, fp32, bf16, fp16"),
     # type-checked although max_steps makes epochs unused in this run

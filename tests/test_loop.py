@@ -190,3 +190,22 @@ def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
     assert trainer.scaler.get_scale() < 2.0 ** 16  # the scaler backed off
     for p in trainer.model.parameters():
         assert torch.isfinite(p).all()
+
+
+def test_max_grad_norm_zero_and_null_both_mean_no_clipping(tmp_path, monkeypatch):
+    """One meaning everywhere (the loop, ChildTuning's Fisher pass, HF's max_grad_norm=0): 0 and
+    null turn global clipping off; a negative value is a one-line error naming the key."""
+    data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
+    clipped = []
+    original = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(1) or original(*a, **k))
+    weights = {}
+    for value in ("0", "null", "1e-4"):
+        run(compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=3", "schedule.lr=1e-2",
+                                   f"trainer.max_grad_norm={value}")), tmp_path / value)
+        weights[value] = ckpt.load(tmp_path / value / "checkpoints" / "last.pt")["model"]
+    assert len(clipped) == 3   # only the 1e-4 run clipped, once per step
+    assert all(torch.equal(weights["0"][k], weights["null"][k]) for k in weights["0"])
+    assert any(not torch.equal(weights["0"][k], weights["1e-4"][k]) for k in weights["0"])
+    with pytest.raises(ConfigError, match=r"trainer.max_grad_norm.*>= 0"):
+        run(compose(glue_overrides(data, "rte", "trainer.max_grad_norm=-1")), tmp_path / "neg")

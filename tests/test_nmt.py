@@ -87,7 +87,8 @@ def cache(tmp_path_factory):
 def nmt_overrides(data_dir, cache_dir, *extra):
     return ["task=nmt", "task.data=raw", f"task.data_dir={data_dir}", f"task.cache_dir={cache_dir}",
             "task.subword.vocab_size=100", "task.max_tokens=1024", *TINY_MODEL, *FAST,
-            "trainer.num_threads=1", "trainer.max_grad_norm=null", "schedule.lr_schedule=inverse_sqrt", "schedule.betas=[0.9,0.98]",
+            "trainer.num_threads=1", "trainer.max_grad_norm=null", "schedule.lr_schedule=inverse_sqrt",
+            "schedule.betas=[0.9,0.98]",
             *extra]
 
 

@@ -112,8 +112,8 @@ def _run(cmd, cwd, timeout=300):
 
 def test_wheel_install_runs_from_a_directory_with_clashing_names(installed, clashing):
     bin_ = installed / "bin"
-    where = _run([str(bin_ / "python"), "-c", "import adaptune.runner, adaptune.conf as c; print(adaptune.runner.__file__, c.CONFIG_DIR)"],
-                 clashing)
+    code = "import adaptune.runner, adaptune.conf as c; print(adaptune.runner.__file__, c.CONFIG_DIR)"
+    where = _run([str(bin_ / "python"), "-c", code], clashing)
     assert where.returncode == 0, where.stderr
     runner_file, conf_dir = where.stdout.split()
     assert runner_file.startswith(str(installed)) and conf_dir.startswith(str(installed))

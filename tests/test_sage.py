@@ -45,7 +45,7 @@ class SpecSAGE:
             self.t[i] += 1
             t = self.t[i]
             self.m[i] = b1 * self.m[i] + (1 - b1) * g
-            I = (theta * g).abs()
+            I = (theta * g).abs()  # noqa: E741  (the paper's symbol)
             self.sbar[i] = b3 * self.sbar[i] + (1 - b3) * I
             if self.kind == "adamw":
                 self.v[i] = b2 * self.v[i] + (1 - b2) * g * g

@@ -238,7 +238,7 @@ def layers_section(analyses, out: Path, suffix: str, title: str, redundant: floa
         n = len(cells)
         fig, axes = plt.subplots(2, n, figsize=(1.0 + 0.55 * len(subs) * n + 1.2 * n, 1.5 + 0.7 * len(layers)),
                                  squeeze=False)
-        mats = {s: [np.array([[c.get((l, u), [math.nan, math.nan])[j] for u in subs] for l in layers], dtype=float)
+        mats = {s: [np.array([[c.get((lay, u), [math.nan, math.nan])[j] for u in subs] for lay in layers], dtype=float)
                     for j in (0, 1)] for s, c in cells.items()}
         logs = [np.log10(np.where(m[0] > 0, m[0], np.nan)) for m in mats.values()]
         vmin, vmax = np.nanmin([np.nanmin(x) for x in logs]), np.nanmax([np.nanmax(x) for x in logs])

@@ -99,7 +99,8 @@ def find_runs(root: Path, settings: str = "selected") -> list[AnalysedRun]:
             continue
         config = run.res.get("config")
         if not isinstance(config, dict):
-            config = checkpoint_config(run.dir / "checkpoints" / ckpt.LAST) if (run.dir / "checkpoints" / ckpt.LAST).is_file() else None
+            last = run.dir / "checkpoints" / ckpt.LAST
+            config = checkpoint_config(last) if last.is_file() else None
         if not isinstance(config, dict):
             log.warning("%s: no saved config (results.json or last.pt); skipped", run.dir)
             continue

@@ -1,7 +1,8 @@
 """DPS: dynamic parameter selection (Zhang et al., NeurIPS 2022), as docs/algorithms.md §2 specifies.
 
 Training alternates between phases of ``U = int(T * update_ratio)`` optimizer steps (``T`` the
-total number of optimizer steps, or ``schedule.T`` when set: the low-resource protocol's one epoch): step ``s`` (1-based) is in phase ``k = ceil(s / U)``; odd phases
+total number of optimizer steps, or ``schedule.T`` when set: the low-resource protocol's one epoch):
+step ``s`` (1-based) is in phase ``k = ceil(s / U)``; odd phases
 *explore* (train every entry and score it), even phases *select* (train only the top
 ``ceil(n * (1 - p))`` entries of each selected weight by score, ``n`` its number of entries).
 

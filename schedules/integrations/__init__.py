@@ -11,7 +11,8 @@ package imports none of them):
 - :mod:`adaptune.schedules.integrations.timm`: :func:`~.timm.sage_param_group_fn` for
   ``timm.optim.create_optimizer_v2(..., param_group_fn=...)`` and the ``adamwsage`` /
   ``adamaxsage`` names in timm's optimizer registry.
-- ``schedules/integrations/fairseq_user_dir/adaptune_fairseq/`` (``adaptune plugin-path fairseq`` prints it): a fairseq ``--user-dir`` registering
+- ``schedules/integrations/fairseq_user_dir/adaptune_fairseq/`` (``adaptune plugin-path fairseq``
+  prints it): a fairseq ``--user-dir`` registering
   ``--optimizer adam_sage`` / ``adamax_sage``. **Never import it from runner code**: importing
   fairseq registers its dataclasses in Hydra's ConfigStore.
 - :mod:`adaptune.schedules.integrations.patterns`: which tensors SAGE scales and DPS selects for a model

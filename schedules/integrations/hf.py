@@ -81,13 +81,13 @@ import torch
 from adaptune.common.errors import ConfigError
 from adaptune.common.extras import require
 
-TrainerCallback = require("transformers", "adaptune.schedules.integrations.hf").TrainerCallback
-
 from ..dps import DPS, attach_mix, check_dps_hparams, linear_weights, phase_length
 from ..sage import AdamaxSAGE, AdamWSAGE, sage_param_groups
 from ..sync import shared_seed
 from .guards import grads_overflowed, refuse_sharded
 from .patterns import model_patterns
+
+TrainerCallback = require("transformers", "adaptune.schedules.integrations.hf").TrainerCallback
 
 __all__ = ["AdamWSAGEForTrainer", "AdamaxSAGEForTrainer", "DPSCallback", "make_sage_optimizer",
            "sage_groups", "sage_optimizer_cls_and_kwargs"]
