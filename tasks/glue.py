@@ -27,6 +27,7 @@ from . import metrics as glue_metrics
 from . import ood
 from .base import StepLoss, Task
 from .glue_data import Example, get_spec, load_examples, split_off, stratified_subset
+from .hf_loading import load_pretrained
 from .lora import apply_lora
 
 log = logging.getLogger("adaptune")
@@ -173,7 +174,7 @@ class GlueTask(Task):
                 problem_type="regression" if self.spec.is_regression else "single_label_classification",
                 **overrides)
             if mcfg.pretrained:
-                model = AutoModelForSequenceClassification.from_pretrained(self.model_path, config=config)
+                model = load_pretrained(AutoModelForSequenceClassification, self.model_path, config=config)
             else:
                 model = AutoModelForSequenceClassification.from_config(config)
         except (OSError, ValueError) as err:

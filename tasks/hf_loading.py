@@ -1,0 +1,48 @@
+"""Loading a pretrained Hugging Face model quietly: transformers 5 prints a table per load (and a
+progress bar) that says, for a fine-tuning run, what is expected: the new task head is missing
+from the checkpoint. Here that is one info line; what a user must see still warns: weights missing
+outside the task head, and shape mismatches."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+log = logging.getLogger("adaptune")
+
+#: Parameter-name prefixes of the sequence-classification heads transformers builds fresh.
+HEAD_PREFIXES = ("classifier.", "score.", "pre_classifier.", "logits_proj.", "sequence_summary.")
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own logging at ERROR and its progress bars off, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(model_cls, path: str, **kwargs):
+    """``model_cls.from_pretrained(path, **kwargs)`` with one line about its loading report."""
+    with quiet_transformers():
+        model, info = model_cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(map(str, info.get("missing_keys", ())))
+    head = [k for k in missing if k.startswith(HEAD_PREFIXES)]
+    other = [k for k in missing if k not in head]
+    unexpected = sorted(map(str, info.get("unexpected_keys", ())))
+    log.info("loaded %s: %s newly initialised (the task head)%s", path, ", ".join(head) or "nothing",
+             f"; {len(unexpected)} checkpoint tensors unused (e.g. pretraining heads)" if unexpected else "")
+    if other:
+        log.warning("%s: %d weights are not in the checkpoint and were newly initialised: %s%s", path, len(other),
+                    ", ".join(other[:5]), " ..." if len(other) > 5 else "")
+    for item in info.get("mismatched_keys", ()):
+        log.warning("%s: shape mismatch, newly initialised: %s", path, item)
+    return model
