@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from adaptune.common.schema import at_least, in_range, one_of, optional, pair_in, setting
 
-LR_SCHEDULES = ("linear", "inverse_sqrt", "constant", "cosine")
+from .lr import LR_SCHEDULES  # one list: the schedules lr.py implements
 SAGE_BASES = ("adamax", "adamw")
 DPS_VARIANTS = ("dense", "mix")
 IMPLS = ("auto", "fused", "foreach", "loop")

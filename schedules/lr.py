@@ -13,8 +13,6 @@ import torch
 
 from adaptune.common.errors import ConfigError
 
-LR_SCHEDULES = ("linear", "inverse_sqrt", "constant", "cosine")
-
 
 class LinearWarmupDecay:
     """Linear warmup from 0 over ``warmup`` updates, then linear decay to 0 at ``total``."""
@@ -26,6 +24,26 @@ class LinearWarmupDecay:
         if s < self.warmup:
             return s / max(1, self.warmup)
         return max(0.0, (self.total - s) / max(1, self.total - self.warmup))
+
+
+class WarmupLinearPPB:
+    """pytorch-pretrained-bert 0.6.0's ``warmup_linear`` (MT-DNN's optimizers, hence the SAGE
+    paper's GLUE runs): with progress ``x = s / total`` and ``w = warmup / total``, the factor is
+    ``x / w`` while ``x < w``, else ``1 - x``. It is *not* ``linear``: after warmup it continues from
+    ``1 - w`` (0.9 for a 10% warmup) rather than restarting at 1, so every later step's lr is
+    ``(1 - w)`` times ``linear``'s (x 1/1.11 for w = 0.1), reaching 0 at ``total``. As in the
+    reference, ``s`` counts the updates completed before this one (the first update gets 0).
+    (choice) ``w`` is ``warmup / total`` of the integer warmup steps (``schedule.warmup_ratio``
+    rounded to whole updates), which equals the reference's ratio whenever ``ratio * total`` is a
+    whole number."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = int(warmup), int(total)
+
+    def __call__(self, s: int) -> float:
+        x = s / max(1, self.total)
+        w = self.warmup / max(1, self.total)
+        return x / w if x < w else max(0.0, 1.0 - x)
 
 
 class InverseSqrt:
@@ -63,8 +81,10 @@ class CosineWarmup:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-_FACTORS = {"linear": LinearWarmupDecay, "inverse_sqrt": InverseSqrt,
+_FACTORS = {"linear": LinearWarmupDecay, "warmup_linear_ppb": WarmupLinearPPB, "inverse_sqrt": InverseSqrt,
             "constant": ConstantWarmup, "cosine": CosineWarmup}
+#: the names ``schedule.lr_schedule`` accepts (the schema reads them from here)
+LR_SCHEDULES = tuple(_FACTORS)
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float | None, warmup: int | None) -> int:

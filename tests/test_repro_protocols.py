@@ -117,7 +117,8 @@ def test_sage_glue_jobs_are_the_papers_setting():
         assert task["model"]["config_overrides"]["classifier_dropout"] == dropout
         assert trainer["batch_size"] == 32 and trainer["epochs"] == 3 and trainer["max_steps"] is None
         assert trainer["precision"] == "fp32" and trainer["max_grad_norm"] == 1.0
-        assert sched["warmup_ratio"] == 0.1 and sched["lr_schedule"] == "linear" and sched["weight_decay"] == 0.01
+        assert sched["warmup_ratio"] == 0.1 and sched["weight_decay"] == 0.01
+        assert sched["lr_schedule"] == "warmup_linear_ppb"   # MT-DNN's warmup_linear, both arms
         if job["experiment"] == "sage_glue":
             assert (sched["name"], sched["base"], sched["lr"], sched["beta3"]) == ("sage", "adamax", 2e-4, 0.85)
         else:   # MT-DNN's Adamax: AdamaxSAGE's sage=False maths, not torch.optim.Adamax

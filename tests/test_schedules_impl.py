@@ -63,3 +63,29 @@ def test_an_implementation_the_optimizer_lacks_is_a_config_error():
         _train("baseline", "fused", optimizer="adamax", steps=1)
     with pytest.raises(ConfigError, match="schedule.impl='nope' is unknown; allowed: auto, fused, foreach, loop"):
         build_schedule({"name": "baseline", "impl": "nope"})
+
+
+def test_warmup_linear_ppb_is_pytorch_pretrained_berts_warmup_linear():
+    """Factors at progress 0, w, 0.5 and 1 (T = 1000, w = 0.1) against ``x/w if x < w else 1 - x``,
+    through LambdaLR as the loop drives it (lr of the update after s completed updates)."""
+    import torch
+
+    from adaptune.schedules.lr import build_lr_scheduler
+
+    def reference(x, w=0.1):
+        return x / w if x < w else 1.0 - x
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2.0)
+    sched = build_lr_scheduler(opt, "warmup_linear_ppb", warmup=100, total_steps=1000)
+    lrs = []
+    for _ in range(1001):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for s in (0, 50, 100, 500, 999, 1000):
+        assert lrs[s] == pytest.approx(2.0 * reference(s / 1000)), s
+    assert lrs[100] == pytest.approx(1.8) and lrs[99] == pytest.approx(1.98)   # 0.9 after warmup, not 1.0
+    linear = build_lr_scheduler(torch.optim.SGD([param], lr=2.0), "linear", warmup=100, total_steps=1000)
+    factor = linear.lr_lambdas[0]
+    assert factor(500) / reference(0.5) == pytest.approx(1 / 0.9)   # linear is 1.11x higher after warmup
