@@ -57,6 +57,7 @@ OPTIMIZERS: dict[str, str] = {
     "adamw_sage": "adaptune.schedules.sage:AdamWSAGE",
     "adamax_sage": "adaptune.schedules.sage:AdamaxSAGE",
     "adamax_mtdnn": "adaptune.schedules.sage:MTDNNAdamax",   # the SAGE paper's GLUE baseline (MT-DNN's Adamax)
+    "adamw_hf": "adaptune.schedules.sage:HFAdamW",           # transformers 4.7's AdamW: the DPS reference's arms
 }
 
 

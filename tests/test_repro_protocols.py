@@ -64,6 +64,7 @@ def test_dps_glue_jobs_are_the_papers_setting():
         assert trainer["grad_accum_steps"] == 1
         assert sched["lr"] == 2e-5 and sched["eps"] == 1e-8 and sched["weight_decay"] == 0.01
         assert sched["warmup_ratio"] == 0.1 and sched["lr_schedule"] == "linear"
+        assert sched["optimizer"] == "adamw_hf"   # transformers 4.7's AdamW, every arm
         if job["schedule"] in ("dps", "dps_mix"):
             assert sched["variant"] == ("mix" if job["schedule"] == "dps_mix" else "dense")
             assert sched["p"] == 0.3 and sched["update_ratio"] == 0.05 and sched["T"] is None

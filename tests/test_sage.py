@@ -726,3 +726,35 @@ def test_mtdnn_adamax_is_adamax_sage_without_sage_and_not_torch_adamax():
         assert torch.equal(a, b)
     assert "exp_avg_sens" not in mine.state[a]
     assert not torch.allclose(c.detach(), theta, rtol=1e-6, atol=1e-9)   # torch's Adamax is other maths
+
+
+def test_hf_adamw_follows_transformers_4_7_adamw_step_by_step():
+    """schedule.optimizer=adamw_hf (the DPS reference arms' optimizer): eps added to the
+    uncorrected sqrt(v), the step scaled by sqrt(1-b2^t)/(1-b1^t), weight decay after the update;
+    100 steps against a float64 transcription, and visibly not torch.optim.AdamW at |g| ~ 1e-6."""
+    from adaptune.schedules import optimizer_class
+    from adaptune.schedules.sage import AdamWSAGE, HFAdamW
+
+    assert optimizer_class("adamw_hf") is HFAdamW
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 4, dtype=torch.float64)
+    grads = [1e-6 * torch.randn(5, 4, dtype=torch.float64) for _ in range(100)]
+    lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.999), 1e-8, 0.01
+    a, b, c = (torch.nn.Parameter(w0.clone()) for _ in range(3))
+    mine = HFAdamW([a], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    sage_off = AdamWSAGE([{"params": [b], "sage": False}], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    torch_adamw = torch.optim.AdamW([c], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    theta, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    for t, g in enumerate(grads, 1):
+        for p, opt in ((a, mine), (b, sage_off), (c, torch_adamw)):
+            p.grad = g.clone()
+            opt.step()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        theta = theta - lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (v.sqrt() + eps)
+        theta = theta - lr * wd * theta
+        torch.testing.assert_close(a.detach(), theta, rtol=1e-12, atol=1e-15)
+        assert torch.equal(a, b)
+    assert "exp_avg_sens" not in mine.state[a]
+    moved_hf, moved_torch = (a.detach() - w0).abs().mean(), (c.detach() - w0).abs().mean()
+    assert abs(moved_torch / moved_hf - 1) > 0.005   # eps placement matters at |g| ~ 1e-6

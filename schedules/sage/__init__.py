@@ -34,9 +34,9 @@ One module per concern:
 from __future__ import annotations
 
 from .adamax import AdamaxSAGE, MTDNNAdamax
-from .adamw import AdamWSAGE
+from .adamw import AdamWSAGE, HFAdamW
 from .groups import sage_param_groups
 from .schedule import SAGESchedule
 from .telemetry import sensitivity_summary
 
-__all__ = ["AdamWSAGE", "AdamaxSAGE", "MTDNNAdamax", "SAGESchedule", "sage_param_groups", "sensitivity_summary"]
+__all__ = ["AdamWSAGE", "AdamaxSAGE", "HFAdamW", "MTDNNAdamax", "SAGESchedule", "sage_param_groups", "sensitivity_summary"]

@@ -132,3 +132,34 @@ class AdamWSAGE(SAGEOptimizer):
             param.add_(update, alpha=-step_size)
             if wd != 0:
                 param.mul_(1 - lr * wd)                                       # θ -= lr·λ·θ
+
+
+class HFAdamW(AdamWSAGE):
+    r"""Hugging Face transformers' original ``AdamW`` (v4.7, ``correct_bias=True``), the optimizer
+    of every arm of the DPS paper's reference runs (``schedule.optimizer=adamw_hf``)::
+
+        m = β1·m + (1-β1)·g;   v = β2·v + (1-β2)·g²
+        θ ← θ - lr_t·√(1-β2^t)/(1-β1^t) · m/(√v + ε)     ε added to the *uncorrected* √v
+        θ ← θ - lr_t·λ·θ                                  decay after the update
+
+    Exactly :class:`AdamWSAGE`'s ``sage=False`` maths on every group (as :class:`MTDNNAdamax` is
+    Adamax-SAGE's). ``torch.optim.AdamW`` differs: it adds ε to the bias-corrected √v̂ and decays
+    before the update, which moves an entry with ``|g| ~ 1e-6`` by ~1.4% less/more per step. No
+    sensitivity state is kept; ``beta3`` is not an argument.
+
+    Args:
+        params, lr, betas, eps, weight_decay: as ``transformers.AdamW`` (4.7 defaults: eps 1e-6,
+            weight_decay 0).
+        correct_bias: the ``√(1-β2^t)/(1-β1^t)`` step-size factor (transformers' default True).
+        fused: implementation choice, as :class:`AdamWSAGE`.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, correct_bias: bool = True, *, fused: bool | None = None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         bias_correction=correct_bias, fused=fused)
+        for group in self.param_groups:
+            group["sage"] = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group({**param_group, "sage": False})
