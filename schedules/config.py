@@ -33,7 +33,8 @@ class ScheduleConfig:
     # ---------------------------------------------------------------- every schedule
     name: str = setting(check=_known_schedule)   # set by each conf/schedule/ preset; allowed: SCHEDULES
     label: Optional[str] = None         # a name for reports (schedule=dps_mix: "dps_mix"); null: name
-    optimizer: str = "adamw"            # baseline / DPS base optimizer: adamw | adamax | adamax_mtdnn | adamw_hf (any registered name)
+    # baseline / DPS base optimizer: adamw | adamax | adamax_mtdnn | adamw_hf (any registered name)
+    optimizer: str = "adamw"
     lr: float = setting(5e-5, check=at_least(0))   # peak learning rate (quickstart default for the pip MiniLM)
     betas: List[float] = setting(factory=lambda: [0.9, 0.999], check=pair_in(0, 1))
     eps: float = setting(1e-6, check=at_least(0))  # SAGE: its multiplier's denominator uses eps²
