@@ -44,6 +44,11 @@ class GlueModelConfig:
     # parameter-name patterns for the schedules (common/families.py): bert | roberta | deberta;
     # null: the family of the model's config.model_type (BERT's for encoders not listed)
     family: Optional[str] = setting(None, check=optional(one_of("bert", "roberta", "deberta")))
+    # the new classification head's initialisation: hf (the model's _init_weights: BERT normal(0,
+    # 0.02), bias 0) | torch_default (nn.Linear's own: kaiming-uniform a=sqrt(5), bias
+    # U(+-1/sqrt(fan_in))), which the DPS reference's DPS arms get as a side effect of their head
+    # being a DPS module (a reference quirk, not part of DPS; experiment=dps_glue reproduces it)
+    head_init: str = setting("hf", check=one_of("hf", "torch_default"))
 
 
 def _ood_sets(value: Any) -> str | None:

@@ -27,7 +27,7 @@ from . import metrics as glue_metrics
 from . import ood
 from .base import StepLoss, Task
 from .glue_data import Example, get_spec, load_examples, split_off, stratified_subset
-from .hf_loading import load_pretrained
+from .hf_loading import load_pretrained, reset_head
 from .lora import apply_lora
 
 log = logging.getLogger("adaptune")
@@ -179,6 +179,8 @@ class GlueTask(Task):
                 model = AutoModelForSequenceClassification.from_config(config)
         except (OSError, ValueError) as err:
             raise _hub_error(self.model_path, err) from None
+        if mcfg.head_init == "torch_default":
+            reset_head(model)
         if self.cfg.peft == "lora":   # adapters + the head (peft modules_to_save); tasks/lora.py
             model = apply_lora(model, self.cfg.lora)
         return model

@@ -30,6 +30,25 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def reset_head(model) -> list[str]:
+    """Re-initialise the classification head's Linear layers with ``nn.Linear``'s own
+    ``reset_parameters`` (kaiming-uniform a=sqrt(5), bias U(+-1/sqrt(fan_in))), from the global
+    RNG; the names of the layers reset."""
+    import torch
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and f"{name}.".startswith(HEAD_PREFIXES):
+            module.reset_parameters()
+            names.append(name)
+    if not names:
+        from adaptune.common.errors import ConfigError
+
+        raise ConfigError(f"task.model.head_init=torch_default: {type(model).__name__} has no head named "
+                          f"{', '.join(p.rstrip('.') for p in HEAD_PREFIXES)}")
+    return names
+
+
 def load_pretrained(model_cls, path: str, **kwargs):
     """``model_cls.from_pretrained(path, **kwargs)`` with one line about its loading report."""
     with quiet_transformers():

@@ -169,3 +169,31 @@ def test_loading_the_pretrained_encoder_prints_one_line_not_transformers_table(c
     lines = [r.getMessage() for r in caplog.records if r.name == "adaptune"]
     assert lines == [f"loaded {path}: classifier.bias, classifier.weight newly initialised (the task head)"]
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_head_init_torch_default_is_nn_linears_init(tmp_path):
+    """task.model.head_init=torch_default: the head's Linear gets nn.Linear's own init (uniform
+    within 1/sqrt(fan_in), bias too), hf keeps BERT's normal(0, 0.02) and zero bias; the encoder is
+    the same either way."""
+    import torch
+    from conftest import TINY_BERT, compose, write_glue
+
+    from adaptune.tasks import build_task
+
+    data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
+    models = {}
+    for init in ("hf", "torch_default"):
+        cfg = compose(["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT,
+                       f"task.model.head_init={init}"])
+        torch.manual_seed(0)
+        task = build_task(cfg.task, tmp_path / init, seed=0)
+        torch.manual_seed(0)
+        models[init] = task.build_model()
+    hf, td = models["hf"].classifier, models["torch_default"].classifier
+    bound = 1 / hf.in_features ** 0.5
+    assert hf.weight.std() < 0.03 and torch.all(hf.bias == 0)
+    assert td.weight.abs().max() <= bound and td.bias.abs().max() <= bound and td.bias.abs().sum() > 0
+    assert td.weight.std() > 0.5 * bound / 3 ** 0.5
+    assert all(torch.equal(a, b) for (n, a), (_, b) in zip(models["hf"].named_parameters(),
+                                                           models["torch_default"].named_parameters())
+               if not n.startswith("classifier."))

@@ -65,6 +65,8 @@ def test_dps_glue_jobs_are_the_papers_setting():
         assert sched["lr"] == 2e-5 and sched["eps"] == 1e-8 and sched["weight_decay"] == 0.01
         assert sched["warmup_ratio"] == 0.1 and sched["lr_schedule"] == "linear"
         assert sched["optimizer"] == "adamw_hf"   # transformers 4.7's AdamW, every arm
+        # the reference's head init: nn.Linear's for the DPS arms (a DPS-module head), BERT's otherwise
+        assert task["model"]["head_init"] == ("torch_default" if job["schedule"] in ("dps", "dps_mix") else "hf")
         if job["schedule"] in ("dps", "dps_mix"):
             assert sched["variant"] == ("mix" if job["schedule"] == "dps_mix" else "dense")
             assert sched["p"] == 0.3 and sched["update_ratio"] == 0.05 and sched["T"] is None
