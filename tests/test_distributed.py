@@ -25,7 +25,7 @@ def _args(data, run_dir, schedule):
 
 @pytest.mark.parametrize("schedule", ["baseline", "sage", "dps"])
 def test_two_gloo_processes_match_one_process(tmp_path, schedule):
-    pytest.importorskip(f"schedules.{schedule}")
+    pytest.importorskip(f"adaptune.schedules.{schedule}")
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
     extra = ["schedule.update_ratio=0.34"] if schedule == "dps" else []  # phases of 2 steps in 6
     one = subprocess.run([sys.executable, "-m", "adaptune", *_args(data, tmp_path / "one", schedule), *extra],
