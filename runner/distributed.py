@@ -1,4 +1,5 @@
-"""Data-parallel training with ``torchrun`` (``torch.distributed``); a no-op in one process.
+"""Data-parallel training with ``torchrun`` or a multi-task SLURM job (``torch.distributed``); a
+no-op in one process.
 
 ``torchrun --nproc_per_node=N -m adaptune ...`` starts N copies of the app; each takes its share of
 every global batch plan (``Task.shard_plan``), gradients are all-reduced by
@@ -88,8 +89,66 @@ def ranks_in_sync(info: DistInfo, *states) -> bool:
     return all(g == gathered[0] for g in gathered)
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list (``node[01-03,07],gpu5``) as host names, in order (what
+    ``scontrol show hostnames`` prints, for the forms SLURM writes into ``SLURM_JOB_NODELIST``)."""
+    hosts, i = [], 0
+    while i < len(nodelist):
+        j, depth = i, 0
+        while j < len(nodelist) and (nodelist[j] != "," or depth):
+            depth += {"[": 1, "]": -1}.get(nodelist[j], 0)
+            j += 1
+        item = nodelist[i:j]
+        i = j + 1
+        if "[" not in item:
+            hosts.append(item)
+            continue
+        prefix, _, rest = item.partition("[")
+        ranges, _, suffix = rest.partition("]")
+        for part in ranges.split(","):
+            low, _, high = part.partition("-")
+            for n in range(int(low), int(high or low) + 1):
+                hosts.append(f"{prefix}{str(n).zfill(len(low))}{suffix}")
+    return [h for h in hosts if h]
+
+
+def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``torch.distributed`` variables a multi-task SLURM job implies, or ``{}``.
+
+    A job step with ``SLURM_NTASKS`` > 1 whose processes were not started by ``torchrun`` (no
+    ``WORLD_SIZE``; e.g. ``srun python -m adaptune ...`` or Hydra's submitit launcher with
+    ``tasks_per_node`` > 1) is one DDP run: ``RANK`` = ``SLURM_PROCID``, ``WORLD_SIZE`` =
+    ``SLURM_NTASKS``, ``LOCAL_RANK`` = ``SLURM_LOCALID``, ``MASTER_ADDR`` = the first host of
+    ``SLURM_JOB_NODELIST``, ``MASTER_PORT`` = 15000 + job id mod 20000 unless set. (choice) Never N
+    independent copies of one run: what cannot be mapped is a one-line ConfigError before training.
+    """
+    from adaptune.common.errors import ConfigError
+
+    env = os.environ if env is None else env
+    ntasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1)
+    if ntasks <= 1 or "WORLD_SIZE" in env:
+        return {}
+    missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID") if k not in env]
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if missing or not nodelist:
+        raise ConfigError(f"SLURM_NTASKS={ntasks} but {', '.join(missing) or 'SLURM_JOB_NODELIST'} is not set: cannot "
+                          "form one DDP run from this job's tasks; start it with srun (or torchrun, one task per node)")
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
+    port = env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(ntasks), "LOCAL_RANK": env["SLURM_LOCALID"],
+            "MASTER_ADDR": env.get("MASTER_ADDR") or hosts[0], "MASTER_PORT": port}
+
+
+def adopt_slurm_environment() -> None:
+    """Export :func:`slurm_environment` (before the run directory is locked and the process group formed)."""
+    os.environ.update(slurm_environment())
+
+
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    """Join the process group that ``torchrun`` (or a multi-task SLURM job, :func:`slurm_environment`)
+    describes in the environment, if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()

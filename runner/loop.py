@@ -328,10 +328,12 @@ class Trainer:
 def run(cfg: DictConfig, run_dir: Path | str) -> dict:
     """Train and evaluate one run configured by ``cfg`` in ``run_dir``; return its results.
     The run holds ``run_dir``'s lock throughout (:mod:`.lock`: one writer per directory)."""
+    from .distributed import adopt_slurm_environment
     from .lock import run_lock
 
     run_dir = Path(run_dir)
     sections = validate_config(cfg)
+    adopt_slurm_environment()   # a multi-task SLURM job is one DDP run (RANK, WORLD_SIZE, ...)
     with run_lock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         return _run_locked(cfg, run_dir, sections)
 

@@ -59,3 +59,60 @@ def test_two_gloo_processes_match_one_process(tmp_path, schedule):
         total = sum(v.numel() for v in a["model"].values())
         assert close / total > 0.995
         assert a["schedule"].keys() == b["schedule"].keys()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _no_launcher_env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def test_a_two_task_slurm_job_is_one_ddp_run(tmp_path):
+    """Two processes started as SLURM starts a job's tasks (SLURM_NTASKS=2, SLURM_PROCID 0/1, no
+    torchrun): one DDP run, world size 2 in results.json, ranks in sync, written by rank 0 only."""
+    data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
+    run_dir = tmp_path / "slurm"
+    env = {**_no_launcher_env(), "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
+           "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, "-m", "adaptune", *_args(data, run_dir, "sage")], cwd=tmp_path,
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["world_size"] == 2 and res["ddp_ranks_in_sync"] is True and res["steps"] == 6
+    assert "world size 2" in outs[0][0] + outs[0][1]
+
+
+def test_a_slurm_job_that_cannot_form_one_run_refuses_before_training(tmp_path):
+    data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
+    out = subprocess.run([sys.executable, "-m", "adaptune", *_args(data, tmp_path / "r", "baseline")], cwd=tmp_path,
+                         env={**_no_launcher_env(), "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "adaptune: error: SLURM_NTASKS=2 but SLURM_PROCID, SLURM_LOCALID is not set: cannot form one DDP run from "
+        "this job's tasks; start it with srun (or torchrun, one task per node)"]
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_slurm_variables_map_to_torch_distributed():
+    from adaptune.runner.distributed import expand_nodelist, slurm_environment
+
+    assert expand_nodelist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
+    assert expand_nodelist("a1,b[2-3]x") == ["a1", "b2x", "b3x"]
+    env = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[12-15]",
+           "SLURM_JOB_ID": "123456"}
+    assert slurm_environment(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu12",
+                                      "MASTER_PORT": str(15000 + 123456 % 20000)}
+    assert slurm_environment({**env, "WORLD_SIZE": "8"}) == {}       # torchrun inside the job: its variables win
+    assert slurm_environment({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == {}
