@@ -3,6 +3,7 @@ settings the way W&B users expect (environment variables, a new run id when star
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -76,5 +77,7 @@ def test_starting_over_gets_a_new_wandb_run_and_resuming_keeps_it(tmp_path, monk
     run(compose([*over, "resume=false"]), run_dir)  # starts over: a new W&B run
     second = (run_dir / RUN_ID_FILE).read_text()
     assert second != first and len(second) == 16
-    runs = sorted(p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert set(runs) == {first, second}
+    # offline-run-<date>_<time>-<id>[-n]: W&B numbers a directory whose name is taken (a resume in the same second)
+    runs = {re.match(r"offline-run-\d{8}_\d{6}-([0-9a-f]{16})", p.name).group(1)
+            for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert runs == {first, second}
