@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: setup setup-quickstart setup-nmt quickstart test test-all lint bench gpu-check demo-data clean \
+.PHONY: setup setup-quickstart setup-nmt quickstart test test-fast test-all lint bench gpu-check demo-data clean \
 	repro-sage-glue repro-dps-glue repro-dps-low-resource repro-dps-out-of-domain repro-sage-iwslt repro-sage-vit \
 	repro-sage-glue-cpu repro-dps-glue-cpu repro-dps-low-resource-cpu repro-sage-iwslt-cpu repro-sage-vit-cpu
 
@@ -48,6 +48,10 @@ test: setup setup-nmt lint
 
 lint: setup
 	$(BIN)/ruff check .
+
+## The unit lane for the edit loop (~1-2 minutes): everything but the end-to-end tests.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"
 
 test-all: setup setup-nmt
 	$(BIN)/python -m pytest -q -m "slow or not slow"

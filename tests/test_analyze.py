@@ -168,6 +168,7 @@ def sweep(tmp_path_factory):
     return root
 
 
+@pytest.mark.e2e
 def test_analyze_end_to_end_and_cache(sweep, monkeypatch):
     assert analyze.main([str(sweep), "--sparsities", "0,50,90", "--max-batches", "2", "--no-progress"]) == 0
     out = sweep / "analysis"

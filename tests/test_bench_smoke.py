@@ -20,6 +20,7 @@ def _gpu_check():
     return module
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the script would run")
 def test_gpu_check_without_cuda_stops_at_once(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}

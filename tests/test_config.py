@@ -18,6 +18,7 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("group", ["task", "schedule", "trainer", "logger"])
 def test_every_group_option_composes(group):
     options = _options(group)
@@ -30,6 +31,7 @@ def test_every_group_option_composes(group):
             assert option in (cfg.schedule.name, cfg.schedule.get("label"))
 
 
+@pytest.mark.e2e
 def test_every_experiment_composes():
     for option in _options("experiment"):
         cfg = compose([f"experiment={option}"])
@@ -85,6 +87,7 @@ def _makefile_sweeps() -> dict[str, list[str]]:
     return sweeps
 
 
+@pytest.mark.e2e
 def test_every_makefile_sweep_composes():
     """Each job of every `make quickstart` / `make repro-*` sweep composes, validates and builds its
     schedule (seed lists collapsed to one value: they cannot change composition)."""
@@ -127,6 +130,7 @@ def _cli(*args, cwd=REPO):
                           timeout=300)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,line", [
     (["schedule=nope"], "schedule=nope is unknown; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage"),
     (["task=nosuch"], "task=nosuch is unknown; allowed: glue, nmt, reviews, vit"),
@@ -159,12 +163,14 @@ def test_skip_malformed_named_by_the_error_is_an_accepted_override():
     assert cfg.task.skip_malformed is True and cfg.task.model.family == "roberta"
 
 
+@pytest.mark.e2e
 def test_cfg_job_prints_composed_config():
     out = _cli("task=glue", "task.name=rte", "schedule=sage", "seed=3", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     assert "name: rte" in out.stdout and "seed: 3" in out.stdout and "beta3:" in out.stdout
 
 
+@pytest.mark.e2e
 def test_tiny_multirun_writes_one_result_per_job(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
     sweep = tmp_path / "sweep"

@@ -23,6 +23,7 @@ def _args(data, run_dir, schedule):
             "trainer.eval_batch_size=3", "schedule.lr=3e-3", f"hydra.run.dir={run_dir}"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("schedule", ["baseline", "sage", "dps"])
 def test_two_gloo_processes_match_one_process(tmp_path, schedule):
     pytest.importorskip(f"adaptune.schedules.{schedule}")
@@ -76,6 +77,7 @@ def _no_launcher_env() -> dict:
             if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
+@pytest.mark.e2e
 def test_a_two_task_slurm_job_is_one_ddp_run(tmp_path):
     """Two processes started as SLURM starts a job's tasks (SLURM_NTASKS=2, SLURM_PROCID 0/1, no
     torchrun): one DDP run, world size 2 in results.json, ranks in sync, written by rank 0 only."""
@@ -93,6 +95,7 @@ def test_a_two_task_slurm_job_is_one_ddp_run(tmp_path):
     assert "world size 2" in outs[0][0] + outs[0][1]
 
 
+@pytest.mark.e2e
 def test_a_slurm_job_that_cannot_form_one_run_refuses_before_training(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
     out = subprocess.run([sys.executable, "-m", "adaptune", *_args(data, tmp_path / "r", "baseline")], cwd=tmp_path,

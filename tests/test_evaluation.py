@@ -125,6 +125,7 @@ def _logits_one_by_one(model, data) -> torch.Tensor:
     return torch.stack(out)
 
 
+@pytest.mark.e2e
 def test_glue_cola_and_mnli_metrics_equal_a_hand_computation(tmp_path):
     from sklearn.metrics import matthews_corrcoef
 
@@ -235,6 +236,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.e2e
 def test_two_gloo_ranks_evaluate_disjoint_shards_with_the_metrics_of_one_process(tmp_path):
     data = write_glue(tmp_path / "cola", "cola", n_train=8, n_dev=45)
     cfg = compose(glue_overrides(data, "cola", "trainer.eval_batch_size=8"))

@@ -57,6 +57,7 @@ def full(tmp_path_factory):
     return data, res, _weights(root / "run"), (root / "run" / "checkpoints" / ckpt.LAST).stat().st_size
 
 
+@pytest.mark.e2e
 def test_previous_checkpoint_is_kept_and_last_is_the_newest(full, tmp_path):
     data, res, _, _ = full
     run_dir = tmp_path / "r"
@@ -81,6 +82,7 @@ def test_damaged_last_resumes_from_previous_and_ends_identical(full, tmp_path, c
     assert all(torch.equal(weights[k], v) for k, v in _weights(run_dir).items())
 
 
+@pytest.mark.e2e
 def test_no_intact_checkpoint_is_one_line_and_overwrites_nothing(full, tmp_path):
     data, _, _, _ = full
     run_dir = tmp_path / "r"
@@ -100,6 +102,7 @@ def test_no_intact_checkpoint_is_one_line_and_overwrites_nothing(full, tmp_path)
     assert again["status"] == "completed"
 
 
+@pytest.mark.e2e
 def test_a_failed_write_is_one_line_and_the_same_command_resumes(full, tmp_path):
     """``ulimit -f`` with SIGXFSZ ignored: ``write`` fails with EFBIG, as on a full disk. The
     limit lets best.pt (weights only) through and stops last.pt (weights + optimizer state)."""
@@ -136,6 +139,7 @@ def test_write_failed_keeps_the_target_and_names_the_reason(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+@pytest.mark.e2e
 def test_second_writer_exits_at_once_naming_the_holder(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
     run_dir = tmp_path / "r"
@@ -162,6 +166,7 @@ def test_second_writer_exits_at_once_naming_the_holder(tmp_path):
         pass
 
 
+@pytest.mark.e2e
 def test_a_locked_job_of_a_multirun_is_skipped_and_the_sweep_goes_on(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=24, n_dev=8)
     sweep = tmp_path / "sweep"

@@ -94,6 +94,7 @@ def test_utf16_and_gzip_files_say_what_they_are(tmp_path):
         read_tsv(RTE, d / "train.tsv")
 
 
+@pytest.mark.e2e
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     path, offset = _latin1_on_line_3(tmp_path / "rte")
     args = [*glue_overrides(path.parent, "rte"), "trainer=cpu_fast", f"hydra.run.dir={tmp_path / 'run'}"]

@@ -69,6 +69,7 @@ def test_forgetting_the_hook_raises_at_the_optimizer_step():
         opt.step()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("flags", [[], ["--mix", "--sage"]], ids=["dense", "mix_sage"])
 def test_example_runs_and_learns(flags, capsys):
     sys.path.insert(0, str(REPO / "examples"))
@@ -91,6 +92,7 @@ def _train(acc, model, opt, dps, batches):
             opt.zero_grad()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", ["dense", "mix"])
 def test_save_state_and_load_state_resume_dps_bit_identically(tmp_path, variant):
     """``register_for_checkpointing(dps)``: a run stopped after 5 of 12 steps and resumed from

@@ -43,6 +43,8 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 from conftest import REPO  # noqa: E402
 from ddp_integration_driver import STEPS, tiny_bert  # noqa: E402
 
+pytestmark = pytest.mark.e2e   # the module's fixture runs torchrun (two processes) for every test
+
 DRIVER = Path(__file__).with_name("ddp_integration_driver.py")
 TRAINING = ["hf_dense", "hf_mix", "hf_sage", "acc_dense", "acc_mix_sage"]
 SCENARIOS = [*TRAINING, "errors"]

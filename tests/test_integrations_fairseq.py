@@ -86,6 +86,7 @@ def test_fairseq_train_with_sage_plugin(data_bin, tmp_path, optimizer):
     assert state["optimizer_history"][-1]["optimizer_name"] in ("FairseqAdamSAGE", "FairseqAdamaxSAGE")
 
 
+@pytest.mark.e2e
 def test_runner_does_not_import_fairseq_through_integrations():
     """The runner's import of adaptune.schedules.integrations must not import fairseq (Hydra ConfigStore)."""
     code = "import adaptune.schedules.integrations, adaptune.runner.loop, sys; print('fairseq' in sys.modules)"
@@ -123,6 +124,7 @@ print("ok")
 """
 
 
+@pytest.mark.e2e
 def test_plugin_registers_and_groups_by_name():
     """In a subprocess (importing fairseq registers Hydra ConfigStore entries)."""
     out = subprocess.run([sys.executable, "-c", PLUGIN_UNIT, str(PLUGIN.parent)], capture_output=True, text=True,

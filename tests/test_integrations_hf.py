@@ -133,6 +133,7 @@ class Spy(TrainerCallback):
                 self.zero_checked += 1
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("accum", [1, 2])
 def test_dps_callback_masks_what_dps_masks_in_a_hand_loop(tmp_path, accum):
     steps = 8
@@ -205,6 +206,7 @@ def test_dps_callback_refuses_sharded_training_and_bad_settings():
 
 
 # ------------------------------------------------------------------------------ DPS: resume
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", ["dense", "mix"])
 def test_dps_resumed_from_a_trainer_checkpoint_ends_bit_identical(tmp_path, variant):
     """The callback's state travels with ``checkpoint-<step>/``: ``train(resume_from_checkpoint=...)``
@@ -300,6 +302,7 @@ def test_sage_trainer_bad_optim_args_are_one_line_errors(tmp_path, optim_args, m
     assert str(err.value) == f"optim_args: {message}"
 
 
+@pytest.mark.e2e
 def test_sage_trainer_under_hyperparameter_search(tmp_path):
     """Trainer.hyperparameter_search (Optuna) over the lr: every trial's SAGE optimizer holds the
     trial's lr and the trial's fresh model."""

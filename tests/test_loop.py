@@ -27,6 +27,7 @@ def _overrides(data, *extra):
                           "task.model.config_overrides.hidden_dropout_prob=0.1", *extra)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_after_interrupt_is_bit_identical(tmp_path, monkeypatch, workers):
     data = write_glue(tmp_path / "rte", "rte", n_train=64, n_dev=16)
@@ -87,6 +88,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
     common = ["task.group_by_length=false", "trainer.max_steps=4", "trainer.max_grad_norm=1.0"]
@@ -132,6 +134,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
         run(cfg, tmp_path / "r")                                            # resume=auto: not retrained
 
 
+@pytest.mark.e2e
 def test_results_json_and_wandb_offline_metrics(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
     over = glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=4", "trainer.log_every=2",
@@ -192,6 +195,7 @@ def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
         assert torch.isfinite(p).all()
 
 
+@pytest.mark.e2e
 def test_max_grad_norm_zero_and_null_both_mean_no_clipping(tmp_path, monkeypatch):
     """One meaning everywhere (the loop, ChildTuning's Fisher pass, HF's max_grad_norm=0): 0 and
     null turn global clipping off; a negative value is a one-line error naming the key."""

@@ -102,6 +102,7 @@ def task_cfg(**over):
 
 
 # ------------------------------------------------------------------------------ training
+@pytest.mark.e2e
 def test_synthetic_corpus_trains_and_test_bleu_rises(synth, cache, tmp_path):
     results = run(compose(nmt_overrides(synth, cache, "schedule.lr=3e-3", "schedule.warmup_steps=50",
                                         "trainer.max_steps=300", "trainer.eval_every=100")),
@@ -117,6 +118,7 @@ def test_synthetic_corpus_trains_and_test_bleu_rises(synth, cache, tmp_path):
     assert summary["data"] == "raw" and summary["train_sentences"] == 2000
 
 
+@pytest.mark.e2e
 def test_resume_after_interrupt_is_bit_identical(synth, cache, tmp_path, monkeypatch):
     over = nmt_overrides(synth, cache, "trainer.max_steps=10", "trainer.eval_every=5", "trainer.save_every=2",
                          "task.eval_bleu=false", "schedule.lr=1e-3", "schedule.warmup_steps=4",
@@ -183,6 +185,7 @@ def test_raw_path_binarises_into_a_reused_fairseq_preprocess_style_cache(synth, 
     assert first == (synth / "valid.en").read_text().splitlines()[0]
 
 
+@pytest.mark.e2e
 def test_binarized_path_reads_fairseq_preprocess_output(tmp_path):
     text = tmp_path / "tok"
     text.mkdir()
@@ -318,6 +321,7 @@ main()
 """
 
 
+@pytest.mark.e2e
 def test_multirun_sweeping_glue_and_nmt_composes_each_job(tmp_path):
     """One process runs the jobs in turn; fairseq, imported by an nmt job, must not change later jobs."""
     app = tmp_path / "app.py"

@@ -217,6 +217,7 @@ def test_ood_sets_need_a_three_way_training_set(tmp_path, nli_dirs):
         build_task(compose(ood_overrides(nli_dirs, sets=["mnli", "hans"])).task, tmp_path, seed=1)
 
 
+@pytest.mark.e2e
 def test_cli_missing_data_prints_one_line(tmp_path, nli_dirs):
     args = [*ood_overrides({**nli_dirs, "snli": tmp_path / "nowhere"}), "trainer.max_steps=1",
             f"hydra.run.dir={tmp_path / 'run'}"]

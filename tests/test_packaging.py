@@ -60,6 +60,7 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_wheel_holds_only_the_adaptune_package_and_its_configs(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
@@ -110,6 +111,7 @@ def _run(cmd, cwd, timeout=300):
                           env={**env, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"})
 
 
+@pytest.mark.e2e
 def test_wheel_install_runs_from_a_directory_with_clashing_names(installed, clashing):
     bin_ = installed / "bin"
     code = "import adaptune.runner, adaptune.conf as c; print(adaptune.runner.__file__, c.CONFIG_DIR)"
@@ -137,6 +139,7 @@ def test_wheel_install_runs_from_a_directory_with_clashing_names(installed, clas
     assert sorted(p.name for p in plugin.parent.iterdir()) == ["README.md", "adaptune_fairseq"]
 
 
+@pytest.mark.e2e
 def test_wheel_install_trains_a_few_steps(installed, clashing):
     data = write_glue(clashing / "rte_data", "rte", n_train=16, n_dev=8)
     run_dir = clashing / "run"
@@ -163,6 +166,7 @@ def _without(hidden, code: str, *args, cwd: Path):
                           cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.e2e
 def test_the_algorithms_need_only_torch_and_numpy(tmp_path):
     """SAGE, DPS, ChildTuning and Mixout import and step with every heavy library unavailable."""
     out = _without(HEAVY, """
@@ -188,6 +192,7 @@ def test_the_algorithms_need_only_torch_and_numpy(tmp_path):
     assert out.stdout.split() == ["moved", "True", "heavy", "[]"]
 
 
+@pytest.mark.e2e
 def test_core_requirements_resolve_to_torch_and_numpy_only(wheel, tmp_path):
     """``pip install adaptune`` into an empty environment installs torch, numpy and what they
     need: the same set as ``pip install torch numpy`` (resolved, not installed)."""
@@ -204,6 +209,7 @@ def test_core_requirements_resolve_to_torch_and_numpy_only(wheel, tmp_path):
     assert not core & {"transformers", "hydra-core", "timm", "torchvision", "wandb", "datasets"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("blocked,argv,extra", [
     (("hydra",), ["--cfg", "job"], "hydra-core, which is not installed: pip install 'adaptune[runner]'"),
     (("timm",), ["task=vit", "trainer.max_steps=1", "--cfg", "job"], None),

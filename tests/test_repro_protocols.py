@@ -107,6 +107,7 @@ def test_dps_low_resource_run_length_and_phase_length_as_the_trainer_computes_th
     assert trainer.schedule.dps.total_steps == 32 and trainer.schedule.dps.phase_len == 1
 
 
+@pytest.mark.e2e
 def test_sage_glue_jobs_are_the_papers_setting():
     _, jobs = _jobs("repro-sage-glue", "SEED_PRESET=sage")
     assert _seeds(jobs) == [2018]

@@ -232,6 +232,7 @@ def test_resume_false_starts_over_with_the_new_config(tmp_path, data, monkeypatc
     assert ckpt.load(tmp_path / "r" / "checkpoints" / ckpt.LAST)["config"]["schedule"]["weight_decay"] == 0.1
 
 
+@pytest.mark.e2e
 def test_old_checkpoint_without_config_warns_and_resumes(tmp_path, data, monkeypatch, steps, caplog):
     _interrupted(data, tmp_path / "r", monkeypatch)
     last = tmp_path / "r" / "checkpoints" / ckpt.LAST

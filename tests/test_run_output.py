@@ -17,6 +17,7 @@ from adaptune.runner.loggers import RUN_ID_FILE, wandb_settings
 from adaptune.runner.loop import run
 
 
+@pytest.mark.e2e
 def test_a_logged_run_says_what_ran_where_and_where_its_results_are(tmp_path):
     """Run as a batch job would (stderr is a pipe): the start block, one progress line per log
     point and no carriage returns, the end block with the metric, the results file and the
@@ -64,6 +65,7 @@ def test_a_bad_wandb_mode_in_the_environment_is_one_line(monkeypatch):
         wandb_settings(LoggerConfig())
 
 
+@pytest.mark.e2e
 def test_starting_over_gets_a_new_wandb_run_and_resuming_keeps_it(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)

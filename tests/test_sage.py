@@ -134,6 +134,7 @@ def use_compiled_kernel(monkeypatch, backend: str = "per_tensor"):
     monkeypatch.setattr(compiled, "_broken", False)          # a failure elsewhere must not hide this path
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("impl", ["reference", "fused", "compiled", "grouped"])
 @pytest.mark.parametrize("kind,cls,bc,wd", CASES)
 def test_matches_spec_transcription(kind, cls, bc, wd, impl, monkeypatch):
@@ -215,6 +216,7 @@ def _same_as_reference(cls, impl: str, steps: int) -> bool:
     return all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("backend", ["cpu_kernel", "compiled", "grouped"])
 def test_fused_matches_reference(backend, monkeypatch):
     """Every fused backend (both optimizers, SAGE and plain groups; bf16 in test_bf16_*)."""

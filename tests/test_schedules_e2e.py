@@ -7,6 +7,8 @@ import pytest
 from conftest import FAST, compose
 from adaptune.runner.loop import run
 
+pytestmark = pytest.mark.e2e   # every test here runs the loop, a subprocess or a build
+
 QUICK = ["experiment=quickstart", *FAST, "task.train_subset=96", "task.eval_subset=32", "task.max_seq_length=40",
          "trainer.batch_size=12", "trainer.epochs=3", "trainer.log_every=4", "schedule.warmup_ratio=0.0"]
 

@@ -107,6 +107,7 @@ def test_import_graph(package, forbidden):
     assert not bad, bad
 
 
+@pytest.mark.e2e
 def test_code_imports_only_through_the_adaptune_package():
     """Installed, the only top-level name is ``adaptune``: no module imports ``runner``, ``tasks``,
     ``schedules``, ``common`` or ``conf`` as top-level packages (a user's ``tasks.py`` would win)."""
@@ -129,6 +130,7 @@ def test_no_source_file_over_500_lines():
     assert sizes and not {k: v for k, v in sizes.items() if v > 500}
 
 
+@pytest.mark.e2e
 def test_optimizer_registry_does_not_depend_on_import_order():
     """``schedule=baseline schedule.optimizer=adamw_sage`` works in a fresh process in which no
     SAGE module was imported first."""

@@ -21,6 +21,7 @@ def _sweep_cmd(data, sweep, *extra):
             f"hydra.sweep.dir={sweep}", *extra]
 
 
+@pytest.mark.e2e
 def test_sweep_resumes_after_kill_9(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=64, n_dev=8)
     sweep = tmp_path / "sweep"
@@ -54,6 +55,7 @@ def test_sweep_resumes_after_kill_9(tmp_path):
     assert second["steps"] == 30 and second["status"] == "completed"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("schedules", ["baseline,sage"])
 def test_report_over_two_schedules_and_two_seeds(tmp_path, schedules):
     data = write_glue(tmp_path / "rte", "rte", n_train=24, n_dev=8)
@@ -149,6 +151,7 @@ def test_report_splits_by_every_varying_override_but_the_seed(tmp_path):
     assert grid == ["lr=1e-4", "lr=2e-4"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("backend", [
     ["seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
     ["seed=1,2", "hydra/launcher=submitit_local"],

@@ -333,6 +333,7 @@ def test_mixup_gives_soft_targets(folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ training
+@pytest.mark.e2e
 def test_tiny_vit_learns_class_patterns_above_chance(folder, tmp_path):
     torch.manual_seed(0)
     task = make_task(tmp_path, data_dir=str(folder), batch_size=32)

@@ -161,6 +161,7 @@ def test_param_patterns_and_head_through_the_wrapper(tmp_path):
 
 
 # ----------------------------------------------------------------------------- (c) CLI error
+@pytest.mark.e2e
 def test_cli_bad_target_modules_is_one_line(folder, tmp_path):
     args = [*overrides(folder, "sage"), "task.lora.target_modules=[nope]", f"hydra.run.dir={tmp_path / 'run'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
