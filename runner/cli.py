@@ -1,7 +1,8 @@
 """``adaptune`` command: Hydra training by default, ``adaptune report DIR`` for tables,
 ``adaptune compare NAME|PATH.yaml`` for per-schedule grids over the same seeds (presets in
 conf/compare/, or a spec file of your own), ``adaptune analyze DIR`` for sensitivity, pruning and
-DPS-selection plots of finished runs, ``adaptune plugin-path fairseq`` for fairseq's ``--user-dir``."""
+DPS-selection plots of finished runs, ``adaptune export RUN_DIR OUT_DIR`` for a trained model in
+Hugging Face / timm format, ``adaptune plugin-path fairseq`` for fairseq's ``--user-dir``."""
 from __future__ import annotations
 
 import sys
@@ -32,6 +33,10 @@ def _dispatch(argv: list[str]) -> int | None:
         from adaptune.runner.analyze import main as analyze_main
 
         return analyze_main(argv[1:])
+    if command == "export":
+        from adaptune.runner.export import main as export_main
+
+        return export_main(argv[1:])
     if command == "compare":
         from adaptune.runner.compare import main as compare_main
 
