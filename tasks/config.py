@@ -9,8 +9,10 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import II
 
+from adaptune.common.errors import ConfigError
 from adaptune.common.schema import at_least, in_range, one_of, optional, pair_in, positive, setting
 
+from .custom_data import CUSTOM_METRICS
 from .glue_data import SPECS as GLUE_SPECS
 from .nli_data import OOD_SETS
 from .nmt_data import DATA_KINDS as NMT_DATA_KINDS
@@ -93,9 +95,22 @@ class LoRASettings:
 
 
 @dataclass
+class DataFiles:
+    """``task.name=custom``: a .csv, .tsv or .jsonl file per split (test optional)."""
+    train: Optional[str] = None
+    dev: Optional[str] = None
+    test: Optional[str] = None
+
+    def given(self) -> dict[str, str]:
+        return {k: v for k, v in (("train", self.train), ("dev", self.dev), ("test", self.test)) if v}
+
+
+@dataclass
 class GlueConfig:
     kind: str = "glue"
-    name: str = setting("rte", check=one_of(*GLUE_SPECS))   # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli | snli
+    # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli | snli | amazon_reviews | custom (your
+    # own files: data_files, text_columns, label_column, metric below; tasks/custom_data.py)
+    name: str = setting("rte", check=one_of(*GLUE_SPECS, "custom"))
     # null: download nyu-mll/glue from the Hugging Face hub; or a directory in the original GLUE
     # format (train.tsv / dev.tsv as the classic download_glue_data.py writes them)
     data_dir: Optional[str] = None
@@ -117,8 +132,20 @@ class GlueConfig:
     peft: Optional[str] = setting(None, check=optional(one_of("lora")))
     lora: LoRASettings = setting(factory=LoRASettings)
     ood: OODConfig = setting(factory=OODConfig)   # out-of-domain test sets (DPS protocol)
+    data_files: DataFiles = setting(factory=lambda: DataFiles())   # name=custom: your files
+    text_columns: List[str] = setting(factory=lambda: ["text"])   # one column, or two for sentence pairs
+    label_column: str = "label"          # strings / integers: classes; numbers with fractions: regression
+    metric: Optional[str] = setting(None, check=optional(one_of(*CUSTOM_METRICS)))   # null: accuracy / pearson
 
     def check(self, prefix: str) -> None:
+        if self.name == "custom":
+            if self.ood.sets:
+                raise ConfigError("task.ood.sets needs an NLI training task (mnli, snli), not task.name=custom")
+            return
+        if self.data_files.given() or self.metric is not None:
+            key = f"data_files.{next(iter(self.data_files.given()))}" if self.data_files.given() else "metric"
+            raise ConfigError(f"task.{key} is for task.name=custom (your own files); task.name={self.name} reads its "
+                              "own data (task.data_dir)")
         if self.ood.sets:
             from .ood import check_training_labels
 

@@ -26,6 +26,7 @@ from adaptune.common.families import HF_MODEL_TYPES, ParamPatterns, family_patte
 from . import metrics as glue_metrics
 from . import ood
 from .base import StepLoss, Task
+from .custom_data import load_custom
 from .glue_data import Example, get_spec, load_examples, split_off, stratified_subset
 from .hf_loading import load_pretrained, reset_head
 from .lora import apply_lora
@@ -63,7 +64,13 @@ class GlueTask(Task):
 
     def __init__(self, cfg, run_dir: Path, seed: int):
         super().__init__(cfg, run_dir, seed)
-        self.spec = get_spec(self.cfg.name)
+        self.custom = None   # name=custom: (train, dev, test) read from task.data_files
+        if self.cfg.name == "custom":
+            self.spec, *examples = load_custom(self.cfg.data_files.given(), self.cfg.text_columns,
+                                               self.cfg.label_column, self.cfg.metric)
+            self.custom = tuple(examples)
+        else:
+            self.spec = get_spec(self.cfg.name)
         self.main_metric = self.cfg.main_metric or self.spec.main_metric
         if self.cfg.selection_split:   # one selection slice, without the official sets' suffixes
             for suffix in self.spec.dev_suffixes:
@@ -77,13 +84,23 @@ class GlueTask(Task):
     def setup(self) -> None:
         from transformers import AutoTokenizer
 
-        train, devs = load_examples(self.spec, self.cfg.data_dir, self.cfg.skip_malformed)
+        if self.custom is not None:
+            train, dev, own_test = self.custom
+            devs = [dev]
+        else:
+            train, devs = load_examples(self.spec, self.cfg.data_dir, self.cfg.skip_malformed)
+            own_test = None
         official = list(zip(devs, self.spec.dev_suffixes))
         if self.cfg.selection_split:   # select on a slice of train, report the official dev as "test"
             selection, train = split_off(train, self.cfg.selection_split, SELECTION_SEED, self.spec.is_regression)
             sets = {"dev": [(selection, "")], "test": official}
         else:
             sets = {"dev": official}
+        if own_test is not None:   # a custom data set's test file
+            if self.cfg.selection_split:
+                raise ConfigError("task.selection_split reports the dev file as test; drop task.data_files.test "
+                                  "or task.selection_split")
+            sets["test"] = [(own_test, "")]
         self.two_way: set[str] = set()   # suffixes of 2-way OOD sets (scored entailment vs not)
         if self.cfg.ood.sets:   # the out-of-domain protocol: named sets join "test" (tasks/ood.py)
             named = ood.load_sets(self.cfg.ood, self.spec.name, self.cfg.data_dir)
