@@ -25,6 +25,16 @@ def fresh_accelerate_state():
     yield
 
 
+def _train(acc, model, opt, dps, batches):
+    for batch in batches:
+        with acc.accumulate(model):
+            dps.before_forward()
+            acc.backward(model(**batch).loss)
+            dps.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+
+
 def test_accelerate_dps_masks_before_clipping_like_a_hand_loop():
     steps, accum = 8, 2
     data = Rows(n=BATCH * steps * accum)
@@ -34,13 +44,7 @@ def test_accelerate_dps_masks_before_clipping_like_a_hand_loop():
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model, opt = acc.prepare(model, opt)
     dps = AccelerateDPS(acc, model, total_steps=steps, update_ratio=0.25, optimizer=opt)
-    for batch in batches:
-        with acc.accumulate(model):
-            dps.before_forward()
-            acc.backward(model(**batch).loss)
-            dps.clip_grad_norm_(model.parameters(), 0.5)
-            opt.step()
-            opt.zero_grad()
+    _train(acc, model, opt, dps, batches)
     assert dps.step == steps and dps.dps.phase_len == 2
 
     ref_dps = DPS(linear_weights(ref), steps, 0.3, 0.25, "dense", patterns=dps.dps.names)
@@ -80,16 +84,6 @@ def test_example_runs_and_learns(flags, capsys):
     last = accelerate_dps.main(["--steps", "20", *flags])
     out = capsys.readouterr().out
     assert "20 optimizer steps" in out and last == last
-
-
-def _train(acc, model, opt, dps, batches):
-    for batch in batches:
-        with acc.accumulate(model):
-            dps.before_forward()
-            acc.backward(model(**batch).loss)
-            dps.clip_grad_norm_(model.parameters(), 0.5)
-            opt.step()
-            opt.zero_grad()
 
 
 @pytest.mark.e2e
