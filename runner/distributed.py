@@ -113,31 +113,43 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 
 def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The ``torch.distributed`` variables a multi-task SLURM job implies, or ``{}``.
+    """The ``torch.distributed`` variables a multi-task SLURM job step implies, or ``{}``.
 
-    A job step with ``SLURM_NTASKS`` > 1 whose processes were not started by ``torchrun`` (no
-    ``WORLD_SIZE``; e.g. ``srun python -m adaptune ...`` or Hydra's submitit launcher with
-    ``tasks_per_node`` > 1) is one DDP run: ``RANK`` = ``SLURM_PROCID``, ``WORLD_SIZE`` =
-    ``SLURM_NTASKS``, ``LOCAL_RANK`` = ``SLURM_LOCALID``, ``MASTER_ADDR`` = the first host of
-    ``SLURM_JOB_NODELIST``, ``MASTER_PORT`` = 15000 + job id mod 20000 unless set. (choice) Never N
-    independent copies of one run: what cannot be mapped is a one-line ConfigError before training.
+    The tasks of one ``srun`` step (``SLURM_STEP_NUM_TASKS`` > 1; ``srun python -m adaptune ...``,
+    or Hydra's submitit launcher with ``tasks_per_node`` > 1) not started by ``torchrun`` (no
+    ``WORLD_SIZE``) are one DDP run: ``RANK`` = ``SLURM_PROCID``, ``WORLD_SIZE`` =
+    ``SLURM_STEP_NUM_TASKS``, ``LOCAL_RANK`` = ``SLURM_LOCALID``, ``MASTER_ADDR`` = the first host
+    of ``SLURM_STEP_NODELIST`` (else ``SLURM_JOB_NODELIST``), ``MASTER_PORT`` = 15000 + job id mod
+    20000 unless set.
+
+    (choice) A batch script's own process (``sbatch --ntasks=N`` running ``python`` without
+    ``srun``) carries ``SLURM_NTASKS=N`` and ``SLURM_PROCID=0`` but no step variables: it is one
+    process and trains alone (forming an N-rank group would wait forever for ranks that never
+    start). A task with a non-zero ``SLURM_PROCID`` and no step variables cannot be placed: a
+    one-line ConfigError before training, never a second copy of the run.
     """
     from adaptune.common.errors import ConfigError
 
     env = os.environ if env is None else env
-    ntasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1)
-    if ntasks <= 1 or "WORLD_SIZE" in env:
+    if "WORLD_SIZE" in env:
+        return {}
+    step_tasks = int(env.get("SLURM_STEP_NUM_TASKS", "0") or 0)
+    if step_tasks <= 1:
+        ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
+        if ntasks > 1 and env.get("SLURM_PROCID", "0") != "0":
+            raise ConfigError(f"SLURM_PROCID={env['SLURM_PROCID']} of SLURM_NTASKS={ntasks} but no SLURM_STEP_NUM_TASKS: "
+                              "cannot form one DDP run from this job's tasks; start them with srun")
         return {}
     missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID") if k not in env]
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if missing or not nodelist:
-        raise ConfigError(f"SLURM_NTASKS={ntasks} but {', '.join(missing) or 'SLURM_JOB_NODELIST'} is not set: cannot "
-                          "form one DDP run from this job's tasks; start it with srun (or torchrun, one task per node)")
+        raise ConfigError(f"SLURM_STEP_NUM_TASKS={step_tasks} but {', '.join(missing) or 'SLURM_JOB_NODELIST'} is not "
+                          "set: cannot form one DDP run from this step's tasks")
     hosts = expand_nodelist(nodelist)
     if not hosts:
         raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
     port = env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(ntasks), "LOCAL_RANK": env["SLURM_LOCALID"],
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(step_tasks), "LOCAL_RANK": env["SLURM_LOCALID"],
             "MASTER_ADDR": env.get("MASTER_ADDR") or hosts[0], "MASTER_PORT": port}
 
 

@@ -83,8 +83,8 @@ def test_a_two_task_slurm_job_is_one_ddp_run(tmp_path):
     torchrun): one DDP run, world size 2 in results.json, ranks in sync, written by rank 0 only."""
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
     run_dir = tmp_path / "slurm"
-    env = {**_no_launcher_env(), "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
-           "MASTER_PORT": str(_free_port())}
+    env = {**_no_launcher_env(), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_JOB_ID": "4242", "MASTER_PORT": str(_free_port())}
     procs = [subprocess.Popen([sys.executable, "-m", "adaptune", *_args(data, run_dir, "sage")], cwd=tmp_path,
                               env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -97,14 +97,17 @@ def test_a_two_task_slurm_job_is_one_ddp_run(tmp_path):
 
 @pytest.mark.e2e
 def test_a_slurm_job_that_cannot_form_one_run_refuses_before_training(tmp_path):
+    """Two tasks of a job without srun's step variables: rank 1 cannot be placed and stops with one
+    line before training; never a second copy of the run."""
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
     out = subprocess.run([sys.executable, "-m", "adaptune", *_args(data, tmp_path / "r", "baseline")], cwd=tmp_path,
-                         env={**_no_launcher_env(), "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost"},
+                         env={**_no_launcher_env(), "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+                              "SLURM_JOB_NODELIST": "localhost"},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
-        "adaptune: error: SLURM_NTASKS=2 but SLURM_PROCID, SLURM_LOCALID is not set: cannot form one DDP run from "
-        "this job's tasks; start it with srun (or torchrun, one task per node)"]
+        "adaptune: error: SLURM_PROCID=1 of SLURM_NTASKS=2 but no SLURM_STEP_NUM_TASKS: cannot form one DDP run "
+        "from this job's tasks; start them with srun"]
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
@@ -113,9 +116,12 @@ def test_slurm_variables_map_to_torch_distributed():
 
     assert expand_nodelist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
     assert expand_nodelist("a1,b[2-3]x") == ["a1", "b2x", "b3x"]
-    env = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[12-15]",
-           "SLURM_JOB_ID": "123456"}
+    env = {"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[12-15]", "SLURM_JOB_ID": "123456"}
     assert slurm_environment(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu12",
                                       "MASTER_PORT": str(15000 + 123456 % 20000)}
     assert slurm_environment({**env, "WORLD_SIZE": "8"}) == {}       # torchrun inside the job: its variables win
     assert slurm_environment({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == {}
+    # a batch script's own process (sbatch --ntasks=4, python without srun): one process, trains alone
+    assert slurm_environment({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                              "SLURM_JOB_NODELIST": "gpu[12-15]"}) == {}
