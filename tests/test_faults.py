@@ -180,3 +180,62 @@ def test_a_locked_job_of_a_multirun_is_skipped_and_the_sweep_goes_on(tmp_path):
     assert "skipped:" in log and "seed1 is in use by pid" in log, log[-3000:]
     assert not (sweep / "seed1" / "results.json").exists()
     assert json.loads((sweep / "seed2" / "results.json").read_text())["status"] == "completed"
+
+
+def _compare_spec(tmp_path, data):
+    spec = tmp_path / "tiny.yaml"
+    overrides = [o for o in glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=12",
+                                           "trainer.save_every=2", "trainer.eval_every=6")]
+    spec.write_text("seeds: [1, 2]\noverrides: [" + ", ".join(json.dumps(o) for o in overrides) + "]\n"
+                    "grids:\n  baseline: {schedule.lr: [5e-3]}\n  sage: {schedule.lr: [1e-2]}\n")
+    return spec
+
+
+def _sweep_results(sweep: Path) -> dict:
+    out = {}
+    for path in sweep.glob("*/results.json"):
+        res = json.loads(path.read_text())
+        out[path.parent.name] = (res["status"], res["steps"], res["final"], res["best"], res["best_step"])
+    return out
+
+
+def _report_rows(sweep: Path) -> list[str]:
+    """The report's table rows (numbers, selections), without its header lines that name the directory."""
+    return [line for line in (sweep / "report.md").read_text().splitlines() if line.startswith("|")]
+
+
+@pytest.mark.e2e
+def test_an_interrupted_comparison_ends_as_an_uninterrupted_one(tmp_path):
+    """``adaptune compare`` killed with kill -9 (the compare process, its multirun and the current
+    run) and started again ends with exactly the runs and report of an uninterrupted comparison."""
+    data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
+    spec = _compare_spec(tmp_path, data)
+    cmd = [sys.executable, "-m", "adaptune", "compare", str(spec)]
+    full = subprocess.run([*cmd, f"hydra.sweep.dir={tmp_path / 'full'}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert full.returncode == 0, full.stderr[-3000:]
+    expected = _sweep_results(tmp_path / "full")
+    assert len(expected) == 4
+
+    sweep = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:   # kill when one run is finished and another is half-way (a checkpoint, no results yet)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            done = list(sweep.glob("*/results.json"))
+            started = [p for p in sweep.glob("*/checkpoints/last.pt") if not (p.parent.parent / "results.json").exists()]
+            if done and started:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the comparison finished before it could be interrupted"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 0 < len(list(sweep.glob("*/results.json"))) < 4
+
+    again = subprocess.run([*cmd, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _sweep_results(sweep) == expected
+    assert _report_rows(sweep) == _report_rows(tmp_path / "full")
