@@ -49,6 +49,7 @@ from . import checkpoint as ckpt
 from .batches import train_batch_source
 from .callbacks import ScheduleHooks, build_callbacks
 from .config import TrainerConfig
+from .devices import job_device, multirun_job_num
 from .distributed import init_distributed, ranks_in_sync
 from .loggers import NullLogger, build_logger
 from .precision import Precision, autocast_context
@@ -116,6 +117,8 @@ class Trainer:
         self.device = resolve_device(self.tcfg.device)
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             self.device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        # a parallel sweep's job: a GPU of its own, queueing when all are taken (runner/devices.py)
+        self.device, self._gpu_lock = job_device(self.device, multirun_job_num())
         self.dist = init_distributed(self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(self.tcfg.num_threads)
