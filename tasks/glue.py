@@ -275,9 +275,17 @@ class GlueTask(Task):
         out["pred_classes"] = float(len(counts))
         return out
 
+    #: a class is near-absent from the predictions below this fraction of its true dev share
+    NEAR_ABSENT = 0.1
+    #: ... if its true share is at least this (rarer classes are too noisy to judge)
+    NEAR_MIN_SHARE = 0.05
+
     def degenerate(self, metrics: Mapping[str, float]) -> str | None:
-        """**(choice)** A classifier that predicts one class for every dev example, or a regressor
-        whose predictions spread less than 1% of the labels' standard deviation."""
+        """**(choice)** A classifier that predicts one class for every dev example; a
+        *near-degenerate* one that predicts a class with a dev share of at least 5% for fewer than
+        a tenth of its true share (e.g. the minority class of CoLA's 1,043 dev sentences for one
+        sentence: MCC 0.05, nearly a constant predictor); or a regressor whose predictions spread
+        less than 1% of the labels' standard deviation."""
         data, suffix = self.eval_sets["dev"][0]
         if self.spec.is_regression:
             std, label_std = metrics.get(f"pred_std{suffix}"), float(np.std(data["labels"]) or 1.0)
@@ -287,9 +295,29 @@ class GlueTask(Task):
         if metrics.get(f"pred_classes{suffix}") == 1:
             label = max(self.spec.labels, key=lambda name: metrics.get(f"pred_frac_{name}{suffix}", 0.0))
             return f"predicts one class ('{label}') for every dev example"
+        n = len(data["labels"])
+        counts = Counter(data["labels"])
+        for i, name in enumerate(self.spec.labels):
+            share, predicted = counts.get(i, 0) / max(n, 1), metrics.get(f"pred_frac_{name}{suffix}")
+            if predicted is not None and share >= self.NEAR_MIN_SHARE and predicted < self.NEAR_ABSENT * share:
+                return (f"near-degenerate: predicts '{name}' for {round(predicted * n)} of {n} dev examples "
+                        f"({100 * predicted:.1f}%; its true share {100 * share:.1f}%)")
         return None
 
+    def floor(self) -> dict[str, float]:
+        """The dev metrics of the trivial predictor, the floor a run must beat: the majority class
+        for every example (classification; F1 of the positive class, MCC 0), the mean for regression
+        (correlations 0)."""
+        data, _ = self.eval_sets["dev"][0]
+        labels = list(data["labels"])
+        if not labels:
+            return {}
+        if self.spec.is_regression:
+            return {m: 0.0 for m in self.spec.metrics}
+        majority = Counter(labels).most_common(1)[0][0]
+        return glue_metrics.compute(self.spec.metrics, labels, [majority] * len(labels))
+
     def summary(self) -> dict[str, Any]:
-        return {"dataset": self.spec.name, "train_examples": len(self.train["labels"]),
+        return {"dataset": self.spec.name, "train_examples": len(self.train["labels"]), "floor": self.floor(),
                 **{f"{split}_examples": [len(d["labels"]) for d, _ in group] for split, group in self.eval_sets.items()},
                 "selection_split": self.cfg.selection_split, "model": self.model_path}

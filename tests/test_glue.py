@@ -197,3 +197,26 @@ def test_head_init_torch_default_is_nn_linears_init(tmp_path):
     assert all(torch.equal(a, b) for (n, a), (_, b) in zip(models["hf"].named_parameters(),
                                                            models["torch_default"].named_parameters())
                if not n.startswith("classifier."))
+
+
+def test_near_degenerate_predictions_are_flagged_and_the_floor_is_the_majority(tmp_path):
+    """A classifier predicting a class with a large true share for fewer than a tenth of its share
+    is near-degenerate (CoLA-like: the minority for 1 of 40 examples); the task's floor is the
+    majority-class predictor's metrics."""
+    from conftest import TINY_BERT, compose, write_glue
+
+    from adaptune.tasks import build_task
+
+    data = write_glue(tmp_path / "cola", "cola", n_train=16, n_dev=40)
+    task = build_task(compose(["task=glue", "task.name=cola", f"task.data_dir={data}", *TINY_BERT]).task,
+                      tmp_path / "run", seed=0)
+    task.setup()
+    labels = list(task.eval_sets["dev"][0][0]["labels"])
+    share1 = labels.count(1) / len(labels)
+    assert share1 >= 0.1
+    near = task.degenerate({"pred_frac_0": 39 / 40, "pred_frac_1": 1 / 40, "pred_classes": 2.0})
+    assert near == f"near-degenerate: predicts '1' for 1 of 40 dev examples (2.5%; its true share {100 * share1:.1f}%)"
+    assert task.degenerate({"pred_frac_0": 0.5, "pred_frac_1": 0.5, "pred_classes": 2.0}) is None
+    majority = max((0, 1), key=labels.count)
+    floor = task.floor()
+    assert floor["accuracy"] == pytest.approx(labels.count(majority) / len(labels)) and floor["matthews"] == 0.0

@@ -116,7 +116,8 @@ def test_no_complete_setting_falls_back_to_the_most_seeds_and_says_so(tmp_path):
     md, data = run_report(tmp_path)
     sage = schedules(data)["sage"]
     assert sage["selected"] == "lr=2e-4"
-    assert sage["note"] == "no setting has all 3 seeds: chosen among those with 2"
+    assert sage["note"] == ("no setting has all 3 seeds: chosen among those with 2; lr=0.0002 is the grid's largest: "
+                            "widen the grid towards larger values (a 2-value grid cannot show an optimum)")
     assert "| 70.00 ± 0.00 (n=2, 1 missing) |" in main_rows(md)["sage"]
 
 
@@ -282,3 +283,48 @@ def test_differences_equal_up_to_rounding_have_no_p_value():
     out = paired(a, b)
     assert out["mean"] == pytest.approx(-0.04666666666666667) and out["p_ttest_rel"] is None
     assert out["losses"] == 2 and out["ci95"] == pytest.approx([out["mean"]] * 2, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------ honesty notes
+def test_a_selection_on_a_grid_edge_says_which_way_to_widen(tmp_path):
+    for lr, acc in (("1e-4", 0.70), ("2e-4", 0.80), ("4e-4", 0.75)):
+        for seed in (1, 2):
+            write_run(tmp_path, "sage", seed, acc + 0.01 * seed, setting={"lr": lr})
+    for lr, acc in (("1e-5", 0.60), ("2e-5", 0.65), ("4e-5", 0.70)):
+        for seed in (1, 2):
+            write_run(tmp_path, "baseline", seed, acc + 0.01 * seed, setting={"lr": lr})
+    _, data = run_report(tmp_path)
+    groups = schedules(data)
+    assert groups["sage"]["selected"] == "lr=2e-4" and groups["sage"]["note"] == ""   # inside the grid
+    assert groups["baseline"]["selected"] == "lr=4e-5"
+    assert groups["baseline"]["note"] == "lr=4e-05 is the grid's largest: widen the grid towards larger values"
+
+
+def _with_floor(run_dir, floor):
+    path = run_dir / "results.json"
+    res = json.loads(path.read_text())
+    res["task_summary"] = {"floor": floor}
+    path.write_text(json.dumps(res))
+
+
+def test_the_trivial_predictor_is_a_floor_row_and_cells_reaching_it_are_marked(tmp_path):
+    """MRPC-like: a constant 'paraphrase' predictor scores F1 81.2; a schedule at 81.0 ± 0.5 is
+    marked, one at 86 ± 0.5 is not."""
+    for seed, (b, s) in enumerate(((0.805, 0.855), (0.815, 0.865)), 1):
+        _with_floor(write_run(tmp_path, "baseline", seed, b, task=("glue", "mrpc", "f1")), {"f1": 0.812, "accuracy": 0.684})
+        _with_floor(write_run(tmp_path, "sage", seed, s, task=("glue", "mrpc", "f1")), {"f1": 0.812, "accuracy": 0.684})
+    md, _ = run_report(tmp_path)
+    rows = main_rows(md)
+    assert rows["trivial predictor (floor)"].startswith("| trivial predictor (floor) | 81.20 |")
+    assert rows["baseline"].rstrip(" |").split("|")[2].strip().endswith("‡")
+    assert "‡" not in rows["sage"]
+    assert "‡ mean ± std reaches the trivial predictor's score" in md
+
+
+def test_no_p_value_where_both_arms_are_degenerate_in_every_run(tmp_path):
+    for seed in (1, 2, 3):
+        write_run(tmp_path, "baseline", seed, 0.684, degenerate="predicts one class ('1') for every dev example")
+        write_run(tmp_path, "sage", seed, 0.684, degenerate="predicts one class ('1') for every dev example")
+    md, data = run_report(tmp_path)
+    row = next(line for line in md.splitlines() if line.startswith("| glue/rte | sage − baseline"))
+    assert "— (both arms degenerate)" in row and "1.000" not in row

@@ -126,6 +126,28 @@ def select(points: list[Point], expected: list[int], greater: bool) -> tuple[Poi
     return tied[0], note
 
 
+def edge_note(grid: list[Point], chosen: Point | None) -> str:
+    """Where the selected setting sits on the edge of a numeric grid axis: which way to widen the
+    grid; a 2-value axis cannot show an optimum at all. Empty when the choice is inside the grid."""
+    if chosen is None:
+        return ""
+    notes = []
+    for key, value in chosen.setting:
+        values = sorted({v for p in grid for k, v in p.setting if k == key and isinstance(v, (int, float))
+                         and not isinstance(v, bool)})
+        if len(values) < 2 or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if value not in (values[0], values[-1]):
+            continue
+        side = "larger" if value == values[-1] else "smaller"
+        note = f"{short_key(key)}={value} is the grid's {'largest' if side == 'larger' else 'smallest'}: " \
+               f"widen the grid towards {side} values"
+        if len(values) == 2:
+            note += " (a 2-value grid cannot show an optimum)"
+        notes.append(note)
+    return "; ".join(notes)
+
+
 def build(runs: list[Run], which: str, plan: dict | None = None) -> list[TaskTable]:
     """Task tables: every run on its grid point, each schedule's setting selected on ``which``
     (the selection slice's metrics under task.selection_split) and reported on ``which`` or, under
@@ -167,6 +189,7 @@ def build(runs: list[Run], which: str, plan: dict | None = None) -> list[TaskTab
                 present = {r.seed for r in p.runs}
                 p.missing = [s for s in expected if s not in present]
             chosen, note = select(grid, expected, greater)
+            note = "; ".join(filter(None, [note, edge_note(grid, chosen)]))
             groups[sched] = Group(sched, grid, chosen, note)
         tables.append(TaskTable(col, main, greater, protocol, split, expected, groups))
     return tables

@@ -47,6 +47,11 @@ def paired(a: list[float], b: list[float], greater: bool = True) -> dict:
     return out
 
 
+def _all_degenerate(point) -> bool:
+    counted = [run for run in point.runs if run.counts and run not in point.failed]
+    return bool(counted) and all(run.degenerate for run in counted)
+
+
 def paired_to_baseline(table: TaskTable) -> list[dict]:
     """Per schedule (at its selected setting) against the baseline (at its selected setting):
     the seeds both have a reported value for, the differences (schedule − baseline) and
@@ -67,5 +72,10 @@ def paired_to_baseline(table: TaskTable) -> list[dict]:
         row = {"schedule": sched, "baseline": refs[0], "seeds": seeds,
                "differences": [x - y for x, y in zip(a, b)], "schedule_values": a, "baseline_values": b}
         row.update(paired(a, b, table.greater))
+        # (choice) two arms that are both degenerate in every run compare two constant predictors:
+        # no p-value (a t-test of equal constants prints p = 1.000, which reads as evidence)
+        row["both_degenerate"] = all(_all_degenerate(p) for p in (group.selected, table.groups[refs[0]].selected))
+        if row["both_degenerate"]:
+            row["p_ttest_rel"] = row["p_wilcoxon"] = None
         out.append(row)
     return out

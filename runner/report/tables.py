@@ -66,23 +66,54 @@ def protocol_text(table: TaskTable, which: str) -> str:
     return f"dev ({which}: selected and reported on dev)"
 
 
+def floor_of(table: TaskTable) -> float | None:
+    """The trivial predictor's dev score on the task's main metric (majority class; the mean for
+    regression), from its runs' ``task_summary.floor``; None where the task records none."""
+    base = table.main.split("_")[0]
+    for group in table.groups.values():
+        for point in group.points:
+            for run in point.runs:
+                floor = ((run.res.get("task_summary") or {}).get("floor") or {})
+                if base in floor:
+                    return float(floor[base])
+    return None
+
+
+def at_floor(point: Point | None, table: TaskTable, floor: float | None) -> bool:
+    """Whether the cell's mean ± std reaches the trivial predictor's score."""
+    stats = point.stats("reported") if point else None
+    if stats is None or floor is None:
+        return False
+    mean, std, _ = stats
+    return mean - std <= floor if table.greater else mean + std >= floor
+
+
 def main_table(tables: list[TaskTable]) -> list[str]:
     schedules = sorted({s for t in tables for s in t.groups}, key=schedule_key)
     header = ["schedule", *[f"{t.col} ({t.main})" + (" †" if t.protocol != "dev" else "")
                             for t in tables], "average"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    floors = [floor_of(t) for t in tables]
     for sched in schedules:
         line, means = [sched], []
-        for t in tables:
+        for t, floor in zip(tables, floors):
             group = t.groups.get(sched)
             point = group.selected if group else None
-            line.append(cell(point, t.main) if point else unselected(group))
+            line.append((cell(point, t.main) if point else unselected(group))
+                        + (" ‡" if at_floor(point, t, floor) else ""))
             stats = point.stats("reported") if point else None
             if stats:
                 means.append(scale(t.main) * stats[0])
         line.append(f"{statistics.fmean(means):.2f}" if len(means) == len(tables) and means else "—")
         md.append("| " + " | ".join(line) + " |")
+    if any(f is not None for f in floors):
+        md.append("| trivial predictor (floor) | " + " | ".join(
+            "—" if f is None else f"{scale(t.main) * f:.2f}" for t, f in zip(tables, floors)) + " | — |")
     return md
+
+
+FLOOR_NOTE = ("‡ mean ± std reaches the trivial predictor's score (the floor row: the majority class for "
+              "every example; the mean for regression): not shown to beat a constant prediction.")
 
 
 def markdown(root: Path, tables: list[TaskTable], paired: dict, which: str,
@@ -95,6 +126,8 @@ def markdown(root: Path, tables: list[TaskTable], paired: dict, which: str,
             "top-k) × 100, BLEU (0-100) and losses as they are. Each cell: the schedule at its "
             "selected setting; n seeds averaged (degenerate runs are averaged in and counted; failed "
             "and missing runs are not).", "", *main_table(tables)]
+    if any(at_floor(g.selected, t, floor_of(t)) for t in tables for g in t.groups.values()):
+        text += ["", FLOOR_NOTE]
     if any(t.protocol != "dev" for t in tables):
         text += ["", "† Selection-split protocol: each setting selected on the "
                  f"`{which}` metric of a slice carved from the training set (task.selection_split); "
@@ -127,7 +160,8 @@ def markdown(root: Path, tables: list[TaskTable], paired: dict, which: str,
             ci = f"[{k * r['ci95'][0]:.2f}, {k * r['ci95'][1]:.2f}]" if r["ci95"] else "—"
             seeds = ", ".join(f"{s}: {k * d:+.2f}" for s, d in zip(r["seeds"], r["differences"]))
             text.append(f"| {t.col} | {r['schedule']} − {r['baseline']} | {r['n']} | {k * r['mean']:+.2f} | "
-                        f"{ci} | {_p(r['p_ttest_rel'])} | {_p(r['p_wilcoxon'])} | "
+                        f"{ci} | {'— (both arms degenerate)' if r.get('both_degenerate') else _p(r['p_ttest_rel'])} | "
+                        f"{_p(r['p_wilcoxon'])} | "
                         f"{r['wins']}/{r['losses']}/{r['ties']} | {seeds} |")
     if grid:
         text += ["", "## Grid", "", "Every setting run, mean ± std over seeds; ✓ marks the selected one.", "",
