@@ -49,9 +49,16 @@ class TrainerConfig:
     progress: bool = True                # tqdm progress bar
 
 
+def _loggers(value: Any) -> str | None:
+    bad = [v for v in value if v not in ("wandb", "csv")]
+    return f"={list(value)}: unknown logger {bad[0]}; allowed: wandb, csv" if bad else None
+
+
 @dataclass
 class LoggerConfig:
-    kind: str = setting("wandb", check=one_of("wandb", "none"))
+    kind: str = setting("wandb", check=one_of("wandb", "csv", "none"))
+    # more loggers beside `kind`, e.g. [csv]: logger=wandb logger.also=[csv]
+    also: List[str] = setting(factory=list, check=_loggers)
     # offline: writes <run dir>/wandb, upload later with `wandb sync` | online | disabled.
     # null: $WANDB_MODE, else offline. (A key set here wins over the environment.)
     mode: Optional[str] = setting(None, check=one_of(None, "offline", "online", "disabled"))

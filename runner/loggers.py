@@ -5,6 +5,7 @@ reported once as a warning and the logger goes quiet.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import os
@@ -123,10 +124,77 @@ class WandbLogger(NullLogger):
         self.run = None
 
 
+class CsvLogger(NullLogger):
+    """``run_dir/metrics.csv``: every logged scalar as one row ``step,metric,value`` (tidy,
+    pandas-ready: ``pd.read_csv(...).pivot(index="step", columns="metric", values="value")``);
+    the end-of-run summaries (``final/*``, ``best/*``, ``test/*``) at the last step. A resumed run
+    first drops the rows after its checkpoint's step, so the file equals an uninterrupted run's."""
+
+    FILE = "metrics.csv"
+
+    def __init__(self, run_dir: Path, resumed_step: int | None = None):
+        self.path = Path(run_dir) / self.FILE
+        self.last_step = 0
+        keep = []
+        if resumed_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                keep = [row for row in csv.DictReader(f) if int(row["step"]) <= resumed_step]
+            self.last_step = resumed_step
+        from .checkpoint import atomic_write
+
+        lines = ["step,metric,value"] + [f"{r['step']},{r['metric']},{r['value']}" for r in keep]
+        atomic_write(self.path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.writer(self.file)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.last_step = step
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.writerow([step, key, repr(float(value))])
+        self.file.flush()
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        self.log(values, self.last_step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+
+class MultiLogger(NullLogger):
+    """Several loggers at once (``logger.kind`` plus ``logger.also``)."""
+
+    def __init__(self, loggers: list[NullLogger]):
+        self.loggers = loggers
+
+    @property
+    def offline_dir(self):
+        return next((lg.offline_dir for lg in self.loggers if getattr(lg, "offline_dir", None)), None)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for lg in self.loggers:
+            lg.log(metrics, step)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        for lg in self.loggers:
+            lg.summary(values)
+
+    def finish(self, exit_code: int = 0) -> None:
+        for lg in self.loggers:
+            lg.finish(exit_code)
+
+
 def build_logger(cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any],
-                 tags: list[str], name: str, fresh: bool = True) -> NullLogger:
-    """The logger ``cfg`` (``logger.*``, typed: runner/config.py) describes; ``fresh``: the run
-    starts from step 0 (a new W&B run id)."""
-    if cfg.kind == "wandb" and wandb_settings(cfg)["mode"] != "disabled":
-        return WandbLogger(cfg, run_dir, config, tags, name, fresh=fresh)
-    return NullLogger()
+                 tags: list[str], name: str, fresh: bool = True, resumed_step: int | None = None) -> NullLogger:
+    """The logger(s) ``cfg`` (``logger.*``, typed: runner/config.py) describes: ``kind`` and every
+    one in ``also``; ``fresh``: the run starts from step 0 (a new W&B run id)."""
+    loggers: list[NullLogger] = []
+    for kind in dict.fromkeys([cfg.kind, *cfg.also]):
+        if kind == "wandb" and wandb_settings(cfg)["mode"] != "disabled":
+            loggers.append(WandbLogger(cfg, run_dir, config, tags, name, fresh=fresh))
+        elif kind == "csv":
+            loggers.append(CsvLogger(run_dir, None if fresh else resumed_step))
+    if not loggers:
+        return NullLogger()
+    return loggers[0] if len(loggers) == 1 else MultiLogger(loggers)

@@ -369,10 +369,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, sections) -> dict:
             f"dataset:{sections.task.name}"]
     logger = NullLogger()
     if trainer.dist.is_main:
+        resumed_step = ckpt.saved_step(resume_from) if resume_from is not None else None
         logger = build_logger(sections.logger, run_dir, sections.resolved, tags,
-                              name=f"{sections.root.name}/{run_dir.name}", fresh=resume_from is None)
-        log.info(start_block(trainer, run_dir, resume_from,
-                             ckpt.saved_step(resume_from) if resume_from is not None else None))
+                              name=f"{sections.root.name}/{run_dir.name}", fresh=resume_from is None,
+                              resumed_step=resumed_step)
+        log.info(start_block(trainer, run_dir, resume_from, resumed_step))
     exit_code = 1
     try:
         try:

@@ -83,3 +83,51 @@ def test_starting_over_gets_a_new_wandb_run_and_resuming_keeps_it(tmp_path, monk
     runs = {re.match(r"offline-run-\d{8}_\d{6}-([0-9a-f]{16})", p.name).group(1)
             for p in (run_dir / "wandb").glob("offline-run-*")}
     assert runs == {first, second}
+
+
+def _csv(path):
+    """The rows, without throughput (samples/s is wall-clock timing, the one thing a rerun changes)."""
+    import csv
+
+    with open(path, newline="") as f:
+        return [(int(r["step"]), r["metric"], float(r["value"])) for r in csv.DictReader(f)
+                if "samples_per_s" not in r["metric"]]
+
+
+def test_logger_csv_holds_every_logged_scalar_and_resumes_exactly(tmp_path):
+    """logger=csv: the training losses equal results.json's train_loss, the evaluations its evals,
+    the summaries its final metrics; a run interrupted after its step-4 checkpoint and resumed
+    writes the same file as an uninterrupted one."""
+    data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
+    over = glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=8", "trainer.log_every=2",
+                          "trainer.eval_every=4", "trainer.save_every=4", "logger=csv")
+    res = run(compose(over), tmp_path / "full")
+    rows = _csv(tmp_path / "full" / "metrics.csv")
+    losses = [(s, v) for s, m, v in rows if m == "train/loss"]
+    assert losses == [tuple(x) for x in res["train_loss"]]
+    assert [(s, m) for s, m, _ in rows if m == "final/accuracy"] == [(8, "final/accuracy")]
+    assert dict(((m, v) for s, m, v in rows if m.startswith("final/")))["final/accuracy"] == res["final"]["accuracy"]
+
+    # the same run stopped after step 6 (its last checkpoint: step 4), then resumed
+    run(compose([*over, "trainer.max_steps=8"]), tmp_path / "resumed")
+    ckpt_rows = [r for r in _csv(tmp_path / "resumed" / "metrics.csv")]
+    assert ckpt_rows == rows
+    from adaptune.runner import checkpoint as ckpt
+
+    last = tmp_path / "resumed" / "checkpoints"
+    (last / ckpt.LAST).unlink()
+    (last / ckpt.PREVIOUS).rename(last / ckpt.LAST)        # as if killed before step 8's checkpoint
+    (tmp_path / "resumed" / "results.json").unlink()
+    run(compose(over), tmp_path / "resumed")
+    assert _csv(tmp_path / "resumed" / "metrics.csv") == rows
+
+
+def test_several_loggers_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
+    run(compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=2", "logger=wandb",
+                               "logger.also=[csv]")), tmp_path / "r")
+    assert (tmp_path / "r" / "metrics.csv").is_file() and list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    with pytest.raises(ConfigError, match=r"logger.also.*unknown logger tensorboard; allowed: wandb, csv"):
+        compose(glue_overrides(data, "rte", "logger.also=[tensorboard]"))
+        run(compose(glue_overrides(data, "rte", "logger.also=[tensorboard]")), tmp_path / "bad")
