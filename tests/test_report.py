@@ -328,3 +328,24 @@ def test_no_p_value_where_both_arms_are_degenerate_in_every_run(tmp_path):
     md, data = run_report(tmp_path)
     row = next(line for line in md.splitlines() if line.startswith("| glue/rte | sage − baseline"))
     assert "— (both arms degenerate)" in row and "1.000" not in row
+
+
+def test_runs_csv_has_one_tidy_row_per_run_and_report_md_embeds_its_plots(tmp_path):
+    import csv
+
+    for seed in (1, 2):
+        write_run(tmp_path, "baseline", seed, 0.70 + 0.01 * seed, setting={"lr": "2e-5"})
+        write_run(tmp_path, "sage", seed, 0.80, setting={"lr": "1e-4"})
+        write_run(tmp_path, "sage", seed, 0.60, setting={"lr": "2e-4"}, degenerate="predicts one class ('1')")
+    md, _ = run_report(tmp_path)
+    with open(tmp_path / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    assert set(rows[0]) == {"directory", "task", "schedule", "seed", "schedule.lr", "main_metric", "final", "best",
+                            "best_step", "status", "degenerate"}
+    sage = sorted((r["schedule.lr"], r["seed"], float(r["final"]), r["degenerate"]) for r in rows if r["schedule"] == "sage")
+    assert sage == [("0.0001", "1", 0.8, ""), ("0.0001", "2", 0.8, ""),
+                    ("0.0002", "1", 0.6, "predicts one class ('1')"), ("0.0002", "2", 0.6, "predicts one class ('1')")]
+    for image in (tmp_path.glob("*.png")):
+        assert f"]({image.name})" in md
+    assert list(tmp_path.glob("*.png")) and "## Plots" in md

@@ -1,6 +1,7 @@
 """``adaptune report DIR``: tables and plots from every ``results.json`` under a directory.
 
-Writes ``report.md``, ``report.csv`` and ``report.json`` and, when matplotlib is installed,
+Writes ``report.md`` (with its plots embedded), ``report.csv``, ``runs.csv`` (one tidy row per run) and
+``report.json`` and, when matplotlib is installed,
 ``curves.png`` (training loss), ``bars.png`` (main metric per task, std error bars) and
 ``dev_curves.png`` (main dev metric over evaluation steps, mean and min–max band over seeds).
 
@@ -70,14 +71,34 @@ def report(root: Path, which: str = "final") -> tuple[str, list[Path]] | None:
     incomplete = [f"{r.dir} ({r.status}{'; ' + r.degenerate if r.degenerate else ''})" for r in failed]
     incomplete += [str(p) for p in unplaced]
     degenerate = [r for r in runs if r.degenerate]
+    images = plots(tables, root)
     text = markdown(root, tables, paired_stats, which, incomplete, degenerate)
+    if images:   # embedded, so report.md reads as a page with its figures
+        text += "\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in images)
     (root / "report.md").write_text(text)
     with open(root / "report.csv", "w", newline="") as f:
         csv.writer(f).writerows(csv_rows(tables, paired_stats, which))
+    with open(root / "runs.csv", "w", newline="") as f:
+        csv.writer(f).writerows(run_rows(root, runs))
     data = report_json(root, tables, paired_stats, which, incomplete, degenerate)
     (root / "report.json").write_text(json.dumps(_clean(data), indent=1) + "\n")
-    written = [root / "report.md", root / "report.csv", root / "report.json"]
-    return text, written + plots(tables, root)
+    written = [root / "report.md", root / "report.csv", root / "runs.csv", root / "report.json"]
+    return text, written + images
+
+
+def run_rows(root: Path, runs: list[Run]) -> list[list]:
+    """``runs.csv``: one tidy row per run (its directory, task column, schedule, seed, every grid
+    key, the main metric's final and best values, status, degeneracy), pandas-ready."""
+    keys = sorted({k for r in runs for k, _ in r.setting})
+    rows = [["directory", "task", "schedule", "seed", *keys, "main_metric", "final", "best", "best_step",
+             "status", "degenerate"]]
+    for r in sorted(runs, key=lambda r: str(r.dir)):
+        setting, metric = dict(r.setting), r.res.get("main_metric", "")
+        rows.append([str(r.dir.relative_to(root)) if r.dir.is_relative_to(root) else str(r.dir), r.col, r.sched,
+                     r.seed, *[setting.get(k, "") for k in keys], metric,
+                     (r.res.get("final") or {}).get(metric, ""), (r.res.get("best") or {}).get(metric, ""),
+                     r.res.get("best_step", ""), r.status, r.degenerate or ""])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
