@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from adaptune.common.errors import ConfigError
@@ -163,6 +164,59 @@ def n_runs(spec: dict) -> int:
     return points * len(spec["seeds"])
 
 
+def finished_runs(sweep: Path) -> int:
+    """Runs of the sweep with a final ``results.json`` (completed or diverged)."""
+    done = 0
+    for path in sweep.glob("*/results.json"):
+        try:
+            done += json.loads(path.read_text()).get("status") in ("completed", "diverged")
+        except (OSError, ValueError):
+            pass   # being written (atomically replaced): counted on the next look
+    return done
+
+
+class Progress:
+    """Prints ``run k of N done`` and an ETA from the runs this invocation finished, watching the
+    sweep directory from a thread while the multiruns run (runs skipped as already finished count
+    as done, not towards the rate)."""
+
+    def __init__(self, sweep: Path, total: int, every: float = 5.0, out=None):
+        import threading
+
+        self.sweep, self.total, self.every, self.out = sweep, total, every, out or sys.stdout
+        self.start_done = self.last = finished_runs(sweep)
+        self.t0 = time.time()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def line(self, done: int) -> str:
+        text = f"adaptune compare: run {done} of {self.total} done"
+        new = done - self.start_done
+        if new > 0 and done < self.total:
+            eta = (time.time() - self.t0) / new * (self.total - done)
+            text += f", ETA {eta / 60:.0f} min" if eta >= 90 else f", ETA {eta:.0f} s"
+        return text
+
+    def _watch(self) -> None:
+        while not self.stop_event.wait(self.every):
+            self.poll()
+
+    def poll(self) -> None:
+        done = finished_runs(self.sweep)
+        if done != self.last:
+            self.last = done
+            print(self.line(done), file=self.out, flush=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join()
+        self.poll()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaptune compare", description=__doc__.splitlines()[0])
     parser.add_argument("name", metavar="NAME|PATH.yaml",
@@ -189,15 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adaptune compare {spec['name']}: {len(plan)} schedules, {n_runs(spec)} runs into {sweep}",
           flush=True)
     failed = []
-    for k, (sched, cmd) in enumerate(plan, 1):
-        print(f"\n== [{k}/{len(plan)}] {sched}: {shlex.join(cmd)}", flush=True)
-        rc = subprocess.run(cmd).returncode
-        if rc == 2:  # a config error: every schedule would hit it
-            print(f"adaptune compare: error: the {sched} multirun stopped on a config error (above)",
-                  file=sys.stderr)
-            return 2
-        if rc != 0:
-            failed.append(f"{sched} (exit {rc})")
+    with Progress(sweep, n_runs(spec)):
+        for k, (sched, cmd) in enumerate(plan, 1):
+            print(f"\n== [{k}/{len(plan)}] {sched}: {shlex.join(cmd)}", flush=True)
+            rc = subprocess.run(cmd).returncode
+            if rc == 2:  # a config error: every schedule would hit it
+                print(f"adaptune compare: error: the {sched} multirun stopped on a config error (above)",
+                      file=sys.stderr)
+                return 2
+            if rc != 0:
+                failed.append(f"{sched} (exit {rc})")
     from adaptune.runner.report import main as report_main
 
     print(flush=True)

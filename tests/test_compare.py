@@ -212,3 +212,19 @@ def test_tiny_compare_end_to_end(conf, tmp_path):
     assert [len(grids["baseline"]), len(grids["sage"])] == [2, 1]
     assert all(p["selection"]["n"] == 2 for g in grids.values() for p in g)
     assert (sweep / "dev_curves.png").is_file()
+
+
+def test_progress_counts_finished_runs_and_estimates_the_rest(tmp_path):
+    import io
+
+    write_run(tmp_path, "baseline", 1, 0.7)                       # finished before: done, not in the rate
+    out = io.StringIO()
+    progress = compare.Progress(tmp_path, total=4, every=0.02, out=out)
+    with progress:
+        progress.t0 -= 60                                          # as if a minute went by
+        write_run(tmp_path, "baseline", 2, 0.7)
+        write_run(tmp_path, "sage", 1, 0.7, status="running")      # not finished yet: not counted
+        import time
+        time.sleep(0.2)
+    lines = out.getvalue().splitlines()
+    assert lines == ["adaptune compare: run 2 of 4 done, ETA 2 min"]   # 60 s for the one new run, 2 left
