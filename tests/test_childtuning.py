@@ -291,3 +291,14 @@ def test_f_trains_through_the_loop(tmp_path):
     a = ckpt.load(tmp_path / "f" / "checkpoints" / "last.pt")["model"]
     b = ckpt.load(tmp_path / "base" / "checkpoints" / "last.pt")["model"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fisher_pass_reports_progress_every_tenth(caplog):
+    from adaptune.schedules.childtuning.schedule import _fisher_progress
+
+    with caplog.at_level("INFO", logger="adaptune"):
+        for done in range(1, 24):
+            _fisher_progress(done, 23)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10 and lines[-1] == "ChildTuning-D Fisher pass: 23 of 23 batches (100%)"
+    assert lines[0] == "ChildTuning-D Fisher pass: 3 of 23 batches (13%)"

@@ -84,15 +84,16 @@ class ChildTuningF:
 
 def fisher_information(model: torch.nn.Module, params: Sequence[torch.Tensor],
                        loss_batches: Sequence[Callable[[], torch.Tensor]],
-                       max_grad_norm: float | None) -> list[torch.Tensor]:
+                       max_grad_norm: float | None,
+                       progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
     """``F = sum over the N batches of clip(g)**2 / N`` for each of ``params`` (fp32, or fp64 for
     fp64 tensors), ``clip`` the per-tensor clip to ``max_grad_norm`` (None / 0: none). Each
     callable runs one batch's forward and returns the loss; gradients of ``model`` are cleared
-    before and after every batch."""
+    before and after every batch. ``progress(done, n)`` is called after each batch."""
     n = len(loss_batches)
     fisher = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in params]
     model.zero_grad(set_to_none=True)
-    for loss_of in loss_batches:
+    for done, loss_of in enumerate(loss_batches, 1):
         loss_of().backward()
         for f, t in zip(fisher, params):
             if t.grad is None:
@@ -101,6 +102,8 @@ def fisher_information(model: torch.nn.Module, params: Sequence[torch.Tensor],
                 torch.nn.utils.clip_grad_norm_(t, float(max_grad_norm))
             f.add_(t.grad.to(f.dtype) ** 2 / n)
         model.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(done, n)
     return fisher
 
 
@@ -128,11 +131,12 @@ class ChildTuningD:
         self.kept = 1.0
 
     def compute(self, model: torch.nn.Module, loss_batches: Sequence[Callable[[], torch.Tensor]],
-                max_grad_norm: float | None) -> None:
-        """The Fisher pass and the masks (``model`` as it is: put it in train mode first)."""
+                max_grad_norm: float | None, progress: Callable[[int, int], None] | None = None) -> None:
+        """The Fisher pass and the masks (``model`` as it is: put it in train mode first);
+        ``progress(done, n)`` after each batch of the pass."""
         if len(loss_batches) == 0:
             raise ConfigError("ChildTuning-D needs at least one training batch for its Fisher pass")
-        fisher = fisher_information(model, self.params, loss_batches, max_grad_norm)
+        fisher = fisher_information(model, self.params, loss_batches, max_grad_norm, progress)
         threshold = percentile_threshold(fisher, self.reserve_p)
         masks = [f >= threshold for f in fisher]
         del fisher

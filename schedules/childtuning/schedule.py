@@ -2,6 +2,7 @@
 gradient mask (see ``adaptune.schedules.childtuning``)."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -12,6 +13,14 @@ from adaptune.common.families import ParamPatterns
 from ..baseline import BaselineSchedule
 from ..sync import shared_seed
 from .algorithm import ChildTuningD, ChildTuningF
+
+log = logging.getLogger("adaptune")
+
+
+def _fisher_progress(done: int, n: int) -> None:
+    """ChildTuning-D's Fisher pass (a whole training epoch before step 1) in the log: every 10%."""
+    if done == n or done * 10 // n != (done - 1) * 10 // n:
+        log.info("ChildTuning-D Fisher pass: %d of %d batches (%d%%)", done, n, 100 * done // n)
 
 
 class _ChildTuningSchedule(BaselineSchedule):
@@ -68,7 +77,7 @@ class ChildTuningDSchedule(_ChildTuningSchedule):
         was_training = model.training
         model.train()
         with torch.random.fork_rng(devices=devices):   # training's dropout stays the baseline's
-            self.child.compute(model, loss_batches, max_grad_norm)
+            self.child.compute(model, loss_batches, max_grad_norm, progress=_fisher_progress)
         model.train(was_training)
 
     def log_metrics(self, step: int) -> dict[str, float]:
