@@ -132,6 +132,15 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def peek(path: Path) -> Any:
+    """A checkpoint's contents, memory-mapped (the tensor bytes are not read); a file that is not
+    in torch's zip format (mmap unsupported) is loaded whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, ValueError):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def damage(path: Path) -> str | None:
     """Why the checkpoint at ``path`` cannot be read (one phrase), or None if it reads: its zip
     directory and its record of tensors load (memory-mapped: the tensor bytes are not read)."""
@@ -139,7 +148,7 @@ def damage(path: Path) -> str | None:
         with zipfile.ZipFile(path) as archive:
             if not any(name.endswith("data.pkl") for name in archive.namelist()):
                 return "not a torch checkpoint"
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        peek(path)
     except (OSError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile) as err:
         return str(err).splitlines()[0][:120] if str(err) else type(err).__name__
     except Exception as err:  # noqa: BLE001 - an unpickling error of any kind means unreadable
@@ -173,7 +182,7 @@ def save_rotating(obj: Any, ckpt_dir: Path) -> Path:
 
 def saved_step(path: Path) -> int | None:
     """The training step a readable checkpoint was written at (None if it has none)."""
-    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    data = peek(path)
     state = data.get("state") if isinstance(data, dict) else None
     return state.get("step") if isinstance(state, dict) else None
 
@@ -200,7 +209,7 @@ def resume_candidate(ckpt_dir: Path, main_process: bool = True) -> Path | None:
     if broken is not None:
         raise ConfigError(f"{last} is damaged ({broken}) and no intact earlier checkpoint is beside it; "
                           "pass resume=false to start this run over (that replaces the damaged file)")
-    if previous.is_file():
+    if previous.is_file():   # (damaged: the intact case returned above)
         raise ConfigError(f"{previous} is damaged ({damage(previous)}) and there is no {LAST}; "
                           "pass resume=false to start this run over")
     return None

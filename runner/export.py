@@ -40,21 +40,15 @@ log = logging.getLogger("adaptune")
 
 def run_config(run_dir: Path) -> dict:
     """The resolved config a run was trained with (``results.json``, else ``checkpoints/last.pt``)."""
-    results = run_dir / "results.json"
-    if results.is_file():
-        try:
-            config = json.loads(results.read_text()).get("config")
-        except json.JSONDecodeError:
-            config = None
-        if isinstance(config, dict):
-            return config
-    last = run_dir / "checkpoints" / ckpt.LAST
-    if last.is_file():
-        from .resume import checkpoint_config
+    from .resume import saved_config
 
-        config = checkpoint_config(last)
-        if isinstance(config, dict):
-            return config
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        results = None
+    config = saved_config(run_dir, results if isinstance(results, dict) else None)
+    if config is not None:
+        return config
     raise ConfigError(f"{run_dir} holds no run config (results.json or checkpoints/last.pt); is it a run directory?")
 
 

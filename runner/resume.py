@@ -199,11 +199,21 @@ def check_resume(new: Mapping, saved: Mapping | None, run_dir: Path | str, sourc
 def checkpoint_config(path: Path | str) -> dict | None:
     """The config saved in the checkpoint at ``path`` (None if it has none). Memory-maps the file,
     so the tensors are not read."""
-    import torch
+    from .checkpoint import peek
 
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, ValueError):  # not a zip-format file: mmap unsupported
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    data = peek(path)
     config = data.get("config") if isinstance(data, dict) else None
     return config if isinstance(config, Mapping) else None
+
+
+def saved_config(run_dir: Path, results: Mapping | None) -> dict | None:
+    """The resolved config a run was trained with: ``results`` (its ``results.json``) when that
+    holds one, else ``checkpoints/last.pt``'s; None when neither does."""
+    from .checkpoint import LAST
+
+    config = (results or {}).get("config")
+    if isinstance(config, dict):
+        return config
+    last = Path(run_dir) / "checkpoints" / LAST
+    config = checkpoint_config(last) if last.is_file() else None
+    return config if isinstance(config, dict) else None

@@ -83,7 +83,7 @@ def find_runs(root: Path, settings: str = "selected") -> list[AnalysedRun]:
     there is none. Where a schedule ran a grid, ``settings="selected"`` keeps the setting that
     ``adaptune report`` selects per task (choice: the comparison the report makes, at a fraction of
     the cost); ``"all"`` keeps every setting, each its own row."""
-    from ..resume import checkpoint_config
+    from ..resume import saved_config
 
     if not root.is_dir():
         raise ConfigError(f"{root} is not a directory")
@@ -97,11 +97,8 @@ def find_runs(root: Path, settings: str = "selected") -> list[AnalysedRun]:
         path = checkpoint_of(run.dir)
         if path is None or "analysis" in run.dir.relative_to(root).parts:
             continue
-        config = run.res.get("config")
-        if not isinstance(config, dict):
-            last = run.dir / "checkpoints" / ckpt.LAST
-            config = checkpoint_config(last) if last.is_file() else None
-        if not isinstance(config, dict):
+        config = saved_config(run.dir, run.res)
+        if config is None:
             log.warning("%s: no saved config (results.json or last.pt); skipped", run.dir)
             continue
         label = run.sched + (f" ({run.setting_label})" if settings == "all" and run.setting_label else "")
@@ -139,12 +136,7 @@ def dps_record(run: AnalysedRun) -> dict[str, Any] | None:
     path = run.run.dir / "checkpoints" / ckpt.LAST
     if not path.is_file():
         return None
-    import torch
-
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, ValueError):
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    data = ckpt.peek(path)
     state = data.get("schedule") or {}
     if "selected" not in state or not state.get("selections"):
         return None
