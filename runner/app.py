@@ -35,6 +35,12 @@ def dirname(overrides: str) -> str:
     return name or "default"
 
 
+def _point_subdir(overrides: str, items: str) -> str:
+    from .compare import point_subdir
+
+    return point_subdir(overrides, items)
+
+
 def ceil_div(a, b) -> int:
     """``${ceil_div:a,b}`` = ceil(a / b) for positive integers (steps per epoch: examples, batch)."""
     a, b = int(a), int(b)
@@ -45,6 +51,8 @@ def ceil_div(a, b) -> int:
 
 if not OmegaConf.has_resolver("dirname"):
     OmegaConf.register_new_resolver("dirname", dirname)
+if not OmegaConf.has_resolver("compare_subdir"):
+    OmegaConf.register_new_resolver("compare_subdir", lambda overrides, items: _point_subdir(overrides, items))
 if not OmegaConf.has_resolver("ceil_div"):
     OmegaConf.register_new_resolver("ceil_div", ceil_div)
 

@@ -2,7 +2,6 @@
 errors, and the launch loop feeding the report (training replaced by generated results.json)."""
 from __future__ import annotations
 
-import itertools
 import json
 import shlex
 import subprocess
@@ -22,17 +21,22 @@ PY = shlex.quote(sys.executable)
 QS = "task.train_subset=1280 task.max_seq_length=64 task.eval_subset=300 trainer.eval_every=20"
 
 
-def test_dry_run_prints_each_schedules_multirun_for_quickstart(tmp_path):
+def test_dry_run_prints_the_one_multirun_and_its_grid_points_for_quickstart(tmp_path):
     out = subprocess.run([sys.executable, "-m", "adaptune", "compare", "quickstart", "--dry-run"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [
-        f"{PY} -m adaptune -m experiment=quickstart schedule=baseline schedule.lr=5e-5,1e-4 "
-        f"seed=1,2 name=quickstart {QS}",
-        f"{PY} -m adaptune -m experiment=quickstart schedule=sage "
-        f"schedule.lr=2.5e-4,5e-4 seed=1,2 name=quickstart {QS}",
-        f"{PY} -m adaptune -m experiment=quickstart schedule=dps schedule.lr=5e-5,1e-4 "
-        f"seed=1,2 name=quickstart {QS}",
+    lines = out.stdout.splitlines()
+    ids = [pid for pid, _, _ in compare.points(compare.load("quickstart"))]
+    searchpath = shlex.quote(f"hydra.searchpath=[file://{tmp_path.resolve()}/outputs/multirun/quickstart/.compare]")
+    assert lines[0] == (f"{PY} -m adaptune -m experiment=quickstart {searchpath} +compare_point={','.join(ids)} "
+                        f"seed=1,2 name=quickstart {QS}")
+    assert lines[1:] == [
+        f"#   compare_point={ids[0]}: schedule=baseline schedule.lr=5e-5",
+        f"#   compare_point={ids[1]}: schedule=baseline schedule.lr=1e-4",
+        f"#   compare_point={ids[2]}: schedule=sage schedule.lr=2.5e-4",
+        f"#   compare_point={ids[3]}: schedule=sage schedule.lr=5e-4",
+        f"#   compare_point={ids[4]}: schedule=dps schedule.lr=5e-5",
+        f"#   compare_point={ids[5]}: schedule=dps schedule.lr=1e-4",
         "adaptune report outputs/multirun/quickstart",
     ]
     assert list(tmp_path.iterdir()) == []                 # a dry run writes nothing
@@ -41,9 +45,9 @@ def test_dry_run_prints_each_schedules_multirun_for_quickstart(tmp_path):
 def test_dry_run_appends_extra_overrides_and_follows_the_sweep_dir(capsys):
     assert compare.main(["quickstart", "task.eval_subset=300", "--dry-run", "hydra.sweep.dir=/tmp/x"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and all(line.endswith(f"name=quickstart {QS} task.eval_subset=300 hydra.sweep.dir=/tmp/x")
-                                   for line in lines[:3])
-    assert lines[3] == "adaptune report /tmp/x"
+    assert lines[0].endswith(f"name=quickstart {QS} task.eval_subset=300 hydra.sweep.dir=/tmp/x")
+    assert "hydra.searchpath=[file:///tmp/x/.compare]" in lines[0]
+    assert lines[-1] == "adaptune report /tmp/x"
 
 
 def test_the_sage_lr_grid_is_2_to_5_times_the_baselines_default():
@@ -128,19 +132,22 @@ def test_bad_compare_file_is_a_one_line_error_naming_the_key(conf, tmp_path, cap
 
 
 def _fake_multirun(calls, codes=None):
-    """Stands in for ``python -m adaptune -m ...``: writes each job's results.json as a sweep would
-    (accuracy peaks at lr=1e-4 for sage and at 5e-5 for the baseline)."""
+    """Stands in for the comparison's one ``python -m adaptune -m ...``: writes each job's results.json
+    as the sweep would (accuracy peaks at lr=1e-4 for sage and at 5e-5 for the baseline); a schedule
+    in ``codes`` makes the sweep stop with that exit status when it reaches that schedule's first point."""
     def run(cmd, **_):
         args = cmd[cmd.index("-m", 3) + 1:]
         calls.append(args)
         ov = dict(a.split("=", 1) for a in args)
-        sched = ov["schedule"]
-        if codes and sched in codes:
-            return subprocess.CompletedProcess(cmd, codes[sched])
         sweep = Path(ov["hydra.sweep.dir"])
-        axes = {k[len("schedule."):]: v.split(",") for k, v in ov.items() if k.startswith("schedule.")}
-        for values in itertools.product(*axes.values()):
-            setting = dict(zip(axes, values))
+        plan = json.loads((sweep / "compare.json").read_text())
+        for pid in ov["+compare_point"].split(","):
+            assert (sweep / ".compare" / "compare_point" / f"{pid}.yaml").is_file()
+            items = dict(item.split("=", 1) for item in plan["points"][pid])
+            sched = items.pop("schedule")
+            if codes and sched in codes:
+                return subprocess.CompletedProcess(cmd, codes[sched])
+            setting = {k[len("schedule."):]: v for k, v in items.items()}
             best = 1e-4 if sched == "sage" else 5e-5
             for seed in ov["seed"].split(","):
                 acc = 0.8 - abs(float(setting["lr"]) - best) * 1000 + 0.01 * int(seed)
@@ -149,7 +156,7 @@ def _fake_multirun(calls, codes=None):
     return run
 
 
-def test_compare_launches_one_multirun_per_schedule_then_reports(conf, tmp_path, monkeypatch, capsys):
+def test_compare_launches_every_schedules_points_in_one_multirun_then_reports(conf, tmp_path, monkeypatch, capsys):
     (conf / "small.yaml").write_text(
         "experiment: quickstart\nseeds: [1, 2]\noverrides: [task.eval_subset=300]\n"
         "grids:\n  baseline: {schedule.lr: [2e-5, 5e-5]}\n"
@@ -158,17 +165,35 @@ def test_compare_launches_one_multirun_per_schedule_then_reports(conf, tmp_path,
     monkeypatch.setattr(compare.subprocess, "run", _fake_multirun(calls))
     sweep = tmp_path / "sweep"
     assert compare.main(["small", f"hydra.sweep.dir={sweep}"]) == 0
-    assert [c[:2] for c in calls] == [["experiment=quickstart", "schedule=baseline"],
-                                      ["experiment=quickstart", "schedule=sage"]]
-    assert calls[1][2:] == ["schedule.beta3=0.75", "schedule.lr=1e-4,2.5e-4", "seed=1,2", "name=small",
-                            "task.eval_subset=300", f"hydra.sweep.dir={sweep}"]
+    assert len(calls) == 1                                   # one sweep: the launcher gets every run at once
+    args = calls[0]
+    assert args[0] == "experiment=quickstart" and args[1] == f"hydra.searchpath=[file://{sweep.resolve()}/.compare]"
     plan = json.loads((sweep / "compare.json").read_text())
+    ids = args[2].removeprefix("+compare_point=").split(",")
+    assert [plan["points"][i] for i in ids] == [
+        ["schedule=baseline", "schedule.lr=2e-5"], ["schedule=baseline", "schedule.lr=5e-5"],
+        ["schedule=sage", "schedule.beta3=0.75", "schedule.lr=1e-4"],
+        ["schedule=sage", "schedule.beta3=0.75", "schedule.lr=2.5e-4"]]
+    assert args[3:] == ["seed=1,2", "name=small", "task.eval_subset=300", f"hydra.sweep.dir={sweep}"]
     assert plan["seeds"] == [1, 2] and plan["grids"]["sage"]["schedule.lr"] == ["1e-4", "2.5e-4"]
+    point = (sweep / ".compare" / "compare_point" / f"{ids[2]}.yaml").read_text()
+    assert "- override /schedule: sage" in point and "beta3: 0.75" in point and "lr: 0.0001" in point
     data = json.loads((sweep / "report.json").read_text())
     selected = {s["schedule"]: s["selected"] for s in data["tasks"][0]["schedules"]}
     assert selected == {"baseline": "lr=5e-5", "sage": "beta3=0.75, lr=1e-4"}
     out = capsys.readouterr().out
     assert "## Selected settings" in out and "| glue/rte | sage | beta3=0.75, lr=1e-4 |" in out
+
+
+def test_point_ids_name_their_content_and_runs_are_named_by_their_keys():
+    spec = {"grids": {"sage": {"schedule.lr": ["1e-4"]}}}
+    [(pid, sched, items)] = compare.points(spec)
+    assert sched == "sage" and items == ["schedule=sage", "schedule.lr=1e-4"]
+    assert pid == compare.point_id(items) and pid.startswith("sage_") and len(pid) == 13
+    assert compare.points({"grids": {"sage": {"schedule.lr": ["1e-4", "5e-4"]}}})[0][0] == pid
+    assert compare.point_subdir(f"+compare_point={pid},seed=2,task.text_columns=[a,b]",
+                                "schedule=sage,schedule.lr=1e-4") == \
+        "schedule.lr=1e-4,schedule=sage,seed=2,task.text_columns=_a,b"
 
 
 def test_compare_shows_never_started_grid_points_and_exits_1(conf, tmp_path, monkeypatch, capsys):
@@ -178,28 +203,41 @@ def test_compare_shows_never_started_grid_points_and_exits_1(conf, tmp_path, mon
     monkeypatch.setattr(compare.subprocess, "run", _fake_multirun(calls, codes={"sage": 3}))
     sweep = tmp_path / "sweep"
     assert compare.main(["small", f"hydra.sweep.dir={sweep}"]) == 1
-    assert len(calls) == 3                                # dps still ran after sage stopped
+    assert len(calls) == 1
     assert "stopped early" in capsys.readouterr().err
     data = json.loads((sweep / "report.json").read_text())
-    sage = next(s for s in data["tasks"][0]["schedules"] if s["schedule"] == "sage")
-    assert sage["selected"] is None and sage["grid"][0]["missing_seeds"] == [1, 2]
+    rows = {s["schedule"]: s for s in data["tasks"][0]["schedules"]}
+    assert rows["baseline"]["selected"] == "lr=5e-5"
+    for sched in ("sage", "dps"):                       # never reached: shown as missing
+        assert rows[sched]["selected"] is None and rows[sched]["grid"][0]["missing_seeds"] == [1, 2]
     md = (sweep / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| sage"))
     assert row == "| sage | — (n=0, 2 missing) | — |"
 
 
-def test_compare_stops_on_a_config_error(conf, tmp_path, monkeypatch):
+def test_compare_stops_on_a_config_error(conf, tmp_path, monkeypatch, capsys):
     (conf / "small.yaml").write_text("seeds: [1]\ngrids:\n  baseline: {schedule.lr: [5e-5]}\n"
                                      "  sage: {schedule.lr: [1e-4]}\n")
     calls = []
     monkeypatch.setattr(compare.subprocess, "run", _fake_multirun(calls, codes={"baseline": 2}))
     assert compare.main(["small", f"hydra.sweep.dir={tmp_path}"]) == 2
-    assert len(calls) == 1
+    assert len(calls) == 1 and not (tmp_path / "report.md").exists()
+    assert "stopped on a config error" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+def test_nproc_per_node_wraps_the_sweep_in_torchrun_and_refuses_a_cluster_launcher(capsys):
+    assert compare.main(["quickstart", "--dry-run", "--nproc-per-node", "2"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"{PY} -m torch.distributed.run --standalone --nproc-per-node=2 -m adaptune -m ")
+    assert compare.main(["quickstart", "--dry-run", "--nproc-per-node", "2", "hydra/launcher=joblib"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "hydra.launcher.tasks_per_node" in err
+
+
+@pytest.mark.e2e
 def test_tiny_compare_end_to_end(conf, tmp_path):
-    """Real training: two schedules, three grid points, two seeds, a 2-layer BERT for 3 steps."""
+    """Real training in one multirun: two schedules, three grid points, two seeds, a 2-layer BERT
+    for 3 steps; run directories named by each point's keys."""
     (conf / "tiny.yaml").write_text("seeds: [1, 2]\ngrids:\n  baseline: {schedule.lr: [1e-4, 1e-3]}\n"
                                     "  sage: {schedule.lr: [1e-3]}\n")
     data = write_glue(tmp_path / "rte", "rte", n_train=24, n_dev=8)
@@ -212,6 +250,9 @@ def test_tiny_compare_end_to_end(conf, tmp_path):
     assert [len(grids["baseline"]), len(grids["sage"])] == [2, 1]
     assert all(p["selection"]["n"] == 2 for g in grids.values() for p in g)
     assert (sweep / "dev_curves.png").is_file()
+    names = sorted(p.name.split(",task.data_dir")[0] for p in sweep.glob("schedule*"))
+    assert names == [f"schedule.lr={lr},schedule={s},seed={seed}"
+                     for lr, s in (("0.001", "baseline"), ("0.001", "sage"), ("1e-4", "baseline")) for seed in (1, 2)]
 
 
 def test_progress_counts_finished_runs_and_estimates_the_rest(tmp_path):

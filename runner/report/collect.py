@@ -74,6 +74,16 @@ def read_overrides(path: Path) -> dict[str, str]:
     return out
 
 
+def _expand_point(overrides: dict[str, str], run_dir: Path) -> dict[str, str]:
+    """A run of ``adaptune compare`` names its grid point (``compare_point=sage_3f2a91c0``); the
+    sweep's compare.json says which keys and values that point set (``schedule=sage``, ``schedule.lr=...``)."""
+    pid = overrides.pop("compare_point", None)
+    if pid is None:
+        return overrides
+    items = ((load_plan(run_dir.parent) or {}).get("points") or {}).get(pid) or []
+    return {**overrides, **dict(item.split("=", 1) for item in items)}
+
+
 def _make_run(run_dir: Path) -> Run | None:
     path = run_dir / "results.json"
     try:
@@ -81,7 +91,7 @@ def _make_run(run_dir: Path) -> Run | None:
     except json.JSONDecodeError:
         res = {}
     res = res if isinstance(res, dict) else {}
-    overrides = read_overrides(run_dir / ".hydra" / "overrides.yaml")
+    overrides = _expand_point(read_overrides(run_dir / ".hydra" / "overrides.yaml"), run_dir)
     cfg = res.get("config") or _load_yaml(run_dir / ".hydra" / "config.yaml") or {}
     task_cfg, sched_cfg = cfg.get("task") or {}, cfg.get("schedule") or {}
     kind = res.get("task") or task_cfg.get("kind")
