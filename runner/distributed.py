@@ -11,6 +11,7 @@ checkpoints, results and W&B logs.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -158,6 +159,11 @@ def adopt_slurm_environment() -> None:
     os.environ.update(slurm_environment())
 
 
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group that ``torchrun`` (or a multi-task SLURM job, :func:`slurm_environment`)
     describes in the environment, if any."""
@@ -165,5 +171,9 @@ def init_distributed(device: torch.device) -> DistInfo:
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
+        # (choice) one process group per process, kept across the runs of a multirun under torchrun
+        # (``adaptune compare --nproc-per-node``): re-forming it after destroy_process_group() reuses
+        # the agent store's keys of the first group and hangs; it is destroyed at exit.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_destroy)
     return DistInfo(rank=dist.get_rank(), world=dist.get_world_size())

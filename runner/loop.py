@@ -399,7 +399,3 @@ def _run_locked(cfg: DictConfig, run_dir: Path, sections) -> dict:
         return results
     finally:
         logger.finish(exit_code=exit_code)
-        if trainer.dist.enabled:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()

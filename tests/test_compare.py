@@ -269,3 +269,19 @@ def test_progress_counts_finished_runs_and_estimates_the_rest(tmp_path):
         time.sleep(0.2)
     lines = out.getvalue().splitlines()
     assert lines == ["adaptune compare: run 2 of 4 done, ETA 2 min"]   # 60 s for the one new run, 2 left
+
+
+@pytest.mark.e2e
+def test_compare_with_two_processes_per_run_trains_each_point_as_one_ddp_run(conf, tmp_path):
+    """``--nproc-per-node 2``: torchrun's two processes walk the sweep together; every run is one
+    DDP run (world size 2, one results.json), also the second one (the process group is kept)."""
+    (conf / "tiny.yaml").write_text("seeds: [1]\ngrids:\n  baseline: {schedule.lr: [1e-4]}\n"
+                                    "  sage: {schedule.lr: [1e-3]}\n")
+    data = write_glue(tmp_path / "rte", "rte", n_train=24, n_dev=8)
+    sweep = tmp_path / "sweep"
+    extra = ["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT, "logger=none",
+             "trainer=cpu_fast", "trainer.progress=false", "trainer.max_steps=3", f"hydra.sweep.dir={sweep}"]
+    assert compare.main(["tiny", "--nproc-per-node", "2", *extra]) == 0
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert [(r["schedule"], r["status"], r["world_size"]) for r in results] == [
+        ("sage", "completed", 2), ("baseline", "completed", 2)]
