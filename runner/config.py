@@ -50,14 +50,14 @@ class TrainerConfig:
 
 
 def _loggers(value: Any) -> str | None:
-    bad = [v for v in value if v not in ("wandb", "csv")]
-    return f"={list(value)}: unknown logger {bad[0]}; allowed: wandb, csv" if bad else None
+    bad = [v for v in value if v not in ("wandb", "csv", "tensorboard")]
+    return f"={list(value)}: unknown logger {bad[0]}; allowed: wandb, csv, tensorboard" if bad else None
 
 
 @dataclass
 class LoggerConfig:
-    kind: str = setting("wandb", check=one_of("wandb", "csv", "none"))
-    # more loggers beside `kind`, e.g. [csv]: logger=wandb logger.also=[csv]
+    kind: str = setting("wandb", check=one_of("wandb", "csv", "tensorboard", "none"))
+    # more loggers beside `kind`, e.g. [csv, tensorboard]: logger=wandb logger.also=[tensorboard]
     also: List[str] = setting(factory=list, check=_loggers)
     # offline: writes <run dir>/wandb, upload later with `wandb sync` | online | disabled.
     # null: $WANDB_MODE, else offline. (A key set here wins over the environment.)

@@ -1,4 +1,5 @@
-"""Experiment loggers: Weights & Biases (default, offline unless told otherwise) or none.
+"""Experiment loggers: Weights & Biases (default, offline unless told otherwise), a CSV file,
+TensorBoard event files, several at once (``logger.kind`` plus ``logger.also``), or none.
 
 A logger failure never fails a training run: every W&B call is guarded, the first failure is
 reported once as a warning and the logger goes quiet.
@@ -162,6 +163,39 @@ class CsvLogger(NullLogger):
             self.file.close()
 
 
+class TensorBoardLogger(NullLogger):
+    """TensorBoard event files under ``run_dir/tensorboard`` (``tensorboard --logdir outputs``):
+    every logged scalar by its key (``train/loss``, ``dev/accuracy``) at its step; the end-of-run
+    summaries (``final/*``, ``best/*``, ``test/*``) at the last step. **(choice)** A resumed run
+    starts a new event file with ``purge_step`` at its checkpoint's step, so TensorBoard drops the
+    steps the interrupted run logged after it (the curves equal an uninterrupted run's)."""
+
+    DIR = "tensorboard"
+
+    def __init__(self, run_dir: Path, resumed_step: int | None = None):
+        from adaptune.common.extras import require
+
+        require("tensorboard", "logger=tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = Path(run_dir) / self.DIR
+        self.last_step = resumed_step or 0
+        self.writer = SummaryWriter(str(self.path), purge_step=None if resumed_step is None else resumed_step + 1)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.last_step = step
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, float(value), step)
+        self.writer.flush()
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        self.log(values, self.last_step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.writer.close()
+
+
 class MultiLogger(NullLogger):
     """Several loggers at once (``logger.kind`` plus ``logger.also``)."""
 
@@ -195,6 +229,8 @@ def build_logger(cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any],
             loggers.append(WandbLogger(cfg, run_dir, config, tags, name, fresh=fresh))
         elif kind == "csv":
             loggers.append(CsvLogger(run_dir, None if fresh else resumed_step))
+        elif kind == "tensorboard":
+            loggers.append(TensorBoardLogger(run_dir, None if fresh else resumed_step))
     if not loggers:
         return NullLogger()
     return loggers[0] if len(loggers) == 1 else MultiLogger(loggers)

@@ -128,6 +128,48 @@ def test_several_loggers_at_once(tmp_path, monkeypatch):
     run(compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=2", "logger=wandb",
                                "logger.also=[csv]")), tmp_path / "r")
     assert (tmp_path / "r" / "metrics.csv").is_file() and list((tmp_path / "r" / "wandb").glob("offline-run-*"))
-    with pytest.raises(ConfigError, match=r"logger.also.*unknown logger tensorboard; allowed: wandb, csv"):
-        compose(glue_overrides(data, "rte", "logger.also=[tensorboard]"))
-        run(compose(glue_overrides(data, "rte", "logger.also=[tensorboard]")), tmp_path / "bad")
+    with pytest.raises(ConfigError, match=r"logger.also.*unknown logger mlflow; allowed: wandb, csv, tensorboard"):
+        compose(glue_overrides(data, "rte", "logger.also=[mlflow]"))
+        run(compose(glue_overrides(data, "rte", "logger.also=[mlflow]")), tmp_path / "bad")
+
+
+def _events(run_dir):
+    """{tag: [(step, value)]} of a run's TensorBoard event files, read back with TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+            for tag in acc.Tags()["scalars"] if "samples_per_s" not in tag}
+
+
+def test_logger_tensorboard_writes_every_scalar_beside_csv_and_resumes_exactly(tmp_path):
+    """logger=tensorboard logger.also=[csv]: the event files hold what metrics.csv holds (same tags,
+    steps, values to float32); a resumed run's curves equal an uninterrupted run's (purge_step)."""
+    pytest.importorskip("tensorboard")
+    data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
+    over = glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=8", "trainer.log_every=2",
+                          "trainer.eval_every=4", "trainer.save_every=4", "logger=tensorboard", "logger.also=[csv]")
+    res = run(compose(over), tmp_path / "full")
+    events = _events(tmp_path / "full")
+    def close(a, b):
+        return [s for s, _ in a] == [s for s, _ in b] and [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-6)
+
+    assert close(events["train/loss"], res["train_loss"])
+    from collections import defaultdict
+
+    from_csv = defaultdict(list)
+    for step, metric, value in _csv(tmp_path / "full" / "metrics.csv"):
+        from_csv[metric].append((step, value))
+    assert events.keys() == from_csv.keys()
+    assert all(close(events[k], from_csv[k]) for k in events)
+
+    from adaptune.runner import checkpoint as ckpt
+
+    run(compose(over), tmp_path / "resumed")
+    last = tmp_path / "resumed" / "checkpoints"
+    (last / ckpt.LAST).unlink()
+    (last / ckpt.PREVIOUS).rename(last / ckpt.LAST)        # as if killed before step 8's checkpoint
+    (tmp_path / "resumed" / "results.json").unlink()
+    run(compose(over), tmp_path / "resumed")
+    assert _events(tmp_path / "resumed") == events
