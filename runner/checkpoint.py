@@ -132,6 +132,35 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+#: what a training checkpoint (last.pt / previous.pt) holds; best.pt holds "model" (+ step, metrics)
+RESUME_KEYS = ("model", "optimizer", "lr_scheduler", "schedule", "rng", "state")
+
+
+def incompatible(path: Path, data: Any, keys: tuple[str, ...] = RESUME_KEYS) -> ConfigError | None:
+    """A one-line error when ``data`` (loaded from ``path``) lacks keys this version needs: a
+    checkpoint written by an older (or another) program; None when it has them all."""
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if not missing:
+        return None
+    return ConfigError(f"{path} was written by another version of adaptune (it has no {', '.join(missing)}); "
+                       "pass resume=false to start over in that directory, or use the version that wrote it")
+
+
+def load_weights(model: torch.nn.Module, data: Any, path: Path) -> None:
+    """``model.load_state_dict(data["model"])``, or a one-line ConfigError when the checkpoint at
+    ``path`` does not fit the model (another architecture or ``task.model.*``, another version)."""
+    err = incompatible(path, data, ("model",))
+    if err is not None:
+        raise err
+    try:
+        model.load_state_dict(data["model"])
+    except RuntimeError as exc:   # missing / unexpected keys, shape mismatches
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "state_dict mismatch"
+        raise ConfigError(f"{path} does not fit the model the run's config builds ({detail[:200]}); "
+                          "was it written with other task.model.* settings or by another version?") from None
+
+
 def peek(path: Path) -> Any:
     """A checkpoint's contents, memory-mapped (the tensor bytes are not read); a file that is not
     in torch's zip format (mmap unsupported) is loaded whole."""

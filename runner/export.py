@@ -71,8 +71,7 @@ def build_model(config: dict, run_dir: Path, weights: Path):
     task = build_task(config["task"], run_dir, seed=int(config.get("seed", 0)))
     task.setup()   # the tokenizer and label names (GLUE); the data's classes (images)
     model = task.build_model()
-    state = ckpt.load(weights)
-    model.load_state_dict(state["model"])
+    ckpt.load_weights(model, ckpt.load(weights), weights)
     return task, model.eval()
 
 

@@ -32,7 +32,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -51,6 +51,7 @@ from .callbacks import ScheduleHooks, build_callbacks
 from .config import TrainerConfig
 from .devices import job_device, multirun_job_num
 from .distributed import init_distributed, ranks_in_sync
+from .data_fingerprint import changes, fingerprint
 from .loggers import NullLogger, build_logger
 from .precision import Precision, autocast_context
 from .results import collect, results_complete
@@ -163,6 +164,7 @@ class Trainer:
         self.logger = NullLogger()
         self.should_stop = False  # set by a callback: stop after the current step
         self.last_saved_step: int | None = None
+        self.data_fingerprint: dict = {}   # the task's data files (runner/data_fingerprint.py), saved in checkpoints
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -181,6 +183,7 @@ class Trainer:
                 "rng": ckpt.rng_state(),
                 "state": asdict(self.state),
                 "config": self.sections.resolved,
+                "data": self.data_fingerprint,
             }, self.ckpt_dir)
         except ckpt.WriteFailed as err:
             kept = (f"the checkpoint of step {self.last_saved_step} ({path}) is intact"
@@ -193,12 +196,25 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
+        """Restore everything from ``path``; a checkpoint of another version (missing keys, other
+        fields, other shapes) is a one-line ConfigError naming the file, before a step is trained."""
         data = ckpt.load(path, map_location=self.device)
-        self.model.load_state_dict(data["model"])
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.schedule.lr_scheduler.load_state_dict(data["lr_scheduler"])
-        self.amp.load_state_dict(data.get("scaler"))
-        self.schedule.load_state_dict(data["schedule"])
+        err = ckpt.incompatible(path, data)
+        if err is not None:
+            raise err
+        unknown = sorted(set(data["state"]) - {f.name for f in fields(TrainState)})
+        if unknown:
+            raise ConfigError(f"{path} was written by another version of adaptune (its training state has "
+                              f"{', '.join(unknown)}); pass resume=false to start over in that directory")
+        ckpt.load_weights(self.model, data, path)
+        try:
+            self.optimizer.load_state_dict(data["optimizer"])
+            self.schedule.lr_scheduler.load_state_dict(data["lr_scheduler"])
+            self.amp.load_state_dict(data.get("scaler"))
+            self.schedule.load_state_dict(data["schedule"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: its optimizer / schedule state does not fit this run ({str(exc)[:160]}); "
+                              "pass resume=false to start over in that directory") from None
         ckpt.set_rng_state(data["rng"])
         self.state = TrainState(**data["state"])
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
@@ -361,10 +377,23 @@ def _run_locked(cfg: DictConfig, run_dir: Path, sections) -> dict:
         raise ConfigError(f"resume=true but there is no checkpoint at {last}")
     if resume_from is not None:  # load_state_dict would keep the saved optimizer settings
         check_resume(sections.resolved, checkpoint_config(resume_from), run_dir, resume_from)
+    data_now = fingerprint(sections.resolved.get("task") or {})
+    if resume_from is not None:  # the same config on other data would train on two data sets
+        saved = ckpt.peek(resume_from)
+        changed = changes(saved.get("data") if isinstance(saved, dict) else None, data_now)
+        if changed:
+            raise ConfigError(f"the data changed since {resume_from} was written: {changed[0]}"
+                              f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}; restore it, or pass "
+                              "resume=false to start over on the new data")
+    best = last.parent / ckpt.BEST
+    if resume_from is None and best.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        best.unlink()   # an earlier run's best (resume=false, or a damaged history) is not this run's
+        log.info("removed %s of an earlier run in this directory (this run starts over)", best)
 
     start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, run_dir, sections)
+    trainer.data_fingerprint = data_now
     tags = [f"task:{trainer.task.kind}", f"schedule:{sections.schedule.name}", f"seed:{sections.root.seed}",
             f"dataset:{sections.task.name}"]
     logger = NullLogger()

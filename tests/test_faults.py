@@ -239,3 +239,115 @@ def test_an_interrupted_comparison_ends_as_an_uninterrupted_one(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert _sweep_results(sweep) == expected
     assert _report_rows(sweep) == _report_rows(tmp_path / "full")
+
+
+def _resumable(full, tmp_path, name="r"):
+    """A finished copy of the reference run whose results.json is gone: the next run resumes."""
+    data = full[0]
+    run_dir = tmp_path / name
+    run(compose(_over(data)), run_dir)
+    (run_dir / "results.json").unlink()
+    return data, run_dir
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.pop("schedule"), r"written by another version of adaptune \(it has no schedule\)"),
+    (lambda d: d["state"].update(momentum_window=[]), r"its training state has momentum_window"),
+    (lambda d: d["model"].pop(next(iter(d["model"]))), r"does not fit the model .* task\.model\.\*"),
+])
+def test_a_checkpoint_of_another_version_is_one_line(full, tmp_path, edit, message):
+    """A last.pt with a missing key, an unknown state field or missing weights: exit 2 with one
+    line naming the file and the way out; nothing trained."""
+    data, run_dir = _resumable(full, tmp_path)
+    for name in (ckpt.LAST, ckpt.PREVIOUS):
+        saved = ckpt.load(run_dir / "checkpoints" / name)
+        edit(saved)
+        torch.save(saved, run_dir / "checkpoints" / name)
+    out = _cli([*_over(data), f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    _no_traceback(out)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "last.pt" in lines[0], lines
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.e2e
+def test_changed_data_refuses_to_resume_and_the_same_bytes_resume(full, tmp_path):
+    """A data file whose content changed since the checkpoint (one label flipped, same size): one
+    line naming it; a file rewritten with the same bytes (new mtime) resumes to the same results."""
+    data, res, weights, _ = full
+    import shutil
+
+    own = tmp_path / "rte"
+    shutil.copytree(data, own)
+    run_dir = tmp_path / "r"
+    run(compose(_over(own)), run_dir)
+    (run_dir / "results.json").unlink()
+    train = own / "train.tsv"
+    text = train.read_text()
+    train.write_text(text)                                   # same bytes, new time: same data
+    again = run(compose(_over(own)), run_dir)
+    assert again["final"] == res["final"]
+    (run_dir / "results.json").unlink()
+    flipped = text.replace("\tentailment\n", "\tnot_entailment\n", 1)
+    flipped = flipped.replace("\tnot_entailment\n", "\tentailment\n", 1) if flipped == text else flipped
+    assert flipped != text
+    train.write_text(flipped)
+    out = _cli([*_over(own), f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert out.returncode == 2
+    _no_traceback(out)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the data changed since" in lines[0] and "train.tsv" in lines[0], lines
+    assert "resume=false" in lines[0]
+
+
+@pytest.mark.e2e
+def test_a_fresh_start_drops_the_earlier_runs_best_and_export_refuses_a_foreign_best(full, tmp_path, monkeypatch):
+    """resume=false in a used directory removes the old best.pt (a run stopped before its first
+    evaluation must not export the old run's best); a best.pt from another model is one line from
+    ``adaptune export``."""
+    from adaptune.runner import callbacks
+
+    data, run_dir = _resumable(full, tmp_path)
+    best = run_dir / "checkpoints" / ckpt.BEST
+    assert best.is_file()
+
+    def stop(self, trainer):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(callbacks.Evaluation, "evaluate", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose(_over(data, "resume=false")), run_dir)
+    assert not best.is_file()
+    monkeypatch.undo()
+    foreign = ckpt.load(run_dir / "checkpoints" / ckpt.LAST)
+    foreign["model"] = {k: v[..., :1].clone() if v.ndim else v for k, v in foreign["model"].items()}
+    torch.save(foreign, best)
+    out = subprocess.run([sys.executable, "-m", "adaptune", "export", str(run_dir), str(tmp_path / "m")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    _no_traceback(out)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "best.pt does not fit the model" in lines[0], lines
+
+
+@pytest.mark.e2e
+def test_a_read_only_run_directory_is_one_line(full, tmp_path):
+    """chmod a-w on the run directory: the first write fails with one line naming it (exit 74)."""
+    if os.geteuid() == 0:
+        pytest.skip("root writes through chmod a-w")
+    data = full[0]
+    run_dir = tmp_path / "ro"
+    run_dir.mkdir()
+    run_dir.chmod(0o555)
+    try:
+        out = _cli([*_over(data), f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    finally:
+        run_dir.chmod(0o755)
+    _no_traceback(out)
+    assert out.returncode in (2, 74) and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+    assert "permission denied" in out.stderr.lower()

@@ -124,8 +124,7 @@ def rebuild(run: AnalysedRun, device: str | None = None, max_sentences: int | No
     if max_sentences is not None and cfg.task.get("kind") == "nmt":
         cfg.task.eval_bleu_max_sentences = int(max_sentences)
     trainer = Trainer(cfg, run.run.dir)
-    state = ckpt.load(run.checkpoint, map_location=trainer.device)
-    trainer.model.load_state_dict(state["model"])
+    ckpt.load_weights(trainer.model, ckpt.load(run.checkpoint, map_location=trainer.device), run.checkpoint)
     return trainer
 
 
