@@ -349,3 +349,34 @@ def test_runs_csv_has_one_tidy_row_per_run_and_report_md_embeds_its_plots(tmp_pa
     for image in (tmp_path.glob("*.png")):
         assert f"]({image.name})" in md
     assert list(tmp_path.glob("*.png")) and "## Plots" in md
+
+
+def test_the_cross_task_average_has_a_bootstrap_interval_over_seeds(tmp_path):
+    """Two tasks, three seeds each: the average column shows the mean over tasks of each task's
+    mean and a 95% percentile-bootstrap interval (seeds resampled within each task) that equals
+    scipy's on the same samples and contains the average; one task: no interval."""
+    import numpy as np
+    from scipy import stats
+
+    rte, cola = [0.60, 0.64, 0.62], [0.50, 0.56, 0.53]
+    for seed, (a, b) in enumerate(zip(rte, cola), 1):
+        write_run(tmp_path / "rte", "baseline", seed, a)
+        write_run(tmp_path / "cola", "baseline", seed, b, task=("glue", "cola", "accuracy"))
+    md, _ = run_report(tmp_path)
+    row = next(line for line in md.splitlines() if line.startswith("| baseline"))
+    average = row.rstrip(" |").split("| ")[-1]
+    mean = (np.mean(rte) + np.mean(cola)) / 2 * 100
+    ci = stats.bootstrap([np.array(rte) * 100, np.array(cola) * 100],
+                         lambda *s, axis=-1: np.mean([np.mean(x, axis=axis) for x in s], axis=0),
+                         n_resamples=9999, method="percentile", vectorized=True,
+                         random_state=np.random.default_rng(0)).confidence_interval
+    assert average == f"{mean:.2f} [{ci.low:.2f}, {ci.high:.2f}]"
+    assert ci.low < mean < ci.high and ci.high - ci.low > 1.0
+    assert "percentile bootstrap over seeds, resampled within each task" in md
+
+    one = tmp_path / "one"
+    for seed, a in enumerate(rte, 1):
+        write_run(one, "baseline", seed, a)
+    md, _ = run_report(one)
+    row = next(line for line in md.splitlines() if line.startswith("| baseline"))
+    assert "[" not in row.split("|")[-2]

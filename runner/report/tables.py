@@ -9,7 +9,7 @@ from .collect import Run, natural, schedule_key
 from .named_sets import markdown_section as named_sets_section
 from .named_sets import report_json as named_sets_json
 from .selection import SELECTION_RULE, Point, TaskTable, mean_std, reported_block
-from .stats import CI_METHOD
+from .stats import AVERAGE_CI_METHOD, CI_METHOD, average_interval
 
 # metrics that are fractions: shown × 100 (BLEU is already 0-100; losses and perplexities as they are)
 _FRACTIONS = ("accuracy", "f1", "matthews", "pearson", "spearman", "top1", "top5")
@@ -95,7 +95,7 @@ def main_table(tables: list[TaskTable]) -> list[str]:
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     floors = [floor_of(t) for t in tables]
     for sched in schedules:
-        line, means = [sched], []
+        line, means, samples = [sched], [], []
         for t, floor in zip(tables, floors):
             group = t.groups.get(sched)
             point = group.selected if group else None
@@ -104,7 +104,14 @@ def main_table(tables: list[TaskTable]) -> list[str]:
             stats = point.stats("reported") if point else None
             if stats:
                 means.append(scale(t.main) * stats[0])
-        line.append(f"{statistics.fmean(means):.2f}" if len(means) == len(tables) and means else "—")
+                samples.append([scale(t.main) * v for _, v in point.reported])
+        average = "—"
+        if len(means) == len(tables) and means:
+            average = f"{statistics.fmean(means):.2f}"
+            interval = average_interval(samples) if len(tables) > 1 else None
+            if interval:
+                average += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+        line.append(average)
         md.append("| " + " | ".join(line) + " |")
     if any(f is not None for f in floors):
         md.append("| trivial predictor (floor) | " + " | ".join(
@@ -128,6 +135,8 @@ def markdown(root: Path, tables: list[TaskTable], paired: dict, which: str,
             "and missing runs are not).", "", *main_table(tables)]
     if any(at_floor(g.selected, t, floor_of(t)) for t in tables for g in t.groups.values()):
         text += ["", FLOOR_NOTE]
+    if len(tables) > 1:
+        text += ["", AVERAGE_CI_METHOD + "."]
     if any(t.protocol != "dev" for t in tables):
         text += ["", "† Selection-split protocol: each setting selected on the "
                  f"`{which}` metric of a slice carved from the training set (task.selection_split); "
