@@ -65,7 +65,7 @@ gpu-check: setup   ## needs a CUDA device (<= 8 min on one GPU); GPU_CHECK_DRY=1
 	bash bench/gpu_check.sh
 
 ## Paper tables (GPU-sized, as in the papers; every setting beside the paper's script: PROTOCOLS.md).
-## Each is one multirun over experiment presets and ends with its report in
+## Each is one multirun (a comparison or a sweep over experiment presets) and ends with its report in
 ## outputs/multirun/<name>/report.md. Seeds: a named preset (SEED_PRESET=sage|dps|childtuning|3|10)
 ## or an explicit list (SEEDS=1,2,3); extra overrides: ARGS=...
 ADAPTUNE := $(BIN)/adaptune
@@ -82,17 +82,18 @@ ARGS ?=
 # The DPS paper's tables: vanilla fine-tuning, ChildTuning-D/F, Mixout, DPS-Dense, DPS-Mix.
 DPS_ARMS := baseline,childtuning_d,childtuning_f,mixout,dps,dps_mix
 
-repro-sage-glue: setup       ## SAGE Table: BERT-base, MT-DNN Adamax vs Adamax-SAGE, 8 GLUE tasks (dev)
-	$(ADAPTUNE) -m experiment=sage_glue_baseline,sage_glue task.name=cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte seed=$(call seeds,3) name=repro_sage_glue $(ARGS)
-	$(REPORT) outputs/multirun/repro_sage_glue
+# The tables with a grid per arm are comparisons (conf/compare/*.yaml: each arm at the setting its
+# grid selects per task, all runs in one sweep; the report follows); SEEDS=... replaces the spec's seeds.
+compare_seeds = $(if $(or $(SEEDS),$(SEED_PRESET)),--seeds $(call seeds,3))
 
-repro-dps-glue: setup        ## DPS Table: BERT-large-cased, the six arms, 10 seeds
-	$(ADAPTUNE) -m experiment=dps_glue schedule=$(DPS_ARMS) task.name=cola,rte,mrpc,stsb seed=$(call seeds,childtuning) name=repro_dps_glue $(ARGS)
-	$(REPORT) outputs/multirun/repro_dps_glue
+repro-sage-glue: setup       ## SAGE Table: BERT-base, MT-DNN Adamax vs Adamax-SAGE, 8 GLUE tasks (dev), lr / beta3 grids
+	$(ADAPTUNE) compare sage_glue $(compare_seeds) $(ARGS)
 
-repro-dps-low-resource: setup  ## DPS low-resource: 500 / 1,000 stratified training examples, 3 epochs, T = one epoch
-	$(ADAPTUNE) -m experiment=dps_low_resource schedule=$(DPS_ARMS) task.name=cola,rte,mrpc,stsb task.train_subset=500,1000 seed=$(call seeds,childtuning) name=repro_dps_low_resource $(ARGS)
-	$(REPORT) outputs/multirun/repro_dps_low_resource
+repro-dps-glue: setup        ## DPS Table: BERT-large-cased, the six arms with the paper's grids, 10 seeds
+	$(ADAPTUNE) compare dps_glue $(compare_seeds) $(ARGS)
+
+repro-dps-low-resource: setup  ## DPS low-resource: 500 / 1,000 stratified training examples, 3 epochs, T = one epoch, the grids
+	$(ADAPTUNE) compare dps_low_resource $(compare_seeds) $(ARGS)
 
 repro-dps-out-of-domain: setup  ## DPS out-of-domain: 8,000 MNLI examples (ARGS=task.name=snli: SNLI), 1,500 steps; MNLI-m, SNLI, SICK, SciTail, RTE
 	$(ADAPTUNE) -m experiment=dps_out_of_domain schedule=$(DPS_ARMS) seed=$(call seeds,childtuning) name=repro_dps_out_of_domain $(ARGS)

@@ -310,12 +310,21 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"a preset ({', '.join(_names('compare'))}) or the path of a compare spec")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every run")
     parser.add_argument("--dry-run", action="store_true", help="print the command and the grid points, run nothing")
+    parser.add_argument("--seeds", metavar="S1,S2,...", help="run these seeds instead of the spec's")
     parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
                         help="train each run with N processes (torchrun, DDP; the local launcher runs one at a time)")
     args = parser.parse_intermixed_args(argv)
     try:
         spec = load(args.name)
         _check_extra(spec, args.overrides)
+        if args.seeds:
+            try:
+                seeds = [int(s) for s in args.seeds.split(",")]
+            except ValueError:
+                raise ConfigError(f"--seeds={args.seeds}: expected integers separated by commas") from None
+            if len(set(seeds)) != len(seeds):
+                raise ConfigError(f"--seeds={args.seeds}: a seed is repeated")
+            spec["seeds"] = seeds
         if args.nproc_per_node < 1:
             raise ConfigError(f"--nproc-per-node={args.nproc_per_node}: expected a positive integer")
         launcher = [o for o in args.overrides + spec["overrides"] if _key(o) == "hydra/launcher"]

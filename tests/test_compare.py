@@ -64,7 +64,7 @@ def test_unknown_name_is_a_one_line_error():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == [
-        "adaptune compare: error: conf/compare/nope.yaml does not exist; allowed names: quickstart "
+        "adaptune compare: error: conf/compare/nope.yaml does not exist; allowed names: dps_glue, dps_low_resource, quickstart, sage_glue "
         "(or the path of a YAML file)"]
 
 
@@ -72,7 +72,7 @@ def test_missing_spec_file_is_a_one_line_error(tmp_path, capsys):
     assert compare.main([str(tmp_path / "mine.yaml"), "--dry-run"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"adaptune compare: error: compare spec {tmp_path / 'mine.yaml'} does not exist "
-        "(a YAML file, or one of the presets: quickstart)"]
+        "(a YAML file, or one of the presets: dps_glue, dps_low_resource, quickstart, sage_glue)"]
 
 
 def test_a_spec_file_anywhere_runs_like_the_preset(tmp_path, capsys):
@@ -285,3 +285,44 @@ def test_compare_with_two_processes_per_run_trains_each_point_as_one_ddp_run(con
     results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
     assert [(r["schedule"], r["status"], r["world_size"]) for r in results] == [
         ("sage", "completed", 2), ("baseline", "completed", 2)]
+
+
+def test_the_paper_table_specs_hold_the_papers_grids():
+    """conf/compare/dps_glue.yaml: Mixout p over the DPS paper's {0.1, ..., 0.8}, every DPS-table
+    arm, the four tasks, 10 seeds; the low-resource spec the same grids at 500 / 1,000 examples;
+    sage_glue: SAGE's lr 2-5x MT-DNN's 5e-5 and beta3 within the paper's 0.6-0.9."""
+    dps = compare.load("dps_glue")
+    assert dps["experiment"] == "dps_glue" and dps["seeds"] == [42, 52, 57, 63, 78, 96, 127, 140, 298, 375]
+    assert [float(p) for p in dps["grids"]["mixout"]["schedule.mixout_p"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert set(dps["grids"]) == {"baseline", "childtuning_d", "childtuning_f", "mixout", "dps", "dps_mix"}
+    assert dps["overrides"] == ["task.name=cola,rte,mrpc,stsb"]
+    low = compare.load("dps_low_resource")
+    assert low["grids"] == dps["grids"] and "task.train_subset=500,1000" in low["overrides"]
+    sage = compare.load("sage_glue")
+    assert all(2 <= float(lr) / 5e-5 <= 6 for lr in sage["grids"]["sage"]["schedule.lr"])
+    assert all(0.6 <= float(b) <= 0.9 for b in sage["grids"]["sage"]["schedule.beta3"])
+    assert sage["grids"]["baseline"]["schedule.optimizer"] == ["adamax_mtdnn"]
+
+
+@pytest.mark.parametrize("name", ["dps_glue", "sage_glue", "quickstart"])
+def test_every_grid_point_of_a_shipped_spec_composes_to_its_values(name, tmp_path):
+    """Each point config (the schedule choice + its values over the experiment) composes with the
+    schemas, and the composed run holds the point's values (a point's values win over the preset's)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from adaptune.runner.app import CONFIG_DIR
+
+    spec = compare.load(name)
+    compare.write_points(spec, tmp_path)
+    for pid, sched, items in compare.points(spec):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=[
+                f"experiment={spec['experiment']}", f"hydra.searchpath=[file://{tmp_path / '.compare'}]",
+                f"+compare_point={pid}", "seed=1"])
+        assert cfg.schedule.name == ("dps" if sched == "dps_mix" else sched)
+        for item in items[1:]:
+            key, value = item.split("=", 1)
+            assert float(OmegaConf.select(cfg, key)) == float(value) if value[0].isdigit() else \
+                OmegaConf.select(cfg, key) == value, (pid, item)

@@ -19,17 +19,30 @@ DPS_ARMS = {"baseline", "childtuning_d", "childtuning_f", "mixout", "dps", "dps_
 DPS_MAX_STEPS = {"mrpc": 690, "rte": 468, "stsb": 1080, "cola": 1605}
 
 
-def _jobs(target: str, *make_vars: str) -> tuple[list[str], list[dict[str, str]]]:
-    """The target's sweep, as ``make -n`` prints it, expanded into one override dict per job."""
-    out = subprocess.run(["make", "-s", "-n", "-o", "setup", "-o", ".venv/.setup-done", target, *make_vars],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    (line,) = [ln for ln in out.splitlines() if " -m " in ln]
-    args = [a for a in shlex.split(line)[1:] if a != "-m"]
+def _expand(args: list[str]) -> list[dict[str, str]]:
     axes = []
     for ov in OverridesParser.create().parse_overrides(args):
         values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
         axes.append([(ov.key_or_group, v) for v in values])
-    return args, [dict(combo) for combo in itertools.product(*axes)]
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def _jobs(target: str, *make_vars: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The target's sweep, as ``make -n`` prints it, expanded into one override dict per job; an
+    ``adaptune compare NAME`` target: its spec's grid points (as command-line overrides) x the rest."""
+    out = subprocess.run(["make", "-s", "-n", "-o", "setup", "-o", ".venv/.setup-done", target, *make_vars],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    (line,) = [ln for ln in out.splitlines() if " -m " in ln or " compare " in ln]
+    words = shlex.split(line)
+    if "compare" in words:
+        from adaptune.runner import compare
+
+        spec = compare.load(words[words.index("compare") + 1])
+        seeds = words[words.index("--seeds") + 1] if "--seeds" in words else ",".join(map(str, spec["seeds"]))
+        base = [f"experiment={spec['experiment']}", *spec["overrides"], f"seed={seeds}"]
+        return base, [job for _, _, items in compare.points(spec) for job in _expand([*items, *base])]
+    args = [a for a in words[1:] if a != "-m"]
+    return args, _expand(args)
 
 
 def _compose_jobs(jobs: list[dict[str, str]]) -> list[tuple[dict, dict]]:
@@ -74,10 +87,14 @@ def test_dps_glue_jobs_are_the_papers_setting():
             assert int(trainer["max_steps"] * sched["update_ratio"]) == {"mrpc": 34, "rte": 23, "stsb": 54,
                                                                          "cola": 80}[task["name"]]
             assert sched["disable_dropout"] is True
-        if job["schedule"] in ("childtuning_d", "childtuning_f"):   # the reference run.sh's reserve_p
-            assert sched["reserve_p"] == 0.3 and sched["childtuning_patterns"] == ["layer"]
-        if job["schedule"] == "mixout":   # the Mixout paper's p for BERT-large on small GLUE tasks
-            assert sched["mixout_p"] == 0.9 and sched["disable_dropout"] is True
+        if job["schedule"] in ("childtuning_d", "childtuning_f"):   # the ChildTuning paper's ranges
+            assert sched["reserve_p"] in (0.1, 0.2, 0.3, 0.4) and sched["childtuning_patterns"] == ["layer"]
+        if job["schedule"] == "mixout":   # the DPS paper's grid (appendix D)
+            assert sched["mixout_p"] in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8) and sched["disable_dropout"] is True
+    mixout = {float(j["schedule.mixout_p"]) for j in jobs if j["schedule"] == "mixout"}
+    assert mixout == {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8}
+    assert {float(j["schedule.reserve_p"]) for j in jobs if j["schedule"] == "childtuning_d"} == {0.1, 0.2, 0.3}
+    assert {float(j["schedule.reserve_p"]) for j in jobs if j["schedule"] == "childtuning_f"} == {0.2, 0.3, 0.4}
 
 
 @pytest.mark.parametrize("n,steps_per_epoch,U", [(500, 32, 1), (1000, 63, 3)])
@@ -111,7 +128,7 @@ def test_dps_low_resource_run_length_and_phase_length_as_the_trainer_computes_th
 def test_sage_glue_jobs_are_the_papers_setting():
     _, jobs = _jobs("repro-sage-glue", "SEED_PRESET=sage")
     assert _seeds(jobs) == [2018]
-    assert {j["experiment"] for j in jobs} == {"sage_glue", "sage_glue_baseline"}
+    assert {j["experiment"] for j in jobs} == {"sage_glue"} and {j["schedule"] for j in jobs} == {"baseline", "sage"}
     assert len({j["task.name"] for j in jobs}) == 8
     for job, cfg in _compose_jobs(jobs):
         task, sched, trainer = cfg["task"], cfg["schedule"], cfg["trainer"]
@@ -123,10 +140,11 @@ def test_sage_glue_jobs_are_the_papers_setting():
         assert trainer["precision"] == "fp32" and trainer["max_grad_norm"] == 1.0
         assert sched["warmup_ratio"] == 0.1 and sched["weight_decay"] == 0.01
         assert sched["lr_schedule"] == "warmup_linear_ppb"   # MT-DNN's warmup_linear, both arms
-        if job["experiment"] == "sage_glue":
-            assert (sched["name"], sched["base"], sched["lr"], sched["beta3"]) == ("sage", "adamax", 2e-4, 0.85)
+        if job["schedule"] == "sage":   # the grid brackets the script's lr 2e-4 and beta3 0.85
+            assert (sched["name"], sched["base"]) == ("sage", "adamax")
+            assert sched["lr"] in (1e-4, 2e-4, 3e-4) and sched["beta3"] in (0.6, 0.75, 0.85)
         else:   # MT-DNN's Adamax: AdamaxSAGE's sage=False maths, not torch.optim.Adamax
-            assert (sched["name"], sched["optimizer"], sched["lr"]) == ("baseline", "adamax_mtdnn", 5e-5)
+            assert (sched["name"], sched["optimizer"]) == ("baseline", "adamax_mtdnn") and sched["lr"] in (5e-5, 1e-4)
 
 
 def test_sage_iwslt_and_vit_arms_differ_only_in_the_optimizer():
