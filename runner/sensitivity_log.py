@@ -6,15 +6,11 @@ model's ``sage`` patterns match (the encoder's linear weights; ``g``: the step's
 after normalisation and clipping) as ``sens/<layer>.<sub-layer>/q10|q50|q90`` and over all those
 weights as ``sens/all/q*``, to W&B (``trainer.logger``).
 
-(choice) Cheap enough to stay on: the quantiles are computed on a fixed random subsample of
-``sample`` entries per tensor (drawn with replacement once, at the start of ``fit``, from a private
-generator, so the global RNG and thus training are untouched), gathered with one index per tensor
-and reduced with one ``torch.quantile`` over all tensors; numbers leave the device once per log
-point. Measured on CPU (fp32, 1 thread, machine shared with other jobs; one call against the median
-step, interleaved): the quickstart's MiniLM (36 weights, batch 16 × 64 tokens) 7–12 ms per call
-against a 1.5–2.7 s step, i.e. 0.02% of the training time at ``every=20``; a 2-layer toy BERT
-(hidden 32) 1.3–1.6 ms against a 15–22 ms step, 0.3–0.6% at ``every=20``: within the 2% budget.
-(choice) The callback comes after the
+(choice) Cheap enough to stay on (its cost: docs/benchmarks.md): the quantiles are computed on a
+fixed random subsample of ``sample`` entries per tensor (drawn with replacement once, at the start
+of ``fit``, from a private generator, so the global RNG and thus training are untouched), gathered
+with one index per tensor and reduced with one ``torch.quantile`` over all tensors; numbers leave
+the device once per log point. (choice) The callback comes after the
 schedule's hooks: under DPS, a selection phase's unselected entries have masked (zero) gradients
 and count as zero sensitivity, which is what that step trains.
 """

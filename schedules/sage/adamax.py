@@ -107,8 +107,8 @@ class MTDNNAdamax(AdamaxSAGE):
     Exactly :class:`AdamaxSAGE`'s ``sage=False`` maths on every group (``m`` not bias-corrected,
     ``u = max(β2·u, |g| + ε)``, ``θ -= lr·(m/(u + ε) + λ·θ)``: weight decay added to the update,
     not to the gradient). ``torch.optim.Adamax`` differs on all three points, so it is not the
-    paper's baseline. No sensitivity state is kept. Takes the baseline schedule's arguments
-    (``beta3`` is accepted and unused).
+    paper's baseline. No sensitivity state is kept. Takes Adamax's arguments only (lr, betas, eps,
+    weight_decay, fused): there is no ``beta3``.
     """
 
     def __init__(self, params, lr: float = 5e-5, betas: tuple[float, float] = (0.9, 0.999),

@@ -8,7 +8,7 @@ and called once per tensor: the fused path on CUDA, and on CPU where the C++ ker
 so that changing the learning rate or the step never recompiles.
 
 Tensors under :data:`MIN_TENSOR` elements take the reference loop instead, since each compiled
-call costs ~40 µs of Python. Where compilation fails, :func:`run` logs one warning and this
+call has a fixed Python cost. Where compilation fails, :func:`run` logs one warning and this
 backend stays off for the rest of the process.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ MIN_TENSOR = 1 << 15            # smaller tensors take the reference loop instea
 #: ``"per_tensor"``: one compiled call per tensor from :data:`MIN_TENSOR` elements on (~40 µs of
 #: Python each), smaller tensors in the reference loop; ``"grouped"``: one compiled call per group
 #: over all its contiguous tensors, small ones included (:func:`grouped`; on CUDA inductor's combo
-#: kernels launch many tensors' updates at once). **(choice)** ``per_tensor`` stays the default until
-#: ``bench/gpu_check.sh`` has timed both on a GPU (its parts (a) and (a2): each one's ratio to fused AdamW).
+#: kernels launch many tensors' updates at once). **(choice)** ``per_tensor`` is the default: ``grouped``
+#: has not been timed on a GPU yet (``bench/gpu_check.sh`` parts (a) and (a2) time both).
 BACKEND = "per_tensor"
 GROUPED_RECOMPILE_LIMIT = 64     # grouped graphs allowed per process (see :func:`run`)
 _cache: dict[str, Callable] = {}  # "kernel name/threads=N" -> compiled kernel
@@ -42,10 +42,9 @@ def kernel(fn: Callable) -> Callable:
     size of the first tensor it sees, and caches that choice on disk for every size. Making the
     thread count part of the options (hence of the cache key) and ``min_chunk_size=1`` gives a
     parallel loop whenever there are several threads, whatever size came first, and a plain
-    serial loop (measured ~15% faster than a one-thread OpenMP loop) with one thread.
-    ``-ffp-contract=fast`` lets the compiler fuse multiply-adds (measured ~12% faster at one
-    thread, where the loop was partly compute-bound; with it, the SAGE loop runs within ~5% of a
-    loop that only streams the same five tensors).
+    serial loop (faster than a one-thread OpenMP loop) with one thread. ``-ffp-contract=fast``
+    lets the compiler fuse multiply-adds (the one-thread loop is partly compute-bound). Timings:
+    docs/benchmarks.md.
     """
     threads = torch.get_num_threads()
     key = f"{fn.__name__}/threads={threads}"

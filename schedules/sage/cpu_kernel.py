@@ -2,13 +2,13 @@
 
 The kernels are compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
 ninja; the ``ninja`` wheel is a dependency) and cached by torch under ``TORCH_EXTENSIONS_DIR``
-(default ``~/.cache/torch_extensions``), so the ~30 s build happens once per machine and source
-version; later processes load the cached library in well under a second. Concurrent processes
+(default ``~/.cache/torch_extensions``), so the build happens once per machine and source
+version; later processes load the cached library. Concurrent processes
 (a sweep) wait on torch's build lock rather than building twice.
 
 **(choice)** The code is built with ``-march=native``: the update is memory-bound only once it
-is vectorised with the machine's widest vectors (with baseline x86-64 SSE2 it measured 2x slower
-on one thread). So that a home directory shared by different machines (a cluster) never loads a
+is vectorised with the machine's widest vectors (baseline x86-64 SSE2 is markedly slower; see
+docs/benchmarks.md). So that a home directory shared by different machines (a cluster) never loads a
 library built for another CPU, the extension's name carries a hash of the CPU's model and
 feature flags.
 

@@ -36,8 +36,8 @@ Implementation choices shared by both optimizers (**(choice)** marks a decision 
       is gone and the update streams at memory bandwidth;
     - elsewhere (CUDA), or where that kernel cannot be built, the same expression per tensor,
       compiled once per process with ``torch.compile(dynamic=True)`` (:mod:`.compiled`); tensors
-      under 2^15 elements take the reference loop there, since each compiled call costs ~40 µs
-      of Python. Its multi-tensor form (``compiled.BACKEND = "grouped"``: one compiled call per
+      under 2^15 elements take the reference loop there (each compiled call has a fixed Python
+      cost). Its multi-tensor form (``compiled.BACKEND = "grouped"``: one compiled call per
       group, small tensors included) is ready for CUDA and tested on CPU, but not yet timed on a
       GPU, so it is not the default (``bench/gpu_check.sh`` times both).
 
@@ -46,23 +46,16 @@ Implementation choices shared by both optimizers (**(choice)** marks a decision 
     match the spec transcription to 1e-10 over 60 steps; see the tests).
 
   **(choice)** ``fused=None`` (auto): ``fused`` when the optimizer holds at least 2^22 elements
-  (below that the one-off build or compile, ~30 s, costs more than it saves) and it can run
+  (below that the one-off build or compile costs more than it saves) and it can run
   here; otherwise ``reference``. If the C++ build fails, the compiled backend is tried, then the
   reference loop; each failure logs one warning.
 
   **(choice)** There is no ``foreach`` implementation (``torch._foreach_*`` ops over the group)
-  any more, and no ``foreach`` argument (passing one is a TypeError, as for any unknown keyword).
-  On CPU it measured ~14-18x torch's fused AdamW, slower than the reference loop (~10x): the
-  foreach ops allocate a full-size temporary per op. The fused path serves every device that
-  needs speed, so no user needed it.
+  and no ``foreach`` argument (passing one is a TypeError, as for any unknown keyword): on CPU it
+  was slower than the reference loop (the foreach ops allocate a full-size temporary per op), and
+  the fused path serves every device that needs speed.
 
-Speed (``bench/bench_sage.py``, BERT-base shapes, 109.5M parameters, 85M in SAGE groups, 2
-threads on the project's idle 2-core AMD EPYC VM; medians of 7 interleaved rounds): torch
-``AdamW(fused=True)`` 62 ms, AdamW-SAGE 77 ms (1.24x), Adamax-SAGE 77 ms (1.24x); one thread
-1.21x; the reference loop ~10x (the dropped foreach ops ~14-18x). SAGE must stream five
-full-size tensors (θ, g, m, v, Ī) where AdamW streams four, so 1.22x over the whole model is the
-memory-traffic ratio ((85·9 + 24.5·7)/(109.5·7) reads and writes). The per-tensor compiled
-kernels it replaced measured 1.41x: ~150 calls of Python overhead and a less efficient loop.
+Speed: ``bench/bench_sage.py``; measured numbers in docs/benchmarks.md ("SAGE's fused CPU kernel").
 """
 from __future__ import annotations
 
