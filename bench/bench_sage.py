@@ -37,7 +37,6 @@ import time
 import torch
 
 from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE, compiled, sage_param_groups  # noqa: E402
-from adaptune.schedules.sage import optimizer as sage_optimizer  # noqa: E402
 
 
 def bert_base_shapes(layers: int = 12, hidden: int = 768, inter: int = 3072, vocab: int = 30522,
@@ -84,9 +83,9 @@ def timed_step(opt: torch.optim.Optimizer) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def set_impl(opt: torch.optim.Optimizer, fused) -> None:
+def set_impl(opt: torch.optim.Optimizer, fused, backend=None) -> None:
     for g in opt.param_groups:
-        g["fused"] = fused
+        g["fused"], g["backend"] = fused, backend
 
 
 def main() -> None:
@@ -137,20 +136,16 @@ def main() -> None:
             times[f"{name} (reference loop)"] = []
             if with_compiled:
                 times[f"{name} (compiled per tensor)"] = []
-                set_impl(opts[name], fused=True)                    # compile outside the timing
-                sage_optimizer.USE_CPU_KERNEL = False
+                set_impl(opts[name], fused=True, backend="compiled")   # compile outside the timing
                 opts[name].step()
-                sage_optimizer.USE_CPU_KERNEL = True
         for _ in range(args.ref_rounds):
             for name in ("AdamW-SAGE", "Adamax-SAGE"):
                 opt = opts[name]
                 set_impl(opt, fused=False)
                 times[f"{name} (reference loop)"].append(timed_step(opt))
                 if with_compiled:
-                    set_impl(opt, fused=True)
-                    sage_optimizer.USE_CPU_KERNEL = False
+                    set_impl(opt, fused=True, backend="compiled")
                     times[f"{name} (compiled per tensor)"].append(timed_step(opt))
-                    sage_optimizer.USE_CPU_KERNEL = True
                 set_impl(opt, fused=None)
             times[base_name].append(timed_step(base))
 

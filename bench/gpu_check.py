@@ -21,7 +21,7 @@ What each part checks and prints:
     step (includes compilation). The memory-traffic ratio, the floor for any implementation, is
     1.22x.
 (a2) The same shapes: AdamW-SAGE's compiled update in its multi-tensor form
-    (``compiled.BACKEND = "grouped"``, one call per group) against fused AdamW, and its first step
+    (``backend="compiled_grouped"``, one call per group) against fused AdamW, and its first step
     (the compilation): against (a)'s per-tensor line, which form should be the default on CUDA.
     Run last: its compilation time on a GPU is unknown.
 (b) For each schedule (baseline, sage, dps dense, dps mix) and precision (bf16, fp16): the
@@ -194,13 +194,11 @@ def part_sage_step(args) -> None:
 
 
 def part_sage_grouped(args) -> None:
-    """(a2) The fused path's multi-tensor compiled form (``adaptune.schedules.sage.compiled.BACKEND =
-    "grouped"``: one call per group) against torch's fused AdamW; in a dry run it is forced on this
-    CPU (instead of the C++ kernel)."""
-    import contextlib
+    """(a2) The fused path's multi-tensor compiled form (the SAGE optimizers' ``backend="compiled_grouped"``:
+    one call per group) against torch's fused AdamW; in a dry run it runs on this CPU too (instead
+    of the C++ kernel)."""
 
     from adaptune.schedules.sage import AdamWSAGE, compiled
-    from adaptune.schedules.sage import optimizer as sage_optimizer
 
     print("(a2) ", end="")
     device, params, groups, rounds = _bert_base_params(args)
@@ -208,19 +206,8 @@ def part_sage_grouped(args) -> None:
     # (choice) the per-tensor form is (a)'s AdamW-SAGE line: not compiled again here, to keep the
     # part's time for the grouped compilation (one graph per group)
     opts = {"torch AdamW fused": torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True),
-            "AdamW-SAGE grouped": AdamWSAGE(groups, lr=1e-5, beta3=0.85, fused=True)}
-
-    @contextlib.contextmanager
-    def backend(name):   # (torch's AdamW ignores both switches)
-        saved = compiled.BACKEND, sage_optimizer.USE_CPU_KERNEL
-        compiled.BACKEND = "grouped"
-        sage_optimizer.USE_CPU_KERNEL = device.type != "cpu"   # dry run: the compiled forms on CPU
-        try:
-            yield
-        finally:
-            compiled.BACKEND, sage_optimizer.USE_CPU_KERNEL = saved
-
-    first, times = _time_steps(opts, device, rounds, setup=backend)
+            "AdamW-SAGE grouped": AdamWSAGE(groups, lr=1e-5, beta3=0.85, fused=True, backend="compiled_grouped")}
+    first, times = _time_steps(opts, device, rounds)
     ref = statistics.median(times["torch AdamW fused"])
     print(f"{'optimizer':22s} {'median ms':>10s} {'ratio':>7s} {'min ms':>8s} {'first step ms':>14s}")
     for name in opts:
@@ -232,7 +219,7 @@ def part_sage_grouped(args) -> None:
     grouped = statistics.median(times["AdamW-SAGE grouped"]) / ref
     print(f"SUMMARY (a2): AdamW-SAGE grouped {grouped:.2f}x torch fused AdamW, first step (compilation) "
           f"{first['AdamW-SAGE grouped']:.0f} s; compare (a)'s AdamW-SAGE fused line, the per-tensor form "
-          f"(schedules/sage/compiled.py BACKEND is {compiled.BACKEND!r})")
+          "(the default backend is per tensor: fused_backend() in schedules/sage/optimizer.py)")
     if not finite:
         sys.exit(1)
 

@@ -17,7 +17,8 @@ from adaptune.schedules.sage import optimizer as optimizer_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_KEYS = {AdamWSAGE: {"step", "exp_avg", "exp_avg_sq"}, AdamaxSAGE: {"step", "exp_avg", "exp_inf"}}
-IMPLS = {"reference": {"fused": False}, "fused": {"fused": True}}
+IMPLS = {"reference": {"fused": False}, "fused": {"fused": True},
+         "compiled": {"fused": True, "backend": "compiled"}, "grouped": {"fused": True, "backend": "compiled_grouped"}}
 
 BERT = family_patterns("bert")   # the patterns a GLUE task supplies for a BERT model
 
@@ -123,14 +124,12 @@ def cpu_kernel_or_skip():
         pytest.skip(f"the SAGE CPU kernel cannot be built here: {cpu_kernel.failure()}")
 
 
-def use_compiled_kernel(monkeypatch, backend: str = "per_tensor"):
-    """Route the fused path through the torch.compile kernels (the CUDA path) on this CPU:
-    per tensor, or ``grouped`` (one multi-tensor call per group)."""
+def use_compiled_kernel(monkeypatch):
+    """Let the torch.compile kernels (the CUDA path) run on this CPU, tiny tensors included; the
+    tests pick them with ``backend="compiled"`` (per tensor) or ``"compiled_grouped"``."""
     if not compiled.usable():
         pytest.skip("torch.compile is not usable here")
-    monkeypatch.setattr(optimizer_mod, "USE_CPU_KERNEL", False)
     monkeypatch.setattr(compiled, "MIN_TENSOR", 0)           # compile even these tiny tensors
-    monkeypatch.setattr(compiled, "BACKEND", backend)
     monkeypatch.setattr(compiled, "_broken", False)          # a failure elsewhere must not hide this path
 
 
@@ -143,8 +142,7 @@ def test_matches_spec_transcription(kind, cls, bc, wd, impl, monkeypatch):
     torch.compile backend, as on CUDA, per tensor; grouped: its multi-tensor form)."""
     compiled_path = impl in ("compiled", "grouped")
     if compiled_path:
-        use_compiled_kernel(monkeypatch, "grouped" if impl == "grouped" else "per_tensor")
-        impl = "fused"
+        use_compiled_kernel(monkeypatch)
     elif impl == "fused":
         cpu_kernel_or_skip()
     params = make_params()
@@ -222,7 +220,7 @@ def test_fused_matches_reference(backend, monkeypatch):
     """Every fused backend (both optimizers, SAGE and plain groups; bf16 in test_bf16_*)."""
     calls = []
     if backend in ("compiled", "grouped"):
-        use_compiled_kernel(monkeypatch, "grouped" if backend == "grouped" else "per_tensor")
+        use_compiled_kernel(monkeypatch)
         run = compiled.run
         monkeypatch.setattr(compiled, "run", lambda fn, fallback, *a: (
             calls.append((fn.__name__, len(a[0]) if isinstance(a[0], list) else 1)), run(fn, fallback, *a)))
@@ -231,10 +229,11 @@ def test_fused_matches_reference(backend, monkeypatch):
         monkeypatch.setattr(compiled, "run", lambda *a: pytest.fail("compiled kernel called"))
     for cls in (AdamWSAGE, AdamaxSAGE):
         runs = {}
-        for impl in ("reference", "fused"):
+        fused = "fused" if backend == "cpu_kernel" else backend
+        for impl in ("reference", fused):
             params = make_params(torch.float32)
             runs[impl] = (params, run_optimizer(cls, params, 20, impl=impl))
-        (pr, optr), (pf, optf) = runs["reference"], runs["fused"]
+        (pr, optr), (pf, optf) = runs["reference"], runs[fused]
         for a, b in zip(pr, pf):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
             for key in optr.state[a]:
@@ -256,10 +255,9 @@ def test_fused_matches_reference(backend, monkeypatch):
 @pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
 def test_compiled_path_sends_small_tensors_to_reference(cls, monkeypatch):
     """With the compiled kernels, tensors below MIN_TENSOR take the reference loop (same numbers)."""
-    monkeypatch.setattr(optimizer_mod, "USE_CPU_KERNEL", False)
     monkeypatch.setattr(compiled, "MIN_TENSOR", 1 << 30)
     monkeypatch.setattr(compiled, "run", lambda *a: pytest.fail("compiled kernel called"))
-    assert _same_as_reference(cls, "fused", 5)
+    assert _same_as_reference(cls, "compiled", 5)
 
 
 class CountingKernels:
@@ -360,23 +358,35 @@ def test_cpu_kernel_build_failure_falls_back(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "kernels", lambda: None)
     opt = AdamWSAGE([torch.nn.Parameter(torch.zeros(3))], fused=True)
     if compiled.usable():                                             # the compiled backend
-        assert opt._impl(opt.param_groups[0], opt.param_groups[0]["params"]) == "fused"
+        assert opt._impl(opt.param_groups[0], opt.param_groups[0]["params"]) == "compiled"
     monkeypatch.setattr(compiled, "_broken", True)                    # and no torch.compile either
     assert opt._impl(opt.param_groups[0], opt.param_groups[0]["params"]) == "reference"
     assert _same_as_reference(AdamWSAGE, "fused", 5)
 
 
-def test_auto_implementation_choice(monkeypatch):
+def test_auto_implementation_choice():
+    """One policy (fused_backend), chosen per optimizer and group by constructor arguments."""
+    def impl(opt, group=0):
+        return opt._impl(opt.param_groups[group], opt.param_groups[group]["params"])
+
     small = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))])
-    assert small._impl(small.param_groups[0], small.param_groups[0]["params"]) == "reference"
-    expected = "fused" if optimizer_mod.fused_usable(torch.device("cpu")) else "reference"
+    assert impl(small) == "reference"
+    expected = optimizer_mod.fused_backend(torch.device("cpu")) or "reference"
+    assert expected in ("cpu_kernel", "compiled", "reference")
     forced = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))], fused=True)
-    assert forced._impl(forced.param_groups[0], forced.param_groups[0]["params"]) == expected
-    monkeypatch.setattr(optimizer_mod, "FUSED_MIN_NUMEL", 5)
-    big = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))])
-    assert big._impl(big.param_groups[0], big.param_groups[0]["params"]) == expected
+    assert impl(forced) == expected
+    big = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))], fused_min_numel=5)
+    assert impl(big) == expected
     explicit = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))], fused=False)
-    assert explicit._impl(explicit.param_groups[0], explicit.param_groups[0]["params"]) == "reference"
+    assert impl(explicit) == "reference"
+    if compiled.usable():   # a backend per group, as torch's fused / foreach
+        mixed = AdamaxSAGE([{"params": [torch.nn.Parameter(torch.zeros(10))], "backend": "compiled_grouped"},
+                            {"params": [torch.nn.Parameter(torch.zeros(10))]}], fused=True)
+        assert (impl(mixed, 0), impl(mixed, 1)) == ("compiled_grouped", expected)
+    with pytest.raises(ValueError, match="Invalid backend: 'cuda_graph'"):
+        AdamWSAGE([torch.nn.Parameter(torch.zeros(10))], backend="cuda_graph")
+    with pytest.raises(ValueError, match="Invalid fused_min_numel"):
+        AdamWSAGE([torch.nn.Parameter(torch.zeros(10))], fused_min_numel=-1)
 
 
 # ---------------------------------------------------------------------------------- state

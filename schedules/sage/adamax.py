@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..config import ScheduleConfig
-from .optimizer import SAGEOptimizer
+from .optimizer import FUSED_MIN_NUMEL, SAGEOptimizer
 
 
 def adamax_fused_kernel(p: Tensor, g: Tensor, m: Tensor, u: Tensor, s: Tensor | None,
@@ -59,8 +59,9 @@ class AdamaxSAGE(SAGEOptimizer):
         lr: learning rate. betas: (β1, β2) in [0, 1). beta3: in [0, 1), the paper uses 0.6–0.9
         (0.85 for MNLI). eps: ε >= 0. weight_decay: λ >= 0 (0.01 for weights in the reference;
         use 0 for biases and LayerNorm, as :func:`sage_param_groups` does).
-        fused: implementation choice, see :mod:`adaptune.schedules.sage.optimizer` (None: automatic;
-        False: the reference loop).
+        fused, backend, fused_min_numel: implementation choice, as :class:`~.adamw.AdamWSAGE`
+            (see :mod:`adaptune.schedules.sage.optimizer`; fused None: automatic, False: the
+            reference loop).
     """
 
     _base_keys = ("exp_avg", "exp_inf")
@@ -70,9 +71,10 @@ class AdamaxSAGE(SAGEOptimizer):
     def __init__(self, params, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float = ScheduleConfig.beta3, eps: float = ScheduleConfig.eps,
                  weight_decay: float = ScheduleConfig.weight_decay, *,
-                 fused: bool | None = None):
+                 fused: bool | None = None, backend: str | None = None, fused_min_numel: int = FUSED_MIN_NUMEL):
         super().__init__(params, {"lr": lr, "betas": betas, "beta3": beta3, "eps": eps,
-                                  "weight_decay": weight_decay, "fused": fused})
+                                  "weight_decay": weight_decay, "fused": fused, "backend": backend,
+                                  "fused_min_numel": fused_min_numel})
 
     def _kernel_coefficients(self, group: dict, t: int) -> list[float]:
         """The fused kernels' hyper-parameters, in their argument order."""
@@ -108,13 +110,14 @@ class MTDNNAdamax(AdamaxSAGE):
     ``u = max(β2·u, |g| + ε)``, ``θ -= lr·(m/(u + ε) + λ·θ)``: weight decay added to the update,
     not to the gradient). ``torch.optim.Adamax`` differs on all three points, so it is not the
     paper's baseline. No sensitivity state is kept. Takes Adamax's arguments only (lr, betas, eps,
-    weight_decay, fused): there is no ``beta3``.
+    weight_decay, fused, backend, fused_min_numel): there is no ``beta3``.
     """
 
     def __init__(self, params, lr: float = 5e-5, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = ScheduleConfig.eps, weight_decay: float = ScheduleConfig.weight_decay, *,
-                 fused: bool | None = None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+                 fused: bool | None = None, backend: str | None = None, fused_min_numel: int = FUSED_MIN_NUMEL):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused,
+                         backend=backend, fused_min_numel=fused_min_numel)
         for group in self.param_groups:
             group["sage"] = False
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..config import ScheduleConfig
-from .optimizer import SAGEOptimizer
+from .optimizer import FUSED_MIN_NUMEL, SAGEOptimizer
 
 
 def adamw_fused_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor | None,
@@ -77,6 +77,9 @@ class AdamWSAGE(SAGEOptimizer):
         bias_correction: bias-correct m, v and Ī (default True, the reference's default).
         fused: implementation choice, see :mod:`adaptune.schedules.sage.optimizer` (None: automatic;
             False: the reference loop).
+        backend: the fused path's backend (None: automatic; ``cpu_kernel``, ``compiled``,
+            ``compiled_grouped``), also per param group.
+        fused_min_numel: ``fused=None`` picks the fused path from this many elements on.
     """
 
     _base_keys = ("exp_avg", "exp_avg_sq")
@@ -85,10 +88,11 @@ class AdamWSAGE(SAGEOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float = ScheduleConfig.beta3, eps: float = ScheduleConfig.eps, weight_decay: float = 0.0,
-                 bias_correction: bool = True, *, fused: bool | None = None):
+                 bias_correction: bool = True, *, fused: bool | None = None, backend: str | None = None,
+                 fused_min_numel: int = FUSED_MIN_NUMEL):
         super().__init__(params, {"lr": lr, "betas": betas, "beta3": beta3, "eps": eps,
-                                  "weight_decay": weight_decay,
-                                  "bias_correction": bool(bias_correction), "fused": fused})
+                                  "weight_decay": weight_decay, "bias_correction": bool(bias_correction),
+                                  "fused": fused, "backend": backend, "fused_min_numel": fused_min_numel})
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -151,13 +155,14 @@ class HFAdamW(AdamWSAGE):
         params, lr, betas, eps, weight_decay: as ``transformers.AdamW`` (4.7 defaults: eps 1e-6,
             weight_decay 0).
         correct_bias: the ``√(1-β2^t)/(1-β1^t)`` step-size factor (transformers' default True).
-        fused: implementation choice, as :class:`AdamWSAGE`.
+        fused, backend, fused_min_numel: implementation choice, as :class:`AdamWSAGE`.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, correct_bias: bool = True, *, fused: bool | None = None):
+                 weight_decay: float = 0.0, correct_bias: bool = True, *, fused: bool | None = None,
+                 backend: str | None = None, fused_min_numel: int = FUSED_MIN_NUMEL):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         bias_correction=correct_bias, fused=fused)
+                         bias_correction=correct_bias, fused=fused, backend=backend, fused_min_numel=fused_min_numel)
         for group in self.param_groups:
             group["sage"] = False
 

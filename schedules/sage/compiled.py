@@ -22,13 +22,6 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 MIN_TENSOR = 1 << 15            # smaller tensors take the reference loop instead (per_tensor backend)
-#: How the fused path calls the compiled update where the C++ kernel does not run (CUDA):
-#: ``"per_tensor"``: one compiled call per tensor from :data:`MIN_TENSOR` elements on (~40 µs of
-#: Python each), smaller tensors in the reference loop; ``"grouped"``: one compiled call per group
-#: over all its contiguous tensors, small ones included (:func:`grouped`; on CUDA inductor's combo
-#: kernels launch many tensors' updates at once). **(choice)** ``per_tensor`` is the default: ``grouped``
-#: has not been timed on a GPU yet (``bench/gpu_check.sh`` parts (a) and (a2) time both).
-BACKEND = "per_tensor"
 GROUPED_RECOMPILE_LIMIT = 64     # grouped graphs allowed per process (see :func:`run`)
 _cache: dict[str, Callable] = {}  # "kernel name/threads=N" -> compiled kernel
 _grouped: dict[Callable, Callable] = {}  # per-tensor update -> its multi-tensor wrapper

@@ -37,9 +37,13 @@ Implementation choices shared by both optimizers (**(choice)** marks a decision 
     - elsewhere (CUDA), or where that kernel cannot be built, the same expression per tensor,
       compiled once per process with ``torch.compile(dynamic=True)`` (:mod:`.compiled`); tensors
       under 2^15 elements take the reference loop there (each compiled call has a fixed Python
-      cost). Its multi-tensor form (``compiled.BACKEND = "grouped"``: one compiled call per
+      cost). Its multi-tensor form (``backend="compiled_grouped"``: one compiled call per
       group, small tensors included) is ready for CUDA and tested on CPU, but not yet timed on a
       GPU, so it is not the default (``bench/gpu_check.sh`` times both).
+
+  The choice is per optimizer and group, as torch's ``fused`` / ``foreach``: ``fused`` (None: auto)
+  and ``backend`` (None: :func:`fused_backend`'s policy; or one of :data:`BACKENDS`) are
+  constructor arguments and param-group keys; ``fused_min_numel`` sets auto's size threshold.
 
     Non-contiguous tensors take the reference loop. Both backends compute low-precision dtypes in
     float32 and contract multiply-adds, so they match the reference to rounding (float64 runs
@@ -66,15 +70,31 @@ from torch import Tensor
 
 from . import compiled, cpu_kernel
 
-FUSED_MIN_NUMEL = 1 << 22       # auto picks the fused path from this many elements on
-USE_CPU_KERNEL = True           # fused on CPU: the C++ kernel (False: the compiled per-tensor one)
+#: ``fused=None`` (auto) picks the fused path for optimizers of at least this many elements
+FUSED_MIN_NUMEL = 1 << 22
+#: the fused path's backends (the ``backend`` argument; None: :func:`fused_backend` picks):
+#: ``cpu_kernel`` the multi-tensor C++ kernel (CPU only), ``compiled`` the torch.compile kernel per
+#: tensor, ``compiled_grouped`` its multi-tensor form (one compiled call per group)
+BACKENDS = ("cpu_kernel", "compiled", "compiled_grouped")
 
 
-def fused_usable(device: torch.device) -> bool:
+def fused_backend(device: torch.device, backend: str | None = None) -> str | None:
+    """The one policy for the fused path on ``device``: the backend that runs ``backend`` (None:
+    the C++ kernel on CPU, the per-tensor compiled kernel elsewhere), falling back from the C++
+    kernel to ``compiled`` where it cannot be built; None when no fused backend can run here
+    (the step then takes the reference loop)."""
+    if backend is None:
+        backend = "cpu_kernel" if device.type == "cpu" else "compiled"
+    if backend == "cpu_kernel":
+        if device.type == "cpu" and cpu_kernel.kernels() is not None:
+            return "cpu_kernel"
+        backend = "compiled"
+    return backend if compiled.usable() else None
+
+
+def fused_usable(device: torch.device, backend: str | None = None) -> bool:
     """Whether the fused path can run on ``device`` (builds the CPU kernel on first use)."""
-    if device.type == "cpu" and USE_CPU_KERNEL and cpu_kernel.kernels() is not None:
-        return True
-    return compiled.usable()
+    return fused_backend(device, backend) is not None
 
 
 class SAGEOptimizer(torch.optim.Optimizer):
@@ -105,8 +125,15 @@ class SAGEOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-        defaults = {**defaults, "betas": tuple(float(b) for b in betas), "sage": True}
+        backend = defaults.get("backend")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r} (must be None or one of {', '.join(BACKENDS)})")
+        fused_min_numel = defaults.pop("fused_min_numel", FUSED_MIN_NUMEL)
+        if not isinstance(fused_min_numel, int) or fused_min_numel < 0:
+            raise ValueError(f"Invalid fused_min_numel: {fused_min_numel!r} (must be an integer >= 0)")
+        defaults = {"backend": None, **defaults, "betas": tuple(float(b) for b in betas), "sage": True}
         super().__init__(params, defaults)
+        self.fused_min_numel = fused_min_numel
         self._auto_fused: bool | None = None
 
     def __setstate__(self, state):
@@ -117,6 +144,8 @@ class SAGEOptimizer(torch.optim.Optimizer):
             group.pop("foreach", None)
             group.setdefault("sage", True)
             group.setdefault("fused", None)
+            group.setdefault("backend", None)
+        self.__dict__.setdefault("fused_min_numel", FUSED_MIN_NUMEL)
         self._auto_fused = None
 
     # ----------------------------------------------------------------- state
@@ -143,17 +172,18 @@ class SAGEOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- implementation choice
     def _impl(self, group: dict, params: list[Tensor]) -> str:
-        """The implementation for this group: ``fused`` or ``reference``."""
+        """The implementation for this group: a fused backend (:data:`BACKENDS`) or ``reference``."""
         fused = group["fused"]
         if fused is None:
             fused = self._use_auto_fused()
-        return "fused" if fused and fused_usable(params[0].device) else "reference"
+        backend = fused_backend(params[0].device, group["backend"]) if fused else None
+        return backend or "reference"
 
     def _use_auto_fused(self) -> bool:
         """Whether the optimizer is large enough for auto to pick the fused path."""
         if self._auto_fused is None:
             numel = sum(p.numel() for g in self.param_groups for p in g["params"])
-            self._auto_fused = numel >= FUSED_MIN_NUMEL
+            self._auto_fused = numel >= self.fused_min_numel
         return self._auto_fused
 
     # ----------------------------------------------------------------- step
@@ -186,26 +216,24 @@ class SAGEOptimizer(torch.optim.Optimizer):
 
     def _update(self, impl: str, group: dict, t: int, params, grads, states) -> None:
         """Update tensors that share step ``t``, device and dtype with implementation ``impl``."""
-        if impl == "fused":
-            params, grads, states = self._fused(group, t, params, grads, states)
+        if impl != "reference":
+            params, grads, states = self._fused(impl, group, t, params, grads, states)
         if params:
             self._reference(group, t, params, grads, states)
 
-    def _fused(self, group: dict, t: int, params, grads, states) -> tuple[list, list, list]:
-        """The fused update of what it can take; returns the tensors left for the reference loop.
+    def _fused(self, backend: str, group: dict, t: int, params, grads, states) -> tuple[list, list, list]:
+        """The fused update of what ``backend`` can take; returns the tensors left for the reference loop.
 
-        On CPU all contiguous tensors go to the C++ kernel in one call. Elsewhere (or where that
-        kernel cannot be built) each contiguous tensor from ``compiled.MIN_TENSOR`` elements on
-        gets one call of the compiled kernel, or, with ``compiled.BACKEND = "grouped"``, all
-        contiguous tensors one call of its compiled multi-tensor form.
+        ``cpu_kernel``: all contiguous tensors in one call of the C++ kernel. ``compiled``: each
+        contiguous tensor from ``compiled.MIN_TENSOR`` elements on, one call of the compiled kernel.
+        ``compiled_grouped``: all contiguous tensors in one call of its compiled multi-tensor form.
         """
         keys = (*self._base_keys, "exp_avg_sens") if group["sage"] else self._base_keys
         coefficients = self._kernel_coefficients(group, t)
         contiguous = [all(x.is_contiguous() for x in (p, g, *(st[k] for k in keys)))
                       for p, g, st in zip(params, grads, states)]
-        cpu_kernels = (cpu_kernel.kernels() if USE_CPU_KERNEL and params[0].device.type == "cpu"
-                       else None)
-        if cpu_kernels is not None:
+        if backend == "cpu_kernel":
+            cpu_kernels = cpu_kernel.kernels()
             take = [i for i, ok in enumerate(contiguous) if ok]
             if take:
                 state_lists = [[states[i][k] for i in take] for k in keys]
@@ -213,7 +241,7 @@ class SAGEOptimizer(torch.optim.Optimizer):
                     state_lists.append([])
                 getattr(cpu_kernels, self._cpu_kernel)(
                     [params[i] for i in take], [grads[i] for i in take], *state_lists, *coefficients)
-        elif compiled.BACKEND == "grouped":
+        elif backend == "compiled_grouped":
             take = [i for i, ok in enumerate(contiguous) if ok]
             if take:
                 flat = compiled.flat
