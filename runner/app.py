@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from adaptune.common.extras import missing_message
 from adaptune.conf import CONFIG_DIR as _CONF
 
 from .config import register_configs
+from .hydra_errors import install_one_line_errors
 
 log = logging.getLogger("adaptune")
 
@@ -99,40 +99,9 @@ def composition_message(err: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]
 
 
-def _install_one_line_errors() -> None:
-    """Hydra prints composition errors as a block (with its search path and a hint about
-    HYDRA_FULL_ERROR); the CLI prints them as one ``adaptune: error:`` line and exits 2.
-    ``HYDRA_FULL_ERROR=1`` still gives Hydra's full traceback."""
-    import hydra._internal.hydra as hydra_core
-    import hydra._internal.utils as hydra_utils
-    from hydra.errors import (
-        CompactHydraException,
-        ConfigCompositionException,
-        OverrideParseException,
-    )
-
-    original = hydra_utils.run_and_report
-    if getattr(original, "_adaptune", False):
-        return
-
-    def run_and_report(func):
-        try:
-            return func()
-        except (ConfigCompositionException, OverrideParseException, CompactHydraException,
-                OmegaConfBaseException) as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            user_error(composition_message(err))
-        except ConfigError as err:
-            user_error(str(err))
-
-    run_and_report._adaptune = True
-    hydra_utils.run_and_report = run_and_report
-    hydra_core.run_and_report = run_and_report
-
-
 register_configs()
-_install_one_line_errors()
+install_one_line_errors(lambda err: user_error(composition_message(err)),
+                        lambda err: user_error(str(err)))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

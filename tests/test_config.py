@@ -74,12 +74,15 @@ def _makefile_sweeps() -> dict[str, list[str]]:
         out = subprocess.run(["make", "-n", "--no-print-directory", target],
                              cwd=REPO, capture_output=True, text=True, check=True).stdout
         compare = [ln.split() for ln in out.splitlines() if ln.startswith(".venv/bin/adaptune compare ")]
-        if compare:   # one multirun per schedule of conf/compare/<name>.yaml
+        if compare:   # conf/compare/<name>.yaml: each grid point's keys as overrides
             from adaptune.runner import compare as cmp
 
             spec = cmp.load(compare[0][2])
-            for schedule, cmd in cmp.commands(spec, compare[0][3:]):
-                sweeps[f"{target}/{schedule}"] = cmd[cmd.index("adaptune") + 2:]   # after "-m adaptune -m"
+            extra = [a for a in compare[0][3:] if "=" in a]
+            for pid, schedule, items in cmp.points(spec):
+                sweeps[f"{target}/{schedule}/{pid}"] = [
+                    *([f"experiment={spec['experiment']}"] if spec["experiment"] else []), *items,
+                    "seed=" + ",".join(map(str, spec["seeds"])), *spec["overrides"], *extra]
             continue
         lines = [ln.split() for ln in out.splitlines() if ln.startswith(".venv/bin/adaptune -m ")]
         assert len(lines) == 1, (target, out)
@@ -97,8 +100,9 @@ def test_every_makefile_sweep_composes():
     from adaptune.schedules import build_schedule
 
     sweeps = _makefile_sweeps()
-    assert {"quickstart/baseline", "quickstart/sage", "quickstart/dps", "repro-sage-glue", "repro-dps-glue-cpu",
-            "repro-sage-vit-cpu"} <= set(sweeps)
+    names = {name.rsplit("/", 1)[0] if name.count("/") == 2 else name for name in sweeps}
+    assert {"quickstart/baseline", "quickstart/sage", "quickstart/dps", "repro-sage-glue/sage", "repro-dps-glue/mixout",
+            "repro-dps-glue-cpu", "repro-sage-vit-cpu"} <= names
     for target, overrides in sweeps.items():
         axes = []
         for override in overrides:
@@ -191,3 +195,19 @@ def test_run_directory_names_are_safe_and_bounded():
     assert dirname("task.data_dir=/x/RTE,seed=1") == "task.data_dir=_x_RTE,seed=1"
     long = dirname("x=" + "a" * 300)
     assert len(long) <= 120 and long != dirname("x=" + "a" * 299)
+
+
+def test_the_one_hydra_internal_hook_is_installed_and_fails_loudly_if_hydra_moves_it(monkeypatch):
+    """runner/hydra_errors.py is the one place that patches Hydra internals: the hook is in both
+    places Hydra calls it from, and a Hydra without it is a clear error, not a silent fallback."""
+    import hydra._internal.hydra as hydra_core
+    import hydra._internal.utils as hydra_utils
+
+    import adaptune.runner.app  # noqa: F401  (installs the hook)
+    from adaptune.runner import hydra_errors
+
+    assert getattr(hydra_utils.run_and_report, "_adaptune", False)
+    assert hydra_core.run_and_report is hydra_utils.run_and_report
+    monkeypatch.delattr(hydra_core, "run_and_report")
+    with pytest.raises(hydra_errors.HydraChanged, match="hydra._internal.hydra.run_and_report is gone"):
+        hydra_errors.install_one_line_errors(print, print)
