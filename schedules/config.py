@@ -16,6 +16,7 @@ from typing import List, Optional
 
 from adaptune.common.schema import at_least, in_range, one_of, optional, pair_in, setting
 
+from . import defaults as algo   # the algorithms' defaults: one literal each, read here
 from .lr import LR_SCHEDULES  # one list: the schedules lr.py implements
 SAGE_BASES = ("adamax", "adamw")
 DPS_VARIANTS = ("dense", "mix")
@@ -37,10 +38,10 @@ class ScheduleConfig:
     optimizer: str = "adamw"
     lr: float = setting(5e-5, check=at_least(0))   # peak learning rate (quickstart default for the pip MiniLM)
     betas: List[float] = setting(factory=lambda: [0.9, 0.999], check=pair_in(0, 1))
-    eps: float = setting(1e-6, check=at_least(0))  # SAGE: its multiplier's denominator uses eps²
+    eps: float = setting(algo.SAGE_EPS, check=at_least(0))  # SAGE: its multiplier's denominator uses eps²
     # AdamW: decoupled; Adamax (torch): added to the gradient; Adamax-SAGE: inside the
     # SAGE-scaled update; AdamW-SAGE: decoupled. Biases / norms (no_decay_patterns) get none.
-    weight_decay: float = setting(0.01, check=at_least(0))
+    weight_decay: float = setting(algo.WEIGHT_DECAY, check=at_least(0))
     lr_schedule: str = setting("linear", check=one_of(*LR_SCHEDULES))
     warmup_ratio: float = setting(0.1, check=in_range(0, 1))      # fraction of the run's updates
     warmup_steps: Optional[int] = setting(None, check=optional(at_least(0)))   # absolute; wins over the ratio
@@ -51,14 +52,15 @@ class ScheduleConfig:
 
     # ---------------------------------------------------------------- sage (docs/algorithms.md §1)
     base: str = setting("adamax", check=one_of(*SAGE_BASES))   # Adamax-SAGE (paper's GLUE) | AdamW-SAGE
-    beta3: float = setting(0.75, check=in_range(0, 1))   # EMA of the sensitivity; the paper uses 0.6-0.9
+    beta3: float = setting(algo.SAGE_BETA3, check=in_range(0, 1))   # EMA of the sensitivity; the paper uses 0.6-0.9
     bias_correction: bool = True        # AdamW-SAGE only (its first step leaves SAGE tensors unchanged)
     sage_patterns: Optional[List[str]] = None   # null: the model's encoder linear layers (from the task)
 
     # ---------------------------------------------------------------- dps (docs/algorithms.md §2)
-    variant: str = setting("dense", check=one_of(*DPS_VARIANTS))   # mix: masked entries mixed toward a snapshot
-    p: float = setting(0.3, check=in_range(0, 1))   # fraction of entries DROPPED in a selection phase
-    update_ratio: float = setting(0.05, check=in_range(0, 1, low_open=True, high_open=False))  # U = int(T * ratio)
+    variant: str = setting(algo.DPS_VARIANT, check=one_of(*DPS_VARIANTS))   # mix: masked entries mixed toward a snapshot
+    p: float = setting(algo.DPS_P, check=in_range(0, 1))   # fraction of entries DROPPED in a selection phase
+    # U = int(T * update_ratio)
+    update_ratio: float = setting(algo.DPS_UPDATE_RATIO, check=in_range(0, 1, low_open=True, high_open=False))
     # DPS's T, which sets the phase length U = int(T * update_ratio): null = the run's optimizer
     # steps (the GLUE protocol); the low-resource protocol sets one epoch's steps (ceil(n / batch)).
     T: Optional[int] = setting(None, check=optional(at_least(1)))
@@ -70,12 +72,12 @@ class ScheduleConfig:
     # ---------------------------------------------------------------- childtuning_d / _f, mixout (docs/algorithms.md §3)
     # ChildTuning: fraction of gradient entries KEPT (unlike DPS's p). AliceMind ChildTuning run.sh: 0.3 (D and
     # F); the paper tunes 0.1-0.3 (D) and 0.2-0.4 (F) per task.
-    reserve_p: float = setting(0.3, check=in_range(0, 1, low_open=True, high_open=False))
+    reserve_p: float = setting(algo.CHILDTUNING_RESERVE_P, check=in_range(0, 1, low_open=True, high_open=False))
     # ChildTuning-D: the tensors whose Fisher is scored and masked; the reference's criterion is
     # the name substring "layer" (BERT's encoder.layer.N; fairseq's layers.N); timm ViT: [blocks]
     childtuning_patterns: List[str] = setting(factory=lambda: ["layer"])
     # Mixout: mix probability p (W_eff mixes each input column back to the target with prob. p).
     # 0.9: the Mixout paper's choice for BERT-large on small GLUE tasks; the DPS paper tunes it
     # over 0.1-0.8.
-    mixout_p: float = setting(0.9, check=in_range(0, 1))
+    mixout_p: float = setting(algo.MIXOUT_P, check=in_range(0, 1))
     mixout_patterns: Optional[List[str]] = None   # null: the model's DPS linear layers (from the task)

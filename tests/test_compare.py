@@ -64,8 +64,8 @@ def test_unknown_name_is_a_one_line_error():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == [
-        "adaptune compare: error: conf/compare/nope.yaml does not exist; allowed names: dps_glue, dps_low_resource, quickstart, sage_glue "
-        "(or the path of a YAML file)"]
+        "adaptune compare: error: conf/compare/nope.yaml does not exist; allowed names: "
+        "dps_glue, dps_low_resource, quickstart, sage_glue (or the path of a YAML file)"]
 
 
 def test_missing_spec_file_is_a_one_line_error(tmp_path, capsys):

@@ -114,7 +114,7 @@ def test_state_dict_keys_stay_plain_and_state_resumes():
     assert torch.equal(restored.wrappers[0].mask, expected)
     with pytest.raises(ConfigError, match="schedule.mixout_p=0.5, this run has 0.9"):
         Mixout(Net(), 0.9, patterns=["mixed"]).load_state_dict(saved)
-    with pytest.raises(ConfigError, match="schedule.mixout_p must be a number in"):
+    with pytest.raises(ValueError, match=r"^p must be in \[0, 1\), got 1.0"):
         Mixout(Net(), 1.0)
 
 

@@ -157,3 +157,49 @@ def test_task_supplies_its_models_patterns():
     flags = [(g["sage"], g["weight_decay"]) for g in schedule.optimizer.param_groups]
     assert flags == [(True, 0.01), (True, 0.0)]
     assert set(FAMILY_PATTERNS["bert"]) == {"sage", "dps", "no_decay"}
+
+
+#: the modules that may read the config schema: the schema itself, the registry, the schedule base
+#: and each method's config adapter (``*/schedule.py``); everything else is a liftable algorithm
+SCHEMA_READERS = {"config.py", "__init__.py", "base.py", "schedule.py"}
+
+
+def _names_schema(path: Path) -> bool:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if module.endswith("config") and (node.level > 0 or "schedules" in module):
+                return True
+            if any(a.name == "ScheduleConfig" for a in node.names):
+                return True
+    return False
+
+
+def test_no_algorithm_imports_the_config_schema():
+    """SAGE's optimizers, DPS, ChildTuning, Mixout, the integrations and the fairseq plug-in own
+    their defaults (schedules/defaults.py) and checks (ValueError naming their argument)."""
+    root = REPO / "schedules"
+    bad = [str(p.relative_to(REPO)) for p in root.rglob("*.py")
+           if not (p.parent == root and p.name in SCHEMA_READERS) and p.name != "schedule.py" and _names_schema(p)]
+    assert not bad, bad
+    assert _names_schema(root / "base.py")          # the check sees a schema import when there is one
+
+
+@pytest.mark.parametrize("key,call", [
+    ("p", lambda v: __import__("adaptune.schedules.dps.helpers", fromlist=["x"]).check_dps_hparams(v, 0.05, "dense")),
+    ("update_ratio", lambda v: __import__("adaptune.schedules.dps.helpers", fromlist=["x"]).check_dps_hparams(0.3, v, "dense")),
+    ("reserve_p", lambda v: __import__("adaptune.schedules.childtuning.algorithm", fromlist=["x"])._check_reserve_p(v)),
+])
+def test_algorithm_and_schema_ranges_agree(key, call):
+    """The schema's check of a key and the algorithm's check of its argument accept the same values."""
+    from adaptune.schedules.config import ScheduleConfig
+
+    check = next(f.metadata["check"] for f in dataclasses.fields(ScheduleConfig) if f.name == key)
+    for value in (-0.1, 0.0, 1e-9, 0.3, 0.999, 1.0, 1.5):
+        try:
+            call(value)
+            algorithm_ok = True
+        except ValueError:
+            algorithm_ok = False
+        assert algorithm_ok == (check(value) is None), (key, value)

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from adaptune.common.errors import ConfigError
-from adaptune.common.schema import check_values
 
-from ..config import ScheduleConfig
+from ..defaults import CHILDTUNING_RESERVE_P, check_range
 from ..patterns import select_names
 from ..sync import broadcast_from_rank0
 
@@ -25,8 +24,7 @@ STATE_VERSION = 1
 
 
 def _check_reserve_p(reserve_p: Any) -> float:
-    check_values(ScheduleConfig, "schedule", reserve_p=reserve_p)
-    return float(reserve_p)
+    return check_range("reserve_p", reserve_p, 0, 1, low_open=True, high_open=False)
 
 
 def _check_version(state: Mapping[str, Any], kind: str) -> None:
@@ -45,7 +43,7 @@ class ChildTuningF:
     """Task-free ChildTuning: ``g <- g * (B / reserve_p)``, ``B ~ Bernoulli(reserve_p)`` fresh
     every :meth:`apply`, for every tensor given (that has a gradient)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], reserve_p: float = ScheduleConfig.reserve_p,
+    def __init__(self, params: Iterable[torch.Tensor], reserve_p: float = CHILDTUNING_RESERVE_P,
                  seed: int = 0, device: torch.device | str | None = None):
         self.reserve_p = _check_reserve_p(reserve_p)
         self.params = list(params)
@@ -119,7 +117,7 @@ class ChildTuningD:
     tensors whose names contain one of ``patterns``; :meth:`apply` does ``g <- g * M``."""
 
     def __init__(self, named_parameters: Iterable[tuple[str, torch.Tensor]],
-                 reserve_p: float = ScheduleConfig.reserve_p, patterns: Sequence[str] = ("layer",),
+                 reserve_p: float = CHILDTUNING_RESERVE_P, patterns: Sequence[str] = ("layer",),
                  key: str = "schedule.childtuning_patterns"):
         self.reserve_p = _check_reserve_p(reserve_p)
         named = [(n, t) for n, t in named_parameters if t.requires_grad]

@@ -7,7 +7,7 @@ import torch
 
 from adaptune.common.errors import ConfigError
 
-from ..config import ScheduleConfig
+from ..defaults import DPS_P, DPS_UPDATE_RATIO, DPS_VARIANT
 from ..patterns import select_names
 from .helpers import (canonical_name, check_dps_hparams, default_seed, keep_count, phase_length,
                       topk_threshold)
@@ -34,8 +34,8 @@ class DPS:
     """
 
     def __init__(self, named_parameters: Iterable[tuple[str, torch.Tensor]], total_steps: int,
-                 p: float = ScheduleConfig.p, update_ratio: float = ScheduleConfig.update_ratio,
-                 variant: str = ScheduleConfig.variant, *,
+                 p: float = DPS_P, update_ratio: float = DPS_UPDATE_RATIO,
+                 variant: str = DPS_VARIANT, *,
                  patterns: Sequence[str] | None = None, mix: Mapping[str, MixoutWeight] | None = None,
                  seed: int | None = None, key: str = "schedule.dps_patterns"):
         check_dps_hparams(p, update_ratio, variant)

@@ -10,18 +10,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from adaptune.common.errors import ConfigError
-from adaptune.common.schema import check_values
 
-from ..config import ScheduleConfig
+from ..defaults import check_range
 from ..sync import default_seed  # noqa: F401  (re-exported: adaptune.schedules.dps.default_seed)
 
 PARAMETRIZED_SUFFIX = "parametrizations.weight.original"
 
 
-def check_dps_hparams(p: Any, update_ratio: Any, variant: Any, prefix: str = "schedule") -> None:
-    """The schema's range checks (``schedules/config.py``) on DPS's hyper-parameters; a one-line
-    ConfigError naming the key."""
-    check_values(ScheduleConfig, prefix, p=p, update_ratio=update_ratio, variant=variant)
+def check_dps_hparams(p: Any, update_ratio: Any, variant: Any) -> None:
+    """DPS's own argument checks: ValueError naming the argument (``p`` in [0, 1), ``update_ratio``
+    in (0, 1], ``variant`` dense | mix)."""
+    check_range("p", p, 0, 1)
+    check_range("update_ratio", update_ratio, 0, 1, low_open=True, high_open=False)
+    if variant not in ("dense", "mix"):
+        raise ValueError(f"variant must be 'dense' or 'mix', got {variant!r}")
 
 
 def phase_length(total_steps: int, update_ratio: float, prefix: str = "schedule",

@@ -94,7 +94,10 @@ class AccelerateDPS:
     def __init__(self, accelerator, model: torch.nn.Module, total_steps: int, p: float = 0.3,
                  update_ratio: float = 0.05, variant: str = "dense", patterns: Sequence[str] | None = None, *,
                  family: str | None = None, seed: int | None = None, optimizer=None):
-        check_dps_hparams(p, update_ratio, variant, prefix=self.KEY)
+        try:
+            check_dps_hparams(p, update_ratio, variant)
+        except ValueError as err:   # the class's own argument, named as its users call it
+            raise ConfigError(f"{self.KEY}.{err}") from None
         phase_length(int(total_steps), float(update_ratio), prefix=self.KEY)
         self.accelerator = accelerator
         self.model = accelerator.unwrap_model(model)

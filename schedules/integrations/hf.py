@@ -285,7 +285,10 @@ class DPSCallback(TrainerCallback):
     def __init__(self, p: float = 0.3, update_ratio: float = 0.05, variant: str = "dense",
                  patterns: Sequence[str] | None = None, *, family: str | None = None,
                  total_steps: int | None = None, seed: int | None = None):
-        check_dps_hparams(p, update_ratio, variant, prefix=self.KEY)
+        try:
+            check_dps_hparams(p, update_ratio, variant)
+        except ValueError as err:   # the class's own argument, named as its users call it
+            raise ConfigError(f"{self.KEY}.{err}") from None
         self.p, self.update_ratio, self.variant = float(p), float(update_ratio), variant
         self.patterns = list(patterns) if patterns is not None else None
         self.family, self.total_steps, self.seed = family, total_steps, seed

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from adaptune.common.errors import ConfigError
-from adaptune.common.schema import check_values
 
-from ..config import ScheduleConfig
+from ..defaults import MIXOUT_P, check_range
 from ..dps.helpers import default_seed, linear_weights
 from ..dps.mix import MixoutWeight, attach_mix
 
@@ -33,11 +32,10 @@ class Mixout:
         seed: the mask generator's seed (default :func:`~adaptune.schedules.dps.helpers.default_seed`).
     """
 
-    def __init__(self, model: nn.Module, p: float = ScheduleConfig.mixout_p,
+    def __init__(self, model: nn.Module, p: float = MIXOUT_P,
                  patterns: Sequence[str] | None = None, *, wrappers: Mapping[str, MixoutWeight] | None = None,
                  seed: int | None = None, key: str = "schedule.mixout_patterns"):
-        check_values(ScheduleConfig, "schedule", mixout_p=p)
-        self.p = float(p)
+        self.p = check_range("p", p, 0, 1)
         if wrappers is None:
             wrappers = attach_mix(model, patterns, key)
         weights = dict(linear_weights(model))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..config import ScheduleConfig
+from ..defaults import SAGE_BETA3, SAGE_EPS, WEIGHT_DECAY
 from .optimizer import FUSED_MIN_NUMEL, SAGEOptimizer
 
 
@@ -69,8 +69,8 @@ class AdamaxSAGE(SAGEOptimizer):
     _cpu_kernel = "adamax_sage_"
 
     def __init__(self, params, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 beta3: float = ScheduleConfig.beta3, eps: float = ScheduleConfig.eps,
-                 weight_decay: float = ScheduleConfig.weight_decay, *,
+                 beta3: float = SAGE_BETA3, eps: float = SAGE_EPS,
+                 weight_decay: float = WEIGHT_DECAY, *,
                  fused: bool | None = None, backend: str | None = None, fused_min_numel: int = FUSED_MIN_NUMEL):
         super().__init__(params, {"lr": lr, "betas": betas, "beta3": beta3, "eps": eps,
                                   "weight_decay": weight_decay, "fused": fused, "backend": backend,
@@ -114,7 +114,7 @@ class MTDNNAdamax(AdamaxSAGE):
     """
 
     def __init__(self, params, lr: float = 5e-5, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = ScheduleConfig.eps, weight_decay: float = ScheduleConfig.weight_decay, *,
+                 eps: float = SAGE_EPS, weight_decay: float = WEIGHT_DECAY, *,
                  fused: bool | None = None, backend: str | None = None, fused_min_numel: int = FUSED_MIN_NUMEL):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused,
                          backend=backend, fused_min_numel=fused_min_numel)

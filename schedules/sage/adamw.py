@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..config import ScheduleConfig
+from ..defaults import SAGE_BETA3, SAGE_EPS
 from .optimizer import FUSED_MIN_NUMEL, SAGEOptimizer
 
 
@@ -87,7 +87,7 @@ class AdamWSAGE(SAGEOptimizer):
     _cpu_kernel = "adamw_sage_"
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 beta3: float = ScheduleConfig.beta3, eps: float = ScheduleConfig.eps, weight_decay: float = 0.0,
+                 beta3: float = SAGE_BETA3, eps: float = SAGE_EPS, weight_decay: float = 0.0,
                  bias_correction: bool = True, *, fused: bool | None = None, backend: str | None = None,
                  fused_min_numel: int = FUSED_MIN_NUMEL):
         super().__init__(params, {"lr": lr, "betas": betas, "beta3": beta3, "eps": eps,

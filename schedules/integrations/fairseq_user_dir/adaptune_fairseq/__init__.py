@@ -37,7 +37,7 @@ from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II
 
 from adaptune.common.families import family_patterns
-from adaptune.schedules.config import ScheduleConfig
+from adaptune.schedules.defaults import SAGE_BETA3, SAGE_EPS
 from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE, sage_param_groups
 
 logger = logging.getLogger("adaptune_fairseq.sage")
@@ -95,9 +95,9 @@ def sage_groups(params, weight_decay: float, patterns: str) -> list[dict]:
 @dataclass
 class AdamSAGEConfig(FairseqDataclass):
     adam_betas: Any = field(default=(0.9, 0.999), metadata={"help": "betas for AdamW-SAGE"})
-    adam_eps: float = field(default=ScheduleConfig.eps, metadata={"help": "epsilon (SAGE divides by eps^2)"})
+    adam_eps: float = field(default=SAGE_EPS, metadata={"help": "epsilon (SAGE divides by eps^2)"})
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (not biases / layer norms)"})
-    beta3: float = field(default=ScheduleConfig.beta3, metadata={"help": "SAGE sensitivity EMA, in [0, 1)"})
+    beta3: float = field(default=SAGE_BETA3, metadata={"help": "SAGE sensitivity EMA, in [0, 1)"})
     sage_bias_correction: bool = field(default=True, metadata={"help": "bias-correct the sensitivity EMA"})
     sage_patterns: str = field(default="", metadata={"help": "comma-separated name substrings of the SAGE tensors"})
     lr: List[float] = II("optimization.lr")
@@ -106,9 +106,9 @@ class AdamSAGEConfig(FairseqDataclass):
 @dataclass
 class AdamaxSAGEConfig(FairseqDataclass):
     adamax_betas: Any = field(default=(0.9, 0.999), metadata={"help": "betas for Adamax-SAGE"})
-    adamax_eps: float = field(default=ScheduleConfig.eps, metadata={"help": "epsilon (SAGE divides by eps^2)"})
+    adamax_eps: float = field(default=SAGE_EPS, metadata={"help": "epsilon (SAGE divides by eps^2)"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (not biases / layer norms)"})
-    beta3: float = field(default=ScheduleConfig.beta3, metadata={"help": "SAGE sensitivity EMA, in [0, 1)"})
+    beta3: float = field(default=SAGE_BETA3, metadata={"help": "SAGE sensitivity EMA, in [0, 1)"})
     sage_patterns: str = field(default="", metadata={"help": "comma-separated name substrings of the SAGE tensors"})
     lr: List[float] = II("optimization.lr")
 
