@@ -63,8 +63,8 @@ def user_error(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-#: Launchers / sweepers that Hydra plugins (``adaptune[sweeps]``) add.
-PLUGIN_OPTIONS = ("joblib", "submitit_local", "submitit_slurm", "optuna")
+#: Launchers that Hydra plugins (``adaptune[sweeps]``) add.
+PLUGIN_OPTIONS = ("joblib", "submitit_local", "submitit_slurm")
 
 _MISSING_OPTION = re.compile(r"Could not (?:find|load) '([^']+)/([^'/]+)'")
 

@@ -1,6 +1,8 @@
 """``adaptune`` command: Hydra training by default, ``adaptune report DIR`` for tables,
 ``adaptune compare NAME|PATH.yaml`` for per-schedule grids over the same seeds (presets in
-conf/compare/, or a spec file of your own), ``adaptune analyze DIR`` for sensitivity, pruning and
+conf/compare/, or a spec file of your own), ``adaptune search NAME|PATH.yaml`` for an Optuna search over
+one schedule's settings on a selection split (presets in conf/search/; resumable, several workers
+on one study), ``adaptune analyze DIR`` for sensitivity, pruning and
 DPS-selection plots of finished runs, ``adaptune export RUN_DIR OUT_DIR`` for a trained model in
 Hugging Face / timm format, ``adaptune plugin-path fairseq`` for fairseq's ``--user-dir``."""
 from __future__ import annotations
@@ -41,9 +43,13 @@ def _dispatch(argv: list[str]) -> int | None:
         from adaptune.runner.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if command == "search":
+        from adaptune.runner.search import main as search_main
+
+        return search_main(argv[1:])
     from adaptune.runner.app import main as hydra_main
 
-    hydra_main()   # exits by itself on errors; its return value is the Optuna objective, not a status
+    hydra_main()   # exits by itself on errors; its return value is the run's best metric, not a status
     return 0
 
 

@@ -126,12 +126,13 @@ def test_wheel_install_runs_from_a_directory_with_clashing_names(installed, clas
 
     dry = _run([str(bin_ / "adaptune"), "compare", "quickstart", "--dry-run"], clashing)
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.count(" -m adaptune -m experiment=quickstart") == 3
+    assert dry.stdout.count(" -m adaptune -m experiment=quickstart") == 1      # one sweep
+    assert dry.stdout.count("#   compare_point=") == 6                          # of six grid points
 
     (clashing / "mine.yaml").write_text("experiment: quickstart\nseeds: [1]\ngrids: {sage: {schedule.lr: [1e-4]}}\n")
     own = _run([str(bin_ / "adaptune"), "compare", "mine.yaml", "--dry-run"], clashing)
     assert own.returncode == 0, own.stderr
-    assert "schedule=sage schedule.lr=1e-4 seed=1 name=mine" in own.stdout
+    assert "seed=1 name=mine" in own.stdout and ": schedule=sage schedule.lr=1e-4" in own.stdout
 
     plugin = Path(_run([str(bin_ / "adaptune"), "plugin-path", "fairseq"], clashing).stdout.strip())
     assert plugin.name == "adaptune_fairseq" and plugin.is_relative_to(installed)

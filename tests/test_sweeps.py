@@ -139,8 +139,9 @@ def test_report_splits_by_every_varying_override_but_the_seed(tmp_path):
                             "glue/rte [task.train_subset=1000] (accuracy) | average |")
     rows = list(itertools.takewhile(lambda line: line.startswith("| "), lines[start + 2:]))
     assert [r.split("|")[1].strip() for r in rows] == ["baseline", "sage"]
-    assert "| 60.50 ± 14.14 (n=2) | 61.00 ± 14.14 (n=2) | 60.75 |" in rows[0]
-    assert "| 70.50 ± 14.14 (n=2) | 71.00 ± 14.14 (n=2) | 70.75 |" in rows[1]  # sage at lr=2e-4
+    # the average over the two columns, with its bootstrap interval over seeds
+    assert "| 60.50 ± 14.14 (n=2) | 61.00 ± 14.14 (n=2) | 60.75 [" in rows[0]
+    assert "| 70.50 ± 14.14 (n=2) | 71.00 ± 14.14 (n=2) | 70.75 [" in rows[1]  # sage at lr=2e-4
     data = json.loads((tmp_path / "report.json").read_text())
     selected = [(t["task"], s["schedule"], s["selected"]) for t in data["tasks"] for s in t["schedules"]]
     assert selected == [("glue/rte [task.train_subset=500]", "baseline", "—"),
@@ -155,9 +156,9 @@ def test_report_splits_by_every_varying_override_but_the_seed(tmp_path):
 @pytest.mark.parametrize("backend", [
     ["seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
     ["seed=1,2", "hydra/launcher=submitit_local"],
-    ["hparams_search=sage_optuna", "hydra.sweeper.n_trials=2"],
-], ids=["joblib", "submitit_local", "optuna"])
+], ids=["joblib", "submitit_local"])
 def test_sweep_backends_run_every_job(tmp_path, backend):
+    """(Hyper-parameter search is ``adaptune search``: tests/test_search.py.)"""
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
     sweep = tmp_path / "sweep"
     out = subprocess.run(_sweep_cmd(data, sweep, "trainer.max_steps=2", *backend), cwd=REPO,
@@ -165,10 +166,4 @@ def test_sweep_backends_run_every_job(tmp_path, backend):
     assert out.returncode == 0, out.stderr[-2000:]
     results = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
     assert len(results) == 2 and all(r["status"] == "completed" for r in results)
-    if backend[0].startswith("hparams_search"):
-        assert {r["schedule"] for r in results} == {"sage"}
-        lrs = {r["config"]["schedule"]["lr"] for r in results}
-        assert len(lrs) == 2 and all(2e-5 <= lr <= 1e-3 for lr in lrs)  # sampled from the search space
-        assert "Best value" in out.stdout + out.stderr
-    else:
-        assert sorted(r["seed"] for r in results) == [1, 2]
+    assert sorted(r["seed"] for r in results) == [1, 2]
