@@ -86,6 +86,7 @@ class TrainState:
     evals: list = field(default_factory=list)        # [{"step": s, **metrics}]
     train_loss: list = field(default_factory=list)   # [[step, mean loss over the log interval]]
     loss_window: list = field(default_factory=list)  # step losses since the last log line
+    overflow_steps: list = field(default_factory=list)  # fp16: steps whose gradients overflowed (skipped)
 
     def last_eval(self) -> dict:
         """The metrics of the latest evaluation (without its step), or {} before any."""
@@ -263,6 +264,9 @@ class Trainer:
             # DDP averaged the ranks' gradient sums: scale back to the global sum, then normalise
             torch._foreach_mul_(grads, self.dist.world / sample_size)
         overflow = self.amp.overflowed(grads)  # fp16 only: skip hooks, update and LR step
+        if overflow:   # recorded in results.json: DPS's scores and every schedule's update skip it
+            self.state.overflow_steps.append(step)
+            log.info("step %d: fp16 gradients overflowed; update, LR step and schedule hooks skipped", step)
         if not overflow:
             self._fire("on_before_clip", step)   # DPS masks here: the clip sees masked gradients
         max_norm = self.tcfg.max_grad_norm

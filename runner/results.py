@@ -63,6 +63,8 @@ def collect(trainer: Trainer, final: dict, test: dict | None, status: str = "com
         "train_time_s": st.train_time,
         "samples_per_s": st.samples / max(st.train_time, 1e-9),
         "precision": trainer.precision,
+        # fp16: steps skipped for overflowed gradients (no update; DPS adds nothing to its scores)
+        "fp16_overflow_steps": list(st.overflow_steps),
         "evals": st.evals,
         "train_loss": st.train_loss,
         "task_summary": trainer.task.summary(),

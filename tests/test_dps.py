@@ -533,3 +533,38 @@ def test_schedule_T_sets_the_phase_length_independently_of_the_run_length():
     with pytest.raises(ConfigError, match=r"schedule\.T"):
         bad = build_schedule(_dps_cfg(T=10, update_ratio=0.05))
         bad.setup(nn.Sequential(nn.Linear(4, 2)), {"dps": ("0",), "sage": (), "no_decay": ("bias",)}, total_steps=96)
+
+
+def test_an_overflowed_step_is_recorded_and_adds_nothing_to_the_scores(tmp_path, monkeypatch):
+    """fp16 overflow, forced at step 2 of an exploration phase: results.json lists the step, and
+    DPS's scores accumulate the other exploration steps only (the reference
+    added the loss-scaled gradients of such steps; we skip them, docs/algorithms.md §2)."""
+    from conftest import compose, glue_overrides, write_glue
+
+    import adaptune.schedules.dps.algorithm as algorithm
+    from adaptune.runner.loop import run
+    from adaptune.runner.precision import Precision
+
+    seen = []
+    on_gradients = algorithm.DPS.on_gradients
+
+    def record(self, step):
+        on_gradients(self, step)
+        if not self.is_selection(step):
+            seen.append((step, [s.clone() for s in self.scores]))
+
+    monkeypatch.setattr(algorithm.DPS, "on_gradients", record)
+    monkeypatch.setattr(Precision, "overflowed", lambda self, grads: self._step_no() == 2)
+    counter = {"n": 0}
+
+    def step_no(self):
+        counter["n"] += 1
+        return counter["n"]
+
+    monkeypatch.setattr(Precision, "_step_no", step_no, raising=False)
+    data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
+    cfg = compose(glue_overrides(data, "rte", "schedule=dps", "trainer.batch_size=8", "trainer.max_steps=6",
+                                 "schedule.update_ratio=0.5"))   # U = 3: steps 1-3 explore, 4-6 select
+    res = run(cfg, tmp_path / "run")
+    assert res["fp16_overflow_steps"] == [2]
+    assert [s for s, _ in seen] == [1, 3]                        # step 2 never reached DPS's scores
