@@ -44,6 +44,7 @@ from adaptune.common.schema import build
 from .config import ScheduleConfig
 from .lr import build_lr_scheduler, warmup_steps
 from .param_groups import build_param_groups, strip_names
+from .patterns import resolve_patterns
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +202,7 @@ class Schedule:
     def patterns(self, patterns: ParamPatterns, kind: str) -> tuple[str, ...]:
         """``schedule.<kind>_patterns`` from config, or the model's own (``patterns[kind]``, which
         the task supplies for the model it built)."""
-        explicit = getattr(self.cfg, f"{kind}_patterns")
-        if explicit:
-            return tuple(explicit)
-        if kind not in patterns:
-            raise ConfigError(f"this model declares no '{kind}' parameter patterns; set schedule.{kind}_patterns")
-        return tuple(patterns[kind])
+        return resolve_patterns(getattr(self.cfg, f"{kind}_patterns"), patterns, kind, f"schedule.{kind}_patterns")
 
     def param_groups(self, model: torch.nn.Module, patterns: ParamPatterns,
                      flag: str | None = None) -> list[dict]:

@@ -5,12 +5,12 @@ drawing on :mod:`adaptune.common.families`, re-exported here for code outside th
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from adaptune.common.errors import ConfigError
 from adaptune.common.families import FAMILY_PATTERNS, ParamPatterns, family_patterns
 
-__all__ = ["FAMILY_PATTERNS", "ParamPatterns", "family_patterns", "matches", "select_names"]
+__all__ = ["FAMILY_PATTERNS", "ParamPatterns", "family_patterns", "matches", "resolve_patterns", "select_names"]
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -29,3 +29,14 @@ def select_names(names: Sequence[str], patterns: Sequence[str], key: str) -> lis
         raise ConfigError(
             f"{key}={list(patterns)} matches no parameter of this model (names look like: {sample}, ...)")
     return chosen
+
+
+def resolve_patterns(explicit, patterns: Mapping[str, Sequence[str]], kind: str, key: str) -> tuple[str, ...]:
+    """The one rule for which parameters a method touches: the patterns the user gave
+    (``explicit``: a config key or an argument), else the model's own ``patterns[kind]`` (the task
+    or the model family supplies them); ConfigError naming ``key`` when neither exists."""
+    if explicit:
+        return tuple(explicit)
+    if kind not in patterns:
+        raise ConfigError(f"this model declares no '{kind}' parameter patterns; set {key}")
+    return tuple(patterns[kind])

@@ -203,3 +203,14 @@ def test_algorithm_and_schema_ranges_agree(key, call):
         except ValueError:
             algorithm_ok = False
         assert algorithm_ok == (check(value) is None), (key, value)
+
+
+def test_mixout_and_dps_share_the_mix_and_linear_helpers_not_each_other():
+    """The weight mix lives in schedules/mixing.py and the Linear helpers in schedules/linear.py:
+    Mixout does not reach into DPS's package (nor DPS into Mixout's)."""
+    for package, other in (("mixout", "dps"), ("dps", "mixout")):
+        for path in (REPO / "schedules" / package).glob("*.py"):
+            tree = ast.parse(path.read_text())
+            bad = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                   and (n.module == other or n.module.startswith(f"{other}.") or f".{other}" in n.module)]
+            assert not bad, (str(path.relative_to(REPO)), bad)

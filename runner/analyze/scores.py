@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from adaptune.schedules.dps.helpers import canonical_name
+from adaptune.schedules.linear import canonical_name
 from adaptune.schedules.patterns import select_names
 from adaptune.tasks.base import Task, move_to
 

@@ -96,7 +96,7 @@ Decisions marked **(choice)** (docs/algorithms.md asks for them to be recorded h
 from .algorithm import DPS, STATE_VERSION
 from .helpers import (canonical_name, check_dps_hparams, default_seed, disable_dropout, keep_count,
                       linear_weights, phase_length, topk_threshold)
-from .mix import MixoutWeight, attach_mix
+from ..mixing import MixoutWeight, attach_mix
 from .schedule import DPSSchedule
 
 __all__ = ["DPS", "DPSSchedule", "MixoutWeight", "STATE_VERSION", "attach_mix", "canonical_name",

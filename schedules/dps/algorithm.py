@@ -8,10 +8,10 @@ import torch
 from adaptune.common.errors import ConfigError
 
 from ..defaults import DPS_P, DPS_UPDATE_RATIO, DPS_VARIANT
+from ..mixing import MixoutWeight
 from ..patterns import select_names
 from .helpers import (canonical_name, check_dps_hparams, default_seed, keep_count, phase_length,
                       topk_threshold)
-from .mix import MixoutWeight
 
 STATE_VERSION = 1
 

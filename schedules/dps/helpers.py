@@ -1,4 +1,4 @@
-"""DPS's small pieces: phase length, keep counts, the top-k threshold, names, seeds, dropout."""
+"""DPS's small pieces: argument checks, phase length, keep counts, the top-k threshold."""
 from __future__ import annotations
 
 import math
@@ -6,15 +6,13 @@ from fractions import Fraction
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.utils import parametrize
 
 from adaptune.common.errors import ConfigError
 
 from ..defaults import check_range
+from ..linear import PARAMETRIZED_SUFFIX, canonical_name, disable_dropout, linear_weights  # noqa: F401  (re-exported)
 from ..sync import default_seed  # noqa: F401  (re-exported: adaptune.schedules.dps.default_seed)
 
-PARAMETRIZED_SUFFIX = "parametrizations.weight.original"
 
 
 def check_dps_hparams(p: Any, update_ratio: Any, variant: Any) -> None:
@@ -55,57 +53,3 @@ def topk_threshold(scores: torch.Tensor, keep: int) -> torch.Tensor:
     if keep <= dropped:
         return torch.topk(flat, keep, sorted=False).values.min()
     return torch.topk(flat, dropped, largest=False, sorted=False).values.max()
-
-
-def canonical_name(name: str) -> str:
-    """``a.b.parametrizations.weight.original`` -> ``a.b.weight`` (other names unchanged)."""
-    if name == PARAMETRIZED_SUFFIX:
-        return "weight"
-    if name.endswith("." + PARAMETRIZED_SUFFIX):
-        return name[: -len(PARAMETRIZED_SUFFIX)] + "weight"
-    return name
-
-
-def linear_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, weight)`` of every ``nn.Linear`` in ``model`` (plain names, also when parametrized)."""
-    out = []
-    for mod_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if parametrize.is_parametrized(module, "weight"):
-            weight = module.parametrizations.weight.original
-        else:
-            weight = module.weight
-        out.append((f"{mod_name}.weight" if mod_name else "weight", weight))
-    return out
-
-
-def disable_dropout(model: nn.Module) -> int:
-    """Set every dropout probability in ``model`` to 0 (the DPS preset); returns how many were set.
-
-    Covers ``nn.Dropout*`` modules, any module whose class name contains ``Dropout`` with a float
-    ``p`` (fairseq's ``FairseqDropout``, ...), float attributes whose name contains ``dropout``
-    (e.g. ``attention_dropout`` read at forward time by some Hugging Face attention classes), and
-    the float ``*dropout*`` entries of a Hugging Face ``model.config`` (for code that reads the
-    config at forward time). Transformers 5's BERT self-attention reads ``self.dropout.p`` at
-    every forward, so zeroing the module is enough there; tests/test_dps.py checks that two
-    training-mode forwards agree. Stochastic depth (timm ``DropPath``) is not dropout and is left.
-    """
-    changed = 0
-    for module in model.modules():
-        is_dropout = isinstance(module, nn.modules.dropout._DropoutNd) or (
-            "Dropout" in type(module).__name__ and isinstance(getattr(module, "p", None), float))
-        if is_dropout and module.p != 0.0:
-            module.p = 0.0
-            changed += 1
-        for attr, value in list(vars(module).items()):
-            if "dropout" in attr.lower() and isinstance(value, float) and value != 0.0:
-                setattr(module, attr, 0.0)
-                changed += 1
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        for key, value in config.to_dict().items():
-            if "dropout" in key.lower() and isinstance(value, float) and value != 0.0:
-                setattr(config, key, 0.0)
-                changed += 1
-    return changed

@@ -10,8 +10,9 @@ from adaptune.common.families import ParamPatterns
 from ..baseline import BaselineSchedule
 from .algorithm import DPS
 from ..sync import shared_seed
-from .helpers import disable_dropout, linear_weights, phase_length
-from .mix import MixoutWeight, attach_mix
+from ..linear import disable_dropout, linear_weights
+from .helpers import phase_length
+from ..mixing import MixoutWeight, attach_mix
 
 
 class DPSSchedule(BaselineSchedule):

@@ -57,7 +57,7 @@ from ..dps import DPS, MixoutWeight, attach_mix, linear_weights, phase_length
 from ..dps.helpers import check_dps_hparams
 from ..sync import shared_seed
 from .guards import grads_overflowed, refuse_sharded
-from .patterns import model_patterns
+from .patterns import dps_patterns
 
 __all__ = ["AccelerateDPS"]
 
@@ -71,11 +71,6 @@ def total_steps(dataloader, epochs: int, gradient_accumulation_steps: int = 1) -
         raise ValueError(f"total_steps needs positive batches, epochs and accumulation; got {batches}, {epochs}, "
                          f"{gradient_accumulation_steps}")
     return math.ceil(batches / gradient_accumulation_steps) * int(epochs)
-
-
-def _dps_patterns(model: torch.nn.Module, patterns: Sequence[str] | None, family: str | None) -> list[str]:
-    """The selected weights' patterns: ``patterns``, else the model's family's DPS patterns."""
-    return list(patterns) if patterns is not None else list(model_patterns(model, family)["dps"])
 
 
 class AccelerateDPS:
@@ -104,7 +99,7 @@ class AccelerateDPS:
         dist_type = str(getattr(accelerator, "distributed_type", ""))
         sharded = next((name for name in ("DEEPSPEED", "FSDP") if name in dist_type), None)
         refuse_sharded(self.model, None, self.KEY, reason=sharded and {"DEEPSPEED": "DeepSpeed"}.get(sharded, sharded))
-        patterns = _dps_patterns(self.model, patterns, family)
+        patterns = dps_patterns(self.model, patterns, family)
         key = f"{self.KEY}.patterns"
         mix = None
         if variant == "mix":
@@ -134,7 +129,7 @@ class AccelerateDPS:
                     family: str | None = None) -> None:
         """DPS-Mix under DDP: patch the forward of the *unprepared* ``model`` (before
         ``accelerator.prepare``); the helper built after ``prepare`` with the same patterns reuses it."""
-        attach_mix(model, _dps_patterns(model, patterns, family), key=f"{cls.KEY}.patterns")
+        attach_mix(model, dps_patterns(model, patterns, family), key=f"{cls.KEY}.patterns")
 
     def before_forward(self) -> None:
         """Before a forward pass: the first call of each optimizer step enters it (Mix: draws ``N``)."""

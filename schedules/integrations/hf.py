@@ -85,7 +85,7 @@ from ..dps import DPS, attach_mix, check_dps_hparams, linear_weights, phase_leng
 from ..sage import AdamaxSAGE, AdamWSAGE, sage_param_groups
 from ..sync import shared_seed
 from .guards import grads_overflowed, refuse_sharded
-from .patterns import model_patterns
+from .patterns import dps_patterns, model_patterns
 
 TrainerCallback = require("transformers", "adaptune.schedules.integrations.hf").TrainerCallback
 
@@ -396,7 +396,7 @@ class DPSCallback(TrainerCallback):
 
     def _patterns(self, model: torch.nn.Module) -> list[str]:
         """The selected weights' patterns: the given ones, else the model's family's DPS patterns."""
-        return self.patterns or list(model_patterns(model, self.family)["dps"])
+        return dps_patterns(model, self.patterns, self.family)
 
     def _attach_mix(self, model: torch.nn.Module, patterns: Sequence[str]) -> dict:
         """Mix's wrappers of the selected Linears (:func:`attach_mix`, idempotent), after refusing

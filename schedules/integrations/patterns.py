@@ -18,13 +18,15 @@ passed as ``family``.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 from adaptune.common.errors import ConfigError
 from adaptune.common.families import (FAMILY_PATTERNS, HF_MODEL_TYPES, LORA_SUBSTRINGS, ParamPatterns, family_patterns,
                              lora_patterns)
+
+from ..patterns import resolve_patterns
 
 
 def is_lora_model(model: torch.nn.Module) -> bool:
@@ -56,3 +58,9 @@ def model_patterns(model: torch.nn.Module, family: str | None = None) -> ParamPa
             family = "bert"   # LoRA: only no_decay comes from the family (biases, norms)
     base: Mapping[str, tuple[str, ...]] = family_patterns(family)
     return lora_patterns(dict(base)) if lora else dict(base)
+
+
+def dps_patterns(model: torch.nn.Module, patterns: Sequence[str] | None, family: str | None) -> list[str]:
+    """The weights DPS selects in a model handed to an integration: ``patterns``, else the model's
+    (LoRA adapters, or its family's DPS Linears): :func:`~adaptune.schedules.patterns.resolve_patterns`."""
+    return list(resolve_patterns(patterns, model_patterns(model, family) if not patterns else {}, "dps", "patterns"))

@@ -20,7 +20,7 @@ BERT the encoder's linear sub-layers, the pooler and the classifier; the referen
 Decisions marked **(choice)**:
 
 - **(choice) Shared machinery with DPS-Mix.** The forward is DPS-Mix's parametrization
-  (``adaptune.schedules.dps.mix``: ``attach_mix`` / ``MixoutWeight``, which calls
+  (``adaptune.schedules.mixing``: ``attach_mix`` / ``MixoutWeight``, which calls
   ``adaptune.schedules.mixing.mix_weight``: ``W_tgt + N·(W - W_tgt)/(1-p)``, algebraically the formula
   above, with exactly the reference's backward). So every read of ``linear.weight`` is mixed
   (also code that reads the weight without calling ``Linear.forward``), eval mode reads ``W``,

@@ -13,8 +13,9 @@ from torch import nn
 from adaptune.common.errors import ConfigError
 
 from ..defaults import MIXOUT_P, check_range
-from ..dps.helpers import default_seed, linear_weights
-from ..dps.mix import MixoutWeight, attach_mix
+from ..linear import linear_weights
+from ..mixing import MixoutWeight, attach_mix
+from ..sync import default_seed
 
 STATE_VERSION = 1
 
@@ -27,9 +28,9 @@ class Mixout:
             pre-hook; :meth:`remove` takes it off).
         p: mix probability in [0, 1).
         patterns: name substrings selecting Linear weights (None: every trainable Linear).
-        wrappers: the parametrizations from :func:`~adaptune.schedules.dps.mix.attach_mix` when the model
+        wrappers: the parametrizations from :func:`~adaptune.schedules.mixing.attach_mix` when the model
             was prepared earlier (before building the optimizer); None attaches them now.
-        seed: the mask generator's seed (default :func:`~adaptune.schedules.dps.helpers.default_seed`).
+        seed: the mask generator's seed (default :func:`~adaptune.schedules.sync.default_seed`).
     """
 
     def __init__(self, model: nn.Module, p: float = MIXOUT_P,

@@ -5,12 +5,12 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from adaptune.common.errors import ConfigError
 from adaptune.common.families import ParamPatterns
 
 from ..baseline import BaselineSchedule
-from ..dps.helpers import disable_dropout
-from ..dps.mix import MixoutWeight, attach_mix
+from ..linear import disable_dropout
+from ..mixing import MixoutWeight, attach_mix
+from ..patterns import resolve_patterns
 from ..sync import shared_seed
 from .algorithm import Mixout
 
@@ -31,11 +31,8 @@ class MixoutSchedule(BaselineSchedule):
         self._wrappers: dict[str, MixoutWeight] | None = None
 
     def _patterns(self, patterns: ParamPatterns) -> tuple[str, ...]:
-        if self.cfg.mixout_patterns:
-            return tuple(self.cfg.mixout_patterns)
-        if "dps" not in patterns:
-            raise ConfigError(f"this model declares no linear-layer ('dps') parameter patterns; set {KEY}")
-        return tuple(patterns["dps"])
+        """Mixout mixes the Linears DPS would select (the model's ``dps`` patterns) unless told otherwise."""
+        return resolve_patterns(self.cfg.mixout_patterns, patterns, "dps", KEY)
 
     def prepare_model(self, model: nn.Module, patterns: ParamPatterns) -> None:
         if self.cfg.disable_dropout:
