@@ -10,7 +10,8 @@ Add your own from the command line::
 
 and turn a built-in one off with ``callbacks.logging=null`` (or ``~callbacks.logging``).
 
-Events, in order (``trainer`` is the :class:`~adaptune.runner.loop.Trainer`; ``step`` is 1-based)::
+Events, in order (``trainer`` is the run's :class:`~adaptune.runner.context.RunContext`, the narrow
+view of the :class:`~adaptune.runner.loop.Trainer` that callbacks get; ``step`` is 1-based)::
 
     on_fit_start(trainer)             after resuming from a checkpoint, before the first step
     for each optimizer step:
@@ -38,9 +39,10 @@ Events, in order (``trainer`` is the :class:`~adaptune.runner.loop.Trainer`; ``s
 Each event goes to every callback in order before the next event starts. The schedule's own
 hooks (``schedules/base.py``) are the first three per-step events without ``trainer``.
 
-Callbacks share the trainer: ``trainer.state`` (:class:`~adaptune.runner.loop.TrainState`, checkpointed),
-``trainer.logger``, ``trainer.should_stop`` (set it in ``on_step_end`` to stop after the current
-step; under DDP every rank must set it at the same step),
+Callbacks share the run through that context (its full list: runner/context.py): ``trainer.state``
+(:class:`~adaptune.runner.loop.TrainState`, checkpointed), ``trainer.logger``, ``trainer.model``,
+``trainer.task``, ``trainer.request_stop()`` / ``trainer.should_stop = True`` (in ``on_step_end``:
+stop after the current step; under DDP every rank must ask at the same step),
 ``trainer.epoch_ended`` (in ``on_step_end``: this step finished its epoch),
 ``trainer.evaluate(split)``, ``trainer.save_checkpoint()``. (choice) A callback's own attributes
 are not checkpointed: what must survive a resume lives in ``trainer.state``. The checkpoint
@@ -61,7 +63,7 @@ from . import checkpoint as ckpt
 from .config import TrainerConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .loop import Trainer
+    from .context import RunContext as Trainer   # what the events receive (named as in the docs above)
 
 log = logging.getLogger("adaptune")
 
@@ -170,9 +172,9 @@ class Logging(Callback):
         epoch = st.epoch - 1 if trainer.epoch_ended else st.epoch  # the epoch this step belongs to
         metrics = {"train/loss": mean, "train/epoch": epoch,
                    "train/samples_per_s": st.samples / max(st.train_time, 1e-9)}
-        metrics.update({f"train/{k}": v for k, v in trainer.schedule.log_metrics(step).items()})
+        metrics.update({f"train/{k}": v for k, v in trainer.schedule_metrics(step).items()})
         trainer.logger.log(metrics, step=step)
-        lr = trainer.optimizer.param_groups[0]["lr"]
+        lr = trainer.lr
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
         elif self.lines:

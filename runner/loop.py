@@ -29,31 +29,30 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from adaptune.common.errors import ConfigError
 from adaptune.schedules import Schedule, build_schedule
-from adaptune.tasks import build_task
 from adaptune.tasks.base import move_to
 
 from . import checkpoint as ckpt
 from .batches import train_batch_source
 from .callbacks import ScheduleHooks, build_callbacks
+from .components import build_components, resolve_device
+from .context import RunContext
 from .config import TrainerConfig
 from .devices import job_device, multirun_job_num
 from .distributed import init_distributed, ranks_in_sync
 from .data_fingerprint import changes, fingerprint
 from .loggers import NullLogger, build_logger
-from .precision import Precision, autocast_context
+from .precision import autocast_context
 from .results import collect, results_complete
 from .validate import Sections, validate_config
 
@@ -93,20 +92,6 @@ class TrainState:
         return {k: v for k, v in self.evals[-1].items() if k != "step"} if self.evals else {}
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu")
-    return torch.device(name)
-
-
 class Trainer:
     """Holds the objects of one run; :meth:`fit` trains, evaluates and writes results."""
 
@@ -122,22 +107,13 @@ class Trainer:
         # a parallel sweep's job: a GPU of its own, queueing when all are taken (runner/devices.py)
         self.device, self._gpu_lock = job_device(self.device, multirun_job_num())
         self.dist = init_distributed(self.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(self.tcfg.num_threads)
-        self.amp = Precision(self.tcfg.precision, self.device)
-        self.precision = self.amp.name
-        seed = self.sections.root.seed
-        seed_everything(seed)
-
-        self.task = build_task(self.sections.task, self.run_dir, seed)
         self.schedule = build_schedule(self.sections.schedule)
         # the schedule's hooks first, then conf/callbacks in order (built before the slow setup)
         self.callbacks = [ScheduleHooks(self.schedule), *build_callbacks(cfg.get("callbacks"))]
-        self.task.setup()
-        self.model = self.task.build_model()
-        self.patterns = self.task.param_patterns(self.model)
-        self.schedule.prepare_model(self.model, self.patterns)
-        self.model.to(self.device)
+        # seeded task, data, model (prepared by the schedule) on the device: runner/components.py
+        parts = build_components(self.sections, self.run_dir, self.device, schedule=self.schedule)
+        self.amp, self.task, self.model, self.patterns = parts.amp, parts.task, parts.model, parts.patterns
+        self.precision = self.amp.name
         # Schedules, evaluation and checkpoints use the plain module; the training forward goes
         # through DistributedDataParallel when torchrun started several processes.
         self.train_model = self.model
@@ -166,6 +142,7 @@ class Trainer:
         self.should_stop = False  # set by a callback: stop after the current step
         self.last_saved_step: int | None = None
         self.data_fingerprint: dict = {}   # the task's data files (runner/data_fingerprint.py), saved in checkpoints
+        self.context = RunContext(self)    # what callbacks see of the run (runner/context.py)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -293,8 +270,9 @@ class Trainer:
         return out.loss_sum.float() / max(float(out.sample_size), 1.0)
 
     def _fire(self, event: str, *args) -> None:
+        """Send ``event`` to every callback with the run's :class:`~adaptune.runner.context.RunContext`."""
         for callback in self.callbacks:
-            getattr(callback, event)(self, *args)
+            getattr(callback, event)(self.context, *args)
 
     @property
     def epoch_ended(self) -> bool:

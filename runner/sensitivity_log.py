@@ -24,7 +24,7 @@ import torch
 from .callbacks import Callback, _every
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .loop import Trainer
+    from .context import RunContext as Trainer
 
 log = logging.getLogger("adaptune")
 

@@ -1,10 +1,12 @@
 """Finding the runs of a directory and rebuilding one run's task and trained model.
 
 A run is what ``adaptune report`` finds (:func:`adaptune.runner.report.collect.collect`) that has a
-checkpoint. Its task and model are rebuilt by the training loop's own :class:`~adaptune.runner.loop.Trainer`
-from the config the run saved (``results.json``'s ``config``, else the checkpoint's): the same task
-setup, model, schedule wrappers (DPS-Mix parametrizations), device and precision, so that an
-evaluation here is the evaluation the run made. (choice) Only what cannot matter is changed: no
+checkpoint. Its task and model are rebuilt by the components the training loop builds them with
+(:func:`adaptune.runner.components.build_components`) from the config the run saved
+(``results.json``'s ``config``, else the checkpoint's): the same task setup, model, device and
+precision, so that an evaluation here is the evaluation the run made. The schedule is not built:
+its model changes (the mix wrappers, dropout off) are the identity in eval mode, where every
+analysis runs, and the checkpoint stores plain weight names. (choice) Only what cannot matter is changed: no
 callbacks or logger, no progress bar, ``trainer.device`` / ``trainer.num_threads`` from the command
 line, and for translation the dev BLEU cap (``--max-sentences``). The weights come from
 ``checkpoints/best.pt``, else ``last.pt``.
@@ -109,10 +111,11 @@ def find_runs(root: Path, settings: str = "selected") -> list[AnalysedRun]:
 
 
 def rebuild(run: AnalysedRun, device: str | None = None, max_sentences: int | None = None):
-    """The run's :class:`~adaptune.runner.loop.Trainer` with the checkpoint's weights loaded (in eval use only)."""
+    """The run's task and model with the checkpoint's weights loaded, for evaluation
+    (:class:`~adaptune.runner.components.Evaluator`: no optimizer, schedule, process group or callbacks)."""
     from omegaconf import OmegaConf
 
-    from ..loop import Trainer
+    from ..components import Evaluator
 
     config = {k: v for k, v in run.config.items() if k != "hydra"}
     cfg = OmegaConf.create(config)
@@ -123,9 +126,9 @@ def rebuild(run: AnalysedRun, device: str | None = None, max_sentences: int | No
     cfg.trainer.num_threads = int(os.environ.get("OMP_NUM_THREADS") or cfg.trainer.num_threads)
     if max_sentences is not None and cfg.task.get("kind") == "nmt":
         cfg.task.eval_bleu_max_sentences = int(max_sentences)
-    trainer = Trainer(cfg, run.run.dir)
-    ckpt.load_weights(trainer.model, ckpt.load(run.checkpoint, map_location=trainer.device), run.checkpoint)
-    return trainer
+    evaluator = Evaluator(cfg, run.run.dir)
+    ckpt.load_weights(evaluator.model, ckpt.load(run.checkpoint, map_location=evaluator.device), run.checkpoint)
+    return evaluator
 
 
 def dps_record(run: AnalysedRun) -> dict[str, Any] | None:
