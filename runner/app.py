@@ -1,7 +1,6 @@
 """The Hydra entry point: compose ``conf/``, run one training job, exit cleanly on user errors."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import sys
@@ -18,21 +17,13 @@ from adaptune.common.extras import missing_message
 from adaptune.conf import CONFIG_DIR as _CONF
 
 from .config import register_configs
+from .dirnames import dirname
 from .hydra_errors import install_one_line_errors
 
 log = logging.getLogger("adaptune")
 
 #: The shipped configs (package data ``adaptune.conf``), found relative to the installed package.
 CONFIG_DIR = str(_CONF)
-
-
-def dirname(overrides: str) -> str:
-    """A run-directory name from Hydra's override string: '/' and odd characters become '_';
-    names over 120 characters keep their start plus a hash of the whole (file-name limits)."""
-    name = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", overrides).strip("_")
-    if len(name) > 120:
-        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
-    return name or "default"
 
 
 def _point_subdir(overrides: str, items: str) -> str:

@@ -185,7 +185,7 @@ def _split_items(text: str) -> list[str]:
 def point_subdir(override_dirname: str, point_items: str) -> str:
     """``${compare_subdir:...}``: a grid point's run directory, named as if its items had been given
     on the command line (``schedule=sage,schedule.lr=2.5e-4,seed=1,...``) instead of ``+compare_point=p003``."""
-    from .app import dirname
+    from .dirnames import dirname
 
     own = [i for i in _split_items(override_dirname) if _key(i) != POINT_GROUP]
     return dirname(",".join(sorted(own + _split_items(point_items))))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 
 from .selection import Point, TaskTable, mean_std
+from .units import scale
 
 
 def _is_named(key: str) -> bool:
@@ -35,8 +36,6 @@ def point_stats(point: Point | None, key: str) -> tuple[float, float, int] | Non
 
 
 def _scale(key: str) -> float:
-    from .tables import scale
-
     return scale(key.partition("/")[2])
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .collect import natural, schedule_key
 from .selection import TaskTable
-from .tables import scale
+from .units import scale
 
 
 def _save(plt, fig, axes, path: Path, written: list[Path]) -> None:

@@ -10,13 +10,9 @@ from .named_sets import markdown_section as named_sets_section
 from .named_sets import report_json as named_sets_json
 from .selection import SELECTION_RULE, Point, TaskTable, mean_std, reported_block
 from .stats import AVERAGE_CI_METHOD, CI_METHOD, average_interval
+from .units import scale
 
 # metrics that are fractions: shown × 100 (BLEU is already 0-100; losses and perplexities as they are)
-_FRACTIONS = ("accuracy", "f1", "matthews", "pearson", "spearman", "top1", "top5")
-
-
-def scale(metric: str) -> float:
-    return 100.0 if metric.split("_")[0] in _FRACTIONS else 1.0
 
 
 def _counts(point: Point) -> str:
