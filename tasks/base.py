@@ -62,14 +62,13 @@ class Task:
     greater_is_better = True
     #: Whether split ``"test"`` can be evaluated (labelled test split); reported at the end.
     has_test = False
+    #: The task's typed config class (``tasks/config.py``); None (a task defined outside this
+    #: package without one) keeps ``cfg`` as given.
+    schema: type | None = None
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, seed: int):
-        from .config import TASK_SCHEMAS   # (late: adaptune.tasks.config imports the data modules)
-
-        #: the task's typed config (``tasks/config.py``), validated; read without fallbacks. A kind
-        #: without a registered schema (a task defined outside this package) gets ``cfg`` as given.
-        schema = TASK_SCHEMAS.get(self.kind)
-        self.cfg = build(schema, cfg, "task") if schema is not None else cfg
+        #: the task's typed config, validated; read without fallbacks
+        self.cfg = build(self.schema, cfg, "task") if self.schema is not None else cfg
         self.run_dir = Path(run_dir)
         self.seed = int(seed)
 

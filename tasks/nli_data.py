@@ -149,16 +149,22 @@ def read_file(nset: NLISet, path: Path, split: str) -> list[Example]:
 
 
 # ------------------------------------------------------------------------------ sources
-def load_local(nset: NLISet, directory: str, split: str, key: str) -> list[Example]:
-    """``split`` of ``nset`` from ``directory`` in its original format; ``key`` names the setting
-    in errors (a missing directory or file is one line naming the dataset and the key)."""
+def find_local(nset: NLISet, directory: str, split: str, key: str) -> Path:
+    """The file of ``split`` of ``nset`` in ``directory`` (the first of its names there); ``key``
+    names the setting in errors (a missing directory or file is one line naming the dataset and
+    the key)."""
     root = Path(directory).expanduser()
     names = nset.files[split]
     for name in names:
         if (root / name).is_file():
-            return read_file(nset, root / name, split)
+            return root / name
     raise ConfigError(f"{key}={directory}: no {nset.title} file {' or '.join(names)} there; "
                       f"get {nset.get} and point {key} at its directory")
+
+
+def load_local(nset: NLISet, directory: str, split: str, key: str) -> list[Example]:
+    """``split`` of ``nset`` from ``directory`` in its original format (:func:`find_local`)."""
+    return read_file(nset, find_local(nset, directory, split, key), split)
 
 
 def load_hub(nset: NLISet, split: str, key: str) -> list[Example]:

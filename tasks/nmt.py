@@ -73,6 +73,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 class TranslationTask(Task):
     kind = "nmt"
+    schema = NMTConfig
     main_metric = "bleu"
     greater_is_better = True
 

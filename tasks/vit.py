@@ -150,6 +150,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int = 5) -> tup
 # ----------------------------------------------------------------------------- the task
 class ImageClassificationTask(Task):
     kind = "vit"
+    schema = ViTConfig
     main_metric = "top1"
     greater_is_better = True
 

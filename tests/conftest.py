@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import random
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the tokenized-feature cache of the test runs goes to a directory of this session, not ~/.cache
+os.environ.setdefault("ADAPTUNE_CACHE", tempfile.mkdtemp(prefix="adaptune-test-cache-"))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 from hydra import compose as hydra_compose  # noqa: E402
