@@ -8,15 +8,17 @@ gold label are skipped (SNLI's ``"-"``, the hub's ``-1``).
 
 Original formats (a directory per dataset, ``task.ood.data_dirs.<name>``):
 
-- MNLI, RTE: the GLUE files (``dev_matched.tsv``; ``dev.tsv``), read by :mod:`adaptune.tasks.glue_data`;
+- MNLI, RTE: the GLUE files (``dev_matched.tsv`` and, as the set ``mnli_mm``, ``dev_mismatched.tsv``
+  of the same directory; ``dev.tsv``), read by :mod:`adaptune.tasks.glue_data`;
 - SNLI 1.0 (``snli_1.0.zip``): ``snli_1.0_{train,dev,test}.jsonl``, one JSON object a line with
   ``sentence1``, ``sentence2`` and ``gold_label`` (``"-"`` where the annotators did not agree);
 - SICK (``SICK.zip``): ``SICK.txt``, tab-separated with a header row (``pair_ID``, ``sentence_A``,
   ``sentence_B``, ``entailment_label`` = ENTAILMENT | NEUTRAL | CONTRADICTION, ...,
   ``SemEval_set`` = TRAIN | TRIAL | TEST); TRIAL is the dev split;
-- SciTail 1.1 (``SciTailV1.1.zip``): ``tsv_format/scitail_1.0_{train,dev,test}.tsv``, no header,
-  premise, hypothesis, label (``entails`` | ``neutral``); the directory may be ``SciTailV1.1`` or
-  its ``tsv_format`` folder (``dgem_format`` files, with a fourth column, read the same).
+- SciTail 1.1 (``SciTailV1.1.zip``): ``dgem_format/scitail_1.0_structure_{dev,test}.tsv`` (the
+  reference's files) when present, else ``tsv_format/scitail_1.0_{dev,test}.tsv``; no header,
+  premise, hypothesis, label (``entails`` | ``neutral``), dgem adding a fourth column (the
+  hypothesis graph, not read); the directory may be ``SciTailV1.1`` or one of its folders.
 
 **(choice)** Hub names: ``nyu-mll/glue`` (mnli, rte), ``stanfordnlp/snli``, ``RobZamp/sick`` (the
 former canonical ``sick``), ``allenai/scitail`` (``tsv_format``), as the reference repository's
@@ -64,6 +66,12 @@ SETS: dict[str, NLISet] = {
                    "GLUE's MNLI (download_glue_data.py)",
                    ("nyu-mll/glue", "mnli", {"dev": "validation_matched", "test": "validation_matched"}),
                    _identity_label),
+    # the same GLUE MNLI directory's other dev file (task.ood.data_dirs.mnli serves both)
+    "mnli_mm": NLISet("mnli_mm", "MNLI (mismatched)", False,
+                      {"dev": ("dev_mismatched.tsv",), "test": ("dev_mismatched.tsv",)},
+                      "GLUE's MNLI (download_glue_data.py)",
+                      ("nyu-mll/glue", "mnli", {"dev": "validation_mismatched", "test": "validation_mismatched"}),
+                      _identity_label),
     "snli": NLISet("snli", "SNLI 1.0", False, {"train": ("snli_1.0_train.jsonl",), "dev": ("snli_1.0_dev.jsonl",),
                                                "test": ("snli_1.0_test.jsonl",)},
                    "SNLI 1.0 (https://nlp.stanford.edu/projects/snli/snli_1.0.zip)",
@@ -73,7 +81,10 @@ SETS: dict[str, NLISet] = {
                    "SICK (https://zenodo.org/record/2787612/files/SICK.zip)",
                    ("RobZamp/sick", None, {"dev": "validation", "test": "test"}), _identity_label),
     "scitail": NLISet("scitail", "SciTail 1.1", True,
-                      {s: (f"tsv_format/scitail_1.0_{s}.tsv", f"scitail_1.0_{s}.tsv") for s in ("dev", "test")},
+                      # (choice) the reference's dgem_format files first, else tsv_format: the same
+                      # premise / hypothesis / label columns (dgem adds a fourth, the hypothesis graph)
+                      {s: (f"dgem_format/scitail_1.0_structure_{s}.tsv", f"tsv_format/scitail_1.0_{s}.tsv",
+                           f"scitail_1.0_{s}.tsv") for s in ("dev", "test")},
                       "SciTail 1.1 (https://ai2-public-datasets.s3.amazonaws.com/scitail/SciTailV1.1.zip)",
                       ("allenai/scitail", "tsv_format", {"dev": "validation", "test": "test"}), _scitail_label),
     "rte": NLISet("rte", "RTE", True, {"dev": ("dev.tsv",), "test": ("dev.tsv",)},
@@ -138,9 +149,13 @@ def read_scitail_tsv(path: Path) -> list[Example]:
     return examples
 
 
+#: the set whose directory a set reads (task.ood.data_dirs.<that>): MNLI's two dev files share one
+DIRECTORY_OF = {"mnli_mm": "mnli"}
+
+
 def read_file(nset: NLISet, path: Path, split: str) -> list[Example]:
-    if nset.name in ("mnli", "rte"):
-        return read_tsv(get_spec(nset.name), path)
+    if nset.name in ("mnli", "mnli_mm", "rte"):
+        return read_tsv(get_spec(DIRECTORY_OF.get(nset.name, nset.name)), path)
     if nset.name == "snli":
         return read_snli_jsonl(path)
     if nset.name == "sick":

@@ -34,7 +34,7 @@ import torch
 from adaptune.common.errors import ConfigError
 
 from .glue_data import Example
-from .nli_data import NLI_LABELS, SETS, load_set
+from .nli_data import DIRECTORY_OF, NLI_LABELS, SETS, load_set
 
 #: names of the OOD sets' eval entries end with this: ``"snli/"`` (see :func:`metric_key`)
 SEPARATOR = "/"
@@ -59,9 +59,10 @@ def load_sets(ood_cfg: Any, task_name: str, data_dir: str | None) -> list[tuple[
     is null; else the hub."""
     out = []
     for name in ood_cfg.sets:
-        directory = getattr(ood_cfg.data_dirs, name)
-        key = f"task.ood.data_dirs.{name}"
-        if directory is None and name == task_name and data_dir:
+        home = DIRECTORY_OF.get(name, name)      # mnli_mm: MNLI's directory
+        directory = getattr(ood_cfg.data_dirs, home)
+        key = f"task.ood.data_dirs.{home}"
+        if directory is None and home == task_name and data_dir:
             directory, key = data_dir, "task.data_dir"
         examples = load_set(name, directory, ood_cfg.split, key)
         out.append((examples, f"{name}{SEPARATOR}", SETS[name].two_way))

@@ -213,7 +213,7 @@ def test_ood_sets_need_a_three_way_training_set(tmp_path, nli_dirs):
     cfg = compose(ood_overrides(nli_dirs, "task.name=rte", f"task.data_dir={nli_dirs['rte']}"))
     with pytest.raises(ConfigError, match=r"task.ood.sets needs a 3-way NLI training set .*not task.name=rte"):
         build_task(cfg.task, tmp_path, seed=1)
-    with pytest.raises(ConfigError, match=r"task.ood.sets must be distinct names among mnli, snli"):
+    with pytest.raises(ConfigError, match=r"task.ood.sets must be distinct names among mnli, mnli_mm, snli"):
         build_task(compose(ood_overrides(nli_dirs, sets=["mnli", "hans"])).task, tmp_path, seed=1)
 
 
@@ -264,7 +264,7 @@ def test_tiny_run_writes_a_test_metric_per_set(tmp_path, nli_dirs, train_on):
 def test_preset_is_the_reference_setting(tmp_path):
     cfg = compose(["experiment=dps_out_of_domain", "task.ood.data_dirs.mnli=/data/MNLI"])
     assert cfg.task.name == "mnli" and cfg.task.train_subset == 8000 and cfg.trainer.max_steps == 1500
-    assert list(cfg.task.ood.sets) == SETS and cfg.task.ood.split == "dev"
+    assert list(cfg.task.ood.sets) == ["mnli", "mnli_mm", *SETS[1:]] and cfg.task.ood.split == "dev"
     assert cfg.task.data_dir == "/data/MNLI"
     assert cfg.task.model.name == "bert-large-cased" and cfg.schedule.lr == 2e-5
     assert cfg.trainer.batch_size == 16 and cfg.task.max_seq_length == 128 and cfg.trainer.precision == "fp16"
@@ -296,3 +296,32 @@ def test_report_shows_named_test_sets(tmp_path):
     assert data[0]["sets"]["snli/accuracy"]["dps"]["mean"] == pytest.approx(0.375)
     rows = (tmp_path / "report.csv").read_text().splitlines()
     assert any(r.startswith("dps,glue/mnli,snli/accuracy,0.375000") and ",test," in r for r in rows)
+
+
+def test_mnli_mismatched_is_a_set_read_from_mnlis_directory(tmp_path, nli_dirs):
+    """``mnli_mm`` reads dev_mismatched.tsv of the MNLI directory (task.ood.data_dirs.mnli, or
+    task.data_dir when training on MNLI), not the matched file."""
+    mm = nli_dirs["mnli"] / "dev_mismatched.tsv"
+    mm.write_text(mm.read_text().replace("\tgov\t", "\tfiction\t"))
+    rows = load_set("mnli_mm", str(nli_dirs["mnli"]), "test", "task.ood.data_dirs.mnli")
+    matched = load_set("mnli", str(nli_dirs["mnli"]), "test", "task.ood.data_dirs.mnli")
+    assert len(rows) == len(matched) == 12 and [ex.label for ex in rows[:3]] == [0, 1, 2]
+    from adaptune.tasks import ood
+
+    cfg = compose(ood_overrides(nli_dirs, sets=["mnli", "mnli_mm"])).task
+    loaded = ood.load_sets(cfg.ood, "mnli", str(nli_dirs["mnli"]))
+    assert [(suffix, len(ex)) for ex, suffix, _ in loaded] == [("mnli/", 12), ("mnli_mm/", 12)]
+
+
+def test_scitail_dgem_format_is_read_first_and_gives_the_same_pairs(tmp_path, nli_dirs):
+    """The reference's dgem_format files (a fourth column: the hypothesis graph) are preferred
+    when present and read to the same (premise, hypothesis, label) examples."""
+    root = nli_dirs["scitail"]
+    plain = load_set("scitail", str(root), "test", "k")
+    dgem = root / "dgem_format"
+    dgem.mkdir()
+    rows = [f"{ex.text_a}\t{ex.text_b}\t{'entails' if ex.label == 0 else 'neutral'}\t<graph {i}>"
+            for i, ex in enumerate(plain)]
+    (dgem / "scitail_1.0_structure_test.tsv").write_text("\n".join(rows[:-1]) + "\n")   # one row fewer
+    from_dgem = load_set("scitail", str(root), "test", "k")
+    assert from_dgem == plain[:-1]                    # read from dgem_format (its own rows)
