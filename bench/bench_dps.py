@@ -102,8 +102,8 @@ def bench_steps(args) -> list[dict]:
     total = U * 200                       # nominal T; update_ratio gives U = phase_steps
     ratio = U / total
     configs = [("baseline", {"name": "baseline"}),
-               ("dps-dense", {"name": "dps", "variant": "dense", "p": 0.3, "update_ratio": ratio}),
-               ("dps-mix", {"name": "dps", "variant": "mix", "p": 0.3, "update_ratio": ratio})]
+               ("dps-dense", {"name": "dps", "variant": "dense", "drop_p": 0.3, "update_ratio": ratio}),
+               ("dps-mix", {"name": "dps", "variant": "mix", "drop_p": 0.3, "update_ratio": ratio})]
     configs = [c for c in configs if c[0] in args.runs]
     runs = [make_run(n, c, total, args.keep_dropout) for n, c in configs]
     gen = torch.Generator().manual_seed(0)

@@ -45,8 +45,8 @@ fi
 
 if [[ -n "$DRY" ]]; then
   STEPS=4; BATCHES=4,2; NTRAIN=32; T_A=300; T_A2=300; T_B=600; T_C=600
-  # (DPS needs a phase of at least one step: U = int(4 * 0.25) = 1)
-  DEVICE_ARGS=(trainer.device=cpu trainer.precision=fp32 schedule.update_ratio=0.25)
+  # (DPS needs a phase of at least one step: U = int(4 * 0.25) = 1; a preset: the sweep has non-DPS arms)
+  DEVICE_ARGS=(trainer.device=cpu trainer.precision=fp32 +presets.dps_update_ratio=0.25)
   MODEL=(task.model.config_overrides='{hidden_size:32,num_hidden_layers:2,num_attention_heads:2,intermediate_size:64,max_position_embeddings:160}')
   echo "gpu_check: DRY RUN on CPU with tiny shapes (GPU_CHECK_DRY is set)" | tee -a "$SUMMARY"
 else

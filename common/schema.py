@@ -159,3 +159,35 @@ def field_of(cfg: Any, name: str) -> Any:
     """``cfg``'s ``name`` whether ``cfg`` is a mapping (a DictConfig, a dict) or a schema
     instance; None where it has none (for registries dispatching on ``name`` / ``kind``)."""
     return cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
+
+
+_ABSENT = object()
+
+
+def schema_default(schema: type, key: str) -> Any:
+    """The default ``schema`` gives ``key`` (a fresh copy for list / dict defaults)."""
+    for f in dataclasses.fields(schema):
+        if f.name == key:
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            if f.default is dataclasses.MISSING:
+                raise ValueError(f"{schema.__name__}.{key} has no default")
+            return f.default
+    raise ValueError(f"{schema.__name__} has no key {key!r}")
+
+
+def preset(name: str, *, _root_: Any, _parent_: Any, _node_: Any) -> Any:
+    """The ``${preset:NAME}`` resolver: ``presets.NAME`` where the experiment sets it, else the
+    default the node's schema gives this key. A group option reads an experiment's setting that
+    only it has through it (``conf/schedule/dps.yaml``: ``update_ratio: ${preset:dps_update_ratio}``),
+    so that an experiment swept over several schedules never sets a key another one lacks, and the
+    default stays in the schema."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(_root_, f"presets.{name}", default=_ABSENT)
+    if value is not _ABSENT:
+        return value
+    schema = OmegaConf.get_type(_parent_)
+    if not dataclasses.is_dataclass(schema):
+        raise ValueError(f"${{preset:{name}}} ({_node_._key()}) is not in a typed config node, so it has no default")
+    return schema_default(schema, _node_._key())

@@ -60,6 +60,25 @@ PLUGIN_OPTIONS = ("joblib", "submitit_local", "submitit_slurm")
 _MISSING_OPTION = re.compile(r"Could not (?:find|load) '([^']+)/([^'/]+)'")
 
 
+def _unknown_schedule_key(err: OmegaConfBaseException) -> str | None:
+    """A key the chosen schedule's schema lacks (``schedule=sage schedule.drop_p=0.5``, or an
+    experiment preset setting another schedule's key): the line naming the schedule and its keys."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from adaptune.schedules.config import SCHEDULE_SCHEMAS, unknown_key_message
+
+    schema = getattr(err, "object_type", None)
+    if not isinstance(err, (ConfigKeyError, ConfigAttributeError)) or schema not in SCHEDULE_SCHEMAS.values():
+        return None
+    node = getattr(err, "parent_node", None)
+    label = None
+    try:
+        label = (node.get("label") or node.get("name")) if node is not None else None
+    except OmegaConfBaseException:   # an unresolvable label: the schema's name
+        pass
+    return unknown_key_message(schema, str(getattr(err, "key", "")), label)
+
+
 def composition_message(err: BaseException) -> str:
     """One line for a config that does not compose: an unknown group option (with the allowed
     ones), an unknown key or a value of the wrong type (naming the key), a bad override."""
@@ -81,6 +100,11 @@ def composition_message(err: BaseException) -> str:
         if group in ("hydra/launcher", "hydra/sweeper") and option in PLUGIN_OPTIONS:
             hint = f" (the {option} plugin is not installed: pip install 'adaptune[sweeps]')"
         return f"{group}={option} is unknown; allowed: {', '.join(allowed)}{hint}"
+    inner = next((e for e in (err, err.__cause__, err.__context__) if isinstance(e, OmegaConfBaseException)), None)
+    unknown = _unknown_schedule_key(inner) if inner is not None else None
+    if unknown:   # set on the command line, or by a preset file (Hydra names it: "In 'experiment/x'")
+        source = re.match(r"In '([^']+)'", text)
+        return f"{source.group(1)}.yaml sets {unknown}" if source else unknown
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
     if cause is not None or isinstance(err, OmegaConfBaseException):
         inner = cause or err

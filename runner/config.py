@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from adaptune.common.schema import (
     at_least,
@@ -18,9 +19,10 @@ from adaptune.common.schema import (
     one_of,
     optional,
     positive,
+    preset,
     setting,
 )
-from adaptune.schedules.config import ScheduleConfig
+from adaptune.schedules.config import SCHEDULE_SCHEMAS
 from adaptune.tasks.config import TASK_SCHEMAS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -87,7 +89,8 @@ class RootConfig:
     # true: resume (error without a checkpoint); false: start over in the same directory
     resume: Any = setting("auto", check=_resume)
     # values experiment presets share through interpolation, e.g. a per-task step table
-    # (experiment/dps_glue.yaml: presets.dps_max_steps)
+    # (experiment/dps_glue.yaml: presets.dps_max_steps), or one schedule's setting that its
+    # conf/schedule/<name>.yaml reads with ${preset:NAME} (experiment/dps_cpu.yaml: presets.dps_update_ratio)
     presets: Dict[str, Any] = setting(factory=dict)
     task: Any = None
     schedule: Any = None
@@ -97,11 +100,15 @@ class RootConfig:
 
 
 def register_configs() -> None:
-    """Store every schema where ``conf/`` refers to it (idempotent)."""
+    """Store every schema where ``conf/`` refers to it, and register the ``${preset:NAME}``
+    resolver the group options use (idempotent)."""
+    if not OmegaConf.has_resolver("preset"):
+        OmegaConf.register_new_resolver("preset", preset)
     cs = ConfigStore.instance()
     cs.store(name="adaptune_schema", node=RootConfig)
     cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
     cs.store(group="schema/logger", name="logger", node=LoggerConfig)
-    cs.store(group="schema/schedule", name="schedule", node=ScheduleConfig)
+    for name, schema in SCHEDULE_SCHEMAS.items():
+        cs.store(group="schema/schedule", name=name, node=schema)
     for kind, schema in TASK_SCHEMAS.items():
         cs.store(group="schema/task", name=kind, node=schema)

@@ -29,6 +29,10 @@ numbers in ``results.json``, only how the run is labelled, shown, logged or fed:
   state whatever the interval, so neither parameters nor results change.
 - ``hydra`` and everything under it: launcher, sweeper and output settings (it is normally absent
   from the job's config anyway).
+- ``presets``: (choice) values the other sections read through interpolation
+  (``${oc.select:presets.x}``, ``${preset:x}``); what they set is compared where it is used
+  (``trainer.max_steps``, ``schedule.update_ratio``), and an entry no key of this run reads (a
+  DPS arm's setting in a baseline run) changes nothing.
 - the display and bookkeeping settings of the built-in callbacks (:data:`HARMLESS_CALLBACK_SETTINGS`):
   ``progress`` and ``every`` of ``adaptune.runner.callbacks.Logging`` (they follow ``trainer.progress`` and
   ``trainer.log_every``) and ``every`` of ``adaptune.runner.callbacks.Checkpoint`` (``trainer.save_every``).
@@ -46,7 +50,11 @@ costs a ``resume=false`` while a missed change silently mixes two configurations
   evaluations exist, the dev numbers, and so the best step and ``best.pt``.
 - ``task.data_dir``: another path may hold other data.
 - ``schedule.label``: only a report label, but it is part of ``results.json``.
-- any key added or removed (a new preset key, a key of an older version).
+- any key added or removed (a new preset key, a key of an older version), except the schedule
+  section of a config saved before each schedule had its own schema (one flat schema of every
+  schedule's keys; DPS's ``drop_p`` was ``p``, ChildTuning's ``keep_p`` ``reserve_p``, Mixout's
+  ``mix_p`` ``mixout_p``): :func:`upgrade_saved` renames those keys and drops the ones the saved
+  run's schedule did not read (they did not change what it trained), so such runs still resume.
 """
 from __future__ import annotations
 
@@ -70,7 +78,10 @@ HARMLESS: tuple[str, ...] = (
     "trainer.num_workers",
     "trainer.log_every",
     "trainer.save_every",
+    "task.feature_cache",       # the tokenized-feature cache: the same features, read or rebuilt
+    "task.feature_cache_dir",
     "hydra",
+    "presets",
 )
 
 #: Settings of built-in callbacks (by ``_target_``) that only change display or bookkeeping.
@@ -181,6 +192,21 @@ def _relative(path: Path | str) -> Path:
         return path
 
 
+def upgrade_saved(saved: Mapping) -> Mapping:
+    """``saved`` with a schedule section from before the per-schedule schemas (it holds the old
+    names ``p``, ``reserve_p`` and ``mixout_p``) as its schedule's schema has it now: the renamed
+    keys under their new names, the keys that schedule does not read dropped."""
+    from adaptune.schedules.config import RENAMED, SCHEDULE_SCHEMAS, schema_keys
+
+    schedule = saved.get("schedule")
+    if not isinstance(schedule, Mapping) or not all(k in schedule for k in RENAMED) \
+            or schedule.get("name") not in SCHEDULE_SCHEMAS:
+        return saved
+    keys = schema_keys(SCHEDULE_SCHEMAS[schedule["name"]])
+    renamed = {RENAMED.get(k, k): v for k, v in schedule.items()}
+    return {**saved, "schedule": {k: v for k, v in renamed.items() if k in keys}}
+
+
 def check_resume(new: Mapping, saved: Mapping | None, run_dir: Path | str, source: str) -> None:
     """Raise :class:`ConfigError` if ``new`` differs significantly from ``saved`` (the config that
     trained ``run_dir``, read from ``source``). A missing saved config (a checkpoint from before
@@ -189,7 +215,7 @@ def check_resume(new: Mapping, saved: Mapping | None, run_dir: Path | str, sourc
         log.warning("%s holds no config (written by an older version): cannot check that %s was trained "
                     "with the same config; resuming anyway", source, run_dir)
         return
-    diffs = config_diff(new, saved)
+    diffs = config_diff(new, upgrade_saved(saved))
     if diffs:
         raise ConfigError(
             f"{_relative(run_dir)} was trained with a different config ({describe(diffs)}); pass resume=false to "

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from adaptune.common.errors import ConfigError
 from adaptune.common.schema import build, validate
-from adaptune.schedules.config import ScheduleConfig
+from adaptune.schedules.config import ScheduleConfig, build_schedule_config
 from adaptune.tasks.config import TASK_SCHEMAS
 
 from .config import LoggerConfig, RootConfig, TrainerConfig
@@ -21,7 +21,7 @@ class Sections:
     root: RootConfig
     trainer: TrainerConfig
     logger: LoggerConfig
-    schedule: ScheduleConfig
+    schedule: ScheduleConfig   # the chosen schedule's own schema (schedules/config.py: SCHEDULE_SCHEMAS)
     task: Any
     resolved: dict   # the whole config as plain containers (checkpoints, results.json, W&B, resume checks)
 
@@ -38,7 +38,7 @@ def validate_config(cfg: DictConfig) -> Sections:
         root=root,
         trainer=build(TrainerConfig, cfg.trainer, "trainer"),
         logger=build(LoggerConfig, cfg.logger, "logger"),
-        schedule=build(ScheduleConfig, cfg.schedule, "schedule"),
+        schedule=build_schedule_config(cfg.schedule),
         task=build(TASK_SCHEMAS[kind], cfg.task, "task"),
         resolved=OmegaConf.to_container(cfg, resolve=True),
     )

@@ -9,9 +9,10 @@ from adaptune.common.errors import ConfigError
 from adaptune.common.schema import field_of
 
 from .base import OPTIMIZERS, Schedule, optimizer_class, register_optimizer
-from .config import ScheduleConfig
+from .config import SCHEDULE_SCHEMAS, ScheduleConfig
 
 # name -> "module:Class"; imported on demand so that importing one schedule never costs the others.
+# Each class builds its config with its own schema (``Schedule.schema``: SCHEDULE_SCHEMAS[name]).
 SCHEDULES = {
     "baseline": "adaptune.schedules.baseline:BaselineSchedule",
     "sage": "adaptune.schedules.sage:SAGESchedule",
@@ -23,10 +24,10 @@ SCHEDULES = {
 
 
 def build_schedule(cfg: ScheduleConfig | Mapping[str, Any]) -> Schedule:
-    """Instantiate the schedule named by ``cfg.name`` (a mapping, a DictConfig or a
-    :class:`~adaptune.schedules.config.ScheduleConfig`)."""
+    """Instantiate the schedule named by ``cfg.name`` (a mapping, a DictConfig or an instance of
+    the schedule's schema, :data:`~adaptune.schedules.config.SCHEDULE_SCHEMAS`)."""
     name = field_of(cfg, "name")
-    if name not in SCHEDULES:
+    if name not in SCHEDULES or name not in SCHEDULE_SCHEMAS:
         raise ConfigError(f"schedule.name='{name}' is unknown; allowed: {', '.join(SCHEDULES)}")
     module, cls = SCHEDULES[name].split(":")
     return getattr(importlib.import_module(module), cls)(cfg)

@@ -29,24 +29,19 @@ overrides them.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
-import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from adaptune.common.errors import ConfigError
 from adaptune.common.families import ParamPatterns
-from adaptune.common.schema import build
 
-from .config import ScheduleConfig
+from .config import ScheduleConfig, build_schedule_config
 from .lr import build_lr_scheduler, warmup_steps
 from .param_groups import build_param_groups, strip_names
 from .patterns import resolve_patterns
-
-log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -114,25 +109,13 @@ class Schedule:
     """Base class: owns the optimizer and LR scheduler of one run."""
 
     name = "base"
-    #: the ``schedule.*`` keys this schedule reads; subclasses add theirs. Other keys set away from
-    #: their defaults are reported once and ignored: an experiment preset made for one schedule
-    #: (``experiment=dps_glue``) sets that schedule's keys, and a sweep over
-    #: ``schedule=baseline,dps`` carries them to all (see ``schedules/config.py``).
-    config_keys: frozenset[str] = frozenset({
-        "name", "label", "lr", "betas", "eps", "weight_decay", "lr_schedule", "warmup_ratio",
-        "warmup_steps", "no_decay_patterns", "impl"})
+    #: the schedule's config schema (``schedules/config.py``): exactly the ``schedule.*`` keys it
+    #: reads; subclasses set their own (``SCHEDULE_SCHEMAS[name]``)
+    schema: type[ScheduleConfig] = ScheduleConfig
 
     def __init__(self, cfg: ScheduleConfig | Mapping[str, Any]):
-        self.cfg: ScheduleConfig = build(ScheduleConfig, cfg, "schedule")
+        self.cfg = build_schedule_config(cfg, self.schema)
         self._pending_state: dict | None = None   # state loaded before setup() (load_state_dict)
-        defaults = ScheduleConfig(name=self.cfg.name)
-        self.ignored_keys = sorted(
-            f.name for f in dataclasses.fields(ScheduleConfig)
-            if f.name not in self.config_keys and getattr(self.cfg, f.name) != getattr(defaults, f.name))
-        if self.ignored_keys:
-            log.warning("schedule=%s ignores %s: not among its settings (e.g. set by a preset "
-                        "written for another schedule)", self.cfg.label or self.cfg.name,
-                        ", ".join(f"schedule.{k}" for k in self.ignored_keys))
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.groups: list[dict] = []

@@ -13,11 +13,12 @@ import torch
 from adaptune.common.families import ParamPatterns
 
 from .base import Schedule
+from .config import BaselineConfig
 
 
 class BaselineSchedule(Schedule):
     name = "baseline"
-    config_keys = Schedule.config_keys | {"optimizer"}
+    schema = BaselineConfig
 
     def setup(self, model: torch.nn.Module, patterns: ParamPatterns, total_steps: int) -> None:
         groups = self.param_groups(model, patterns)

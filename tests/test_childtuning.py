@@ -73,7 +73,7 @@ def test_f_state_resumes_the_stream_and_leaves_the_global_rng_alone():
     other.load_state_dict(saved)
     other.apply()
     assert torch.equal(params[0].grad, expected)
-    with pytest.raises(ConfigError, match="schedule.reserve_p=0.3, this run has 0.5"):
+    with pytest.raises(ConfigError, match=r"ChildTuning reserve_p=0.3 \(schedule.keep_p\), this run has 0.5"):
         ChildTuningF(params, reserve_p=0.5).load_state_dict(saved)
 
 
@@ -100,7 +100,7 @@ class Tiny(nn.Module):
 
 def test_f_schedule_masks_every_optimizer_tensor_with_the_fast_optimizer():
     model = Tiny()
-    schedule = build_schedule({"name": "childtuning_f", "reserve_p": 0.5})
+    schedule = build_schedule({"name": "childtuning_f", "keep_p": 0.5})
     schedule.setup(model, _tiny_patterns(), total_steps=10)
     assert schedule.optimizer.defaults["fused"] is True   # schedule.impl=auto on CPU: fused AdamW
     params = [p for g in schedule.optimizer.param_groups for p in g["params"]]
@@ -229,12 +229,12 @@ def _overrides(data, *extra):
                           *extra)
 
 
-def test_d_with_reserve_p_1_trains_exactly_like_the_baseline(tmp_path):
+def test_d_with_keep_p_1_trains_exactly_like_the_baseline(tmp_path):
     """The Fisher pass (dropout on) draws nothing from the run's RNG and a full mask changes
     nothing: the weights equal the baseline's bit for bit."""
     data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
     base = run(compose(_overrides(data, "schedule=baseline")), tmp_path / "base")
-    child = run(compose(_overrides(data, "schedule=childtuning_d", "schedule.reserve_p=1.0")), tmp_path / "d")
+    child = run(compose(_overrides(data, "schedule=childtuning_d", "schedule.keep_p=1.0")), tmp_path / "d")
     a = ckpt.load(tmp_path / "base" / "checkpoints" / "last.pt")["model"]
     b = ckpt.load(tmp_path / "d" / "checkpoints" / "last.pt")
     assert all(torch.equal(a[k], b["model"][k]) for k in a)

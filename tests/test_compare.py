@@ -293,7 +293,7 @@ def test_the_paper_table_specs_hold_the_papers_grids():
     sage_glue: SAGE's lr 2-5x MT-DNN's 5e-5 and beta3 within the paper's 0.6-0.9."""
     dps = compare.load("dps_glue")
     assert dps["experiment"] == "dps_glue" and dps["seeds"] == [42, 52, 57, 63, 78, 96, 127, 140, 298, 375]
-    assert [float(p) for p in dps["grids"]["mixout"]["schedule.mixout_p"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert [float(p) for p in dps["grids"]["mixout"]["schedule.mix_p"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     assert set(dps["grids"]) == {"baseline", "childtuning_d", "childtuning_f", "mixout", "dps", "dps_mix"}
     assert dps["overrides"] == ["task.name=cola,rte,mrpc,stsb"]
     low = compare.load("dps_low_resource")

@@ -39,29 +39,102 @@ def test_every_experiment_composes():
         assert cfg.name != "default", f"experiment {option} should set its own name"
 
 
-def test_every_schedule_option_builds_without_ignored_keys():
-    """A schedule's own preset sets only keys that schedule reads (the 'ignored keys' warning
-    cannot fire on a schedule's own settings)."""
-    from adaptune.schedules import build_schedule
+def test_every_schedule_option_has_exactly_its_schemas_keys():
+    """Each schedule's composed node holds the keys of its own schema (schedules/config.py), no
+    other schedule's, and builds."""
+    from omegaconf import OmegaConf
 
+    from adaptune.schedules import build_schedule
+    from adaptune.schedules.config import SCHEDULE_SCHEMAS, schema_keys
+
+    own = {"baseline": ["optimizer"], "sage": ["base", "beta3", "bias_correction", "sage_patterns"],
+           "dps": ["optimizer", "variant", "drop_p", "update_ratio", "T", "dps_patterns", "disable_dropout"],
+           "childtuning_d": ["optimizer", "keep_p", "childtuning_patterns"], "childtuning_f": ["optimizer", "keep_p"],
+           "mixout": ["optimizer", "mix_p", "mixout_patterns", "disable_dropout"]}
+    shared = ["name", "label", "lr", "betas", "eps", "weight_decay", "lr_schedule", "warmup_ratio", "warmup_steps",
+              "no_decay_patterns", "impl"]
+    assert set(SCHEDULE_SCHEMAS) == set(SCHEDULES) == set(own)
     for option in _options("schedule"):
-        schedule = build_schedule(compose([f"schedule={option}"]).schedule)
-        assert schedule.ignored_keys == [], option
+        node = compose([f"schedule={option}"]).schedule
+        name = node.name
+        assert OmegaConf.get_type(node) is SCHEDULE_SCHEMAS[name], option
+        assert list(node) == schema_keys(SCHEDULE_SCHEMAS[name]) == shared + own[name], option
+        schedule = build_schedule(node)
+        assert type(schedule.cfg) is SCHEDULE_SCHEMAS[name] and type(schedule).schema is SCHEDULE_SCHEMAS[name]
 
 
-def test_keys_of_another_schedules_preset_are_reported(caplog):
+def test_schedule_keys_keep_their_defaults_through_preset_hooks():
+    """conf/schedule/*.yaml read an experiment's ``presets.<x>`` with ``${preset:x}``; without it
+    the key has its schema default (schedules/defaults.py)."""
+    from adaptune.schedules import defaults
+
+    dps = compose(["schedule=dps"]).schedule
+    assert (dps.drop_p, dps.update_ratio, dps.T, dps.variant) == (defaults.DPS_P, defaults.DPS_UPDATE_RATIO, None, "dense")
+    assert compose(["schedule=sage"]).schedule.beta3 == defaults.SAGE_BETA3
+    assert compose(["schedule=childtuning_d"]).schedule.keep_p == defaults.CHILDTUNING_RESERVE_P
+    assert compose(["schedule=childtuning_f"]).schedule.keep_p == defaults.CHILDTUNING_RESERVE_P
+    assert compose(["schedule=mixout"]).schedule.mix_p == defaults.MIXOUT_P
+    # a preset value, and a command-line value over it
+    assert compose(["schedule=dps", "+presets.dps_drop_p=0.2"]).schedule.drop_p == 0.2
+    assert compose(["schedule=dps", "+presets.dps_drop_p=0.2", "schedule.drop_p=0.4"]).schedule.drop_p == 0.4
+    assert compose(["schedule=mixout", "+presets.mixout_mix_p=0.5"]).schedule.mix_p == 0.5
+
+
+@pytest.mark.parametrize("experiment,dps_values", [
+    ("dps_glue", {"drop_p": 0.3, "update_ratio": 0.05, "T": None}),
+    ("dps_cpu", {"drop_p": 0.3, "update_ratio": 0.1, "T": None}),
+    ("dps_low_resource_cpu", {"update_ratio": 0.2}),
+    ("dps_low_resource", {"update_ratio": 0.05, "T": 63}),
+])
+def test_a_dps_experiment_composes_with_every_arm_and_sets_dps_keys_on_the_dps_arms_only(experiment, dps_values):
     from adaptune.schedules import build_schedule
 
-    cfg = compose(["experiment=dps_glue", "schedule=baseline"])
-    with caplog.at_level("WARNING"):
-        schedule = build_schedule(cfg.schedule)
-    assert schedule.ignored_keys == []          # dps_glue sets DPS's p / update_ratio to their defaults
-    cfg = compose(["experiment=dps_cpu", "schedule=baseline"])
-    with caplog.at_level("WARNING"):
-        schedule = build_schedule(cfg.schedule)
-    assert schedule.ignored_keys == ["update_ratio"]
-    assert "schedule=baseline ignores schedule.update_ratio" in caplog.text
-    assert build_schedule(compose(["experiment=dps_cpu"]).schedule).ignored_keys == []
+    for arm in ("baseline", "childtuning_d", "childtuning_f", "mixout", "dps", "dps_mix"):
+        node = compose([f"experiment={experiment}", f"schedule={arm}"]).schedule
+        build_schedule(node)
+        if arm.startswith("dps"):
+            assert {k: node[k] for k in dps_values} == dps_values, (experiment, arm)
+        else:
+            assert not {"drop_p", "update_ratio", "T"} & set(node), (experiment, arm)
+
+
+def test_sage_glue_beta3_is_the_sage_arms_only():
+    sage, base = (compose(["experiment=sage_glue", f"schedule={arm}"]).schedule for arm in ("sage", "baseline"))
+    assert (sage.beta3, sage.base) == (0.85, "adamax") and "beta3" not in base
+    assert compose(["experiment=sage_glue_baseline"]).schedule.optimizer == "adamax_mtdnn"
+
+
+@pytest.mark.parametrize("args,line", [
+    (["schedule=sage", "schedule.drop_p=0.5"], "schedule.drop_p: not a key of schedule=sage (a key of schedule=dps); "
+     "its keys: name, label, lr, betas, eps, weight_decay, lr_schedule, warmup_ratio, warmup_steps, no_decay_patterns, "
+     "impl, base, beta3, bias_correction, sage_patterns"),
+    (["schedule=dps_mix", "schedule.p=0.5"], "schedule.p: not a key of schedule=dps_mix (renamed: schedule.drop_p); its keys:"),
+    (["schedule=baseline", "schedule.keep_p=0.5"],
+     "schedule.keep_p: not a key of schedule=baseline (a key of schedule=childtuning_d, childtuning_f)"),
+    (["schedule=childtuning_f", "schedule.childtuning_patterns=[x]"],
+     "schedule.childtuning_patterns: not a key of schedule=childtuning_f (a key of schedule=childtuning_d)"),
+    (["experiment=dps_cpu", "schedule=sage"], "experiment/dps_cpu.yaml sets schedule.optimizer: not a key of schedule=sage"),
+])
+def test_a_key_the_schedule_lacks_is_one_line_naming_key_and_schedule(args, line):
+    """In-process: the line ``adaptune`` prints for the composition error (the CLI test below runs it)."""
+    from adaptune.runner.app import composition_message
+
+    with pytest.raises(Exception) as err:
+        compose(args)
+    message = composition_message(err.value)
+    assert "\n" not in message and message.startswith(line), message
+
+
+def test_a_key_the_schedule_lacks_is_an_error_when_built_from_a_mapping():
+    from adaptune.common.errors import ConfigError
+    from adaptune.schedules import build_schedule
+
+    with pytest.raises(ConfigError, match=r"^schedule.mix_p: not a key of schedule=dps \(a key of schedule=mixout\); its keys"):
+        build_schedule({"name": "dps", "mix_p": 0.5})
+    with pytest.raises(ConfigError, match=r"^schedule.mixout_p: not a key of schedule=mixout \(renamed: schedule.mix_p\)"):
+        build_schedule({"name": "mixout", "mixout_p": 0.5})
+    with pytest.raises(ConfigError, match="schedule.name='nope' is unknown; allowed: baseline, sage, dps"):
+        build_schedule({"name": "nope"})
 
 
 def _makefile_sweeps() -> dict[str, list[str]]:
@@ -149,7 +222,8 @@ def _cli(*args, cwd=REPO):
     (["task.name=rtee"], "task.name='rtee' is unknown; allowed: cola, sst2"),
     (["task.max_seq_length=-5"], "task.max_seq_length must be a positive integer, got -5"),
     (["task.skip_malformed=true", "task.bogus=1"], "task.bogus: Key 'bogus' not in 'GlueConfig'"),
-    (["schedule.beta3=1.5"], "schedule.beta3 must be a number in [0, 1), got 1.5"),
+    (["schedule=sage", "schedule.beta3=1.5"], "schedule.beta3 must be a number in [0, 1), got 1.5"),
+    (["schedule=sage", "schedule.drop_p=0.5"], "schedule.drop_p: not a key of schedule=sage (a key of schedule=dps); its keys: "),
     (["sed=3"], "sed: Key 'sed' not in 'RootConfig'"),
     (["resume=maybe"], "resume='maybe' is not allowed; allowed: true, false, auto"),
 ])

@@ -310,7 +310,7 @@ def test_resume_continues_bit_identically(variant, stop):
 def test_resume_rejects_other_settings():
     _, _, dps = build("dense", T=40, ratio=0.1)
     _, _, other = build("dense", T=40, ratio=0.1, p=0.2)
-    with pytest.raises(ConfigError, match="p=0.3"):
+    with pytest.raises(ConfigError, match=r"DPS p=0.3 \(schedule.drop_p\), this run has 0.2"):
         other.load_state_dict(dps.state_dict())
 
 
@@ -333,8 +333,8 @@ def test_errors_name_the_values():
         DPS(linear_weights(model), 40, variant="sparse")
     with pytest.raises(ValueError, match="attach_mix"):
         DPS(linear_weights(model), 40, variant="mix")
-    with pytest.raises(ConfigError, match="schedule.p"):
-        build_schedule({"name": "dps", "lr": 1e-3, "p": 1.0})
+    with pytest.raises(ConfigError, match=r"^schedule.drop_p must be a number in \[0, 1\), got 1.0"):
+        build_schedule({"name": "dps", "lr": 1e-3, "drop_p": 1.0})
     with pytest.raises(ConfigError, match="schedule.variant"):
         build_schedule({"name": "dps", "lr": 1e-3, "variant": "both"})
     with pytest.raises(ConfigError, match=r"int\(10 \* 0\.05\)"):

@@ -112,7 +112,7 @@ def test_state_dict_keys_stay_plain_and_state_resumes():
     other.train()
     other(torch.randn(2, 5))
     assert torch.equal(restored.wrappers[0].mask, expected)
-    with pytest.raises(ConfigError, match="schedule.mixout_p=0.5, this run has 0.9"):
+    with pytest.raises(ConfigError, match=r"Mixout p=0.5 \(schedule.mix_p\), this run has 0.9"):
         Mixout(Net(), 0.9, patterns=["mixed"]).load_state_dict(saved)
     with pytest.raises(ValueError, match=r"^p must be in \[0, 1\), got 1.0"):
         Mixout(Net(), 1.0)
@@ -139,7 +139,7 @@ def test_schedule_disables_dropout_and_uses_the_models_linear_patterns():
 def test_mixout_trains_through_the_loop_and_resumes_its_targets(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
     over = glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=4", "trainer.eval_every=4",
-                          "trainer.log_every=2", "schedule.lr=5e-3", "schedule=mixout", "schedule.mixout_p=0.5")
+                          "trainer.log_every=2", "schedule.lr=5e-3", "schedule=mixout", "schedule.mix_p=0.5")
     res = run(compose(over), tmp_path / "m")
     assert res["steps"] == 4
     last = ckpt.load(tmp_path / "m" / "checkpoints" / "last.pt")

@@ -82,19 +82,20 @@ def test_dps_glue_jobs_are_the_papers_setting():
         assert task["model"]["head_init"] == ("torch_default" if job["schedule"] in ("dps", "dps_mix") else "hf")
         if job["schedule"] in ("dps", "dps_mix"):
             assert sched["variant"] == ("mix" if job["schedule"] == "dps_mix" else "dense")
-            assert sched["p"] == 0.3 and sched["update_ratio"] == 0.05 and sched["T"] is None
+            assert sched["drop_p"] == 0.3 and sched["update_ratio"] == 0.05 and sched["T"] is None
             # U = int(T * 0.05) with T = the run: MRPC 34, RTE 23, STS-B 54, CoLA 80
             assert int(trainer["max_steps"] * sched["update_ratio"]) == {"mrpc": 34, "rte": 23, "stsb": 54,
                                                                          "cola": 80}[task["name"]]
             assert sched["disable_dropout"] is True
         if job["schedule"] in ("childtuning_d", "childtuning_f"):   # the ChildTuning paper's ranges
-            assert sched["reserve_p"] in (0.1, 0.2, 0.3, 0.4) and sched["childtuning_patterns"] == ["layer"]
+            assert sched["keep_p"] in (0.1, 0.2, 0.3, 0.4)
+            assert sched.get("childtuning_patterns") == (["layer"] if job["schedule"] == "childtuning_d" else None)
         if job["schedule"] == "mixout":   # the DPS paper's grid (appendix D)
-            assert sched["mixout_p"] in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8) and sched["disable_dropout"] is True
-    mixout = {float(j["schedule.mixout_p"]) for j in jobs if j["schedule"] == "mixout"}
+            assert sched["mix_p"] in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8) and sched["disable_dropout"] is True
+    mixout = {float(j["schedule.mix_p"]) for j in jobs if j["schedule"] == "mixout"}
     assert mixout == {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8}
-    assert {float(j["schedule.reserve_p"]) for j in jobs if j["schedule"] == "childtuning_d"} == {0.1, 0.2, 0.3}
-    assert {float(j["schedule.reserve_p"]) for j in jobs if j["schedule"] == "childtuning_f"} == {0.2, 0.3, 0.4}
+    assert {float(j["schedule.keep_p"]) for j in jobs if j["schedule"] == "childtuning_d"} == {0.1, 0.2, 0.3}
+    assert {float(j["schedule.keep_p"]) for j in jobs if j["schedule"] == "childtuning_f"} == {0.2, 0.3, 0.4}
 
 
 @pytest.mark.parametrize("n,steps_per_epoch,U", [(500, 32, 1), (1000, 63, 3)])
@@ -109,7 +110,10 @@ def test_dps_low_resource_jobs_train_three_epochs_with_T_one_epoch(n, steps_per_
         assert task["train_subset"] == n and task["model"]["name"] == "bert-large-cased"
         assert trainer["max_steps"] is None and trainer["epochs"] == 3 and trainer["batch_size"] == 16
         assert sched["eps"] == 1e-8 and task["group_by_length"] is False and trainer["precision"] == "fp16"
-        assert sched["T"] == steps_per_epoch and int(sched["T"] * sched["update_ratio"]) == U
+        if job["schedule"] in ("dps", "dps_mix"):   # T: presets.dps_T, a DPS key (the other arms have none)
+            assert sched["T"] == steps_per_epoch and int(sched["T"] * sched["update_ratio"]) == U
+        else:
+            assert "T" not in sched and "update_ratio" not in sched
 
 
 def test_dps_low_resource_run_length_and_phase_length_as_the_trainer_computes_them(tmp_path):
@@ -178,7 +182,7 @@ def test_dps_out_of_domain_jobs_are_the_reference_scripts_setting():
     for job, cfg in _compose_jobs(jobs):
         task, sched, trainer = cfg["task"], cfg["schedule"], cfg["trainer"]
         assert task["name"] == "mnli" and task["train_subset"] == 8000
-        assert task["ood"]["sets"] == ["mnli", "snli", "sick", "scitail", "rte"] and task["ood"]["split"] == "dev"
+        assert task["ood"]["sets"] == ["mnli", "mnli_mm", "snli", "sick", "scitail", "rte"] and task["ood"]["split"] == "dev"
         assert task["model"]["name"] == "bert-large-cased" and task["max_seq_length"] == 128
         assert trainer["max_steps"] == 1500 and trainer["batch_size"] == 16 and trainer["precision"] == "fp16"
         assert sched["lr"] == 2e-5 and sched["eps"] == 1e-8 and sched["warmup_ratio"] == 0.1

@@ -55,6 +55,49 @@ def test_nested_keys_are_dotted_with_saved_then_new_value():
                                        ("task.model.config_overrides.hidden_size", 32, 64)]
 
 
+def _flat_schedule(name: str, **values) -> dict:
+    """A schedule section as configs saved it before each schedule had its own schema: every
+    schedule's keys (DPS's drop_p named p, ChildTuning's keep_p reserve_p, Mixout's mix_p mixout_p)."""
+    import dataclasses
+
+    from adaptune.schedules.config import RENAMED, SCHEDULE_SCHEMAS
+
+    old = {new: old for old, new in RENAMED.items()}
+    flat = {}
+    for schema in SCHEDULE_SCHEMAS.values():
+        flat.update({old.get(k, k): v for k, v in dataclasses.asdict(schema()).items()})
+    return {**flat, "name": name, **values}
+
+
+def _schema_node(name: str, **values) -> dict:
+    import dataclasses
+
+    from adaptune.schedules.config import SCHEDULE_SCHEMAS
+
+    return {**dataclasses.asdict(SCHEDULE_SCHEMAS[name]()), **values}
+
+
+@pytest.mark.parametrize("name", ["baseline", "sage", "dps", "childtuning_d", "childtuning_f", "mixout"])
+def test_a_config_saved_with_the_flat_schedule_schema_still_resumes(name, tmp_path):
+    """Renamed keys are compared under their new names; keys the saved run's schedule did not read
+    (a DPS preset's update_ratio on the baseline arm) are dropped; presets may differ."""
+    saved = {**SAVED, "presets": {}, "schedule": _flat_schedule(name, update_ratio=0.1, p=0.2, lr=1e-3)}
+    own = {"dps": {"update_ratio": 0.1, "drop_p": 0.2}}.get(name, {})
+    new = {**SAVED, "presets": {"dps_update_ratio": 0.1, "dps_drop_p": 0.2}, "schedule": _schema_node(name, lr=1e-3, **own)}
+    check_resume(new, saved, tmp_path, "results.json")   # no error
+    with pytest.raises(ConfigError, match=r"schedule.lr: 0.001 -> 0.002"):
+        check_resume({**new, "schedule": {**new["schedule"], "lr": 2e-3}}, saved, tmp_path, "results.json")
+
+
+def test_a_flat_config_with_other_dps_settings_is_refused_naming_the_new_key(tmp_path):
+    saved = {**SAVED, "schedule": _flat_schedule("dps", p=0.2)}
+    with pytest.raises(ConfigError, match=r"schedule.drop_p: 0.2 -> 0.3"):
+        check_resume({**SAVED, "schedule": _schema_node("dps")}, saved, tmp_path, "results.json")
+    saved = {**SAVED, "schedule": _flat_schedule("mixout", mixout_p=0.5)}
+    with pytest.raises(ConfigError, match=r"schedule.mix_p: 0.5 -> 0.9"):
+        check_resume({**SAVED, "schedule": _schema_node("mixout")}, saved, tmp_path, "results.json")
+
+
 def test_a_list_is_one_value():
     assert config_diff(_new(schedule__betas=[0.9, 0.99]), SAVED) == [("schedule.betas", [0.9, 0.999], [0.9, 0.99])]
     assert config_diff(_new(schedule__betas=[0.9, 0.999, 0.5]), SAVED)[0][0] == "schedule.betas"

@@ -669,14 +669,13 @@ def test_schedule_config_errors():
 @pytest.mark.parametrize("impl,fused", [("loop", False), ("fused", True), ("auto", None)])
 def test_schedule_impl_selects_the_sage_path(impl, fused):
     sched = build_schedule(sage_cfg(impl=impl))
-    assert sched.ignored_keys == []
     sched.setup(tiny_bert(), BERT, total_steps=10)
     assert all(g["fused"] is fused for g in sched.optimizer.param_groups)
     assert "foreach" not in sched.optimizer.defaults
     with pytest.raises(ConfigError, match="schedule.impl=foreach: AdamaxSAGE has no foreach implementation; "
                                           "allowed: auto, fused, loop"):
         build_schedule(sage_cfg(impl="foreach")).setup(tiny_bert(), BERT, total_steps=10)
-    with pytest.raises(ConfigError, match="schedule.foreach: Key 'foreach' not in 'ScheduleConfig'"):
+    with pytest.raises(ConfigError, match="schedule.foreach: not a key of schedule=sage; its keys: "):
         build_schedule(sage_cfg(foreach=True))                      # no longer a setting
 
 

@@ -19,12 +19,14 @@ PACKAGES = ("common", "runner", "tasks", "schedules")
 
 
 def _schema_defaults(group: str, option_cfg) -> dict:
-    """The defaults the schema gives the composed node of ``group`` (by its kind for tasks)."""
+    """The defaults the schema gives the composed node of ``group`` (by its kind for tasks, by the
+    schema the option extends for schedules)."""
     from adaptune.runner.config import LoggerConfig, TrainerConfig
-    from adaptune.schedules.config import ScheduleConfig
+    from adaptune.schedules.config import SCHEDULE_SCHEMAS
     from adaptune.tasks.config import TASK_SCHEMAS
 
-    schema = {"trainer": TrainerConfig, "logger": LoggerConfig, "schedule": ScheduleConfig,
+    schema = {"trainer": TrainerConfig, "logger": LoggerConfig,
+              "schedule": SCHEDULE_SCHEMAS.get(option_cfg.get("schema")),
               "task": TASK_SCHEMAS.get(option_cfg.get("kind"))}[group]
     return OmegaConf.to_container(OmegaConf.structured(schema))
 
@@ -46,13 +48,14 @@ def test_every_key_has_exactly_one_default(group):
     restating a default would be a second source that drifts."""
     for path in sorted((CONF / group).glob("*.yaml")):
         own = OmegaConf.to_container(OmegaConf.load(path))
-        parents = [d for d in own.pop("defaults", []) if isinstance(d, str) and not d.startswith("/")
-                   and d != "_self_"]
+        defaults = own.pop("defaults", [])
+        parents = [d for d in defaults if isinstance(d, str) and not d.startswith("/") and d != "_self_"]
         assert len(parents) <= 1, path
         if parents:
             base = _flatten(OmegaConf.to_container(compose([f"{group}={parents[0]}"])[group]))
         else:
-            base = _flatten(_schema_defaults(group, own if group != "task" else {"kind": path.stem}))
+            schemas = [d.split("/")[-1].split("@")[0] for d in defaults if isinstance(d, str) and d.startswith("/schema/")]
+            base = _flatten(_schema_defaults(group, {"kind": path.stem} if group == "task" else {"schema": schemas[0]}))
         for key, value in _flatten(own).items():
             assert key in base, f"{path.name}: {key} is not a key of the schema"
             assert value != base[key], f"{path.name}: {key}: {value!r} restates the default"
@@ -160,8 +163,9 @@ def test_task_supplies_its_models_patterns():
 
 
 #: the modules that may read the config schema: the schema itself, the registry, the schedule base
-#: and each method's config adapter (``*/schedule.py``); everything else is a liftable algorithm
-SCHEMA_READERS = {"config.py", "__init__.py", "base.py", "schedule.py"}
+#: and each method's config adapter (``*/schedule.py``, ``baseline.py``); everything else is a
+#: liftable algorithm
+SCHEMA_READERS = {"config.py", "__init__.py", "base.py", "baseline.py", "schedule.py"}
 
 
 def _names_schema(path: Path) -> bool:
@@ -186,16 +190,19 @@ def test_no_algorithm_imports_the_config_schema():
     assert _names_schema(root / "base.py")          # the check sees a schema import when there is one
 
 
-@pytest.mark.parametrize("key,call", [
-    ("p", lambda v: __import__("adaptune.schedules.dps.helpers", fromlist=["x"]).check_dps_hparams(v, 0.05, "dense")),
-    ("update_ratio", lambda v: __import__("adaptune.schedules.dps.helpers", fromlist=["x"]).check_dps_hparams(0.3, v, "dense")),
-    ("reserve_p", lambda v: __import__("adaptune.schedules.childtuning.algorithm", fromlist=["x"])._check_reserve_p(v)),
+@pytest.mark.parametrize("schedule,key,call", [
+    ("dps", "drop_p", lambda v: __import__("adaptune.schedules.dps.helpers", fromlist=["x"]).check_dps_hparams(v, 0.05, "dense")),
+    ("dps", "update_ratio",
+     lambda v: __import__("adaptune.schedules.dps.helpers", fromlist=["x"]).check_dps_hparams(0.3, v, "dense")),
+    ("childtuning_f", "keep_p",
+     lambda v: __import__("adaptune.schedules.childtuning.algorithm", fromlist=["x"])._check_reserve_p(v)),
+    ("mixout", "mix_p", lambda v: __import__("adaptune.schedules.defaults", fromlist=["x"]).check_range("p", v, 0, 1)),
 ])
-def test_algorithm_and_schema_ranges_agree(key, call):
+def test_algorithm_and_schema_ranges_agree(schedule, key, call):
     """The schema's check of a key and the algorithm's check of its argument accept the same values."""
-    from adaptune.schedules.config import ScheduleConfig
+    from adaptune.schedules.config import SCHEDULE_SCHEMAS
 
-    check = next(f.metadata["check"] for f in dataclasses.fields(ScheduleConfig) if f.name == key)
+    check = next(f.metadata["check"] for f in dataclasses.fields(SCHEDULE_SCHEMAS[schedule]) if f.name == key)
     for value in (-0.1, 0.0, 1e-9, 0.3, 0.999, 1.0, 1.5):
         try:
             call(value)
@@ -214,3 +221,93 @@ def test_mixout_and_dps_share_the_mix_and_linear_helpers_not_each_other():
             bad = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                    and (n.module == other or n.module.startswith(f"{other}.") or f".{other}" in n.module)]
             assert not bad, (str(path.relative_to(REPO)), bad)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """{module: modules it imports} over adaptune's modules (package __init__ files excluded as
+    targets and sources: a package importing its parts is not a cycle), imports under
+    ``if TYPE_CHECKING:`` left out (they never run)."""
+    mods: dict[str, tuple[Path, bool]] = {}
+    for top in PACKAGES:
+        for path in (REPO / top).rglob("*.py"):
+            parts = list(path.relative_to(REPO / top).with_suffix("").parts)
+            is_pkg = parts[-1] == "__init__"
+            mods[".".join(["adaptune", top, *(parts[:-1] if is_pkg else parts)])] = (path, is_pkg)
+
+    def resolve(name: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+        if node.level == 0:
+            return node.module or ""
+        base = name.split(".") if is_pkg else name.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        return ".".join(base + ([node.module] if node.module else []))
+
+    graph = {}
+    for name, (path, is_pkg) in mods.items():
+        if is_pkg:
+            continue
+        tree = ast.parse(path.read_text())
+        skip = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                and "TYPE_CHECKING" in ast.unparse(block.test) for b in block.body for n in ast.walk(b)}
+        edges = set()
+        for node in ast.walk(tree):
+            if id(node) in skip or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.ImportFrom):
+                target = resolve(name, is_pkg, node)
+                candidates = [target, *(f"{target}.{a.name}" for a in node.names)]
+            else:
+                candidates = [a.name for a in node.names]
+            edges |= {c for c in candidates if c in mods and not mods[c][1] and c != name}
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_cycles_between_modules():
+    """No module imports (even late, inside a function) a module that imports it back, directly
+    or through others: the "imported late" workarounds stay gone."""
+    graph = _module_graph()
+    cycles = set()
+    for start in graph:
+        stack = [(start, (start,))]
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    cycles.add(tuple(sorted(path)))
+                elif nxt not in path and len(path) < 8:
+                    stack.append((nxt, (*path, nxt)))
+    assert not cycles, sorted(cycles)
+
+
+#: which task each module of tasks/ belongs to (shared modules: base, config, families, lora, ...)
+TASK_FAMILIES = {"text": ("glue", "glue_data", "nli_data", "custom_data", "sources", "hf_loading", "feature_cache", "ood"),
+                 "nmt": ("nmt", "nmt_data"), "vit": ("vit", "vit_data")}
+
+
+def test_a_task_module_does_not_import_another_tasks_data_module():
+    """GLUE-style text classification, translation and image classification each read their own
+    data; only the shared modules (tasks/config.py lists every task's allowed values) see all."""
+    family_of = {m: fam for fam, mods in TASK_FAMILIES.items() for m in mods}
+    bad = []
+    for path in (REPO / "tasks").glob("*.py"):
+        mine = family_of.get(path.stem)
+        if mine is None:
+            continue
+        for imported in _imports_within(path, "tasks"):
+            theirs = family_of.get(imported)
+            if theirs is not None and theirs != mine and imported.endswith("_data"):
+                bad.append(f"tasks/{path.name} imports tasks/{imported}.py")
+    assert not bad, bad
+
+
+def _imports_within(path: Path, package: str) -> set[str]:
+    """Sibling modules of ``package`` that ``path`` imports (relative or absolute)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 1:
+                found |= {module} if module else {a.name for a in node.names}
+            elif module.startswith(f"adaptune.{package}."):
+                found.add(module.split(".")[2])
+    return found

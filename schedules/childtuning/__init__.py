@@ -1,7 +1,7 @@
 """ChildTuning (Xu et al., EMNLP 2021, "Raise a Child in Large Language Model"), one of the DPS
 paper's baselines, as docs/algorithms.md §3 specifies: the baseline optimizer, but each step only a
-"child network" of gradient entries reaches it. ``reserve_p`` is the fraction of entries KEPT
-(unlike DPS's ``p``, the fraction dropped).
+"child network" of gradient entries reaches it. ``reserve_p`` (the config key ``schedule.keep_p``)
+is the fraction of entries KEPT (unlike DPS's ``p``, ``schedule.drop_p``, the fraction dropped).
 
 ``schedule=childtuning_f`` (task-free), every optimizer step, for every parameter the optimizer
 holds, with a fresh ``B ~ Bernoulli(reserve_p)`` per entry::

@@ -33,10 +33,14 @@ def _check_version(state: Mapping[str, Any], kind: str) -> None:
                           f"(version {STATE_VERSION}); resume with the schedule it was written with")
 
 
+#: the runner's config key for each argument a checkpoint records (named in the errors)
+CONFIG_KEYS = {"reserve_p": "schedule.keep_p"}
+
+
 def _check_same(state: Mapping[str, Any], key: str, mine: Any) -> None:
     if state[key] != mine:
-        raise ConfigError(f"the checkpoint was written with schedule.{key}={state[key]!r}, this run has "
-                          f"{mine!r}; resume with the same schedule settings")
+        raise ConfigError(f"the checkpoint was written with ChildTuning {key}={state[key]!r} ({CONFIG_KEYS[key]}), "
+                          f"this run has {mine!r}; resume with the same schedule settings")
 
 
 class ChildTuningF:

@@ -11,6 +11,7 @@ from torch import nn
 from adaptune.common.families import ParamPatterns
 
 from ..baseline import BaselineSchedule
+from ..config import ChildTuningDConfig, ChildTuningFConfig
 from ..sync import shared_seed
 from .algorithm import ChildTuningD, ChildTuningF
 
@@ -27,8 +28,6 @@ class _ChildTuningSchedule(BaselineSchedule):
     """The baseline's optimizer (``schedule.optimizer``, ``schedule.impl``) and LR schedule; the
     mask object (``self.child``) is built in :meth:`setup` and masks ``.grad`` in
     :meth:`on_gradients` (after global clipping, before ``optimizer.step()``)."""
-
-    config_keys = BaselineSchedule.config_keys | {"reserve_p"}
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
@@ -51,25 +50,26 @@ class _ChildTuningSchedule(BaselineSchedule):
 
 class ChildTuningFSchedule(_ChildTuningSchedule):
     """``schedule=childtuning_f``: every step, every gradient entry the optimizer holds is kept
-    with probability ``reserve_p`` and rescaled by ``1/reserve_p``."""
+    with probability ``schedule.keep_p`` (ChildTuning's ``reserve_p``) and rescaled by its inverse."""
 
     name = "childtuning_f"
+    schema = ChildTuningFConfig
 
     def _build(self, model: nn.Module, patterns: ParamPatterns) -> ChildTuningF:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        return ChildTuningF(params, self.cfg.reserve_p, seed=shared_seed())
+        return ChildTuningF(params, self.cfg.keep_p, seed=shared_seed())
 
 
 class ChildTuningDSchedule(_ChildTuningSchedule):
     """``schedule=childtuning_d``: a Fisher pass before training fixes a mask over the tensors
-    matched by ``schedule.childtuning_patterns`` (the top ``reserve_p`` of their entries, one
-    global threshold); every step masks their gradients with it."""
+    matched by ``schedule.childtuning_patterns`` (the top ``schedule.keep_p`` of their entries,
+    one global threshold); every step masks their gradients with it."""
 
     name = "childtuning_d"
-    config_keys = _ChildTuningSchedule.config_keys | {"childtuning_patterns"}
+    schema = ChildTuningDConfig
 
     def _build(self, model: nn.Module, patterns: ParamPatterns) -> ChildTuningD:
-        return ChildTuningD(model.named_parameters(), self.cfg.reserve_p, self.cfg.childtuning_patterns)
+        return ChildTuningD(model.named_parameters(), self.cfg.keep_p, self.cfg.childtuning_patterns)
 
     def before_training(self, model: nn.Module, loss_batches: Sequence[Callable[[], torch.Tensor]],
                         max_grad_norm: float | None) -> None:

@@ -4,7 +4,8 @@ Training alternates between phases of ``U = int(T * update_ratio)`` optimizer st
 total number of optimizer steps, or ``schedule.T`` when set: the low-resource protocol's one epoch):
 step ``s`` (1-based) is in phase ``k = ceil(s / U)``; odd phases
 *explore* (train every entry and score it), even phases *select* (train only the top
-``ceil(n * (1 - p))`` entries of each selected weight by score, ``n`` its number of entries).
+``ceil(n * (1 - p))`` entries of each selected weight by score, ``n`` its number of entries;
+``p``, the fraction dropped, is the config key ``schedule.drop_p``).
 
 Selected tensors: the weights (2-D) of the ``nn.Linear`` modules whose qualified parameter names
 contain one of the model's ``dps`` patterns (the task supplies them, ``adaptune.common.families``; config key

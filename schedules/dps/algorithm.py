@@ -14,6 +14,8 @@ from .helpers import (canonical_name, check_dps_hparams, default_seed, keep_coun
                       topk_threshold)
 
 STATE_VERSION = 1
+#: the runner's config key for each argument a checkpoint records (named in the errors)
+CONFIG_KEYS = {"variant": "schedule.variant", "p": "schedule.drop_p", "update_ratio": "schedule.update_ratio"}
 
 
 class DPS:
@@ -263,8 +265,9 @@ class DPS:
         for key, mine in (("variant", self.variant), ("p", self.p), ("update_ratio", self.update_ratio),
                           ("phase_len", self.phase_len)):
             if state[key] != mine:
-                raise ConfigError(f"the checkpoint was written with DPS {key}={state[key]!r}, this run has {mine!r}; "
-                                  "resume with the same schedule settings and step count")
+                where = f" ({CONFIG_KEYS[key]})" if key in CONFIG_KEYS else ""
+                raise ConfigError(f"the checkpoint was written with DPS {key}={state[key]!r}{where}, this run has "
+                                  f"{mine!r}; resume with the same schedule settings and step count")
         if list(state["names"]) != self.names:
             raise ConfigError("the checkpoint's DPS selected a different set of weights than this run's "
                               "schedule.dps_patterns select")

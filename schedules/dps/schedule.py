@@ -8,6 +8,7 @@ from torch import nn
 from adaptune.common.families import ParamPatterns
 
 from ..baseline import BaselineSchedule
+from ..config import DPSConfig
 from .algorithm import DPS
 from ..sync import shared_seed
 from ..linear import disable_dropout, linear_weights
@@ -18,18 +19,18 @@ from ..mixing import MixoutWeight, attach_mix
 class DPSSchedule(BaselineSchedule):
     """``schedule=dps``: the baseline optimizer and LR schedule, plus :class:`DPS`.
 
-    Config keys (``conf/schedule/dps.yaml``): the baseline's, plus ``variant`` (dense | mix),
-    ``p``, ``update_ratio``, ``T`` (null: the run's optimizer steps), ``dps_patterns`` (null: the
-    model family's default) and ``disable_dropout`` (the DPS preset: true).
+    Config keys (:class:`~adaptune.schedules.config.DPSConfig`, ``conf/schedule/dps.yaml``): the
+    baseline's, plus ``variant`` (dense | mix), ``drop_p`` (DPS's ``p``), ``update_ratio``, ``T``
+    (null: the run's optimizer steps), ``dps_patterns`` (null: the model family's default) and
+    ``disable_dropout`` (default true).
     """
 
     name = "dps"
-    config_keys = BaselineSchedule.config_keys | {"variant", "p", "update_ratio", "T", "dps_patterns",
-                                                  "disable_dropout"}
+    schema = DPSConfig
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: DPSConfig | Mapping[str, Any]):
         super().__init__(cfg)
-        self.p, self.update_ratio, self.variant = self.cfg.p, self.cfg.update_ratio, self.cfg.variant
+        self.p, self.update_ratio, self.variant = self.cfg.drop_p, self.cfg.update_ratio, self.cfg.variant
         self.dps: DPS | None = None
         self._mix: dict[str, MixoutWeight] | None = None
 

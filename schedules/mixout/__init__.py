@@ -2,7 +2,7 @@
 
 Each selected ``nn.Linear`` weight ``W`` is mixed, in training-mode forward passes, toward its
 target ``W_tgt`` = the weight at the start of fine-tuning (the pretrained weight; a fresh head's
-initial weight). With mix probability ``p`` (``schedule.mixout_p``)::
+initial weight). With mix probability ``p`` (the config key ``schedule.mix_p``)::
 
     N ~ Bernoulli(1-p), one draw per INPUT column (shape (1, in), shared by all rows), redrawn
         for every forward pass of the model in training mode
@@ -39,7 +39,7 @@ Decisions marked **(choice)**:
   gives the same ``N`` on CPU and GPU and the data order and any other randomness stay those of
   a baseline run. The generator's state and the targets are in ``state_dict()``: a resumed run
   continues exactly (one full copy of every selected weight, as the reference keeps).
-- **(choice) Default ``p = 0.9``** (``schedule.mixout_p``): the Mixout paper's choice for
+- **(choice) Default ``p = 0.9``** (``schedule.mix_p``): the Mixout paper's choice for
   BERT-large on small GLUE tasks; the DPS paper grid-searches ``p`` in {0.1, ..., 0.8}.
 """
 from .algorithm import STATE_VERSION, Mixout

@@ -81,8 +81,8 @@ class Mixout:
             raise ConfigError(f"the checkpoint's schedule state is not Mixout state (version {STATE_VERSION}); "
                               "resume with the schedule it was written with")
         if state["p"] != self.p:
-            raise ConfigError(f"the checkpoint was written with schedule.mixout_p={state['p']!r}, this run has "
-                              f"{self.p!r}; resume with the same schedule settings")
+            raise ConfigError(f"the checkpoint was written with Mixout p={state['p']!r} (schedule.mix_p), this run "
+                              f"has {self.p!r}; resume with the same schedule settings")
         if list(state["names"]) != self.names:
             raise ConfigError("the checkpoint's Mixout wrapped a different set of weights than this run's "
                               "schedule.mixout_patterns select")

@@ -8,6 +8,7 @@ from torch import nn
 from adaptune.common.families import ParamPatterns
 
 from ..baseline import BaselineSchedule
+from ..config import MixoutConfig
 from ..linear import disable_dropout
 from ..mixing import MixoutWeight, attach_mix
 from ..patterns import resolve_patterns
@@ -19,13 +20,13 @@ KEY = "schedule.mixout_patterns"
 
 class MixoutSchedule(BaselineSchedule):
     """``schedule=mixout``: the baseline's optimizer and LR schedule; Linear weights mixed toward
-    their start-of-training values with probability ``schedule.mixout_p``; dropout off
+    their start-of-training values with probability ``schedule.mix_p`` (Mixout's ``p``); dropout off
     (``schedule.disable_dropout``)."""
 
     name = "mixout"
-    config_keys = BaselineSchedule.config_keys | {"mixout_p", "mixout_patterns", "disable_dropout"}
+    schema = MixoutConfig
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: MixoutConfig | Mapping[str, Any]):
         super().__init__(cfg)
         self.mixout: Mixout | None = None
         self._wrappers: dict[str, MixoutWeight] | None = None
@@ -44,7 +45,7 @@ class MixoutSchedule(BaselineSchedule):
             self._wrappers = attach_mix(model, self._patterns(patterns), KEY)
         super().setup(model, patterns, total_steps)
         # the targets are snapshotted here, after the loop moved the model to its device
-        self.mixout = Mixout(model, self.cfg.mixout_p, wrappers=self._wrappers, seed=shared_seed(), key=KEY)
+        self.mixout = Mixout(model, self.cfg.mix_p, wrappers=self._wrappers, seed=shared_seed(), key=KEY)
         self.restore_pending_state()
 
     def log_metrics(self, step: int) -> dict[str, float]:

@@ -9,18 +9,19 @@ from torch import Tensor
 from adaptune.common.families import ParamPatterns
 
 from ..base import Schedule
-from ..config import ScheduleConfig
+from ..config import SAGEConfig
 from .telemetry import probe_indices, sensitivity_summary
 
 
 class SAGESchedule(Schedule):
     """``schedule=sage``: AdamW-SAGE or Adamax-SAGE with the shared LR schedules.
 
-    Config keys (``conf/schedule/sage.yaml``): ``base`` (adamw | adamax), ``lr``, ``betas``,
-    ``beta3``, ``eps``, ``weight_decay``, ``bias_correction`` (AdamW-SAGE only; Adamax-SAGE has no
-    bias correction), ``lr_schedule``, ``warmup_ratio``, ``warmup_steps``, ``sage_patterns``,
-    ``no_decay_patterns``, ``impl`` (auto | fused | loop: the optimizer implementation, see
-    :mod:`adaptune.schedules.sage.optimizer`; SAGE has no foreach path).
+    Config keys (:class:`~adaptune.schedules.config.SAGEConfig`, ``conf/schedule/sage.yaml``):
+    ``base`` (adamw | adamax), ``lr``, ``betas``, ``beta3``, ``eps``, ``weight_decay``,
+    ``bias_correction`` (AdamW-SAGE only; Adamax-SAGE has no bias correction), ``lr_schedule``,
+    ``warmup_ratio``, ``warmup_steps``, ``sage_patterns``, ``no_decay_patterns``, ``impl`` (auto |
+    fused | loop: the optimizer implementation, see :mod:`adaptune.schedules.sage.optimizer`; SAGE
+    has no foreach path).
 
     ``log_metrics`` returns ``lr`` and the :func:`sensitivity_summary` of a fixed random sample of
     4096 SAGE entries (chosen once, seed 0). **(choice)** The multiplier needs the step's I, which
@@ -30,11 +31,11 @@ class SAGESchedule(Schedule):
     """
 
     name = "sage"
-    config_keys = Schedule.config_keys | {"base", "beta3", "bias_correction", "sage_patterns"}
+    schema = SAGEConfig
     BASES = {"adamw": "adamw_sage", "adamax": "adamax_sage"}
     PROBE_SIZE = 4096
 
-    def __init__(self, cfg: ScheduleConfig | Mapping[str, Any]):
+    def __init__(self, cfg: SAGEConfig | Mapping[str, Any]):
         super().__init__(cfg)
         self._probe: list[tuple[Tensor, Tensor]] = []
         self._last_sens: dict[int, Tensor] = {}
