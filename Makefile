@@ -108,11 +108,9 @@ repro-sage-vit: setup        ## SAGE ViT: ViT-B/16 fine-tuned on CIFAR-100, Adam
 	$(REPORT) outputs/multirun/repro_sage_vit
 
 ## CPU-sized variants: the same pipelines offline on the shipped model and demo data, in minutes.
-CPU_GLUE := experiment=quickstart task.eval_subset=300
 
-repro-sage-glue-cpu: setup
-	$(ADAPTUNE) -m $(CPU_GLUE) schedule=baseline,sage seed=1,2 name=repro_sage_glue_cpu $(ARGS)
-	$(REPORT) outputs/multirun/repro_sage_glue_cpu
+repro-sage-glue-cpu: setup   ## conf/compare/sage_glue_cpu.yaml: MT-DNN Adamax vs Adamax-SAGE, warmup_linear, on the quickstart data
+	$(ADAPTUNE) compare sage_glue_cpu $(compare_seeds) $(ARGS)
 
 repro-dps-glue-cpu: setup
 	$(ADAPTUNE) -m experiment=dps_cpu schedule=baseline,dps,dps_mix seed=1,2 name=repro_dps_glue_cpu $(ARGS)

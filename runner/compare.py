@@ -33,15 +33,17 @@ import time
 from pathlib import Path
 
 from adaptune.common.errors import ConfigError
-
 from adaptune.conf import CONFIG_DIR as CONF
+
+from . import specs
+
 KEYS = ("experiment", "seeds", "overrides", "grids")
 # chosen by compare itself: a grid or an extra override may not set them
 RESERVED = ("seed", "schedule", "name", "experiment", "hydra.sweep.subdir", "hydra.searchpath", "compare_point")
 
 
 def _names(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return specs.names(CONF, group)
 
 
 def fmt(value) -> str:
@@ -56,8 +58,7 @@ def fmt(value) -> str:
     return str(value)
 
 
-def _key(item: str) -> str:
-    return item.partition("=")[0].lstrip("+~")
+_key = specs.override_key
 
 
 def _check_override(item, where: str) -> str:
@@ -69,57 +70,20 @@ def _check_override(item, where: str) -> str:
     return item
 
 
-def _is_path(name: str) -> bool:
-    """A spec argument that names a file (``my_grid.yaml``, ``specs/x.yml``, ``./x``) rather than a preset."""
-    return name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name
-
-
 def locate(name: str) -> tuple[Path, str, str]:
     """(file, name, how to cite it in messages) of a compare spec: a shipped preset NAME, or a
     user's YAML file by its path (its name is the file's stem); ConfigError (one line) if neither."""
-    if _is_path(name):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"compare spec {name} does not exist (a YAML file, or one of the presets: "
-                              f"{', '.join(_names('compare'))})")
-        stem = path.stem
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", stem):
-            raise ConfigError(f"compare spec {name}: its file name is the sweep's name and may only hold "
-                              "letters, digits, '_', '.' and '-'")
-        return path, stem, str(name)
-    path = CONF / "compare" / f"{name}.yaml"
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file():
-        raise ConfigError(f"conf/compare/{name}.yaml does not exist; allowed names: "
-                          f"{', '.join(_names('compare'))} (or the path of a YAML file)")
-    return path, name, f"conf/compare/{name}.yaml"
+    return specs.locate(name, CONF, "compare", "compare spec")
 
 
 def load(name: str) -> dict:
     """The validated compare spec: the preset ``conf/compare/NAME.yaml`` or the YAML file at a
     path; ConfigError (one line) if not."""
     path, name, where = locate(name)
-    from omegaconf import OmegaConf
-
-    try:
-        spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as err:
-        raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from err
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(KEYS)}")
-    for key in spec:
-        if key not in KEYS:
-            raise ConfigError(f"{where}: unknown key '{key}'; allowed: {', '.join(KEYS)}")
-    experiment = spec.get("experiment")
-    if experiment is not None and experiment not in _names("experiment"):
-        raise ConfigError(f"{where}: experiment={experiment} is unknown; allowed: {', '.join(_names('experiment'))}")
-    seeds = spec.get("seeds")
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise ConfigError(f"{where}: seeds: expected a non-empty list of distinct integers, got {seeds!r}")
-    overrides = spec.get("overrides") or []
-    if not isinstance(overrides, list):
-        raise ConfigError(f"{where}: overrides: expected a list of key=value, got {overrides!r}")
-    overrides = [_check_override(o, f"{where}: overrides") for o in overrides]
+    spec = specs.read(path, where, KEYS)
+    experiment = specs.experiment(spec, where, CONF)
+    seeds = specs.seeds(spec, where)
+    overrides = specs.overrides(spec, where, _check_override)
     grids = spec.get("grids")
     if not isinstance(grids, dict) or not grids:
         raise ConfigError(f"{where}: grids: expected a mapping of schedule -> {{key: [values]}}")

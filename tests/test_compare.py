@@ -65,14 +65,14 @@ def test_unknown_name_is_a_one_line_error():
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == [
         "adaptune compare: error: conf/compare/nope.yaml does not exist; allowed names: "
-        "dps_glue, dps_low_resource, quickstart, sage_glue (or the path of a YAML file)"]
+        "dps_glue, dps_low_resource, quickstart, sage_glue, sage_glue_cpu (or the path of a YAML file)"]
 
 
 def test_missing_spec_file_is_a_one_line_error(tmp_path, capsys):
     assert compare.main([str(tmp_path / "mine.yaml"), "--dry-run"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"adaptune compare: error: compare spec {tmp_path / 'mine.yaml'} does not exist "
-        "(a YAML file, or one of the presets: dps_glue, dps_low_resource, quickstart, sage_glue)"]
+        "(a YAML file, or one of the presets: dps_glue, dps_low_resource, quickstart, sage_glue, sage_glue_cpu)"]
 
 
 def test_a_spec_file_anywhere_runs_like_the_preset(tmp_path, capsys):

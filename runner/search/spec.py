@@ -10,7 +10,8 @@ from pathlib import Path
 from adaptune.common.errors import ConfigError
 from adaptune.conf import CONFIG_DIR as CONF
 
-from ..compare import _is_path, _key, _names, fmt
+from .. import specs
+from ..compare import _key, _names, fmt
 
 KEYS = ("experiment", "schedule", "seeds", "overrides", "params", "n_trials", "sampler_seed", "startup_trials",
         "direction")
@@ -24,20 +25,7 @@ BLOCK = "final"
 
 def locate(name: str) -> tuple[Path, str, str]:
     """(file, name, how to cite it) of a search spec: a shipped preset NAME or a YAML file's path."""
-    if _is_path(name):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"search spec {name} does not exist (a YAML file, or one of the presets: "
-                              f"{', '.join(_names('search'))})")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", path.stem):
-            raise ConfigError(f"search spec {name}: its file name is the search's name and may only hold "
-                              "letters, digits, '_', '.' and '-'")
-        return path, path.stem, str(name)
-    path = CONF / "search" / f"{name}.yaml"
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file():
-        raise ConfigError(f"conf/search/{name}.yaml does not exist; allowed names: "
-                          f"{', '.join(_names('search'))} (or the path of a YAML file)")
-    return path, name, f"conf/search/{name}.yaml"
+    return specs.locate(name, CONF, "search", "search spec")
 
 
 def _is_int(value) -> bool:
@@ -90,31 +78,13 @@ def _param(where: str, name: str, space) -> dict:
 def load(name: str) -> dict:
     """The validated search spec (preset NAME or a YAML file's path); ConfigError (one line) if not."""
     path, name, where = locate(name)
-    from omegaconf import OmegaConf
-
-    try:
-        spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as err:
-        raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from err
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(KEYS)}")
-    for key in spec:
-        if key not in KEYS:
-            raise ConfigError(f"{where}: unknown key '{key}'; allowed: {', '.join(KEYS)}")
-    experiment = spec.get("experiment")
-    if experiment is not None and experiment not in _names("experiment"):
-        raise ConfigError(f"{where}: experiment={experiment} is unknown; allowed: {', '.join(_names('experiment'))}")
+    spec = specs.read(path, where, KEYS)
+    experiment = specs.experiment(spec, where, CONF)
     schedule = spec.get("schedule")
     if schedule not in _names("schedule"):
         raise ConfigError(f"{where}: schedule={schedule} is unknown; allowed: {', '.join(_names('schedule'))}")
-    seeds = spec.get("seeds")
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(_is_int(s) for s in seeds)):
-        raise ConfigError(f"{where}: seeds: expected a non-empty list of distinct integers, got {seeds!r}")
-    overrides = spec.get("overrides") or []
-    if not isinstance(overrides, list):
-        raise ConfigError(f"{where}: overrides: expected a list of key=value, got {overrides!r}")
-    overrides = [check_override(o, f"{where}: overrides") for o in overrides]
+    seeds = specs.seeds(spec, where)
+    overrides = specs.overrides(spec, where, check_override)
     params = spec.get("params")
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"{where}: params: expected a mapping of key -> {{low, high, log}} or {{choices}}")
