@@ -13,6 +13,9 @@ from omegaconf import OmegaConf
 
 from conftest import compose, glue_overrides, write_glue
 
+#: every test here runs ``make -n`` (a subprocess) and composes dozens of jobs, or the real Trainer: e2e
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 CHILDTUNING_SEEDS = [42, 52, 57, 63, 78, 96, 127, 140, 298, 375]
 DPS_ARMS = {"baseline", "childtuning_d", "childtuning_f", "mixout", "dps", "dps_mix"}
@@ -128,7 +131,6 @@ def test_dps_low_resource_run_length_and_phase_length_as_the_trainer_computes_th
     assert trainer.schedule.dps.total_steps == 32 and trainer.schedule.dps.phase_len == 1
 
 
-@pytest.mark.e2e
 def test_sage_glue_jobs_are_the_papers_setting():
     _, jobs = _jobs("repro-sage-glue", "SEED_PRESET=sage")
     assert _seeds(jobs) == [2018]
