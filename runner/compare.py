@@ -62,12 +62,8 @@ _key = specs.override_key
 
 
 def _check_override(item, where: str) -> str:
-    if not isinstance(item, str) or "=" not in item:
-        raise ConfigError(f"{where}: {item!r} is not a hydra override (key=value)")
-    if _key(item) in RESERVED:
-        raise ConfigError(f"{where}: {_key(item)} is set by adaptune compare (the seeds, schedules "
-                          "and experiment come from the compare file's seeds, grids and experiment)")
-    return item
+    return specs.check_override(item, where, RESERVED, "adaptune compare (the seeds, schedules and experiment "
+                                "come from the compare file's seeds, grids and experiment)")
 
 
 def locate(name: str) -> tuple[Path, str, str]:

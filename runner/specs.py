@@ -23,6 +23,16 @@ def override_key(item: str) -> str:
     return item.partition("=")[0].lstrip("+~")
 
 
+def check_override(item, where: str, reserved: tuple[str, ...], owner: str) -> str:
+    """``item`` if it is a Hydra override ``key=value`` whose key is not one of ``reserved`` (the
+    keys the command sets itself; ``owner`` says who and from what, for the message)."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"{where}: {item!r} is not a hydra override (key=value)")
+    if override_key(item) in reserved:
+        raise ConfigError(f"{where}: {override_key(item)} is set by {owner}")
+    return item
+
+
 def is_path(name: str) -> bool:
     """A spec argument that names a file (``my_grid.yaml``, ``specs/x.yml``, ``./x``) rather than a preset."""
     return name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name

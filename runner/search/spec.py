@@ -37,12 +37,8 @@ def is_number(value) -> bool:
 
 
 def check_override(item, where: str) -> str:
-    if not isinstance(item, str) or "=" not in item:
-        raise ConfigError(f"{where}: {item!r} is not a hydra override (key=value)")
-    if _key(item) in RESERVED:
-        raise ConfigError(f"{where}: {_key(item)} is set by adaptune search (the experiment, schedule and "
-                          "seeds come from the spec's keys, the run directories from the trial)")
-    return item
+    return specs.check_override(item, where, RESERVED, "adaptune search (the experiment, schedule and seeds "
+                                "come from the spec's keys, the run directories from the trial)")
 
 
 def _param(where: str, name: str, space) -> dict:
