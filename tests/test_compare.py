@@ -234,16 +234,21 @@ def test_nproc_per_node_wraps_the_sweep_in_torchrun_and_refuses_a_cluster_launch
     assert len(err.splitlines()) == 1 and "hydra.launcher.tasks_per_node" in err
 
 
+def _tiny_runs(tmp_path):
+    """(sweep dir, overrides) of real 3-step runs of a 2-layer BERT on a tiny RTE-format set."""
+    data = write_glue(tmp_path / "rte", "rte", n_train=24, n_dev=8)
+    sweep = tmp_path / "sweep"
+    return sweep, ["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT, "logger=none",
+                   "trainer=cpu_fast", "trainer.progress=false", "trainer.max_steps=3", f"hydra.sweep.dir={sweep}"]
+
+
 @pytest.mark.e2e
 def test_tiny_compare_end_to_end(conf, tmp_path):
     """Real training in one multirun: two schedules, three grid points, two seeds, a 2-layer BERT
     for 3 steps; run directories named by each point's keys."""
     (conf / "tiny.yaml").write_text("seeds: [1, 2]\ngrids:\n  baseline: {schedule.lr: [1e-4, 1e-3]}\n"
                                     "  sage: {schedule.lr: [1e-3]}\n")
-    data = write_glue(tmp_path / "rte", "rte", n_train=24, n_dev=8)
-    sweep = tmp_path / "sweep"
-    extra = ["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT, "logger=none",
-             "trainer=cpu_fast", "trainer.progress=false", "trainer.max_steps=3", f"hydra.sweep.dir={sweep}"]
+    sweep, extra = _tiny_runs(tmp_path)
     assert compare.main(["tiny", *extra]) == 0
     report = json.loads((sweep / "report.json").read_text())
     grids = {s["schedule"]: s["grid"] for s in report["tasks"][0]["schedules"]}
@@ -277,10 +282,7 @@ def test_compare_with_two_processes_per_run_trains_each_point_as_one_ddp_run(con
     DDP run (world size 2, one results.json), also the second one (the process group is kept)."""
     (conf / "tiny.yaml").write_text("seeds: [1]\ngrids:\n  baseline: {schedule.lr: [1e-4]}\n"
                                     "  sage: {schedule.lr: [1e-3]}\n")
-    data = write_glue(tmp_path / "rte", "rte", n_train=24, n_dev=8)
-    sweep = tmp_path / "sweep"
-    extra = ["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT, "logger=none",
-             "trainer=cpu_fast", "trainer.progress=false", "trainer.max_steps=3", f"hydra.sweep.dir={sweep}"]
+    sweep, extra = _tiny_runs(tmp_path)
     assert compare.main(["tiny", "--nproc-per-node", "2", *extra]) == 0
     results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
     assert [(r["schedule"], r["status"], r["world_size"]) for r in results] == [
