@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: setup setup-quickstart setup-nmt quickstart test test-fast test-all lint bench gpu-check demo-data clean \
+.PHONY: setup setup-quickstart setup-nmt quickstart test test-fast test-all lint format bench gpu-check demo-data clean \
 	repro-sage-glue repro-dps-glue repro-dps-low-resource repro-dps-out-of-domain repro-sage-iwslt repro-sage-vit \
 	repro-sage-glue-cpu repro-dps-glue-cpu repro-dps-low-resource-cpu repro-sage-iwslt-cpu repro-sage-vit-cpu
 
@@ -46,8 +46,12 @@ quickstart: setup-quickstart
 test: setup setup-nmt lint
 	$(BIN)/python -m pytest -q
 
-lint: setup
+lint: setup   ## ruff lint and format check (configured in pyproject.toml); `make format` applies the format
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
 
 ## The unit lane for the edit loop (~1-2 minutes): everything but the end-to-end tests.
 test-fast: setup

@@ -14,4 +14,5 @@ conf/`` at the top level); ``pyproject.toml`` maps each folder into this package
 
 This folder holds only the package's root; the code lives in the folders above.
 """
+
 __version__ = "0.2.0"

@@ -24,6 +24,7 @@ SHA-256 of ``train.tsv`` that keys the cache (the file is in the page cache by t
 table and the JSON (``--json`` writes it to a file too). Target: cached setup <= 1/5 of the first.
 Run it alone on an otherwise idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ def write_data(directory: Path, pairs: int, seed: int = 0) -> dict[str, int]:
     rng = random.Random(seed)
     words = _vocabulary()
     cum, total = [], 0.0
-    for rank in range(len(words)):   # Zipf-like: the vocabulary's frequent words first
+    for rank in range(len(words)):  # Zipf-like: the vocabulary's frequent words first
         total += 1.0 / (rank + 10)
         cum.append(total)
 
@@ -94,8 +95,16 @@ def child(mode: str, data: str, cache: str, max_len: int) -> None:
     torch.set_num_threads(1)
     imports_s = time.perf_counter() - t0
     rss_imports = _rss_mb()
-    cfg = {"kind": "glue", "name": "mnli", "data_dir": data, "max_seq_length": max_len, "batch_size": BATCH,
-           "eval_batch_size": 64, "feature_cache": mode != "no_cache", "feature_cache_dir": cache}
+    cfg = {
+        "kind": "glue",
+        "name": "mnli",
+        "data_dir": data,
+        "max_seq_length": max_len,
+        "batch_size": BATCH,
+        "eval_batch_size": 64,
+        "feature_cache": mode != "no_cache",
+        "feature_cache_dir": cache,
+    }
     task = build_task(cfg, Path(cache).parent / "run", seed=1)
     t0 = time.perf_counter()
     task.setup()
@@ -106,10 +115,21 @@ def child(mode: str, data: str, cache: str, max_len: int) -> None:
     t0 = time.perf_counter()
     tokens = sum(int(task.make_batch(plan)["attention_mask"].sum()) for plan in plans)
     collate_s = time.perf_counter() - t0
-    print(json.dumps({"mode": mode, "imports_s": imports_s, "setup_s": setup_s, "peak_rss_mb": peak,
-                      "rss_after_imports_mb": rss_imports, "rss_after_setup_mb": rss_setup,
-                      "train_examples": len(task.train["labels"]), "collate_ms_per_batch": 1000 * collate_s / len(plans),
-                      "tokens_in_batches": tokens}))
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "imports_s": imports_s,
+                "setup_s": setup_s,
+                "peak_rss_mb": peak,
+                "rss_after_imports_mb": rss_imports,
+                "rss_after_setup_mb": rss_setup,
+                "train_examples": len(task.train["labels"]),
+                "collate_ms_per_batch": 1000 * collate_s / len(plans),
+                "tokens_in_batches": tokens,
+            }
+        )
+    )
 
 
 def _cpu() -> str:
@@ -139,17 +159,36 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         t0 = time.perf_counter()
         sizes = write_data(work / "MNLI", args.pairs)
-        print(f"wrote {args.pairs:,} training pairs ({sizes['train.tsv'] / 2**20:.1f} MB) in "
-              f"{time.perf_counter() - t0:.1f} s to {work}", flush=True)
+        print(
+            f"wrote {args.pairs:,} training pairs ({sizes['train.tsv'] / 2**20:.1f} MB) in "
+            f"{time.perf_counter() - t0:.1f} s to {work}",
+            flush=True,
+        )
         t0 = time.perf_counter()
         files_digest([work / "MNLI" / "train.tsv"])
         hash_s = time.perf_counter() - t0
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         rows = []
-        for mode in ("first", "cached", "no_cache"):   # one at a time
-            proc = subprocess.run([sys.executable, __file__, "--child", mode, "--data", str(work / "MNLI"),
-                                   "--cache", str(work / "cache"), "--max-len", str(args.max_len)],
-                                  cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        for mode in ("first", "cached", "no_cache"):  # one at a time
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--data",
+                    str(work / "MNLI"),
+                    "--cache",
+                    str(work / "cache"),
+                    "--max-len",
+                    str(args.max_len),
+                ],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if proc.returncode != 0:
                 sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -159,16 +198,31 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     by = {r["mode"]: r for r in rows}
     ratio = by["cached"]["setup_s"] / by["first"]["setup_s"]
-    result = {"pairs": args.pairs, "max_len": args.max_len, "train_tsv_mb": sizes["train.tsv"] / 2**20,
-              "sha256_train_tsv_s": hash_s, "cache_mb": cache_mb, "cpu": _cpu(), "cores": os.cpu_count(),
-              "runs": rows, "cached_over_first_setup": ratio, "target_met": ratio <= 0.2}
-    print(f"\n{args.pairs:,} pairs, max length {args.max_len}, train.tsv {result['train_tsv_mb']:.1f} MB, "
-          f"cache {cache_mb:.1f} MB, SHA-256 of train.tsv {hash_s:.3f} s; CPU {result['cpu']} ({os.cpu_count()} cores)")
-    print(f"{'run':<10} {'setup s':>8} {'peak RSS MB':>12} {'RSS after imports':>18} {'RSS after setup':>16} "
-          f"{'collate ms/batch':>17} {'imports s':>10}")
+    result = {
+        "pairs": args.pairs,
+        "max_len": args.max_len,
+        "train_tsv_mb": sizes["train.tsv"] / 2**20,
+        "sha256_train_tsv_s": hash_s,
+        "cache_mb": cache_mb,
+        "cpu": _cpu(),
+        "cores": os.cpu_count(),
+        "runs": rows,
+        "cached_over_first_setup": ratio,
+        "target_met": ratio <= 0.2,
+    }
+    print(
+        f"\n{args.pairs:,} pairs, max length {args.max_len}, train.tsv {result['train_tsv_mb']:.1f} MB, "
+        f"cache {cache_mb:.1f} MB, SHA-256 of train.tsv {hash_s:.3f} s; CPU {result['cpu']} ({os.cpu_count()} cores)"
+    )
+    print(
+        f"{'run':<10} {'setup s':>8} {'peak RSS MB':>12} {'RSS after imports':>18} {'RSS after setup':>16} "
+        f"{'collate ms/batch':>17} {'imports s':>10}"
+    )
     for r in rows:
-        print(f"{r['mode']:<10} {r['setup_s']:>8.2f} {r['peak_rss_mb']:>12.0f} {r['rss_after_imports_mb']:>18.0f} "
-              f"{r['rss_after_setup_mb']:>16.0f} {r['collate_ms_per_batch']:>17.2f} {r['imports_s']:>10.2f}")
+        print(
+            f"{r['mode']:<10} {r['setup_s']:>8.2f} {r['peak_rss_mb']:>12.0f} {r['rss_after_imports_mb']:>18.0f} "
+            f"{r['rss_after_setup_mb']:>16.0f} {r['collate_ms_per_batch']:>17.2f} {r['imports_s']:>10.2f}"
+        )
     print(f"cached / first setup: {ratio:.3f} (target <= 0.2: {'met' if ratio <= 0.2 else 'NOT met'})")
     print(json.dumps(result))
     if args.json:

@@ -32,6 +32,7 @@ section 2 are then the honest cost; the script prints a warning when hook median
 their minimum. ``--bf16`` only helps on CPUs with AMX / AVX512-BF16 (on this project's AMD EPYC
 without them bf16 autocast is several times slower than fp32).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +50,17 @@ from adaptune.schedules import build_schedule  # noqa: E402
 from adaptune.schedules.dps import disable_dropout, keep_count, linear_weights, topk_threshold  # noqa: E402
 from adaptune.common.families import family_patterns  # noqa: E402
 
-BASE_CFG = {"optimizer": "adamw", "lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01,
-            "lr_schedule": "linear", "warmup_ratio": 0.1}
+BASE_CFG = {
+    "optimizer": "adamw",
+    "lr": 5e-5,
+    "betas": [0.9, 0.999],
+    "eps": 1e-6,
+    "weight_decay": 0.01,
+    "lr_schedule": "linear",
+    "warmup_ratio": 0.1,
+}
 
-BERT = family_patterns("bert")   # the patterns a GLUE task supplies for a BERT model
+BERT = family_patterns("bert")  # the patterns a GLUE task supplies for a BERT model
 
 
 def load_model():
@@ -83,7 +91,7 @@ def train_step(run, step: int, batch: dict, bf16: bool) -> float:
         loss = model(**batch).loss
     loss.float().backward()
     t1 = time.perf_counter()
-    schedule.on_before_clip(step)      # DPS masks here, before the global clip (the runner's order)
+    schedule.on_before_clip(step)  # DPS masks here, before the global clip (the runner's order)
     hook += time.perf_counter() - t1
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     t1 = time.perf_counter()
@@ -99,20 +107,25 @@ def train_step(run, step: int, batch: dict, bf16: bool) -> float:
 
 def bench_steps(args) -> list[dict]:
     U = args.phase_steps
-    total = U * 200                       # nominal T; update_ratio gives U = phase_steps
+    total = U * 200  # nominal T; update_ratio gives U = phase_steps
     ratio = U / total
-    configs = [("baseline", {"name": "baseline"}),
-               ("dps-dense", {"name": "dps", "variant": "dense", "drop_p": 0.3, "update_ratio": ratio}),
-               ("dps-mix", {"name": "dps", "variant": "mix", "drop_p": 0.3, "update_ratio": ratio})]
+    configs = [
+        ("baseline", {"name": "baseline"}),
+        ("dps-dense", {"name": "dps", "variant": "dense", "drop_p": 0.3, "update_ratio": ratio}),
+        ("dps-mix", {"name": "dps", "variant": "mix", "drop_p": 0.3, "update_ratio": ratio}),
+    ]
     configs = [c for c in configs if c[0] in args.runs]
     runs = [make_run(n, c, total, args.keep_dropout) for n, c in configs]
     gen = torch.Generator().manual_seed(0)
     steps = U * args.phases
     for step in range(1, args.warmup + steps + 1):
         ids = torch.randint(1000, 30000, (args.batch, args.seq), generator=gen)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                 "labels": torch.randint(0, 2, (args.batch,), generator=gen)}
-        order = runs[step % len(runs):] + runs[:step % len(runs)]
+        batch = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, 2, (args.batch,), generator=gen),
+        }
+        order = runs[step % len(runs) :] + runs[: step % len(runs)]
         for run in order:
             seconds = train_step(run, step, batch, args.bf16)
             if step > args.warmup:
@@ -125,8 +138,10 @@ def bench_steps(args) -> list[dict]:
 
 def summarize(runs, U: int, args) -> None:
     base = runs[0]
-    print(f"\n== training step (MiniLM-L6, batch {args.batch} x {args.seq}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-          f"{torch.get_num_threads()} threads, {len(base['times'])} steps each, phase length U={U}) ==")
+    print(
+        f"\n== training step (MiniLM-L6, batch {args.batch} x {args.seq}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+        f"{torch.get_num_threads()} threads, {len(base['times'])} steps each, phase length U={U}) =="
+    )
     ref = None
     for run in runs:
         sched = run["schedule"]
@@ -141,10 +156,12 @@ def summarize(runs, U: int, args) -> None:
         first = [t for s, t in times.items() if dps.is_selection(s) and (s - 1) % U == 0]
         sel = [t for s, t in times.items() if dps.is_selection(s) and (s - 1) % U != 0]
         me, ms, mf = statistics.median(expl), statistics.median(sel), statistics.median(first)
-        print(f"{run['name']:>10}: median {allm * 1e3:8.1f} ms/step  (x{allm / ref:.3f})   "
-              f"exploration {me * 1e3:.1f} (x{me / ref:.3f})  selection {ms * 1e3:.1f} (x{ms / ref:.3f})  "
-              f"first selection step {mf * 1e3:.1f}   min {min(times.values()) * 1e3:.1f} "
-              f"(x{min(times.values()) / ref_min:.3f})")
+        print(
+            f"{run['name']:>10}: median {allm * 1e3:8.1f} ms/step  (x{allm / ref:.3f})   "
+            f"exploration {me * 1e3:.1f} (x{me / ref:.3f})  selection {ms * 1e3:.1f} (x{ms / ref:.3f})  "
+            f"first selection step {mf * 1e3:.1f}   min {min(times.values()) * 1e3:.1f} "
+            f"(x{min(times.values()) / ref_min:.3f})"
+        )
         # The DPS hooks' own time (less noisy than whole steps on a shared machine), amortised over
         # the paper's RTE phase length U = 23: U exploration steps, U-1 selection steps, 1 first
         # selection step (thresholds).
@@ -155,23 +172,39 @@ def summarize(runs, U: int, args) -> None:
         u = 23
         amort = (u * he + (u - 1) * hs + hf) / (2 * u)
         lo = min(hooks.values())
-        print(f"{'':>10}  DPS hooks alone (median): exploration {he * 1e3:.1f} ms, selection {hs * 1e3:.1f} ms, "
-              f"first selection step {hf * 1e3:.1f} ms; amortised at U=23: {amort * 1e3:.1f} ms/step "
-              f"= {100 * amort / ref:.2f}% of the baseline step (fastest hook call {lo * 1e3:.1f} ms)")
+        print(
+            f"{'':>10}  DPS hooks alone (median): exploration {he * 1e3:.1f} ms, selection {hs * 1e3:.1f} ms, "
+            f"first selection step {hf * 1e3:.1f} ms; amortised at U=23: {amort * 1e3:.1f} ms/step "
+            f"= {100 * amort / ref:.2f}% of the baseline step (fastest hook call {lo * 1e3:.1f} ms)"
+        )
     print("target: dps-dense overhead <= 5% (x1.050); DPS-Mix also pays for W_eff in forward/backward")
     for run in runs[1:]:
         hooks = list(run["hooks"].values())
         if hooks and statistics.median(hooks) > 10 * min(hooks):
-            print(f"warning: {run['name']} hook medians are {statistics.median(hooks) / min(hooks):.0f}x their "
-                  "minimum: the machine is contended (see the module docstring); trust the minimum and section 2")
+            print(
+                f"warning: {run['name']} hook medians are {statistics.median(hooks) / min(hooks):.0f}x their "
+                "minimum: the machine is contended (see the module docstring); trust the minimum and section 2"
+            )
 
 
 def bench_thresholds(runs, reps: int) -> None:
     run = next((r for r in runs if r["schedule"].name == "dps"), None)
     model = run["model"] if run else load_model()
-    weights = [w for n, w in linear_weights(model) if any(
-        p in n for p in ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense",
-                         "pooler.dense", "classifier"))]
+    weights = [
+        w
+        for n, w in linear_weights(model)
+        if any(
+            p in n
+            for p in (
+                "attention.self",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+                "pooler.dense",
+                "classifier",
+            )
+        )
+    ]
     gen = torch.Generator().manual_seed(1)
     scores = [torch.rand(w.shape, generator=gen) for w in weights]
     keeps = [keep_count(s.numel(), 0.3) for s in scores]
@@ -190,8 +223,13 @@ def bench_thresholds(runs, reps: int) -> None:
     def full_sort(s, k):
         return s.reshape(-1).sort(descending=True).values[k - 1]
 
-    methods = {"kthvalue": kth, "topk (kept side)": topk_kept, "topk (dropped side)": topk_dropped,
-               "DPS (topk, smaller side)": topk_threshold, "full sort": full_sort}
+    methods = {
+        "kthvalue": kth,
+        "topk (kept side)": topk_kept,
+        "topk (dropped side)": topk_dropped,
+        "DPS (topk, smaller side)": topk_threshold,
+        "full sort": full_sort,
+    }
     expected = [full_sort(s, k) for s, k in zip(scores, keeps)]
     n = sum(s.numel() for s in scores)
     print(f"\n== threshold over the {len(scores)} selected weights ({n / 1e6:.2f}M entries), once per selection phase ==")
@@ -206,9 +244,11 @@ def bench_thresholds(runs, reps: int) -> None:
         print(f"{name:>20}: median {statistics.median(times) * 1e3:8.1f} ms")
     masks = [s >= e for s, e in zip(scores, expected)]
     grads = [torch.randn_like(s) for s in scores]
-    apply = {"foreach mul_ by bool mask (DPS)": lambda: torch._foreach_mul_(grads, masks),
-             "masked_fill_(~mask, 0)": lambda: [g.masked_fill_(~m, 0.0) for g, m in zip(grads, masks)],
-             "foreach addcmul_ G += g*g (DPS)": lambda: torch._foreach_addcmul_(scores, grads, grads)}
+    apply = {
+        "foreach mul_ by bool mask (DPS)": lambda: torch._foreach_mul_(grads, masks),
+        "masked_fill_(~mask, 0)": lambda: [g.masked_fill_(~m, 0.0) for g, m in zip(grads, masks)],
+        "foreach addcmul_ G += g*g (DPS)": lambda: torch._foreach_addcmul_(scores, grads, grads),
+    }
     print("== per-step DPS work ==")
     for name, fn in apply.items():
         times = []
@@ -231,8 +271,10 @@ def report_memory(runs) -> None:
         for phase, mem in run["memory"].items():
             own = mem["scores"] + mem["masks"]
             extra = f" + Mix snapshots {mem['snapshots']:,} B" if mem["snapshots"] else ""
-            print(f"   {phase:>11}: scores {mem['scores']:,} B + masks {mem['masks']:,} B = {own:,} B "
-                  f"({own / paper:.2f} of the reference){extra}")
+            print(
+                f"   {phase:>11}: scores {mem['scores']:,} B + masks {mem['masks']:,} B = {own:,} B "
+                f"({own / paper:.2f} of the reference){extra}"
+            )
 
 
 def main(argv=None) -> None:

@@ -55,6 +55,7 @@ AdamW-SAGE) and DPS (Dense, Mix), MiniLM at batch 16, interleaved step by step.
 
 Run it on an otherwise idle machine: on 2 cores, one other busy process halves every number.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,10 +72,22 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
-BASE = ["task=reviews", "logger=none", "trainer.progress=false", "trainer.precision=fp32",
-        "trainer.device=cpu", "callbacks.evaluation=null", "callbacks.checkpoint=null",
-        "callbacks.logging=null", "schedule=baseline", "schedule.lr=5e-5", "schedule.eps=1e-6",
-        "schedule.weight_decay=0.01", "schedule.warmup_ratio=0.1", "trainer.max_grad_norm=1.0"]
+BASE = [
+    "task=reviews",
+    "logger=none",
+    "trainer.progress=false",
+    "trainer.precision=fp32",
+    "trainer.device=cpu",
+    "callbacks.evaluation=null",
+    "callbacks.checkpoint=null",
+    "callbacks.logging=null",
+    "schedule=baseline",
+    "schedule.lr=5e-5",
+    "schedule.eps=1e-6",
+    "schedule.weight_decay=0.01",
+    "schedule.warmup_ratio=0.1",
+    "trainer.max_grad_norm=1.0",
+]
 MAX_LEN = 128
 VARIANTS = ("ours", "hf_default", "hf_best", "ours_compile")
 DEFAULT_VARIANTS = ["ours", "hf_default", "hf_best"]
@@ -125,8 +138,13 @@ class Window:
             self.samples += ids.shape[0]
 
     def result(self, setup: float) -> dict:
-        return {"setup": setup, "seconds": self.t1 - self.t0, "cpu": self.c1 - self.c0,
-                "samples": self.samples, "tokens": self.tokens}
+        return {
+            "setup": setup,
+            "seconds": self.t1 - self.t0,
+            "cpu": self.c1 - self.c0,
+            "samples": self.samples,
+            "tokens": self.tokens,
+        }
 
 
 # ------------------------------------------------------------------------------------ ours
@@ -145,9 +163,18 @@ def run_ours(args, seed: int, steps: int, extra: list[str] = ()) -> dict:
         def on_step_end(self, trainer, step, loss):
             window.step_end(step)
 
-    cfg = compose([*BASE, f"trainer.batch_size={args.batch}", f"trainer.max_steps={steps}",
-                   f"trainer.num_threads={args.threads}", f"task.max_seq_length={MAX_LEN}",
-                   f"task.train_subset={steps * args.batch}", f"seed={seed}", *extra])
+    cfg = compose(
+        [
+            *BASE,
+            f"trainer.batch_size={args.batch}",
+            f"trainer.max_steps={steps}",
+            f"trainer.num_threads={args.threads}",
+            f"task.max_seq_length={MAX_LEN}",
+            f"task.train_subset={steps * args.batch}",
+            f"seed={seed}",
+            *extra,
+        ]
+    )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir))
@@ -169,10 +196,13 @@ def hf_data(tokenizer, dynamic: bool, size: int, seed: int):
     spec = get_spec("amazon_reviews")
     train, _ = load_amazon_reviews(spec)
     train = stratified_subset(train, size, seed, False)
-    enc = tokenizer([ex.text_a for ex in train], truncation=True, max_length=MAX_LEN,
-                    padding=False if dynamic else "max_length")
-    columns = {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"],
-               "attention_mask": enc["attention_mask"], "labels": [ex.label for ex in train]}
+    enc = tokenizer([ex.text_a for ex in train], truncation=True, max_length=MAX_LEN, padding=False if dynamic else "max_length")
+    columns = {
+        "input_ids": enc["input_ids"],
+        "token_type_ids": enc["token_type_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": [ex.label for ex in train],
+    }
     if dynamic:
         columns["length"] = [len(ids) for ids in enc["input_ids"]]
     return datasets.Dataset.from_dict(columns)
@@ -210,16 +240,34 @@ def run_hf(args, seed: int, steps: int, best: bool) -> dict:
     model.register_forward_pre_hook(window.hook, with_kwargs=True)
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=args.batch, max_steps=steps, learning_rate=5e-5,
-            weight_decay=0.01, adam_epsilon=1e-6, warmup_steps=0.1, lr_scheduler_type="linear",
-            max_grad_norm=1.0, seed=seed, use_cpu=True, eval_strategy="no", save_strategy="no",
-            logging_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-            train_sampling_strategy="group_by_length" if best else "random")
-        trainer = Trainer(model=model, args=targs, train_dataset=data,
-                          data_collator=DataCollatorWithPadding(tokenizer) if best else default_data_collator,
-                          callbacks=[Timer()])
+            output_dir=out,
+            per_device_train_batch_size=args.batch,
+            max_steps=steps,
+            learning_rate=5e-5,
+            weight_decay=0.01,
+            adam_epsilon=1e-6,
+            warmup_steps=0.1,
+            lr_scheduler_type="linear",
+            max_grad_norm=1.0,
+            seed=seed,
+            use_cpu=True,
+            eval_strategy="no",
+            save_strategy="no",
+            logging_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            train_sampling_strategy="group_by_length" if best else "random",
+        )
+        trainer = Trainer(
+            model=model,
+            args=targs,
+            train_dataset=data,
+            data_collator=DataCollatorWithPadding(tokenizer) if best else default_data_collator,
+            callbacks=[Timer()],
+        )
         setup = time.perf_counter() - t0
-        torch.set_num_threads(args.threads)   # HF leaves torch's threads as they are: the same as ours
+        torch.set_num_threads(args.threads)  # HF leaves torch's threads as they are: the same as ours
         trainer.train()
     return window.result(setup)
 
@@ -232,17 +280,21 @@ def preload() -> None:
 
     import adaptune.runner.loop  # noqa: F401
     import adaptune.tasks.glue  # noqa: F401
+
     compose(BASE)
 
 
 def compare(args) -> None:
     preload()
-    runners = {"ours": lambda s, n: run_ours(args, s, n), "hf_default": lambda s, n: run_hf(args, s, n, best=False),
-               "hf_best": lambda s, n: run_hf(args, s, n, best=True),
-               "ours_compile": lambda s, n: run_ours(args, s, n, ["trainer.compile=true"])}
+    runners = {
+        "ours": lambda s, n: run_ours(args, s, n),
+        "hf_default": lambda s, n: run_hf(args, s, n, best=False),
+        "hf_best": lambda s, n: run_hf(args, s, n, best=True),
+        "ours_compile": lambda s, n: run_ours(args, s, n, ["trainer.compile=true"]),
+    }
     results: dict[str, list[dict]] = {v: [] for v in args.variants}
     for r in range(args.rounds):
-        order = args.variants[r % len(args.variants):] + args.variants[:r % len(args.variants)]
+        order = args.variants[r % len(args.variants) :] + args.variants[: r % len(args.variants)]
         for v in order:
             t0 = time.perf_counter()
             if args.warmup:
@@ -252,41 +304,56 @@ def compare(args) -> None:
             res["warmup"] = warmup
             res["sps"], res["cps"] = res["samples"] / res["seconds"], res["samples"] / res["cpu"]
             results[v].append(res)
-            print(f"  round {r + 1}: {v:11s} {res['sps']:7.2f} samples/s  ({res['seconds']:.1f} s for "
-                  f"{res['samples']} samples; setup {res['setup']:.1f} s, warm-up {res['warmup']:.1f} s)",
-                  file=sys.stderr, flush=True)
-    print(f"\n== train samples/s, MiniLM-L6 (22.7M), reviews, batch {args.batch}: one epoch of {args.steps} steps "
-          f"over {args.steps * args.batch} reviews (after a {args.warmup}-step warm-up run), fp32, {args.threads} "
-          f"threads, {args.rounds} round(s) interleaved ==")
-    print(f"{'variant':12s} {'best':>8s} {'median':>8s} {'per CPU-s':>10s} {'padded tokens/sample':>21s} "
-          f"{'padded tokens/s':>16s} {'setup s':>8s} {'warm-up s':>10s}")
+            print(
+                f"  round {r + 1}: {v:11s} {res['sps']:7.2f} samples/s  ({res['seconds']:.1f} s for "
+                f"{res['samples']} samples; setup {res['setup']:.1f} s, warm-up {res['warmup']:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"\n== train samples/s, MiniLM-L6 (22.7M), reviews, batch {args.batch}: one epoch of {args.steps} steps "
+        f"over {args.steps * args.batch} reviews (after a {args.warmup}-step warm-up run), fp32, {args.threads} "
+        f"threads, {args.rounds} round(s) interleaved =="
+    )
+    print(
+        f"{'variant':12s} {'best':>8s} {'median':>8s} {'per CPU-s':>10s} {'padded tokens/sample':>21s} "
+        f"{'padded tokens/s':>16s} {'setup s':>8s} {'warm-up s':>10s}"
+    )
     best = {v: max(x["sps"] for x in rs) for v, rs in results.items()}
     for v, rs in results.items():
         tps = statistics.median(x["tokens"] / x["samples"] for x in rs)
-        print(f"{v:12s} {best[v]:8.2f} {statistics.median(x['sps'] for x in rs):8.2f} "
-              f"{max(x['cps'] for x in rs):10.2f} {tps:21.1f} {best[v] * tps:16.0f} "
-              f"{statistics.median(x['setup'] for x in rs):8.1f} {statistics.median(x['warmup'] for x in rs):10.1f}")
+        print(
+            f"{v:12s} {best[v]:8.2f} {statistics.median(x['sps'] for x in rs):8.2f} "
+            f"{max(x['cps'] for x in rs):10.2f} {tps:21.1f} {best[v] * tps:16.0f} "
+            f"{statistics.median(x['setup'] for x in rs):8.1f} {statistics.median(x['warmup'] for x in rs):10.1f}"
+        )
     if "ours" in best:
         for v, target in (("hf_default", 1.5), ("hf_best", 1.2)):
             if v in best:
                 print(f"ours / {v}: {best['ours'] / best[v]:.2f}x (best rounds; target >= {target}x)")
     if "ours_compile" in best and "ours" in best:
-        print(f"ours_compile / ours: {best['ours_compile'] / best['ours']:.2f}x per step after warm-up "
-              "(its warm-up column includes the compilation)")
+        print(
+            f"ours_compile / ours: {best['ours_compile'] / best['ours']:.2f}x per step after warm-up "
+            "(its warm-up column includes the compilation)"
+        )
     cpu = {v: max(x["cps"] for x in rs) for v, rs in results.items()}
     if "ours" in cpu:
-        print("per CPU-second (samples / process CPU time of all threads; less disturbed by other processes): "
-              + ", ".join(f"ours / {v} {cpu['ours'] / cpu[v]:.2f}x" for v in cpu if v != "ours"))
+        print(
+            "per CPU-second (samples / process CPU time of all threads; less disturbed by other processes): "
+            + ", ".join(f"ours / {v} {cpu['ours'] / cpu[v]:.2f}x" for v in cpu if v != "ours")
+        )
     print("(noisy on a shared machine: compare the ratios of an idle run)")
 
 
 # ------------------------------------------------------------------------------------ share
 def _timed_hook(fn, rec):
     """``fn(trainer, step)``, adding its time to ``rec["hook"][step - 1]``."""
+
     def timed(trainer, step):
         t0 = time.perf_counter()
         fn(trainer, step)
         rec["hook"][step - 1] += time.perf_counter() - t0
+
     return timed
 
 
@@ -300,9 +367,17 @@ def optimizer_share(args) -> None:
     train_size = max(total * args.batch, 2000)
     tmp = tempfile.TemporaryDirectory()
     for name, extra in SHARE_SCHEDULES.items():
-        cfg = compose([*BASE, f"trainer.batch_size={args.batch}", f"trainer.max_steps={total}",
-                       f"trainer.num_threads={args.threads}", f"task.train_subset={train_size}",
-                       f"seed={args.seed}", *extra])
+        cfg = compose(
+            [
+                *BASE,
+                f"trainer.batch_size={args.batch}",
+                f"trainer.max_steps={total}",
+                f"trainer.num_threads={args.threads}",
+                f"task.train_subset={train_size}",
+                f"seed={args.seed}",
+                *extra,
+            ]
+        )
         trainer = Trainer(cfg, Path(tmp.name) / name.split()[0])
         rec = {"opt": [], "hook": [], "step": []}
         opt_step = trainer.optimizer.step
@@ -314,7 +389,7 @@ def optimizer_share(args) -> None:
             return out
 
         trainer.optimizer.step = timed_step
-        hooks = trainer.callbacks[0]   # the schedule's hooks (adaptune.runner.callbacks.ScheduleHooks)
+        hooks = trainer.callbacks[0]  # the schedule's hooks (adaptune.runner.callbacks.ScheduleHooks)
         for event in ("on_step_begin", "on_before_clip", "on_gradients", "after_step"):
             if hasattr(hooks, event):
                 setattr(hooks, event, _timed_hook(getattr(hooks, event), rec))
@@ -325,16 +400,20 @@ def optimizer_share(args) -> None:
         runs[name] = (trainer, rec, iter([trainer.task.make_batch(p) for p in plans[:total]]), len(plans))
     names = list(runs)
     for step in range(1, total + 1):
-        for name in names[step % len(names):] + names[:step % len(names)]:
+        for name in names[step % len(names) :] + names[: step % len(names)]:
             trainer, rec, batches, n_plans = runs[name]
             t0 = time.perf_counter()
             trainer._train_step(step, batches, step - 1, n_plans)
             rec["step"].append(time.perf_counter() - t0)
     tmp.cleanup()
-    print(f"\n== optimizer share of a training step: our loop, MiniLM-L6, reviews, batch {args.batch}, fp32, "
-          f"{args.threads} threads, {args.share_steps} steps each after {args.warmup} warm-up (medians) ==")
-    print(f"{'schedule':24s} {'step ms':>8s} {'optimizer ms':>13s} {'share':>6s} {'hook ms':>8s} "
-          f"{'x baseline step':>16s} {'share of minima':>16s}")
+    print(
+        f"\n== optimizer share of a training step: our loop, MiniLM-L6, reviews, batch {args.batch}, fp32, "
+        f"{args.threads} threads, {args.share_steps} steps each after {args.warmup} warm-up (medians) =="
+    )
+    print(
+        f"{'schedule':24s} {'step ms':>8s} {'optimizer ms':>13s} {'share':>6s} {'hook ms':>8s} "
+        f"{'x baseline step':>16s} {'share of minima':>16s}"
+    )
     ref = None
     for name, (trainer, rec, _, _) in runs.items():
         w = args.warmup
@@ -343,11 +422,15 @@ def optimizer_share(args) -> None:
         hook = statistics.median(rec["hook"][w:])
         ref = ref or step
         minima = min(rec["opt"][w:]) / min(rec["step"][w:])
-        print(f"{name:24s} {step * 1e3:8.1f} {opt * 1e3:13.1f} {100 * opt / step:5.1f}% {hook * 1e3:8.2f} "
-              f"{step / ref:15.3f}x {100 * minima:15.1f}%")
+        print(
+            f"{name:24s} {step * 1e3:8.1f} {opt * 1e3:13.1f} {100 * opt / step:5.1f}% {hook * 1e3:8.2f} "
+            f"{step / ref:15.3f}x {100 * minima:15.1f}%"
+        )
     print("(share of minima: fastest optimizer step / fastest whole step, less disturbed by other processes)")
-    print("(step = Trainer._train_step on batches made beforehand: forward, backward, normalisation, clipping, "
-          "hooks, optimizer and LR steps; batch widths vary, the same sequence for every schedule)")
+    print(
+        "(step = Trainer._train_step on batches made beforehand: forward, backward, normalisation, clipping, "
+        "hooks, optimizer and LR steps; batch widths vary, the same sequence for every schedule)"
+    )
 
 
 # ------------------------------------------------------------------------------------ ceiling
@@ -383,28 +466,36 @@ def ceiling(args) -> None:
 
     total = args.warmup + args.share_steps
     tmp = tempfile.TemporaryDirectory()
-    cfg_overrides = [*BASE, "callbacks.sensitivity=null", f"trainer.batch_size={args.batch}",
-                     f"trainer.max_steps={2 * total}", f"trainer.num_threads={args.threads}",
-                     f"task.train_subset={max(2 * total * args.batch, 2000)}", f"seed={args.seed}"]
+    cfg_overrides = [
+        *BASE,
+        "callbacks.sensitivity=null",
+        f"trainer.batch_size={args.batch}",
+        f"trainer.max_steps={2 * total}",
+        f"trainer.num_threads={args.threads}",
+        f"task.train_subset={max(2 * total * args.batch, 2000)}",
+        f"seed={args.seed}",
+    ]
     cfg = compose(cfg_overrides)
     trainer = Trainer(cfg, Path(tmp.name) / "ours")
     plans = trainer.task.train_batches(0)
-    batches = [trainer.task.make_batch(p) for p in plans[:2 * total]]
+    batches = [trainer.task.make_batch(p) for p in plans[: 2 * total]]
     bare = copy.deepcopy(trainer.model)
     opt = torch.optim.AdamW(bare.parameters(), lr=5e-5, eps=1e-6, weight_decay=0.01, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     trainer.model.train()
     bare.train()
-    steppers = {"ours": lambda step, it=iter(batches): trainer._train_step(step, it, step - 1, len(plans)),
-                "bare": lambda step: _bare_step(bare, opt, sched, batches[step - 1], 1.0)}
-    if args.compile:   # the same config with trainer.compile=true, on the same batches
+    steppers = {
+        "ours": lambda step, it=iter(batches): trainer._train_step(step, it, step - 1, len(plans)),
+        "bare": lambda step: _bare_step(bare, opt, sched, batches[step - 1], 1.0),
+    }
+    if args.compile:  # the same config with trainer.compile=true, on the same batches
         compiled = Trainer(compose([*cfg_overrides, "trainer.compile=true"]), Path(tmp.name) / "compiled")
         compiled.model.train()
         steppers["compiled"] = lambda step, it=iter(batches): compiled._train_step(step, it, step - 1, len(plans))
     times: dict[str, list[float]] = {name: [] for name in steppers}
     names = list(steppers)
     for step in range(1, total + 1):
-        for name in names[step % len(names):] + names[:step % len(names)]:
+        for name in names[step % len(names) :] + names[: step % len(names)]:
             t0 = time.perf_counter()
             steppers[name](step)
             times[name].append(time.perf_counter() - t0)
@@ -416,42 +507,64 @@ def ceiling(args) -> None:
     tmp.cleanup()
     self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     whole = sum(self_us.values())
-    print(f"\n== ceiling: our training step vs a bare loop, MiniLM-L6, reviews, batch {args.batch}, fp32, "
-          f"{args.threads} threads, {args.share_steps} steps each after {w} warm-up, interleaved ==")
-    print(f"ours {1e3 * ours / (total - w):.0f} ms/step, bare loop {1e3 * bare_t / (total - w):.0f} ms/step: "
-          f"ours / bare = {ours / bare_t:.3f}x the time (1.000x: no loop overhead left)")
+    print(
+        f"\n== ceiling: our training step vs a bare loop, MiniLM-L6, reviews, batch {args.batch}, fp32, "
+        f"{args.threads} threads, {args.share_steps} steps each after {w} warm-up, interleaved =="
+    )
+    print(
+        f"ours {1e3 * ours / (total - w):.0f} ms/step, bare loop {1e3 * bare_t / (total - w):.0f} ms/step: "
+        f"ours / bare = {ours / bare_t:.3f}x the time (1.000x: no loop overhead left)"
+    )
     if "compiled" in times:
         comp = sum(times["compiled"][w:])
-        print(f"trainer.compile=true {1e3 * comp / (total - w):.0f} ms/step: {ours / comp:.3f}x the speed of ours "
-              f"(its first {w} steps, compilation included: {sum(times['compiled'][:w]):.0f} s)")
+        print(
+            f"trainer.compile=true {1e3 * comp / (total - w):.0f} ms/step: {ours / comp:.3f}x the speed of ours "
+            f"(its first {w} steps, compilation included: {sum(times['compiled'][:w]):.0f} s)"
+        )
     print(f"our step by op family (profiler, self CPU time of {args.share_steps // 2} steps):")
     counted = 0.0
     for family, ops in OP_FAMILIES.items():
         t = sum(v for k, v in self_us.items() if k in ops)
         counted += t
         print(f"  {family:30s} {100 * t / whole:5.1f}%")
-    print(f"  {'everything else':30s} {100 * (whole - counted) / whole:5.1f}%  (elementwise, softmax, layer norm, "
-          "copies, the loop)")
-    print("(a loop on the same model and tokens cannot beat the bare loop; dropping the dropout masks "
-          "entirely would gain at most 1 / (1 - their share))")
+    print(
+        f"  {'everything else':30s} {100 * (whole - counted) / whole:5.1f}%  (elementwise, softmax, layer norm, copies, the loop)"
+    )
+    print(
+        "(a loop on the same model and tokens cannot beat the bare loop; dropping the dropout masks "
+        "entirely would gain at most 1 / (1 - their share))"
+    )
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("compare", "share", "ceiling", "all"), default="all")
-    ap.add_argument("--steps", type=int, default=60,
-                    help="timed optimizer steps per variant: one epoch over steps x batch reviews")
-    ap.add_argument("--warmup", type=int, default=5,
-                    help="compare: steps of an untimed warm-up run before each timed run; share: untimed steps first")
+    ap.add_argument(
+        "--steps", type=int, default=60, help="timed optimizer steps per variant: one epoch over steps x batch reviews"
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="compare: steps of an untimed warm-up run before each timed run; share: untimed steps first",
+    )
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per variant")
     ap.add_argument("--share-steps", type=int, default=20, help="timed steps per schedule of --part share")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--compile", action="store_true",
-                    help="ceiling: also time ours with trainer.compile=true (torch.compile; minutes on 2 cores)")
-    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS,
-                    help="ours_compile: ours with trainer.compile=true (torch.compile; minutes on 2 cores)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="ceiling: also time ours with trainer.compile=true (torch.compile; minutes on 2 cores)",
+    )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=DEFAULT_VARIANTS,
+        help="ours_compile: ours with trainer.compile=true (torch.compile; minutes on 2 cores)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} threads", flush=True)

@@ -15,6 +15,7 @@ both sides and the median of the others is reported; with repeats, each side's b
     python bench/bench_nmt.py --updates 200 --threads 2 --repeats 2
 Target: ours >= 0.9x fairseq-train. Run it on an otherwise idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -49,11 +51,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def model_overrides(a) -> dict:
-    return {"encoder_embed_dim": a.embed_dim, "decoder_embed_dim": a.embed_dim,
-            "encoder_ffn_embed_dim": a.ffn_dim, "decoder_ffn_embed_dim": a.ffn_dim,
-            "encoder_layers": a.layers, "decoder_layers": a.layers,
-            "encoder_attention_heads": a.heads, "decoder_attention_heads": a.heads,
-            "dropout": a.dropout, "share_decoder_input_output_embed": True}
+    return {
+        "encoder_embed_dim": a.embed_dim,
+        "decoder_embed_dim": a.embed_dim,
+        "encoder_ffn_embed_dim": a.ffn_dim,
+        "decoder_ffn_embed_dim": a.ffn_dim,
+        "encoder_layers": a.layers,
+        "decoder_layers": a.layers,
+        "encoder_attention_heads": a.heads,
+        "decoder_attention_heads": a.heads,
+        "dropout": a.dropout,
+        "share_decoder_input_output_embed": True,
+    }
 
 
 def data_overrides(a, workdir: Path) -> list[str]:
@@ -68,8 +77,7 @@ def data_overrides(a, workdir: Path) -> list[str]:
     from test_nmt import write_synthetic  # the tests' deterministic word-mapping corpus
 
     raw = write_synthetic(workdir / "synthetic", n_train=20000, n_valid=200, n_test=200, vocab=2000)
-    return ["task.data=raw", f"task.data_dir={raw}", f"task.cache_dir={a.cache_dir}",
-            f"task.subword.vocab_size={a.vocab_size}"]
+    return ["task.data=raw", f"task.data_dir={raw}", f"task.cache_dir={a.cache_dir}", f"task.subword.vocab_size={a.vocab_size}"]
 
 
 def compose_cfg(a, data: list[str], extra: list[str] = ()):
@@ -79,14 +87,36 @@ def compose_cfg(a, data: list[str], extra: list[str] = ()):
 
     model = [f"task.model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in model_overrides(a).items()]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[
-            "task=nmt", *data, f"task.max_tokens={a.max_tokens}", *model, "task.eval_bleu=false",
-            "schedule=baseline", "schedule.optimizer=adamw", "schedule.lr=5e-4", "schedule.betas=[0.9,0.98]",
-            "schedule.eps=1e-8", "schedule.weight_decay=1e-4", "schedule.lr_schedule=inverse_sqrt",
-            "schedule.warmup_steps=4000", "trainer.precision=fp32", "trainer.max_grad_norm=null",
-            "trainer.grad_accum_steps=1", f"trainer.max_steps={a.updates}", f"trainer.num_threads={a.threads}",
-            "trainer.device=cpu", "trainer.progress=false", f"trainer.save_every={10 * a.updates}",
-            f"trainer.log_every={a.log_interval}", "logger=none", "seed=1", *extra])
+        return compose(
+            "config",
+            overrides=[
+                "task=nmt",
+                *data,
+                f"task.max_tokens={a.max_tokens}",
+                *model,
+                "task.eval_bleu=false",
+                "schedule=baseline",
+                "schedule.optimizer=adamw",
+                "schedule.lr=5e-4",
+                "schedule.betas=[0.9,0.98]",
+                "schedule.eps=1e-8",
+                "schedule.weight_decay=1e-4",
+                "schedule.lr_schedule=inverse_sqrt",
+                "schedule.warmup_steps=4000",
+                "trainer.precision=fp32",
+                "trainer.max_grad_norm=null",
+                "trainer.grad_accum_steps=1",
+                f"trainer.max_steps={a.updates}",
+                f"trainer.num_threads={a.threads}",
+                "trainer.device=cpu",
+                "trainer.progress=false",
+                f"trainer.save_every={10 * a.updates}",
+                f"trainer.log_every={a.log_interval}",
+                "logger=none",
+                "seed=1",
+                *extra,
+            ],
+        )
 
 
 def binarised_dir(cfg) -> Path:
@@ -100,20 +130,75 @@ def binarised_dir(cfg) -> Path:
 
 def run_fairseq(a, data_dir: Path) -> dict:
     m = model_overrides(a)
-    cmd = [sys.executable, "-m", "fairseq_cli.train", str(data_dir), "--task", "translation", "-s", "de", "-t", "en",
-           "--arch", "transformer_iwslt_de_en", "--share-decoder-input-output-embed",
-           "--encoder-embed-dim", str(m["encoder_embed_dim"]), "--decoder-embed-dim", str(m["decoder_embed_dim"]),
-           "--encoder-ffn-embed-dim", str(m["encoder_ffn_embed_dim"]),
-           "--decoder-ffn-embed-dim", str(m["decoder_ffn_embed_dim"]),
-           "--encoder-layers", str(m["encoder_layers"]), "--decoder-layers", str(m["decoder_layers"]),
-           "--encoder-attention-heads", str(m["encoder_attention_heads"]),
-           "--decoder-attention-heads", str(m["decoder_attention_heads"]), "--dropout", str(m["dropout"]),
-           "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--adam-eps", "1e-8", "--lr", "5e-4",
-           "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000", "--weight-decay", "1e-4",
-           "--clip-norm", "0.0", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-           "--max-tokens", str(a.max_tokens), "--max-update", str(a.updates), "--seed", "1", "--cpu",
-           "--num-workers", "0", "--no-save", "--disable-validation", "--log-format", "simple",
-           "--log-interval", str(a.log_interval), "--no-progress-bar"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fairseq_cli.train",
+        str(data_dir),
+        "--task",
+        "translation",
+        "-s",
+        "de",
+        "-t",
+        "en",
+        "--arch",
+        "transformer_iwslt_de_en",
+        "--share-decoder-input-output-embed",
+        "--encoder-embed-dim",
+        str(m["encoder_embed_dim"]),
+        "--decoder-embed-dim",
+        str(m["decoder_embed_dim"]),
+        "--encoder-ffn-embed-dim",
+        str(m["encoder_ffn_embed_dim"]),
+        "--decoder-ffn-embed-dim",
+        str(m["decoder_ffn_embed_dim"]),
+        "--encoder-layers",
+        str(m["encoder_layers"]),
+        "--decoder-layers",
+        str(m["decoder_layers"]),
+        "--encoder-attention-heads",
+        str(m["encoder_attention_heads"]),
+        "--decoder-attention-heads",
+        str(m["decoder_attention_heads"]),
+        "--dropout",
+        str(m["dropout"]),
+        "--optimizer",
+        "adam",
+        "--adam-betas",
+        "(0.9, 0.98)",
+        "--adam-eps",
+        "1e-8",
+        "--lr",
+        "5e-4",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "4000",
+        "--weight-decay",
+        "1e-4",
+        "--clip-norm",
+        "0.0",
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--max-tokens",
+        str(a.max_tokens),
+        "--max-update",
+        str(a.updates),
+        "--seed",
+        "1",
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--no-save",
+        "--disable-validation",
+        "--log-format",
+        "simple",
+        "--log-interval",
+        str(a.log_interval),
+        "--no-progress-bar",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -126,8 +211,12 @@ def run_fairseq(a, data_dir: Path) -> dict:
     params = re.search(r"num\. shared model params: ([0-9,]+)", log)
     if len(wps) < 2:
         raise SystemExit(f"could not parse fairseq-train's wps from its log:\n{log[-3000:]}")
-    return {"windows": wps, "wps": statistics.median(wps[1:]), "wall_s": wall,
-            "params": int(params.group(1).replace(",", "")) if params else None}
+    return {
+        "windows": wps,
+        "wps": statistics.median(wps[1:]),
+        "wall_s": wall,
+        "params": int(params.group(1).replace(",", "")) if params else None,
+    }
 
 
 def run_ours(a, cfg, run_dir: Path) -> dict:
@@ -180,16 +269,24 @@ def main() -> None:
         data = data_overrides(a, tmp)
         cfg = compose_cfg(a, data)
         data_dir = binarised_dir(cfg)
-        print(f"data: {data_dir}\nmodel: transformer_iwslt_de_en {model_overrides(a)}\n"
-              f"max_tokens {a.max_tokens}, {a.updates} updates, fp32, {a.threads} thread(s), CPU")
+        print(
+            f"data: {data_dir}\nmodel: transformer_iwslt_de_en {model_overrides(a)}\n"
+            f"max_tokens {a.max_tokens}, {a.updates} updates, fp32, {a.threads} thread(s), CPU"
+        )
         fairseq_runs, our_runs = [], []
         for r in range(a.repeats):
             fairseq_runs.append(run_fairseq(a, data_dir))
-            print(f"  fairseq-train run {r + 1}: {fairseq_runs[-1]['wps']:.0f} words/s "
-                  f"(windows {[round(w) for w in fairseq_runs[-1]['windows']]})", flush=True)
+            print(
+                f"  fairseq-train run {r + 1}: {fairseq_runs[-1]['wps']:.0f} words/s "
+                f"(windows {[round(w) for w in fairseq_runs[-1]['windows']]})",
+                flush=True,
+            )
             our_runs.append(run_ours(a, compose_cfg(a, data), tmp / f"ours{r}"))
-            print(f"  adaptune loop run {r + 1}: {our_runs[-1]['wps']:.0f} words/s "
-                  f"(windows {[round(w) for w in our_runs[-1]['windows']]})", flush=True)
+            print(
+                f"  adaptune loop run {r + 1}: {our_runs[-1]['wps']:.0f} words/s "
+                f"(windows {[round(w) for w in our_runs[-1]['windows']]})",
+                flush=True,
+            )
     f = max(fairseq_runs, key=lambda x: x["wps"])
     o = max(our_runs, key=lambda x: x["wps"])
     print()

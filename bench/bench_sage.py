@@ -28,6 +28,7 @@ and was dropped (see ``schedules/sage/optimizer.py``), so it has no row any more
 The memory-traffic ratio is 1.22x (SAGE reads and writes Ī besides AdamW's four tensors on 85M
 of the 109.5M entries), so the fused kernel runs at the same bandwidth as torch's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,27 +40,38 @@ import torch
 from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE, compiled, sage_param_groups  # noqa: E402
 
 
-def bert_base_shapes(layers: int = 12, hidden: int = 768, inter: int = 3072, vocab: int = 30522,
-                     max_pos: int = 512, labels: int = 2) -> list[tuple[str, tuple[int, ...]]]:
+def bert_base_shapes(
+    layers: int = 12, hidden: int = 768, inter: int = 3072, vocab: int = 30522, max_pos: int = 512, labels: int = 2
+) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of ``BertForSequenceClassification`` (bert-base-uncased)."""
     h = hidden
-    shapes = [("bert.embeddings.word_embeddings.weight", (vocab, h)),
-              ("bert.embeddings.position_embeddings.weight", (max_pos, h)),
-              ("bert.embeddings.token_type_embeddings.weight", (2, h)),
-              ("bert.embeddings.LayerNorm.weight", (h,)), ("bert.embeddings.LayerNorm.bias", (h,))]
+    shapes = [
+        ("bert.embeddings.word_embeddings.weight", (vocab, h)),
+        ("bert.embeddings.position_embeddings.weight", (max_pos, h)),
+        ("bert.embeddings.token_type_embeddings.weight", (2, h)),
+        ("bert.embeddings.LayerNorm.weight", (h,)),
+        ("bert.embeddings.LayerNorm.bias", (h,)),
+    ]
     for i in range(layers):
         pre = f"bert.encoder.layer.{i}."
-        for name in ("attention.self.query", "attention.self.key", "attention.self.value",
-                     "attention.output.dense"):
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
             shapes += [(pre + name + ".weight", (h, h)), (pre + name + ".bias", (h,))]
-        shapes += [(pre + "attention.output.LayerNorm.weight", (h,)),
-                   (pre + "attention.output.LayerNorm.bias", (h,)),
-                   (pre + "intermediate.dense.weight", (inter, h)),
-                   (pre + "intermediate.dense.bias", (inter,)),
-                   (pre + "output.dense.weight", (h, inter)), (pre + "output.dense.bias", (h,)),
-                   (pre + "output.LayerNorm.weight", (h,)), (pre + "output.LayerNorm.bias", (h,))]
-    shapes += [("bert.pooler.dense.weight", (h, h)), ("bert.pooler.dense.bias", (h,)),
-               ("classifier.weight", (labels, h)), ("classifier.bias", (labels,))]
+        shapes += [
+            (pre + "attention.output.LayerNorm.weight", (h,)),
+            (pre + "attention.output.LayerNorm.bias", (h,)),
+            (pre + "intermediate.dense.weight", (inter, h)),
+            (pre + "intermediate.dense.bias", (inter,)),
+            (pre + "output.dense.weight", (h, inter)),
+            (pre + "output.dense.bias", (h,)),
+            (pre + "output.LayerNorm.weight", (h,)),
+            (pre + "output.LayerNorm.bias", (h,)),
+        ]
+    shapes += [
+        ("bert.pooler.dense.weight", (h, h)),
+        ("bert.pooler.dense.bias", (h,)),
+        ("classifier.weight", (labels, h)),
+        ("classifier.bias", (labels,)),
+    ]
     return shapes
 
 
@@ -92,8 +104,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds of the fast paths")
-    ap.add_argument("--ref-rounds", type=int, default=2,
-                    help="timed rounds of the reference and per-tensor compiled paths (0: skip)")
+    ap.add_argument(
+        "--ref-rounds", type=int, default=2, help="timed rounds of the reference and per-tensor compiled paths (0: skip)"
+    )
     ap.add_argument("--layers", type=int, default=12, help="encoder layers (12: BERT-base)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,8 +119,10 @@ def main() -> None:
     n_total = sum(p.numel() for p in params)
     groups = sage_param_groups(named, family="bert", weight_decay=0.01)
     n_sage = sum(p.numel() for g in groups if g["sage"] for p in g["params"])
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {len(params)} tensors, "
-          f"{n_total / 1e6:.1f}M parameters ({n_sage / 1e6:.1f}M in SAGE groups)")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {len(params)} tensors, "
+        f"{n_total / 1e6:.1f}M parameters ({n_sage / 1e6:.1f}M in SAGE groups)"
+    )
 
     try:
         base = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True)
@@ -118,12 +133,14 @@ def main() -> None:
         base = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, foreach=True)
         base_name = "torch AdamW foreach"
         first = {base_name: timed_step(base)}
-    opts = {base_name: base,
-            "AdamW-SAGE": AdamWSAGE(groups, lr=1e-5, beta3=0.85),
-            "Adamax-SAGE": AdamaxSAGE(groups, lr=2e-5, beta3=0.85)}
+    opts = {
+        base_name: base,
+        "AdamW-SAGE": AdamWSAGE(groups, lr=1e-5, beta3=0.85),
+        "Adamax-SAGE": AdamaxSAGE(groups, lr=2e-5, beta3=0.85),
+    }
     impl = {}
     for name in ("AdamW-SAGE", "Adamax-SAGE"):
-        first[name] = timed_step(opts[name])                 # auto path; compiles once
+        first[name] = timed_step(opts[name])  # auto path; compiles once
         impl[name] = opts[name]._impl(opts[name].param_groups[0], params)
 
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in opts}
@@ -136,7 +153,7 @@ def main() -> None:
             times[f"{name} (reference loop)"] = []
             if with_compiled:
                 times[f"{name} (compiled per tensor)"] = []
-                set_impl(opts[name], fused=True, backend="compiled")   # compile outside the timing
+                set_impl(opts[name], fused=True, backend="compiled")  # compile outside the timing
                 opts[name].step()
         for _ in range(args.ref_rounds):
             for name in ("AdamW-SAGE", "Adamax-SAGE"):
@@ -153,16 +170,13 @@ def main() -> None:
         return statistics.median(t[k] for t in times[name])
 
     ref_wall, ref_cpu = med(base_name, 0), med(base_name, 1)
-    print(f"\nmedians over rounds; ratio = / {base_name}; CPU = process time of all threads "
-          f"(less sensitive to other processes)")
-    print(f"{'optimizer':36s} {'wall ms':>9s} {'ratio':>6s} {'CPU ms':>9s} {'ratio':>6s} "
-          f"{'first step ms':>14s}")
+    print(f"\nmedians over rounds; ratio = / {base_name}; CPU = process time of all threads (less sensitive to other processes)")
+    print(f"{'optimizer':36s} {'wall ms':>9s} {'ratio':>6s} {'CPU ms':>9s} {'ratio':>6s} {'first step ms':>14s}")
     for name in times:
         wall, cpu = med(name, 0), med(name, 1)
         path = f" [{impl[name]}]" if name in impl else ""
         firsts = f"{first[name][0] * 1e3:14.0f}" if name in first else ""
-        print(f"{name + path:36s} {wall * 1e3:9.1f} {wall / ref_wall:5.2f}x {cpu * 1e3:9.1f} "
-              f"{cpu / ref_cpu:5.2f}x {firsts}")
+        print(f"{name + path:36s} {wall * 1e3:9.1f} {wall / ref_wall:5.2f}x {cpu * 1e3:9.1f} {cpu / ref_cpu:5.2f}x {firsts}")
     print(f"\n{'optimizer state':36s} {'MB':>10s}  full-size state tensors per param: count")
     for name, opt in opts.items():
         total, hist = state_bytes(opt)

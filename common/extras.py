@@ -1,5 +1,6 @@
 """Which optional dependency (``pip install 'adaptune[EXTRA]'``) provides a module, and the one-line
 message for a missing one. The core (``adaptune.schedules``) needs only torch and numpy."""
+
 from __future__ import annotations
 
 import importlib
@@ -31,8 +32,10 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "sacremoses": ("sacremoses", "nmt"),
 }
 
-FAIRSEQ_HINT = ("fairseq is not installed; translation needs it built against your torch: "
-                "`make setup-nmt` in a checkout, or see the README's 'Translation' section")
+FAIRSEQ_HINT = (
+    "fairseq is not installed; translation needs it built against your torch: "
+    "`make setup-nmt` in a checkout, or see the README's 'Translation' section"
+)
 
 
 def missing_message(err: ModuleNotFoundError, needed_by: str = "") -> str | None:

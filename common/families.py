@@ -14,6 +14,7 @@ Tasks own their models, so a task supplies its model's patterns to the schedules
 - ``fairseq_transformer``: fairseq ``TransformerModel`` (``encoder.layers.N.self_attn.k_proj``).
 - ``vit``: timm VisionTransformer (``blocks.N.attn.qkv``).
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -31,20 +32,24 @@ FAMILY_PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
         # docs/algorithms.md §1: the reference SAGE patterns for BERT-style models.
         "sage": _BERT_SAGE,
         # docs/algorithms.md §2: query/key/value, attention output, intermediate, output, pooler, classifier.
-        "dps": ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense",
-                "pooler.dense", "classifier"),
+        "dps": ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense", "classifier"),
         "no_decay": _BERT_NO_DECAY,
     },
     "roberta": {
         "sage": _BERT_SAGE,
-        "dps": ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense",
-                "classifier.dense", "classifier.out_proj"),
+        "dps": (
+            "attention.self",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+            "classifier.dense",
+            "classifier.out_proj",
+        ),
         "no_decay": _BERT_NO_DECAY,
     },
     "deberta": {
         "sage": _BERT_SAGE,
-        "dps": ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense",
-                "pooler.dense", "classifier"),
+        "dps": ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense", "classifier"),
         "no_decay": _BERT_NO_DECAY,
     },
     "fairseq_transformer": {
@@ -71,8 +76,13 @@ def family_patterns(family: str, kind: str | None = None):
 #: Hugging Face ``config.model_type`` -> pattern family (GLUE's task and the integrations infer the
 #: family of a model with it).
 HF_MODEL_TYPES: dict[str, str] = {
-    "bert": "bert", "electra": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
-    "camembert": "roberta", "deberta": "deberta", "deberta-v2": "deberta",
+    "bert": "bert",
+    "electra": "bert",
+    "roberta": "roberta",
+    "xlm-roberta": "roberta",
+    "camembert": "roberta",
+    "deberta": "deberta",
+    "deberta-v2": "deberta",
 }
 
 #: peft's LoRA adapter matrices (``nn.Linear`` modules). Trailing dots: ``lora_A.`` never matches

@@ -14,6 +14,7 @@ sit beside the field as ``setting(default, check=...)`` and run in :func:`build`
 Components receive a dataclass instance (``build(TrainerConfig, mapping, "trainer")``) and read
 attributes without fallback defaults.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,7 @@ from .errors import ConfigError
 Check = Callable[[Any], "str | None"]
 
 
-def setting(default: Any = dataclasses.MISSING, *, check: Check | None = None,
-            factory: Callable[[], Any] | None = None) -> Any:
+def setting(default: Any = dataclasses.MISSING, *, check: Check | None = None, factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field with a default (or a ``factory`` for lists/dicts) and an optional check."""
     meta = {"check": check} if check else {}
     if factory is not None:
@@ -64,6 +64,7 @@ def at_least(low: float, *, open_: bool = False) -> Check:
     def check(v: Any) -> str | None:
         ok = _is_number(v) and (v > low if open_ else v >= low)
         return None if ok else f"must be a number {sign} {low:g}, got {v!r}"
+
     return check
 
 
@@ -74,23 +75,28 @@ def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool
     def check(v: Any) -> str | None:
         ok = _is_number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
         return None if ok else f"must be a number in {text}, got {v!r}"
+
     return check
 
 
 def one_of(*allowed: Any) -> Check:
     """A value of a closed set; the message lists the allowed values."""
+
     def check(v: Any) -> str | None:
         if any(type(v) is type(a) and v == a for a in allowed):
             return None
         return f"={v!r} is unknown; allowed: {', '.join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)}"
+
     return check
 
 
 def pair_in(low: float, high: float) -> Check:
     """Two numbers in [low, high) (Adam's betas)."""
+
     def check(v: Any) -> str | None:
         ok = v is not None and len(v) == 2 and all(_is_number(b) and low <= b < high for b in v)
         return None if ok else f"must be two numbers in [{low:g}, {high:g}), got {list(v) if v is not None else v}"
+
     return check
 
 

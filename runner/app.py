@@ -1,4 +1,5 @@
 """The Hydra entry point: compose ``conf/``, run one training job, exit cleanly on user errors."""
+
 from __future__ import annotations
 
 import logging
@@ -74,7 +75,7 @@ def _unknown_schedule_key(err: OmegaConfBaseException) -> str | None:
     label = None
     try:
         label = (node.get("label") or node.get("name")) if node is not None else None
-    except OmegaConfBaseException:   # an unresolvable label: the schema's name
+    except OmegaConfBaseException:  # an unresolvable label: the schema's name
         pass
     return unknown_key_message(schema, str(getattr(err, "key", "")), label)
 
@@ -90,7 +91,7 @@ def composition_message(err: BaseException) -> str:
         start = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
         allowed = []
         if start is not None:
-            for line in lines[start + 1:]:
+            for line in lines[start + 1 :]:
                 if not line.startswith("\t"):
                     break
                 allowed.append(line.strip())
@@ -102,7 +103,7 @@ def composition_message(err: BaseException) -> str:
         return f"{group}={option} is unknown; allowed: {', '.join(allowed)}{hint}"
     inner = next((e for e in (err, err.__cause__, err.__context__) if isinstance(e, OmegaConfBaseException)), None)
     unknown = _unknown_schedule_key(inner) if inner is not None else None
-    if unknown:   # set on the command line, or by a preset file (Hydra names it: "In 'experiment/x'")
+    if unknown:  # set on the command line, or by a preset file (Hydra names it: "In 'experiment/x'")
         source = re.match(r"In '([^']+)'", text)
         return f"{source.group(1)}.yaml sets {unknown}" if source else unknown
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
@@ -115,8 +116,7 @@ def composition_message(err: BaseException) -> str:
 
 
 register_configs()
-install_one_line_errors(lambda err: user_error(composition_message(err)),
-                        lambda err: user_error(str(err)))
+install_one_line_errors(lambda err: user_error(composition_message(err)), lambda err: user_error(str(err)))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -131,9 +131,9 @@ def main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # another process trains it; the sweep goes on
             log.error("skipped: %s", err)
             return None
-        user_error(str(err), code=75)   # EX_TEMPFAIL: try again later
+        user_error(str(err), code=75)  # EX_TEMPFAIL: try again later
     except WriteFailed as err:
-        user_error(str(err), code=74)   # EX_IOERR
+        user_error(str(err), code=74)  # EX_IOERR
     except ConfigError as err:
         user_error(str(err))
     except OmegaConfBaseException as err:
@@ -145,7 +145,7 @@ def main(cfg: DictConfig) -> float | None:
         user_error(str(err), code=3)
     except Interrupted as err:
         user_error(str(err), code=130)
-    except ModuleNotFoundError as err:   # an optional dependency the chosen task/schedule needs
+    except ModuleNotFoundError as err:  # an optional dependency the chosen task/schedule needs
         message = missing_message(err)
         if message is None:
             raise

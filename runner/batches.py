@@ -6,6 +6,7 @@ Batches depend only on their plan, so workers and the main process give the same
 loader draws its worker seeds from a generator of its own, leaving the global RNG (dropout)
 untouched, which keeps resume bit-identical.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Sequence
@@ -32,20 +33,28 @@ def _identity(batch):
     return batch
 
 
-def batch_source(make: Callable[[Any], Any], plans: Sequence[Any], num_workers: int = 0,
-                 pin_memory: bool = False) -> Iterator[Any]:
+def batch_source(
+    make: Callable[[Any], Any], plans: Sequence[Any], num_workers: int = 0, pin_memory: bool = False
+) -> Iterator[Any]:
     """``make(plan)`` for each plan in order, by ``num_workers`` DataLoader workers (``make`` must
     pickle: a bound method of the task does) or in this process when it is 0."""
     if num_workers <= 0 or not plans:
         return (make(p) for p in plans)
     loader = torch.utils.data.DataLoader(
-        _PlannedBatches(make, plans), batch_size=None, shuffle=False, num_workers=num_workers,
-        collate_fn=_identity, generator=torch.Generator().manual_seed(0), pin_memory=pin_memory)
+        _PlannedBatches(make, plans),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        generator=torch.Generator().manual_seed(0),
+        pin_memory=pin_memory,
+    )
     return iter(loader)
 
 
-def train_batch_source(task, plans: Sequence[Any], start: int, dist: DistInfo, num_workers: int = 0,
-                       pin_memory: bool = False) -> Iterator[Any]:
+def train_batch_source(
+    task, plans: Sequence[Any], start: int, dist: DistInfo, num_workers: int = 0, pin_memory: bool = False
+) -> Iterator[Any]:
     """Batches of ``plans[start:]`` (this rank's shard of each)."""
     local = list(plans[start:])
     if dist.enabled:

@@ -50,6 +50,7 @@ callback saves during ``on_step_end``, so a callback changing ``trainer.state`` 
 before it (callbacks added with ``+callbacks.x`` come after the built-in ones); a stop, whoever
 asks for it, is saved in ``on_stop``, after every callback's ``on_step_end``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,7 +64,7 @@ from . import checkpoint as ckpt
 from .config import TrainerConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .context import RunContext as Trainer   # what the events receive (named as in the docs above)
+    from .context import RunContext as Trainer  # what the events receive (named as in the docs above)
 
 log = logging.getLogger("adaptune")
 
@@ -147,7 +148,7 @@ class Logging(Callback):
         self.every = _every(every)
         self.progress = bool(progress)
         self.bar = None
-        self.lines = False   # progress as log lines (stderr is not a terminal)
+        self.lines = False  # progress as log lines (stderr is not a terminal)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if self.progress and trainer.dist.is_main:
@@ -156,8 +157,9 @@ class Logging(Callback):
                 return
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, desc="train",
-                            unit="step", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=trainer.total_steps, initial=trainer.state.step, desc="train", unit="step", dynamic_ncols=True, leave=True
+            )
 
     def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
         st = trainer.state
@@ -170,16 +172,22 @@ class Logging(Callback):
         st.loss_window.clear()
         st.train_loss.append([step, mean])
         epoch = st.epoch - 1 if trainer.epoch_ended else st.epoch  # the epoch this step belongs to
-        metrics = {"train/loss": mean, "train/epoch": epoch,
-                   "train/samples_per_s": st.samples / max(st.train_time, 1e-9)}
+        metrics = {"train/loss": mean, "train/epoch": epoch, "train/samples_per_s": st.samples / max(st.train_time, 1e-9)}
         metrics.update({f"train/{k}": v for k, v in trainer.schedule_metrics(step).items()})
         trainer.logger.log(metrics, step=step)
         lr = trainer.lr
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
         elif self.lines:
-            log.info("step %d/%d (%d%%) loss %.4f lr %.2e %.1f samples/s", step, trainer.total_steps,
-                     100 * step // trainer.total_steps, mean, lr, metrics["train/samples_per_s"])
+            log.info(
+                "step %d/%d (%d%%) loss %.4f lr %.2e %.1f samples/s",
+                step,
+                trainer.total_steps,
+                100 * step // trainer.total_steps,
+                mean,
+                lr,
+                metrics["train/samples_per_s"],
+            )
 
     def teardown(self, trainer: Trainer) -> None:
         if self.bar is not None:
@@ -218,8 +226,9 @@ class Evaluation(Callback):
         if st.best_value is None or (value > st.best_value if task.greater_is_better else value < st.best_value):
             st.best_value, st.best_step, st.best_metrics = value, step, dict(metrics)
             if trainer.dist.is_main:
-                ckpt.atomic_save({"model": trainer.model.state_dict(), "step": step, "metrics": dict(metrics)},
-                                 trainer.ckpt_dir / ckpt.BEST)
+                ckpt.atomic_save(
+                    {"model": trainer.model.state_dict(), "step": step, "metrics": dict(metrics)}, trainer.ckpt_dir / ckpt.BEST
+                )
         return metrics
 
 
@@ -308,8 +317,9 @@ def build_callbacks(cfg: Mapping[str, Any] | None) -> list[Callback]:
             continue
         target = node.get("_target_") if isinstance(node, Mapping) else None
         if not target:
-            raise ConfigError(f"callbacks.{name} needs a _target_ (module.Class of a adaptune.runner.callbacks.Callback), "
-                              f"got {node!r}")
+            raise ConfigError(
+                f"callbacks.{name} needs a _target_ (module.Class of a adaptune.runner.callbacks.Callback), got {node!r}"
+            )
         try:
             callback = instantiate(node, _convert_="all")
         except InstantiationException as err:
@@ -319,7 +329,8 @@ def build_callbacks(cfg: Mapping[str, Any] | None) -> list[Callback]:
             reason = str(cause or err).splitlines()[0] if str(cause or err) else type(cause or err).__name__
             raise ConfigError(f"callbacks.{name}: cannot build {target}: {reason}") from err
         if not isinstance(callback, Callback):
-            raise ConfigError(f"callbacks.{name}: {target} is not a adaptune.runner.callbacks.Callback "
-                              f"(got {type(callback).__name__})")
+            raise ConfigError(
+                f"callbacks.{name}: {target} is not a adaptune.runner.callbacks.Callback (got {type(callback).__name__})"
+            )
         out.append(callback)
     return out

@@ -16,6 +16,7 @@ Faults a user can fix end in one line, never a traceback:
   ``last.pt.damaged`` with a one-line warning. (choice) Two checkpoints on disk instead of one:
   the price of never losing a run to one bad file.
 """
+
 from __future__ import annotations
 
 import errno
@@ -88,8 +89,7 @@ class _TrackedFile:
         return getattr(self._f, name)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None],
-                 before_replace: Callable[[Path], None] | None = None) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], before_replace: Callable[[Path], None] | None = None) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, sync it, (``before_replace(tmp)``,)
     rename it over ``path``. A failing write raises :class:`WriteFailed` (one line: the file and
     why) and leaves ``path`` as it was."""
@@ -102,7 +102,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None],
             tracked = _TrackedFile(f)
             try:
                 write(tracked)
-            except RuntimeError as err:   # torch.save hides the OSError of a failed write
+            except RuntimeError as err:  # torch.save hides the OSError of a failed write
                 if tracked.error is None:
                     raise
                 raise tracked.error from err
@@ -142,8 +142,10 @@ def incompatible(path: Path, data: Any, keys: tuple[str, ...] = RESUME_KEYS) -> 
     missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if not missing:
         return None
-    return ConfigError(f"{path} was written by another version of adaptune (it has no {', '.join(missing)}); "
-                       "pass resume=false to start over in that directory, or use the version that wrote it")
+    return ConfigError(
+        f"{path} was written by another version of adaptune (it has no {', '.join(missing)}); "
+        "pass resume=false to start over in that directory, or use the version that wrote it"
+    )
 
 
 def load_weights(model: torch.nn.Module, data: Any, path: Path) -> None:
@@ -154,11 +156,13 @@ def load_weights(model: torch.nn.Module, data: Any, path: Path) -> None:
         raise err
     try:
         model.load_state_dict(data["model"])
-    except RuntimeError as exc:   # missing / unexpected keys, shape mismatches
+    except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else "state_dict mismatch"
-        raise ConfigError(f"{path} does not fit the model the run's config builds ({detail[:200]}); "
-                          "was it written with other task.model.* settings or by another version?") from None
+        raise ConfigError(
+            f"{path} does not fit the model the run's config builds ({detail[:200]}); "
+            "was it written with other task.model.* settings or by another version?"
+        ) from None
 
 
 def peek(path: Path) -> Any:
@@ -232,15 +236,24 @@ def resume_candidate(ckpt_dir: Path, main_process: bool = True) -> Path | None:
             kept = last.with_name(last.name + DAMAGED_SUFFIX)
             if main_process:
                 os.replace(last, kept)
-            log.warning("%s is damaged (%s); kept as %s, resuming from %s (step %s)",
-                        last, broken, kept.name, previous, saved_step(previous))
+            log.warning(
+                "%s is damaged (%s); kept as %s, resuming from %s (step %s)",
+                last,
+                broken,
+                kept.name,
+                previous,
+                saved_step(previous),
+            )
         return previous
     if broken is not None:
-        raise ConfigError(f"{last} is damaged ({broken}) and no intact earlier checkpoint is beside it; "
-                          "pass resume=false to start this run over (that replaces the damaged file)")
-    if previous.is_file():   # (damaged: the intact case returned above)
-        raise ConfigError(f"{previous} is damaged ({damage(previous)}) and there is no {LAST}; "
-                          "pass resume=false to start this run over")
+        raise ConfigError(
+            f"{last} is damaged ({broken}) and no intact earlier checkpoint is beside it; "
+            "pass resume=false to start this run over (that replaces the damaged file)"
+        )
+    if previous.is_file():  # (damaged: the intact case returned above)
+        raise ConfigError(
+            f"{previous} is damaged ({damage(previous)}) and there is no {LAST}; pass resume=false to start this run over"
+        )
     return None
 
 

@@ -5,6 +5,7 @@ one schedule's settings on a selection split (presets in conf/search/; resumable
 on one study), ``adaptune analyze DIR`` for sensitivity, pruning and
 DPS-selection plots of finished runs, ``adaptune export RUN_DIR OUT_DIR`` for a trained model in
 Hugging Face / timm format, ``adaptune plugin-path fairseq`` for fairseq's ``--user-dir``."""
+
 from __future__ import annotations
 
 import sys
@@ -49,14 +50,14 @@ def _dispatch(argv: list[str]) -> int | None:
         return search_main(argv[1:])
     from adaptune.runner.app import main as hydra_main
 
-    hydra_main()   # exits by itself on errors; its return value is the run's best metric, not a status
+    hydra_main()  # exits by itself on errors; its return value is the run's best metric, not a status
     return 0
 
 
 def main() -> None:
     try:
         code = _dispatch(sys.argv[1:])
-    except ModuleNotFoundError as err:   # an extra that is not installed: one line, no traceback
+    except ModuleNotFoundError as err:  # an extra that is not installed: one line, no traceback
         from adaptune.common.extras import missing_message
 
         message = missing_message(err)

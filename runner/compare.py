@@ -20,6 +20,7 @@ seeds, the command, the points) is written to ``<sweep>/compare.json`` for the r
 walk the sweep together, one DDP run after the other (the process group is formed and destroyed per
 run). On SLURM each job gets its tasks instead (``hydra.launcher.tasks_per_node=N``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,12 @@ _key = specs.override_key
 
 
 def _check_override(item, where: str) -> str:
-    return specs.check_override(item, where, RESERVED, "adaptune compare (the seeds, schedules and experiment "
-                                "come from the compare file's seeds, grids and experiment)")
+    return specs.check_override(
+        item,
+        where,
+        RESERVED,
+        "adaptune compare (the seeds, schedules and experiment come from the compare file's seeds, grids and experiment)",
+    )
 
 
 def locate(name: str) -> tuple[Path, str, str]:
@@ -91,11 +96,21 @@ def load(name: str) -> dict:
             raise ConfigError(f"{where}: grids.{sched}: expected a mapping of key -> list of values")
         for key, values in grid.items():
             _check_override(f"{key}=x", f"{where}: grids.{sched}")
-            if (not re.fullmatch(r"[A-Za-z_][\w.]*", key) or not isinstance(values, list) or not values
-                    or not all(isinstance(v, (int, float, str, bool)) for v in values)):
+            if (
+                not re.fullmatch(r"[A-Za-z_][\w.]*", key)
+                or not isinstance(values, list)
+                or not values
+                or not all(isinstance(v, (int, float, str, bool)) for v in values)
+            ):
                 raise ConfigError(f"{where}: grids.{sched}.{key}: expected a non-empty list of values")
-    return {"name": name, "source": where, "experiment": experiment, "seeds": seeds, "overrides": overrides,
-            "grids": {s: {k: [fmt(v) for v in vals] for k, vals in g.items()} for s, g in grids.items()}}
+    return {
+        "name": name,
+        "source": where,
+        "experiment": experiment,
+        "seeds": seeds,
+        "overrides": overrides,
+        "grids": {s: {k: [fmt(v) for v in vals] for k, vals in g.items()} for s, g in grids.items()},
+    }
 
 
 #: where a sweep keeps its grid points as configs (a Hydra search path), and their config group
@@ -165,11 +180,16 @@ def write_points(spec: dict, sweep: Path) -> Path:
     for pid, sched, items in every:
         values = OmegaConf.to_container(OmegaConf.from_dotlist(items[1:]))
         joined = ",".join(items).replace("\\", "\\\\").replace("'", "\\'")
-        body = OmegaConf.to_yaml(OmegaConf.create({
-            **values, "hydra": {"sweep": {"subdir": f"${{compare_subdir:${{hydra.job.override_dirname}},'{joined}'}}"}}}))
-        text = (f"# @package _global_\n# adaptune compare {spec['name']}: grid point {pid} of {len(every)} "
-                f"(written by adaptune compare)\n"
-                f"defaults:\n  - override /schedule: {sched}\n{body}")
+        body = OmegaConf.to_yaml(
+            OmegaConf.create(
+                {**values, "hydra": {"sweep": {"subdir": f"${{compare_subdir:${{hydra.job.override_dirname}},'{joined}'}}"}}}
+            )
+        )
+        text = (
+            f"# @package _global_\n# adaptune compare {spec['name']}: grid point {pid} of {len(every)} "
+            f"(written by adaptune compare)\n"
+            f"defaults:\n  - override /schedule: {sched}\n{body}"
+        )
         atomic_write(group / f"{pid}.yaml", lambda f, text=text: f.write(text.encode()))
     return root
 
@@ -179,8 +199,11 @@ def command(spec: dict, extra: list[str] = (), sweep: Path | None = None, nproc:
     :func:`write_points`) x the seeds, handed to the launcher together; ``torchrun`` around it
     when each run is to use ``nproc`` processes."""
     sweep = sweep if sweep is not None else sweep_dir(spec, extra)
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "adaptune", "-m"] if nproc > 1 else [sys.executable, "-m", "adaptune", "-m"])
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "adaptune", "-m"]
+        if nproc > 1
+        else [sys.executable, "-m", "adaptune", "-m"]
+    )
     if spec["experiment"]:
         cmd.append(f"experiment={spec['experiment']}")
     cmd.append(f"hydra.searchpath=[file://{(sweep / POINTS_DIR).resolve()}]")
@@ -202,8 +225,9 @@ def _check_extra(spec: dict, extra: list[str]) -> None:
         _check_override(item, "extra override")
         owners = [s for s, g in spec["grids"].items() if _key(item) in g]
         if owners:
-            raise ConfigError(f"{_key(item)} is a grid axis of {', '.join(owners)} in "
-                              f"{spec['source']} (grids); edit the grid there")
+            raise ConfigError(
+                f"{_key(item)} is a grid axis of {', '.join(owners)} in {spec['source']} (grids); edit the grid there"
+            )
 
 
 def n_runs(spec: dict) -> int:
@@ -218,7 +242,7 @@ def finished_runs(sweep: Path) -> int:
         try:
             done += json.loads(path.read_text()).get("status") in ("completed", "diverged")
         except (OSError, ValueError):
-            pass   # being written (atomically replaced): counted on the next look
+            pass  # being written (atomically replaced): counted on the next look
     return done
 
 
@@ -266,13 +290,19 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaptune compare", description=__doc__.splitlines()[0])
-    parser.add_argument("name", metavar="NAME|PATH.yaml",
-                        help=f"a preset ({', '.join(_names('compare'))}) or the path of a compare spec")
+    parser.add_argument(
+        "name", metavar="NAME|PATH.yaml", help=f"a preset ({', '.join(_names('compare'))}) or the path of a compare spec"
+    )
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every run")
     parser.add_argument("--dry-run", action="store_true", help="print the command and the grid points, run nothing")
     parser.add_argument("--seeds", metavar="S1,S2,...", help="run these seeds instead of the spec's")
-    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                        help="train each run with N processes (torchrun, DDP; the local launcher runs one at a time)")
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train each run with N processes (torchrun, DDP; the local launcher runs one at a time)",
+    )
     args = parser.parse_intermixed_args(argv)
     try:
         spec = load(args.name)
@@ -289,9 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--nproc-per-node={args.nproc_per_node}: expected a positive integer")
         launcher = [o for o in args.overrides + spec["overrides"] if _key(o) == "hydra/launcher"]
         if args.nproc_per_node > 1 and launcher:
-            raise ConfigError(f"--nproc-per-node and {launcher[0]} do not combine: torchrun starts the runs "
-                              "one after the other; with SLURM give each job several tasks instead "
-                              "(hydra.launcher.tasks_per_node=N, docs: Scaling out)")
+            raise ConfigError(
+                f"--nproc-per-node and {launcher[0]} do not combine: torchrun starts the runs "
+                "one after the other; with SLURM give each job several tasks instead "
+                "(hydra.launcher.tasks_per_node=N, docs: Scaling out)"
+            )
     except ConfigError as err:
         print(f"adaptune compare: error: {err}", file=sys.stderr)
         return 2
@@ -307,12 +339,24 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep.mkdir(parents=True, exist_ok=True)
     write_points(spec, sweep)
-    known = (load_plan(sweep) or {}).get("points") or {}   # points of earlier invocations stay readable
-    (sweep / "compare.json").write_text(json.dumps(
-        {**spec, "extra": args.overrides, "command": cmd,
-         "points": {**known, **{pid: items for pid, _, items in points(spec)}}}, indent=1) + "\n")
-    print(f"adaptune compare {spec['name']}: {len(spec['grids'])} schedules, {len(points(spec))} grid points, "
-          f"{n_runs(spec)} runs in one sweep into {sweep}\n{shlex.join(cmd)}", flush=True)
+    known = (load_plan(sweep) or {}).get("points") or {}  # points of earlier invocations stay readable
+    (sweep / "compare.json").write_text(
+        json.dumps(
+            {
+                **spec,
+                "extra": args.overrides,
+                "command": cmd,
+                "points": {**known, **{pid: items for pid, _, items in points(spec)}},
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    print(
+        f"adaptune compare {spec['name']}: {len(spec['grids'])} schedules, {len(points(spec))} grid points, "
+        f"{n_runs(spec)} runs in one sweep into {sweep}\n{shlex.join(cmd)}",
+        flush=True,
+    )
     with Progress(sweep, n_runs(spec)):
         rc = subprocess.run(cmd).returncode
     if rc == 2:  # a config error (printed above by the run that hit it)
@@ -323,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     print(flush=True)
     code = report_main([str(sweep)])
     if rc != 0:
-        print(f"\nadaptune compare: the sweep stopped early (exit {rc}; its remaining grid points show as "
-              "missing; run the command again to resume)", file=sys.stderr)
+        print(
+            f"\nadaptune compare: the sweep stopped early (exit {rc}; its remaining grid points show as "
+            "missing; run the command again to resume)",
+            file=sys.stderr,
+        )
         return 1
     return code

@@ -7,6 +7,7 @@ schedule, process group and callbacks on top; :class:`Evaluator` adds only evalu
 ``adaptune analyze`` and ``adaptune export`` need from a finished run (no optimizer state, no
 process group, no callbacks).
 """
+
 from __future__ import annotations
 
 import random
@@ -77,12 +78,23 @@ class Evaluator:
         sections = validate_config(cfg)
         parts = build_components(sections, run_dir, resolve_device(device or sections.trainer.device))
         self.device, self.amp, self.task, self.model, self.patterns = (
-            parts.device, parts.amp, parts.task, parts.model, parts.patterns)
+            parts.device,
+            parts.amp,
+            parts.task,
+            parts.model,
+            parts.patterns,
+        )
         self.precision = parts.precision
         self.workers = sections.trainer.num_workers
 
     def evaluate(self, split: str = "dev") -> dict[str, float]:
         from .evaluation import evaluate
 
-        return evaluate(self.task, self.model, split, device=self.device,
-                        autocast=lambda: autocast_context(self.precision, self.device), num_workers=self.workers)
+        return evaluate(
+            self.task,
+            self.model,
+            split,
+            device=self.device,
+            autocast=lambda: autocast_context(self.precision, self.device),
+            num_workers=self.workers,
+        )

@@ -5,6 +5,7 @@ group's schema in Hydra's ConfigStore.
 schema supplies each key's only default and type, the YAML file is a preset. Composition then
 type-checks every key, whether this run uses it or not, and rejects unknown keys.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,25 +31,25 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass
 class TrainerConfig:
-    batch_size: int = setting(32, check=positive)   # examples per micro-batch (NMT batches by task.max_tokens)
+    batch_size: int = setting(32, check=positive)  # examples per micro-batch (NMT batches by task.max_tokens)
     eval_batch_size: int = setting(64, check=positive)
-    grad_accum_steps: int = setting(1, check=positive)   # micro-batches per optimizer step
+    grad_accum_steps: int = setting(1, check=positive)  # micro-batches per optimizer step
     epochs: int = setting(3, check=positive)
-    max_steps: Optional[int] = setting(None, check=optional(positive))   # optimizer steps; wins over epochs
-    max_grad_norm: Optional[float] = setting(1.0, check=optional(at_least(0)))   # global clipping; null or 0: off
+    max_steps: Optional[int] = setting(None, check=optional(positive))  # optimizer steps; wins over epochs
+    max_grad_norm: Optional[float] = setting(1.0, check=optional(at_least(0)))  # global clipping; null or 0: off
     # auto: bf16 where the hardware is fast at it (CUDA, CPUs with AMX / AVX512-BF16), else fp32
     # (on an AVX2-only CPU bf16 autocast is ~10x slower than fp32) | fp32 | bf16 | fp16 (+ GradScaler)
     precision: str = setting("auto", check=one_of(*PRECISIONS))
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    num_threads: int = setting(2, check=positive)   # torch intra-op threads on CPU
-    num_workers: int = setting(0, check=non_negative_int)   # DataLoader processes preparing batches; 0: in-process
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = setting(2, check=positive)  # torch intra-op threads on CPU
+    num_workers: int = setting(0, check=non_negative_int)  # DataLoader processes preparing batches; 0: in-process
     # torch.compile the training forward/backward (evaluation stays eager). Off by default: on 2
     # CPU cores compiled MiniLM steps ran at 0.90x eager speed (bench/bench_loop.py --part ceiling --compile)
     compile: bool = False
-    eval_every: Optional[int] = setting(None, check=optional(positive))   # steps between dev evaluations; null: each epoch's end
-    save_every: int = setting(200, check=positive)   # steps between checkpoints (also at each evaluation and the end)
-    log_every: int = setting(10, check=positive)     # steps between log lines / W&B points
-    progress: bool = True                # tqdm progress bar
+    eval_every: Optional[int] = setting(None, check=optional(positive))  # steps between dev evaluations; null: each epoch's end
+    save_every: int = setting(200, check=positive)  # steps between checkpoints (also at each evaluation and the end)
+    log_every: int = setting(10, check=positive)  # steps between log lines / W&B points
+    progress: bool = True  # tqdm progress bar
 
 
 def _loggers(value: Any) -> str | None:
@@ -64,11 +65,11 @@ class LoggerConfig:
     # offline: writes <run dir>/wandb, upload later with `wandb sync` | online | disabled.
     # null: $WANDB_MODE, else offline. (A key set here wins over the environment.)
     mode: Optional[str] = setting(None, check=one_of(None, "offline", "online", "disabled"))
-    project: Optional[str] = None        # null: $WANDB_PROJECT, else "adaptune"
-    entity: Optional[str] = None         # null: $WANDB_ENTITY, else W&B's default
-    group: str = "${name}"               # one group per sweep / experiment
+    project: Optional[str] = None  # null: $WANDB_PROJECT, else "adaptune"
+    entity: Optional[str] = None  # null: $WANDB_ENTITY, else W&B's default
+    group: str = "${name}"  # one group per sweep / experiment
     job_type: str = "train"
-    tags: List[str] = setting(factory=list)   # task, schedule and seed are always added
+    tags: List[str] = setting(factory=list)  # task, schedule and seed are always added
 
 
 def _resume(value: Any) -> str | None:

@@ -17,6 +17,7 @@ Act:
     after the current step; also ``should_stop = True``; under DDP every rank must ask at the same
     step).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -10,6 +10,7 @@ content (the content, not the time: a copy or ``touch`` that keeps the bytes is 
 :data:`MAX_FILES` files per directory and :data:`MAX_HASH_BYTES` bytes hashed per file; beyond
 those, a file is recorded by its size only (and a directory beyond the count by its file count).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,7 +63,7 @@ def fingerprint(task_cfg: Mapping[str, Any]) -> dict[str, Any]:
                     continue
                 for f in files:
                     out[str(f.resolve())] = [f.stat().st_size, _digest(f)]
-        except OSError:   # unreadable now: the task's own loading says why
+        except OSError:  # unreadable now: the task's own loading says why
             continue
     return out
 

@@ -11,6 +11,7 @@ queue instead of piling onto one. (choice) Explicit devices (``trainer.device=cu
 single runs are left alone. The lock directory is ``$ADAPTUNE_GPU_LOCK_DIR`` or
 ``<tempdir>/adaptune-gpu-locks-<uid>`` (one machine's jobs share it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,14 @@ def job_device(device, job_num: int | None):
     multirun job (``job_num`` not None) in one process; also the lock fd to keep (or None)."""
     import torch
 
-    if (fcntl is None or job_num is None or device.type != "cuda" or device.index is not None
-            or "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if (
+        fcntl is None
+        or job_num is None
+        or device.type != "cuda"
+        or device.index is not None
+        or "LOCAL_RANK" in os.environ
+        or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):
         return device, None
     n_gpus = torch.cuda.device_count()
     if n_gpus < 1:

@@ -1,4 +1,5 @@
 """Run-directory names: deterministic (no timestamps), so re-running a command finds its runs."""
+
 from __future__ import annotations
 
 import hashlib

@@ -9,6 +9,7 @@ batch. Schedules therefore see identical gradients on every rank: SAGE's sensiti
 DPS's scores and masks stay identical without extra communication. Rank 0 alone writes
 checkpoints, results and W&B logs.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -138,20 +139,29 @@ def slurm_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     if step_tasks <= 1:
         ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
         if ntasks > 1 and env.get("SLURM_PROCID", "0") != "0":
-            raise ConfigError(f"SLURM_PROCID={env['SLURM_PROCID']} of SLURM_NTASKS={ntasks} but no SLURM_STEP_NUM_TASKS: "
-                              "cannot form one DDP run from this job's tasks; start them with srun")
+            raise ConfigError(
+                f"SLURM_PROCID={env['SLURM_PROCID']} of SLURM_NTASKS={ntasks} but no SLURM_STEP_NUM_TASKS: "
+                "cannot form one DDP run from this job's tasks; start them with srun"
+            )
         return {}
     missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID") if k not in env]
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if missing or not nodelist:
-        raise ConfigError(f"SLURM_STEP_NUM_TASKS={step_tasks} but {', '.join(missing) or 'SLURM_JOB_NODELIST'} is not "
-                          "set: cannot form one DDP run from this step's tasks")
+        raise ConfigError(
+            f"SLURM_STEP_NUM_TASKS={step_tasks} but {', '.join(missing) or 'SLURM_JOB_NODELIST'} is not "
+            "set: cannot form one DDP run from this step's tasks"
+        )
     hosts = expand_nodelist(nodelist)
     if not hosts:
         raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
     port = env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(step_tasks), "LOCAL_RANK": env["SLURM_LOCALID"],
-            "MASTER_ADDR": env.get("MASTER_ADDR") or hosts[0], "MASTER_PORT": port}
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": str(step_tasks),
+        "LOCAL_RANK": env["SLURM_LOCALID"],
+        "MASTER_ADDR": env.get("MASTER_ADDR") or hosts[0],
+        "MASTER_PORT": port,
+    }
 
 
 def adopt_slurm_environment() -> None:

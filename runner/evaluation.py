@@ -18,6 +18,7 @@ Outside the runner::
     from adaptune.runner.evaluation import evaluate
     metrics = evaluate(task, model, "dev")          # device: the model's; one process; fp32
 """
+
 from __future__ import annotations
 
 import numbers
@@ -33,8 +34,9 @@ from .batches import batch_source
 from .distributed import DistInfo
 
 
-def eval_batch_source(task: Task, split: str, plans: Sequence[Any], num_workers: int = 0,
-                      pin_memory: bool = False) -> Iterator[Any]:
+def eval_batch_source(
+    task: Task, split: str, plans: Sequence[Any], num_workers: int = 0, pin_memory: bool = False
+) -> Iterator[Any]:
     """The batches of ``plans`` in order, made by ``num_workers`` DataLoader workers or, when it
     is 0, in this process."""
     return batch_source(partial(task.make_eval_batch, split), plans, num_workers, pin_memory)
@@ -44,15 +46,16 @@ def _settle(value: Any, where: str) -> Any:
     """A partial result as plain Python data (tensors to numbers / lists), checked for its type."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
-            raise TypeError(f"{where}: a tensor partial result must be 0-dim (it is summed), "
-                            f"got shape {tuple(value.shape)}")
+            raise TypeError(f"{where}: a tensor partial result must be 0-dim (it is summed), got shape {tuple(value.shape)}")
         return value.item()
     if isinstance(value, numbers.Number):
         return value.item() if hasattr(value, "item") else value  # NumPy scalars -> Python
     if isinstance(value, Mapping):
         return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
-    raise TypeError(f"{where}: partial results must be numbers, 0-dim tensors or "
-                    f"{{example_index: value}} mappings, got {type(value).__name__}")
+    raise TypeError(
+        f"{where}: partial results must be numbers, 0-dim tensors or "
+        f"{{example_index: value}} mappings, got {type(value).__name__}"
+    )
 
 
 def reduce_partials(partials: Iterable[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -67,8 +70,10 @@ def reduce_partials(partials: Iterable[tuple[int, Mapping[str, Any]]]) -> dict[s
                     raise TypeError(f"partial result '{key}' is a number in one batch, a mapping in another")
                 twice = merged.keys() & value.keys()
                 if twice:
-                    raise ValueError(f"partial result '{key}': example {sorted(twice)[0]!r} occurs in two "
-                                     f"evaluation batches (the second is plan {index})")
+                    raise ValueError(
+                        f"partial result '{key}': example {sorted(twice)[0]!r} occurs in two "
+                        f"evaluation batches (the second is plan {index})"
+                    )
                 merged.update(value)
             else:
                 if isinstance(out.get(key), Mapping):
@@ -77,11 +82,16 @@ def reduce_partials(partials: Iterable[tuple[int, Mapping[str, Any]]]) -> dict[s
     return out
 
 
-def evaluate(task: Task, model: torch.nn.Module, split: str = "dev", *,
-             device: torch.device | None = None,
-             autocast: Callable[[], ContextManager] = nullcontext,
-             dist: DistInfo | None = None,
-             num_workers: int = 0) -> dict[str, float]:
+def evaluate(
+    task: Task,
+    model: torch.nn.Module,
+    split: str = "dev",
+    *,
+    device: torch.device | None = None,
+    autocast: Callable[[], ContextManager] = nullcontext,
+    dist: DistInfo | None = None,
+    num_workers: int = 0,
+) -> dict[str, float]:
     """Metrics of ``model`` on ``split``: this rank evaluates ``plans[rank::world]``, the partial
     results of all ranks are reduced, and every rank returns ``task.finalize``'s metrics.
 
@@ -95,8 +105,7 @@ def evaluate(task: Task, model: torch.nn.Module, split: str = "dev", *,
         device = next(model.parameters()).device
     plans = task.eval_batches(split)
     mine = range(dist.rank, len(plans), dist.world)
-    batches = eval_batch_source(task, split, [plans[i] for i in mine], int(num_workers or 0),
-                                pin_memory=device.type == "cuda")
+    batches = eval_batch_source(task, split, [plans[i] for i in mine], int(num_workers or 0), pin_memory=device.type == "cuda")
     raw: list[tuple[int, Mapping[str, Any]]] = []
     was_training = model.training
     model.eval()
@@ -109,8 +118,9 @@ def evaluate(task: Task, model: torch.nn.Module, split: str = "dev", *,
     finally:
         model.train(was_training)
     # numbers leave the device only now: no synchronisation per batch
-    partials = [(index, {k: _settle(v, f"{type(task).__name__}.eval_step()['{k}']") for k, v in part.items()})
-                for index, part in raw]
+    partials = [
+        (index, {k: _settle(v, f"{type(task).__name__}.eval_step()['{k}']") for k, v in part.items()}) for index, part in raw
+    ]
     gathered = [pair for rank_pairs in dist.all_gather(partials, device) for pair in rank_pairs]
     metrics = task.finalize(split, reduce_partials(gathered))
     return {k: float(v) for k, v in metrics.items()}

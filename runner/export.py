@@ -23,6 +23,7 @@ weights loaded, and saved in eval form (DPS-Mix and Mixout forwards return the r
 mode, so the weights are the model's). Translation runs are not exported (their checkpoint is the
 model; a one-line error says so).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,7 @@ def build_model(config: dict, run_dir: Path, weights: Path):
 
     torch.manual_seed(int(config.get("seed", 0)))
     task = build_task(config["task"], run_dir, seed=int(config.get("seed", 0)))
-    task.setup()   # the tokenizer and label names (GLUE); the data's classes (images)
+    task.setup()  # the tokenizer and label names (GLUE); the data's classes (images)
     model = task.build_model()
     ckpt.load_weights(model, ckpt.load(weights), weights)
     return task, model.eval()
@@ -86,8 +87,11 @@ def _export_hf(task, model, out: Path, merge: bool) -> str:
         model, is_peft = model.merge_and_unload(), False
     model.save_pretrained(str(out))
     task.tokenizer.save_pretrained(str(out))
-    kind = "a peft LoRA adapter (PeftModel.from_pretrained over the base model)" if is_peft else \
-        "a Hugging Face model directory (AutoModelForSequenceClassification.from_pretrained)"
+    kind = (
+        "a peft LoRA adapter (PeftModel.from_pretrained over the base model)"
+        if is_peft
+        else "a Hugging Face model directory (AutoModelForSequenceClassification.from_pretrained)"
+    )
     return kind
 
 
@@ -105,8 +109,10 @@ def export(run_dir: Path, out: Path, which: str = "auto", merge: bool = False) -
     config = run_config(run_dir)
     kind = (config.get("task") or {}).get("kind")
     if kind not in ("glue", "vit"):
-        raise ConfigError(f"adaptune export supports GLUE-style and image-classification runs; {run_dir} is "
-                          f"task.kind={kind} (a translation run's checkpoint is its model)")
+        raise ConfigError(
+            f"adaptune export supports GLUE-style and image-classification runs; {run_dir} is "
+            f"task.kind={kind} (a translation run's checkpoint is its model)"
+        )
     weights = checkpoint_path(run_dir, which)
     task, model = build_model(config, run_dir, weights)
     if out.exists() and any(out.iterdir()):
@@ -124,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaptune export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run directory (holding results.json / checkpoints/)")
     parser.add_argument("out_dir", help="a new directory for the exported model")
-    parser.add_argument("--checkpoint", choices=["auto", "best", "last"], default="auto",
-                        help="auto: best.pt when the run has one, else last.pt")
+    parser.add_argument(
+        "--checkpoint", choices=["auto", "best", "last"], default="auto", help="auto: best.pt when the run has one, else last.pt"
+    )
     parser.add_argument("--merge", action="store_true", help="LoRA runs: merge the adapters into a plain model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

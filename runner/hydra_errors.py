@@ -9,6 +9,7 @@ fails at import with a message naming this module instead of silently printing H
 (``tests/test_config.py`` checks the hook on every run of the suite). ``HYDRA_FULL_ERROR=1`` still
 gives Hydra's full traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,7 @@ class HydraChanged(RuntimeError):
     """Hydra's internals are not where this module expects them."""
 
 
-def install_one_line_errors(composition: Callable[[BaseException], None],
-                            config: Callable[[ConfigError], None]) -> None:
+def install_one_line_errors(composition: Callable[[BaseException], None], config: Callable[[ConfigError], None]) -> None:
     """Route Hydra's composition / override errors to ``composition(err)`` and our ConfigError to
     ``config(err)`` (each prints one line and exits); idempotent."""
     import hydra
@@ -34,8 +34,10 @@ def install_one_line_errors(composition: Callable[[BaseException], None],
 
     for module in (hydra_utils, hydra_core):
         if not callable(getattr(module, "run_and_report", None)):
-            raise HydraChanged(f"{module.__name__}.run_and_report is gone (Hydra {hydra.__version__}); "
-                               "adaptune.runner.hydra_errors needs updating for this Hydra release")
+            raise HydraChanged(
+                f"{module.__name__}.run_and_report is gone (Hydra {hydra.__version__}); "
+                "adaptune.runner.hydra_errors needs updating for this Hydra release"
+            )
     original = hydra_utils.run_and_report
     if getattr(original, "_adaptune", False):
         return
@@ -43,8 +45,7 @@ def install_one_line_errors(composition: Callable[[BaseException], None],
     def run_and_report(func):
         try:
             return func()
-        except (ConfigCompositionException, OverrideParseException, CompactHydraException,
-                OmegaConfBaseException) as err:
+        except (ConfigCompositionException, OverrideParseException, CompactHydraException, OmegaConfBaseException) as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             composition(err)

@@ -10,6 +10,7 @@ Under DDP only rank 0 takes it (every rank of one run shares the directory).
 (choice) Where ``fcntl`` does not exist (Windows) runs are not locked. On network file systems
 ``flock`` is as reliable as the file system's own locking (NFSv4: yes).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ def run_lock(run_dir: Path, enabled: bool = True) -> Iterator[None]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:   # e.g. a read-only output directory: one line, not a traceback
+    except OSError as err:  # e.g. a read-only output directory: one line, not a traceback
         from .checkpoint import WriteFailed, describe_os_error
 
         raise WriteFailed(path, describe_os_error(err)) from err
@@ -52,11 +53,12 @@ def run_lock(run_dir: Path, enabled: bool = True) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise RunLocked(f"{run_dir} is in use by {holder}: one writer per run directory; wait for it "
-                            "to finish, or train elsewhere (another name= or hydra.run.dir=)") from None
+            raise RunLocked(
+                f"{run_dir} is in use by {holder}: one writer per run directory; wait for it "
+                "to finish, or train elsewhere (another name= or hydra.run.dir=)"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)   # releases the lock; the file stays (deleting it would race a new holder)
+        os.close(fd)  # releases the lock; the file stays (deleting it would race a new holder)

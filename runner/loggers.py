@@ -4,6 +4,7 @@ TensorBoard event files, several at once (``logger.kind`` plus ``logger.also``),
 A logger failure never fails a training run: every W&B call is guarded, the first failure is
 reported once as a warning and the logger goes quiet.
 """
+
 from __future__ import annotations
 
 import csv
@@ -46,8 +47,11 @@ def wandb_settings(cfg: LoggerConfig) -> dict[str, Any]:
     mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
     if mode not in MODES:
         raise ConfigError(f"WANDB_MODE={mode} is unknown; allowed: {', '.join(MODES)} (or set logger.mode)")
-    return {"mode": mode, "project": cfg.project or os.environ.get("WANDB_PROJECT") or "adaptune",
-            "entity": cfg.entity or os.environ.get("WANDB_ENTITY") or None}
+    return {
+        "mode": mode,
+        "project": cfg.project or os.environ.get("WANDB_PROJECT") or "adaptune",
+        "entity": cfg.entity or os.environ.get("WANDB_ENTITY") or None,
+    }
 
 
 def wandb_run_id(run_dir: Path, fresh: bool) -> str:
@@ -72,8 +76,9 @@ class WandbLogger(NullLogger):
     """Wraps one ``wandb`` run. ``mode=offline`` writes ``<run_dir>/wandb/offline-run-*``
     (:attr:`offline_dir`: what ``wandb sync`` takes)."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any],
-                 tags: list[str], name: str, fresh: bool = True):
+    def __init__(
+        self, cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any], tags: list[str], name: str, fresh: bool = True
+    ):
         self.run = None
         self.offline_dir: Path | None = None
         try:
@@ -84,10 +89,18 @@ class WandbLogger(NullLogger):
             run_dir.mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(
-                project=settings["project"], entity=settings["entity"], group=cfg.group,
-                job_type=cfg.job_type, tags=sorted(set(tags) | set(cfg.tags)),
-                config=dict(config), dir=str(run_dir), mode=settings["mode"],
-                name=name, id=wandb_run_id(run_dir, fresh), resume="allow", reinit="finish_previous",
+                project=settings["project"],
+                entity=settings["entity"],
+                group=cfg.group,
+                job_type=cfg.job_type,
+                tags=sorted(set(tags) | set(cfg.tags)),
+                config=dict(config),
+                dir=str(run_dir),
+                mode=settings["mode"],
+                name=name,
+                id=wandb_run_id(run_dir, fresh),
+                resume="allow",
+                reinit="finish_previous",
             )
             if settings["mode"] == "offline" and getattr(self.run, "dir", None):
                 self.offline_dir = Path(self.run.dir).parent
@@ -219,8 +232,15 @@ class MultiLogger(NullLogger):
             lg.finish(exit_code)
 
 
-def build_logger(cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any],
-                 tags: list[str], name: str, fresh: bool = True, resumed_step: int | None = None) -> NullLogger:
+def build_logger(
+    cfg: LoggerConfig,
+    run_dir: Path,
+    config: Mapping[str, Any],
+    tags: list[str],
+    name: str,
+    fresh: bool = True,
+    resumed_step: int | None = None,
+) -> NullLogger:
     """The logger(s) ``cfg`` (``logger.*``, typed: runner/config.py) describes: ``kind`` and every
     one in ``also``; ``fresh``: the run starts from step 0 (a new W&B run id)."""
     loggers: list[NullLogger] = []

@@ -24,6 +24,7 @@ Checkpoints (``checkpoints/last.pt``) hold model, optimizer, LR scheduler, scale
 state, the RNG state, the position in the epoch and the resolved config: a resumed run on CPU
 continues bit-identically. SIGINT/SIGTERM finish the current step, write a checkpoint and stop.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,8 +83,8 @@ class TrainState:
     best_value: float | None = None
     best_step: int | None = None
     best_metrics: dict = field(default_factory=dict)
-    evals: list = field(default_factory=list)        # [{"step": s, **metrics}]
-    train_loss: list = field(default_factory=list)   # [[step, mean loss over the log interval]]
+    evals: list = field(default_factory=list)  # [{"step": s, **metrics}]
+    train_loss: list = field(default_factory=list)  # [[step, mean loss over the log interval]]
     loss_window: list = field(default_factory=list)  # step losses since the last log line
     overflow_steps: list = field(default_factory=list)  # fp16: steps whose gradients overflowed (skipped)
 
@@ -121,7 +122,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if self.tcfg.compile:
             # (choice) only the training forward (and so its backward) is compiled; evaluation and
             # the schedules use the plain module. Dynamic shapes: GLUE batches vary in width.
@@ -141,8 +143,8 @@ class Trainer:
         self.logger = NullLogger()
         self.should_stop = False  # set by a callback: stop after the current step
         self.last_saved_step: int | None = None
-        self.data_fingerprint: dict = {}   # the task's data files (runner/data_fingerprint.py), saved in checkpoints
-        self.context = RunContext(self)    # what callbacks see of the run (runner/context.py)
+        self.data_fingerprint: dict = {}  # the task's data files (runner/data_fingerprint.py), saved in checkpoints
+        self.context = RunContext(self)  # what callbacks see of the run (runner/context.py)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -151,25 +153,32 @@ class Trainer:
             self.last_saved_step = self.state.step
             return path
         try:
-            ckpt.save_rotating({
-                "version": 1,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.schedule.lr_scheduler.state_dict(),
-                "scaler": self.amp.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "rng": ckpt.rng_state(),
-                "state": asdict(self.state),
-                "config": self.sections.resolved,
-                "data": self.data_fingerprint,
-            }, self.ckpt_dir)
+            ckpt.save_rotating(
+                {
+                    "version": 1,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.schedule.lr_scheduler.state_dict(),
+                    "scaler": self.amp.state_dict(),
+                    "schedule": self.schedule.state_dict(),
+                    "rng": ckpt.rng_state(),
+                    "state": asdict(self.state),
+                    "config": self.sections.resolved,
+                    "data": self.data_fingerprint,
+                },
+                self.ckpt_dir,
+            )
         except ckpt.WriteFailed as err:
-            kept = (f"the checkpoint of step {self.last_saved_step} ({path}) is intact"
-                    if self.last_saved_step is not None and path.is_file() else
-                    f"{path.name} of an earlier invocation is intact" if path.is_file() else
-                    "no checkpoint was written before it")
-            raise ckpt.WriteFailed(err.path, f"{err.reason}; {kept}; run the same command again once "
-                                   "the cause is fixed to resume") from err
+            kept = (
+                f"the checkpoint of step {self.last_saved_step} ({path}) is intact"
+                if self.last_saved_step is not None and path.is_file()
+                else f"{path.name} of an earlier invocation is intact"
+                if path.is_file()
+                else "no checkpoint was written before it"
+            )
+            raise ckpt.WriteFailed(
+                err.path, f"{err.reason}; {kept}; run the same command again once the cause is fixed to resume"
+            ) from err
         self.last_saved_step = self.state.step
         return path
 
@@ -182,8 +191,10 @@ class Trainer:
             raise err
         unknown = sorted(set(data["state"]) - {f.name for f in fields(TrainState)})
         if unknown:
-            raise ConfigError(f"{path} was written by another version of adaptune (its training state has "
-                              f"{', '.join(unknown)}); pass resume=false to start over in that directory")
+            raise ConfigError(
+                f"{path} was written by another version of adaptune (its training state has "
+                f"{', '.join(unknown)}); pass resume=false to start over in that directory"
+            )
         ckpt.load_weights(self.model, data, path)
         try:
             self.optimizer.load_state_dict(data["optimizer"])
@@ -191,8 +202,10 @@ class Trainer:
             self.amp.load_state_dict(data.get("scaler"))
             self.schedule.load_state_dict(data["schedule"])
         except (KeyError, ValueError, TypeError) as exc:
-            raise ConfigError(f"{path}: its optimizer / schedule state does not fit this run ({str(exc)[:160]}); "
-                              "pass resume=false to start over in that directory") from None
+            raise ConfigError(
+                f"{path}: its optimizer / schedule state does not fit this run ({str(exc)[:160]}); "
+                "pass resume=false to start over in that directory"
+            ) from None
         ckpt.set_rng_state(data["rng"])
         self.state = TrainState(**data["state"])
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
@@ -203,9 +216,15 @@ class Trainer:
         rank gets the same metrics); see runner/evaluation.py."""
         from .evaluation import evaluate
 
-        return evaluate(self.task, self.model, split, device=self.device,
-                        autocast=lambda: autocast_context(self.precision, self.device),
-                        dist=self.dist, num_workers=self.workers)
+        return evaluate(
+            self.task,
+            self.model,
+            split,
+            device=self.device,
+            autocast=lambda: autocast_context(self.precision, self.device),
+            dist=self.dist,
+            num_workers=self.workers,
+        )
 
     # ------------------------------------------------------------------ training
     def _train_step(self, step: int, batches, start: int, n_plans: int) -> tuple[int, float]:
@@ -234,18 +253,20 @@ class Trainer:
             raise TrainingDiverged(
                 f"loss became {mean_loss} at step {step}; training stopped, the last good checkpoint is "
                 f"{self.ckpt_dir / ckpt.LAST if (self.ckpt_dir / ckpt.LAST).exists() else '(none yet)'}; "
-                "try a lower schedule.lr or trainer.precision=fp32", reason=f"loss became {mean_loss} at step {step}")
+                "try a lower schedule.lr or trainer.precision=fp32",
+                reason=f"loss became {mean_loss} at step {step}",
+            )
         self.amp.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads and sample_size > 0:
             # DDP averaged the ranks' gradient sums: scale back to the global sum, then normalise
             torch._foreach_mul_(grads, self.dist.world / sample_size)
         overflow = self.amp.overflowed(grads)  # fp16 only: skip hooks, update and LR step
-        if overflow:   # recorded in results.json: DPS's scores and every schedule's update skip it
+        if overflow:  # recorded in results.json: DPS's scores and every schedule's update skip it
             self.state.overflow_steps.append(step)
             log.info("step %d: fp16 gradients overflowed; update, LR step and schedule hooks skipped", step)
         if not overflow:
-            self._fire("on_before_clip", step)   # DPS masks here: the clip sees masked gradients
+            self._fire("on_before_clip", step)  # DPS masks here: the clip sees masked gradients
         max_norm = self.tcfg.max_grad_norm
         if max_norm:
             torch.nn.utils.clip_grad_norm_(self.params, float(max_norm))
@@ -289,14 +310,16 @@ class Trainer:
         self.model.train()
         if resume_from is None and type(self.schedule).before_training is not Schedule.before_training:
             # once per run (ChildTuning-D's Fisher pass); its result is schedule state
-            self.schedule.before_training(self.model, [partial(self._batch_loss, plan) for plan in
-                                                       self.task.train_batches(0)], self.tcfg.max_grad_norm)
+            self.schedule.before_training(
+                self.model, [partial(self._batch_loss, plan) for plan in self.task.train_batches(0)], self.tcfg.max_grad_norm
+            )
         try:
             self._fire("on_fit_start")
             while st.step < self.total_steps:
                 epoch, plans = st.epoch, self.task.train_batches(st.epoch)
-                batches = train_batch_source(self.task, plans, st.batch_in_epoch, self.dist, self.workers,
-                                             pin_memory=self.device.type == "cuda")
+                batches = train_batch_source(
+                    self.task, plans, st.batch_in_epoch, self.dist, self.workers, pin_memory=self.device.type == "cuda"
+                )
                 while st.epoch == epoch and st.step < self.total_steps:
                     t0 = time.perf_counter()
                     step = st.step + 1
@@ -310,8 +333,10 @@ class Trainer:
                     if self.should_stop:  # (the stop callback makes every DDP rank agree)
                         self._fire("on_stop", step)
                         saved = "checkpoint saved in" if self.last_saved_step == step else "no checkpoint written in"
-                        raise Interrupted(f"interrupted at step {step}/{self.total_steps}; {saved} "
-                                          f"{self.ckpt_dir}; run the same command again to resume")
+                        raise Interrupted(
+                            f"interrupted at step {step}/{self.total_steps}; {saved} "
+                            f"{self.ckpt_dir}; run the same command again to resume"
+                        )
             self._fire("on_fit_end")
         finally:
             self._fire("teardown")
@@ -319,8 +344,8 @@ class Trainer:
         results = collect(self, st.last_eval(), test)
         if self.dist.enabled:  # parameters, optimizer and schedule state must agree on every rank
             results["ddp_ranks_in_sync"] = ranks_in_sync(
-                self.dist, self.model.state_dict(), self.optimizer.state_dict()["state"],
-                self.schedule.state_dict())
+                self.dist, self.model.state_dict(), self.optimizer.state_dict()["state"], self.schedule.state_dict()
+            )
             if not results["ddp_ranks_in_sync"]:
                 log.error("DDP ranks diverged: parameters or schedule state differ between ranks")
         return results
@@ -334,7 +359,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict:
 
     run_dir = Path(run_dir)
     sections = validate_config(cfg)
-    adopt_slurm_environment()   # a multi-task SLURM job is one DDP run (RANK, WORLD_SIZE, ...)
+    adopt_slurm_environment()  # a multi-task SLURM job is one DDP run (RANK, WORLD_SIZE, ...)
     with run_lock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         return _run_locked(cfg, run_dir, sections)
 
@@ -353,7 +378,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, sections) -> dict:
         log.info("run already complete in %s (results.json); pass resume=false to train again", run_dir)
         return done
     resume_from = None
-    if resume in (True, "auto"):   # the newest intact checkpoint; a damaged last.pt is set aside
+    if resume in (True, "auto"):  # the newest intact checkpoint; a damaged last.pt is set aside
         resume_from = ckpt.resume_candidate(last.parent, main_process=int(os.environ.get("RANK", "0")) == 0)
     if resume is True and resume_from is None:
         raise ConfigError(f"resume=true but there is no checkpoint at {last}")
@@ -364,34 +389,45 @@ def _run_locked(cfg: DictConfig, run_dir: Path, sections) -> dict:
         saved = ckpt.peek(resume_from)
         changed = changes(saved.get("data") if isinstance(saved, dict) else None, data_now)
         if changed:
-            raise ConfigError(f"the data changed since {resume_from} was written: {changed[0]}"
-                              f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}; restore it, or pass "
-                              "resume=false to start over on the new data")
+            raise ConfigError(
+                f"the data changed since {resume_from} was written: {changed[0]}"
+                f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}; restore it, or pass "
+                "resume=false to start over on the new data"
+            )
     best = last.parent / ckpt.BEST
     if resume_from is None and best.is_file() and int(os.environ.get("RANK", "0")) == 0:
-        best.unlink()   # an earlier run's best (resume=false, or a damaged history) is not this run's
+        best.unlink()  # an earlier run's best (resume=false, or a damaged history) is not this run's
         log.info("removed %s of an earlier run in this directory (this run starts over)", best)
 
     start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, run_dir, sections)
     trainer.data_fingerprint = data_now
-    tags = [f"task:{trainer.task.kind}", f"schedule:{sections.schedule.name}", f"seed:{sections.root.seed}",
-            f"dataset:{sections.task.name}"]
+    tags = [
+        f"task:{trainer.task.kind}",
+        f"schedule:{sections.schedule.name}",
+        f"seed:{sections.root.seed}",
+        f"dataset:{sections.task.name}",
+    ]
     logger = NullLogger()
     if trainer.dist.is_main:
         resumed_step = ckpt.saved_step(resume_from) if resume_from is not None else None
-        logger = build_logger(sections.logger, run_dir, sections.resolved, tags,
-                              name=f"{sections.root.name}/{run_dir.name}", fresh=resume_from is None,
-                              resumed_step=resumed_step)
+        logger = build_logger(
+            sections.logger,
+            run_dir,
+            sections.resolved,
+            tags,
+            name=f"{sections.root.name}/{run_dir.name}",
+            fresh=resume_from is None,
+            resumed_step=resumed_step,
+        )
         log.info(start_block(trainer, run_dir, resume_from, resumed_step))
     exit_code = 1
     try:
         try:
             results = trainer.fit(logger, resume_from=resume_from)
         except TrainingDiverged as err:  # recorded, so that a sweep's report counts the run
-            results = collect(trainer, trainer.state.last_eval(), None, status="diverged",
-                              degenerate=f"diverged: {err.reason}")
+            results = collect(trainer, trainer.state.last_eval(), None, status="diverged", degenerate=f"diverged: {err.reason}")
             if trainer.dist.is_main:
                 ckpt.atomic_save_json({**results, "wall_time_s": time.time() - start}, run_dir / "results.json")
             raise

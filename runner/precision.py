@@ -16,6 +16,7 @@ One optimizer step under :class:`Precision` (the loop in ``runner/loop.py``)::
 bf16 and fp32 have no scaler: ``backward``/``unscale_``/``step`` are the plain operations and
 ``overflowed`` is always False (a non-finite loss stops the run earlier, as ``TrainingDiverged``).
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext

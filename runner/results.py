@@ -5,6 +5,7 @@ made before it). Either way ``degenerate`` says why the run's outcome is not a t
 (``"predicts one class ('0') for every dev example"``, ``"diverged: loss became nan at step 5"``)
 or is null, so that reports count such runs instead of silently averaging them in.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,10 @@ log = logging.getLogger("adaptune")
 
 #: statuses of a run that is over: re-running it with resume=auto returns its results.json
 FINISHED = ("completed", "diverged")
-ADVICE = ("try another learning rate (schedule.lr: too low never leaves the majority class, too high "
-          "collapses to it) or more steps (trainer.epochs / trainer.max_steps)")
+ADVICE = (
+    "try another learning rate (schedule.lr: too low never leaves the majority class, too high "
+    "collapses to it) or more steps (trainer.epochs / trainer.max_steps)"
+)
 
 
 def results_complete(run_dir: Path) -> dict | None:
@@ -35,8 +38,9 @@ def results_complete(run_dir: Path) -> dict | None:
     return results if results.get("status") in FINISHED else None
 
 
-def collect(trainer: Trainer, final: dict, test: dict | None, status: str = "completed",
-            degenerate: str | None = None) -> dict[str, Any]:
+def collect(
+    trainer: Trainer, final: dict, test: dict | None, status: str = "completed", degenerate: str | None = None
+) -> dict[str, Any]:
     """The results of ``trainer``'s run; a completed run's degeneracy comes from its task."""
     st, sections = trainer.state, trainer.sections
     if status == "completed" and final:

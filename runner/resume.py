@@ -56,6 +56,7 @@ costs a ``resume=false`` while a missed change silently mixes two configurations
   ``mix_p`` ``mixout_p``): :func:`upgrade_saved` renames those keys and drops the ones the saved
   run's schedule did not read (they did not change what it trained), so such runs still resume.
 """
+
 from __future__ import annotations
 
 import logging
@@ -78,7 +79,7 @@ HARMLESS: tuple[str, ...] = (
     "trainer.num_workers",
     "trainer.log_every",
     "trainer.save_every",
-    "task.feature_cache",       # the tokenized-feature cache: the same features, read or rebuilt
+    "task.feature_cache",  # the tokenized-feature cache: the same features, read or rebuilt
     "task.feature_cache_dir",
     "hydra",
     "presets",
@@ -130,9 +131,13 @@ def _harmless_callback_keys(new: Mapping, saved: Mapping) -> tuple[str, ...]:
     new_cbs, saved_cbs = new.get("callbacks"), saved.get("callbacks")
     if not isinstance(new_cbs, Mapping) or not isinstance(saved_cbs, Mapping):
         return ()
-    keys = [f"callbacks.{name}" for name in {**saved_cbs, **new_cbs}
-            if any(isinstance(n, Mapping) and n.get("_target_") in HARMLESS_CALLBACKS
-                   for n in (new_cbs.get(name), saved_cbs.get(name)))]
+    keys = [
+        f"callbacks.{name}"
+        for name in {**saved_cbs, **new_cbs}
+        if any(
+            isinstance(n, Mapping) and n.get("_target_") in HARMLESS_CALLBACKS for n in (new_cbs.get(name), saved_cbs.get(name))
+        )
+    ]
     for name, node in new_cbs.items():
         old = saved_cbs.get(name)
         if isinstance(node, Mapping) and isinstance(old, Mapping) and node.get("_target_") == old.get("_target_"):
@@ -199,8 +204,11 @@ def upgrade_saved(saved: Mapping) -> Mapping:
     from adaptune.schedules.config import RENAMED, SCHEDULE_SCHEMAS, schema_keys
 
     schedule = saved.get("schedule")
-    if not isinstance(schedule, Mapping) or not all(k in schedule for k in RENAMED) \
-            or schedule.get("name") not in SCHEDULE_SCHEMAS:
+    if (
+        not isinstance(schedule, Mapping)
+        or not all(k in schedule for k in RENAMED)
+        or schedule.get("name") not in SCHEDULE_SCHEMAS
+    ):
         return saved
     keys = schema_keys(SCHEDULE_SCHEMAS[schedule["name"]])
     renamed = {RENAMED.get(k, k): v for k, v in schedule.items()}
@@ -212,14 +220,19 @@ def check_resume(new: Mapping, saved: Mapping | None, run_dir: Path | str, sourc
     trained ``run_dir``, read from ``source``). A missing saved config (a checkpoint from before
     configs were saved in it) is allowed with a warning."""
     if saved is None:
-        log.warning("%s holds no config (written by an older version): cannot check that %s was trained "
-                    "with the same config; resuming anyway", source, run_dir)
+        log.warning(
+            "%s holds no config (written by an older version): cannot check that %s was trained "
+            "with the same config; resuming anyway",
+            source,
+            run_dir,
+        )
         return
     diffs = config_diff(new, upgrade_saved(saved))
     if diffs:
         raise ConfigError(
             f"{_relative(run_dir)} was trained with a different config ({describe(diffs)}); pass resume=false to "
-            f"start over in that directory, or change name= to train in another one")
+            f"start over in that directory, or change name= to train in another one"
+        )
 
 
 def checkpoint_config(path: Path | str) -> dict | None:

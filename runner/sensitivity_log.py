@@ -14,6 +14,7 @@ the device once per log point. (choice) The callback comes after the
 schedule's hooks: under DPS, a selection phase's unselected entries have masked (zero) gradients
 and count as zero sensitivity, which is what that step trains.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,12 +58,11 @@ class SensitivityQuantiles(Callback):
             return
         chosen = analysed_weights(trainer.model, patterns)
         labels = [".".join(layer_of(n)).lstrip("-.") for n in chosen]
-        if len(set(labels)) < len(labels):   # names outside the known families: the full names
+        if len(set(labels)) < len(labels):  # names outside the known families: the full names
             labels = [n.removesuffix(".weight") for n in chosen]
         generator = torch.Generator().manual_seed(self.seed)
         self.weights, self.labels = list(chosen.values()), labels
-        self.index = [torch.randint(t.numel(), (self.sample,), generator=generator).to(t.device)
-                      for t in self.weights]
+        self.index = [torch.randint(t.numel(), (self.sample,), generator=generator).to(t.device) for t in self.weights]
         device = self.weights[0].device if self.weights else "cpu"
         self._q = torch.tensor(self.quantiles, dtype=torch.float32, device=device)
 
@@ -82,8 +82,8 @@ class SensitivityQuantiles(Callback):
         if step % self.every or not self.weights or not trainer.dist.is_main:
             return
         vals = self.values()
-        per_layer = torch.quantile(vals, self._q, dim=1)           # (quantiles, tensors)
-        overall = torch.quantile(vals.reshape(-1), self._q)       # (quantiles,)
+        per_layer = torch.quantile(vals, self._q, dim=1)  # (quantiles, tensors)
+        overall = torch.quantile(vals.reshape(-1), self._q)  # (quantiles,)
         per_layer, overall = per_layer.tolist(), overall.tolist()
         names = [f"q{round(q * 100):d}" for q in self.quantiles]
         metrics = {f"sens/all/{n}": v for n, v in zip(names, overall)}

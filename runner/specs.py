@@ -2,6 +2,7 @@
 preset ``conf/<group>/NAME.yaml`` or a user's YAML file by its path), reading it as a mapping with
 known keys, and the checks of the keys both have (``experiment``, ``seeds``, ``overrides``); every
 problem is a one-line ConfigError naming the file and the key."""
+
 from __future__ import annotations
 
 import re
@@ -44,16 +45,20 @@ def locate(name: str, conf: Path, group: str, kind: str) -> tuple[Path, str, str
     if is_path(name):
         path = Path(name).expanduser()
         if not path.is_file():
-            raise ConfigError(f"{kind} {name} does not exist (a YAML file, or one of the presets: "
-                              f"{', '.join(names(conf, group))})")
+            raise ConfigError(
+                f"{kind} {name} does not exist (a YAML file, or one of the presets: {', '.join(names(conf, group))})"
+            )
         if not _NAME.fullmatch(path.stem):
-            raise ConfigError(f"{kind} {name}: its file name names the {group} and may only hold "
-                              "letters, digits, '_', '.' and '-'")
+            raise ConfigError(
+                f"{kind} {name}: its file name names the {group} and may only hold letters, digits, '_', '.' and '-'"
+            )
         return path, path.stem, str(name)
     path = conf / group / f"{name}.yaml"
     if not _NAME.fullmatch(name) or not path.is_file():
-        raise ConfigError(f"conf/{group}/{name}.yaml does not exist; allowed names: "
-                          f"{', '.join(names(conf, group))} (or the path of a YAML file)")
+        raise ConfigError(
+            f"conf/{group}/{name}.yaml does not exist; allowed names: "
+            f"{', '.join(names(conf, group))} (or the path of a YAML file)"
+        )
     return path, name, f"conf/{group}/{name}.yaml"
 
 
@@ -84,8 +89,12 @@ def experiment(spec: dict, where: str, conf: Path) -> str | None:
 def seeds(spec: dict, where: str) -> list[int]:
     """``seeds``: a non-empty list of distinct integers."""
     value = spec.get("seeds")
-    if (not isinstance(value, list) or not value or len(set(value)) != len(value)
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)):
+    if (
+        not isinstance(value, list)
+        or not value
+        or len(set(value)) != len(value)
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    ):
         raise ConfigError(f"{where}: seeds: expected a non-empty list of distinct integers, got {value!r}")
     return value
 

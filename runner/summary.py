@@ -14,6 +14,7 @@ End (rank 0)::
       results: outputs/runs/default/.../results.json
       W&B (offline): wandb sync outputs/runs/default/.../wandb/offline-run-...
 """
+
 from __future__ import annotations
 
 import platform
@@ -44,20 +45,27 @@ def device_text(device, requested: str) -> str:
 
 def start_block(trainer, run_dir: Path, resume_from: Path | None, resumed_step: int | None = None) -> str:
     s = trainer.sections
-    origin = ("fresh" if resume_from is None else
-              f"resuming from {resume_from.parent.name}/{resume_from.name}"
-              + (f" at step {resumed_step}" if resumed_step is not None else ""))
+    origin = (
+        "fresh"
+        if resume_from is None
+        else f"resuming from {resume_from.parent.name}/{resume_from.name}"
+        + (f" at step {resumed_step}" if resumed_step is not None else "")
+    )
     model = getattr(getattr(s.task, "model", None), "name", None)
     epochs = trainer.total_steps / max(trainer.steps_per_epoch, 1)
-    return "\n".join([
-        f"adaptune: run {run_dir} ({origin})",
-        f"  task {trainer.task.kind}/{s.task.name}" + (f", model {model}" if model else "")
-        + f", schedule {s.schedule.label or s.schedule.name}, seed {s.root.seed}",
-        f"  device {device_text(trainer.device, trainer.tcfg.device)}, precision {trainer.precision}"
-        + (" (auto)" if trainer.tcfg.precision == "auto" else "") + f", world size {trainer.dist.world}",
-        f"  {trainer.total_steps} optimizer steps ({epochs:.2f} epochs of {trainer.steps_per_epoch}), "
-        f"batch {trainer.tcfg.batch_size}",
-    ])
+    return "\n".join(
+        [
+            f"adaptune: run {run_dir} ({origin})",
+            f"  task {trainer.task.kind}/{s.task.name}"
+            + (f", model {model}" if model else "")
+            + f", schedule {s.schedule.label or s.schedule.name}, seed {s.root.seed}",
+            f"  device {device_text(trainer.device, trainer.tcfg.device)}, precision {trainer.precision}"
+            + (" (auto)" if trainer.tcfg.precision == "auto" else "")
+            + f", world size {trainer.dist.world}",
+            f"  {trainer.total_steps} optimizer steps ({epochs:.2f} epochs of {trainer.steps_per_epoch}), "
+            f"batch {trainer.tcfg.batch_size}",
+        ]
+    )
 
 
 def _metric_text(value: Any) -> str:
@@ -71,8 +79,10 @@ def end_block(results: Mapping[str, Any], run_dir: Path, wandb_dir: Path | None 
     best, final = results.get("best") or {}, results.get("final") or {}
     line = f"adaptune: done: {results.get('status', 'completed')}"
     if metric and metric in final:
-        line = (f"adaptune: done: {metric} best {_metric_text(best.get(metric))} at step {results.get('best_step')}, "
-                f"final {_metric_text(final[metric])} at step {results.get('steps')} ({results.get('status')})")
+        line = (
+            f"adaptune: done: {metric} best {_metric_text(best.get(metric))} at step {results.get('best_step')}, "
+            f"final {_metric_text(final[metric])} at step {results.get('steps')} ({results.get('status')})"
+        )
     lines = [line, f"  results: {Path(run_dir) / 'results.json'}"]
     if wandb_dir is not None:
         lines.append(f"  W&B (offline): wandb sync {wandb_dir}")

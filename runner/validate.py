@@ -1,5 +1,6 @@
 """The composed config checked against the schemas: types, ranges and closed sets, every key
 whether this run uses it or not. Each failure is a :class:`ConfigError` naming the key."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,12 +19,13 @@ from .config import LoggerConfig, RootConfig, TrainerConfig
 @dataclass
 class Sections:
     """The checked sections of one run's config, as schema instances."""
+
     root: RootConfig
     trainer: TrainerConfig
     logger: LoggerConfig
-    schedule: ScheduleConfig   # the chosen schedule's own schema (schedules/config.py: SCHEDULE_SCHEMAS)
+    schedule: ScheduleConfig  # the chosen schedule's own schema (schedules/config.py: SCHEDULE_SCHEMAS)
     task: Any
-    resolved: dict   # the whole config as plain containers (checkpoints, results.json, W&B, resume checks)
+    resolved: dict  # the whole config as plain containers (checkpoints, results.json, W&B, resume checks)
 
 
 def validate_config(cfg: DictConfig) -> Sections:
@@ -31,8 +33,12 @@ def validate_config(cfg: DictConfig) -> Sections:
     kind = cfg.task.get("kind")
     if kind not in TASK_SCHEMAS:
         raise ConfigError(f"task.kind='{kind}' is unknown; allowed: {', '.join(TASK_SCHEMAS)}")
-    root = RootConfig(name=str(cfg.get("name")), seed=cfg.get("seed"), resume=cfg.get("resume"),
-                      presets=OmegaConf.to_container(cfg.presets, resolve=True))
+    root = RootConfig(
+        name=str(cfg.get("name")),
+        seed=cfg.get("seed"),
+        resume=cfg.get("resume"),
+        presets=OmegaConf.to_container(cfg.presets, resolve=True),
+    )
     validate(root, "")
     return Sections(
         root=root,

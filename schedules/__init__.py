@@ -1,5 +1,6 @@
 """Training schedules: ``baseline``, ``sage``, ``dps`` and the DPS paper's baselines
 ``childtuning_d``, ``childtuning_f``, ``mixout``, all behind :class:`adaptune.schedules.base.Schedule`."""
+
 from __future__ import annotations
 
 import importlib
@@ -17,7 +18,7 @@ SCHEDULES = {
     "baseline": "adaptune.schedules.baseline:BaselineSchedule",
     "sage": "adaptune.schedules.sage:SAGESchedule",
     "dps": "adaptune.schedules.dps:DPSSchedule",
-    "childtuning_d": "adaptune.schedules.childtuning:ChildTuningDSchedule",   # the DPS paper's baselines
+    "childtuning_d": "adaptune.schedules.childtuning:ChildTuningDSchedule",  # the DPS paper's baselines
     "childtuning_f": "adaptune.schedules.childtuning:ChildTuningFSchedule",
     "mixout": "adaptune.schedules.mixout:MixoutSchedule",
 }
@@ -33,5 +34,4 @@ def build_schedule(cfg: ScheduleConfig | Mapping[str, Any]) -> Schedule:
     return getattr(importlib.import_module(module), cls)(cfg)
 
 
-__all__ = ["ConfigError", "OPTIMIZERS", "SCHEDULES", "Schedule", "build_schedule", "optimizer_class",
-           "register_optimizer"]
+__all__ = ["ConfigError", "OPTIMIZERS", "SCHEDULES", "Schedule", "build_schedule", "optimizer_class", "register_optimizer"]

@@ -27,6 +27,7 @@ The optimizer's and LR scheduler's state dicts are checkpointed by the loop;
 which the task supplies for the model it built (``Task.param_patterns``); ``schedule.<kind>_patterns``
 overrides them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -52,8 +53,8 @@ OPTIMIZERS: dict[str, str] = {
     "adamax": "torch.optim:Adamax",
     "adamw_sage": "adaptune.schedules.sage:AdamWSAGE",
     "adamax_sage": "adaptune.schedules.sage:AdamaxSAGE",
-    "adamax_mtdnn": "adaptune.schedules.sage:MTDNNAdamax",   # the SAGE paper's GLUE baseline (MT-DNN's Adamax)
-    "adamw_hf": "adaptune.schedules.sage:HFAdamW",           # transformers 4.7's AdamW: the DPS reference's arms
+    "adamax_mtdnn": "adaptune.schedules.sage:MTDNNAdamax",  # the SAGE paper's GLUE baseline (MT-DNN's Adamax)
+    "adamw_hf": "adaptune.schedules.sage:HFAdamW",  # transformers 4.7's AdamW: the DPS reference's arms
 }
 
 
@@ -88,13 +89,12 @@ def implementation(cls: type, impl: str, groups: list[dict]) -> dict[str, bool]:
         return {**({"fused": False} if has_fused else {}), **({"foreach": False} if has_foreach else {})}
     if impl in ("fused", "foreach") and not (has_fused if impl == "fused" else has_foreach):
         allowed = ["auto"] + [k for k, ok in (("fused", has_fused), ("foreach", has_foreach)) if ok] + ["loop"]
-        raise ConfigError(f"schedule.impl={impl}: {cls.__name__} has no {impl} implementation; "
-                          f"allowed: {', '.join(allowed)}")
+        raise ConfigError(f"schedule.impl={impl}: {cls.__name__} has no {impl} implementation; allowed: {', '.join(allowed)}")
     if impl == "fused":
         return {"fused": True}
     if impl == "foreach":
         return {"foreach": True, **({"fused": False} if has_fused else {})}
-    if has_fused and has_foreach:   # auto, a torch optimizer
+    if has_fused and has_foreach:  # auto, a torch optimizer
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
         devices = _get_fused_kernels_supported_devices()
@@ -115,7 +115,7 @@ class Schedule:
 
     def __init__(self, cfg: ScheduleConfig | Mapping[str, Any]):
         self.cfg = build_schedule_config(cfg, self.schema)
-        self._pending_state: dict | None = None   # state loaded before setup() (load_state_dict)
+        self._pending_state: dict | None = None  # state loaded before setup() (load_state_dict)
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.groups: list[dict] = []
@@ -127,8 +127,9 @@ class Schedule:
     def setup(self, model: torch.nn.Module, patterns: ParamPatterns, total_steps: int) -> None:
         raise NotImplementedError
 
-    def before_training(self, model: torch.nn.Module, loss_batches: Sequence[Callable[[], torch.Tensor]],
-                        max_grad_norm: float | None) -> None:
+    def before_training(
+        self, model: torch.nn.Module, loss_batches: Sequence[Callable[[], torch.Tensor]], max_grad_norm: float | None
+    ) -> None:
         """Once, after :meth:`setup` and before the first step of a fresh run (default: nothing).
 
         ``loss_batches``: one zero-argument callable per training batch (one epoch, the task's
@@ -187,8 +188,7 @@ class Schedule:
         the task supplies for the model it built)."""
         return resolve_patterns(getattr(self.cfg, f"{kind}_patterns"), patterns, kind, f"schedule.{kind}_patterns")
 
-    def param_groups(self, model: torch.nn.Module, patterns: ParamPatterns,
-                     flag: str | None = None) -> list[dict]:
+    def param_groups(self, model: torch.nn.Module, patterns: ParamPatterns, flag: str | None = None) -> list[dict]:
         self.groups = build_param_groups(
             model.named_parameters(),
             weight_decay=float(self.cfg.weight_decay),
@@ -201,8 +201,13 @@ class Schedule:
 
     def make_optimizer(self, name: str, groups: list[dict], **extra) -> torch.optim.Optimizer:
         cls = optimizer_class(name)
-        kwargs = {"lr": float(self.cfg.lr), "betas": tuple(float(b) for b in self.cfg.betas),
-                  "eps": float(self.cfg.eps), **implementation(cls, self.cfg.impl, groups), **extra}
+        kwargs = {
+            "lr": float(self.cfg.lr),
+            "betas": tuple(float(b) for b in self.cfg.betas),
+            "eps": float(self.cfg.eps),
+            **implementation(cls, self.cfg.impl, groups),
+            **extra,
+        }
         return cls(strip_names(groups), **kwargs)
 
     def make_lr_scheduler(self, total_steps: int):

@@ -6,6 +6,7 @@ the gradient); ``schedule.optimizer=adamax_mtdnn`` is MT-DNN's Adamax, the SAGE 
 baseline (:class:`adaptune.schedules.sage.MTDNNAdamax`: no bias correction, weight decay added to the
 update). Any name registered in ``adaptune.schedules.base.OPTIMIZERS`` works.
 """
+
 from __future__ import annotations
 
 import torch

@@ -20,6 +20,7 @@ entry that the method's ``conf/schedule/<name>.yaml`` reads with ``${preset:<nam
 Renamed keys (the algorithms keep their papers' argument names): DPS's ``p`` is ``drop_p``,
 ChildTuning's ``reserve_p`` is ``keep_p``, Mixout's ``p`` is ``mix_p``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,7 @@ from typing import Any, List, Mapping, Optional
 from adaptune.common.errors import ConfigError
 from adaptune.common.schema import Check, at_least, build, field_of, in_range, one_of, optional, pair_in, setting
 
-from . import defaults as algo   # the algorithms' defaults: one literal each, read here
+from . import defaults as algo  # the algorithms' defaults: one literal each, read here
 from .lr import LR_SCHEDULES  # one list: the schedules lr.py implements
 
 SAGE_BASES = ("adamax", "adamw")
@@ -42,28 +43,31 @@ RENAMED = {"p": "drop_p", "reserve_p": "keep_p", "mixout_p": "mix_p"}
 
 def _named(name: str) -> Check:
     """``name`` is this schema's schedule; another one is chosen with ``schedule=<name>``."""
+
     def check(value: Any) -> str | None:
         if value == name:
             return None
         return f"={value!r} is not this schedule's name ({name}); choose a schedule with schedule=<name>"
+
     return check
 
 
 @dataclass
 class ScheduleConfig:
     """What every schedule reads. Not a schedule itself: each schedule's schema extends it."""
-    name: str = setting()   # each schedule's schema sets its own (the names: SCHEDULE_SCHEMAS)
-    label: Optional[str] = None         # a name for reports (schedule=dps_mix: "dps_mix"); null: name
-    lr: float = setting(5e-5, check=at_least(0))   # peak learning rate (quickstart default for the pip MiniLM)
+
+    name: str = setting()  # each schedule's schema sets its own (the names: SCHEDULE_SCHEMAS)
+    label: Optional[str] = None  # a name for reports (schedule=dps_mix: "dps_mix"); null: name
+    lr: float = setting(5e-5, check=at_least(0))  # peak learning rate (quickstart default for the pip MiniLM)
     betas: List[float] = setting(factory=lambda: [0.9, 0.999], check=pair_in(0, 1))
     eps: float = setting(algo.SAGE_EPS, check=at_least(0))  # SAGE: its multiplier's denominator uses eps²
     # AdamW: decoupled; Adamax (torch): added to the gradient; Adamax-SAGE: inside the
     # SAGE-scaled update; AdamW-SAGE: decoupled. Biases / norms (no_decay_patterns) get none.
     weight_decay: float = setting(algo.WEIGHT_DECAY, check=at_least(0))
     lr_schedule: str = setting("linear", check=one_of(*LR_SCHEDULES))
-    warmup_ratio: float = setting(0.1, check=in_range(0, 1))      # fraction of the run's updates
-    warmup_steps: Optional[int] = setting(None, check=optional(at_least(0)))   # absolute; wins over the ratio
-    no_decay_patterns: Optional[List[str]] = None   # null: the model's own (biases, norms; the task supplies them)
+    warmup_ratio: float = setting(0.1, check=in_range(0, 1))  # fraction of the run's updates
+    warmup_steps: Optional[int] = setting(None, check=optional(at_least(0)))  # absolute; wins over the ratio
+    no_decay_patterns: Optional[List[str]] = None  # null: the model's own (biases, norms; the task supplies them)
     # the optimizer's implementation, same maths: auto (fused where the optimizer has a fused
     # kernel for the device, else foreach; SAGE: its own choice) | fused | foreach | loop
     impl: str = setting("auto", check=one_of(*IMPLS))
@@ -72,6 +76,7 @@ class ScheduleConfig:
 @dataclass
 class BaselineConfig(ScheduleConfig):
     """``schedule=baseline``; DPS, ChildTuning and Mixout train with its optimizer too."""
+
     name: str = setting("baseline", check=_named("baseline"))
     # adamw (torch) | adamax (torch) | adamax_mtdnn (MT-DNN's, the SAGE paper's GLUE baseline) |
     # adamw_hf (transformers 4.7's, the DPS reference's arms) | any name registered in OPTIMIZERS
@@ -81,18 +86,20 @@ class BaselineConfig(ScheduleConfig):
 @dataclass
 class SAGEConfig(ScheduleConfig):
     """``schedule=sage`` (docs/algorithms.md §1): AdamW-SAGE or Adamax-SAGE, chosen by ``base``."""
+
     name: str = setting("sage", check=_named("sage"))
-    base: str = setting("adamax", check=one_of(*SAGE_BASES))   # Adamax-SAGE (paper's GLUE) | AdamW-SAGE
-    beta3: float = setting(algo.SAGE_BETA3, check=in_range(0, 1))   # EMA of the sensitivity; the paper uses 0.6-0.9
-    bias_correction: bool = True        # AdamW-SAGE only (its first step leaves SAGE tensors unchanged)
-    sage_patterns: Optional[List[str]] = None   # null: the model's encoder linear layers (from the task)
+    base: str = setting("adamax", check=one_of(*SAGE_BASES))  # Adamax-SAGE (paper's GLUE) | AdamW-SAGE
+    beta3: float = setting(algo.SAGE_BETA3, check=in_range(0, 1))  # EMA of the sensitivity; the paper uses 0.6-0.9
+    bias_correction: bool = True  # AdamW-SAGE only (its first step leaves SAGE tensors unchanged)
+    sage_patterns: Optional[List[str]] = None  # null: the model's encoder linear layers (from the task)
 
 
 @dataclass
 class DPSConfig(BaselineConfig):
     """``schedule=dps`` / ``dps_mix`` (docs/algorithms.md §2): the baseline plus DPS."""
+
     name: str = setting("dps", check=_named("dps"))
-    variant: str = setting(algo.DPS_VARIANT, check=one_of(*DPS_VARIANTS))   # mix: masked entries mixed toward a snapshot
+    variant: str = setting(algo.DPS_VARIANT, check=one_of(*DPS_VARIANTS))  # mix: masked entries mixed toward a snapshot
     # DPS's p (``DPS(p=...)``; the reference script's flag reserve_p): the fraction of entries
     # DROPPED in a selection phase, unlike ChildTuning's keep_p
     drop_p: float = setting(algo.DPS_P, check=in_range(0, 1))
@@ -101,7 +108,7 @@ class DPSConfig(BaselineConfig):
     # DPS's T, which sets the phase length U = int(T * update_ratio): null = the run's optimizer
     # steps (the GLUE protocol); the low-resource protocol sets one epoch's steps (ceil(n / batch)).
     T: Optional[int] = setting(None, check=optional(at_least(1)))
-    dps_patterns: Optional[List[str]] = None    # null: the model's DPS linear layers (from the task)
+    dps_patterns: Optional[List[str]] = None  # null: the model's DPS linear layers (from the task)
     # The paper's script sets hidden and attention dropout to 0 with DPS (it keeps 0.1 for Dense
     # runs of 2000+ steps: set false there).
     disable_dropout: bool = True
@@ -118,12 +125,14 @@ class _ChildTuningConfig(BaselineConfig):
 @dataclass
 class ChildTuningFConfig(_ChildTuningConfig):
     """``schedule=childtuning_f`` (docs/algorithms.md §3): a fresh Bernoulli(keep_p) gradient mask every step."""
+
     name: str = setting("childtuning_f", check=_named("childtuning_f"))
 
 
 @dataclass
 class ChildTuningDConfig(_ChildTuningConfig):
     """``schedule=childtuning_d`` (docs/algorithms.md §3): a Fisher mask fixed before training."""
+
     name: str = setting("childtuning_d", check=_named("childtuning_d"))
     # the tensors whose Fisher is scored and masked; the reference's criterion is the name
     # substring "layer" (BERT's encoder.layer.N; fairseq's layers.N); timm ViT: [blocks]
@@ -133,13 +142,14 @@ class ChildTuningDConfig(_ChildTuningConfig):
 @dataclass
 class MixoutConfig(BaselineConfig):
     """``schedule=mixout`` (docs/algorithms.md §3): the baseline with Linear weights mixed toward their start."""
+
     name: str = setting("mixout", check=_named("mixout"))
     # Mixout's p (``Mixout(p=...)``): the probability that each input column of W_eff is mixed
     # back to its target. 0.9: the Mixout paper's choice for BERT-large on small GLUE tasks; the
     # DPS paper tunes it over 0.1-0.8.
     mix_p: float = setting(algo.MIXOUT_P, check=in_range(0, 1))
-    mixout_patterns: Optional[List[str]] = None   # null: the model's DPS linear layers (from the task)
-    disable_dropout: bool = True        # the Mixout reference sets dropout to 0
+    mixout_patterns: Optional[List[str]] = None  # null: the model's DPS linear layers (from the task)
+    disable_dropout: bool = True  # the Mixout reference sets dropout to 0
 
 
 #: schedule name -> its schema (``schema/schedule/<name>`` in Hydra's ConfigStore)

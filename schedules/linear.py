@@ -1,6 +1,7 @@
 """What DPS and Mixout share about a model's ``nn.Linear`` layers: their weights by plain name
 (also when a weight is parametrized for the Mix forward) and turning dropout off (both references
 set it to 0)."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -47,7 +48,8 @@ def disable_dropout(model: nn.Module) -> int:
     changed = 0
     for module in model.modules():
         is_dropout = isinstance(module, nn.modules.dropout._DropoutNd) or (
-            "Dropout" in type(module).__name__ and isinstance(getattr(module, "p", None), float))
+            "Dropout" in type(module).__name__ and isinstance(getattr(module, "p", None), float)
+        )
         if is_dropout and module.p != 0.0:
             module.p = 0.0
             changed += 1

@@ -5,6 +5,7 @@ stores their (plain-number) attributes and a resumed run rebuilds the same sched
 ``factor(s)`` is the multiplier applied for the update that follows ``s`` completed updates,
 exactly like Hugging Face's ``get_linear_schedule_with_warmup`` and fairseq's ``inverse_sqrt``.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,13 @@ class CosineWarmup:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-_FACTORS = {"linear": LinearWarmupDecay, "warmup_linear_ppb": WarmupLinearPPB, "inverse_sqrt": InverseSqrt,
-            "constant": ConstantWarmup, "cosine": CosineWarmup}
+_FACTORS = {
+    "linear": LinearWarmupDecay,
+    "warmup_linear_ppb": WarmupLinearPPB,
+    "inverse_sqrt": InverseSqrt,
+    "constant": ConstantWarmup,
+    "cosine": CosineWarmup,
+}
 #: the names ``schedule.lr_schedule`` accepts (the schema reads them from here)
 LR_SCHEDULES = tuple(_FACTORS)
 
@@ -99,8 +105,9 @@ def warmup_steps(total_steps: int, warmup_ratio: float | None, warmup: int | Non
     return int(round(ratio * total_steps))
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int,
-                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, warmup: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     if kind not in _FACTORS:
         raise ConfigError(f"schedule.lr_schedule='{kind}' is unknown; allowed: {', '.join(LR_SCHEDULES)}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _FACTORS[kind](warmup, total_steps))

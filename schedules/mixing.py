@@ -14,6 +14,7 @@ clip saw. No gradient flows to ``R`` or ``N`` (constants).
 :func:`attach_mix` wraps the selected Linears of a model with it: DPS-Mix binds the wrappers to
 ``W_pre`` / ``W_tgt`` and its masks, Mixout to the pretrained weight and its column draws.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -75,15 +76,15 @@ def _state_dict_post_hook(module, state_dict, prefix, local_metadata):
         state_dict[prefix + "weight"] = state_dict.pop(key)
 
 
-def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                   error_msgs):
+def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     plain, wrapped = prefix + "weight", prefix + PARAMETRIZED_SUFFIX
     if plain in state_dict and wrapped not in state_dict:
         state_dict[wrapped] = state_dict.pop(plain)
 
 
-def attach_mix(model: nn.Module, patterns: Sequence[str] | None = None,
-               key: str = "schedule.dps_patterns") -> dict[str, MixoutWeight]:
+def attach_mix(
+    model: nn.Module, patterns: Sequence[str] | None = None, key: str = "schedule.dps_patterns"
+) -> dict[str, MixoutWeight]:
     """Wrap the weight of every selected ``nn.Linear`` of ``model`` for the mix (idempotent).
 
     Returns ``{plain weight name: MixoutWeight}``, to pass as ``DPS(..., mix=...)`` or

@@ -5,6 +5,7 @@ normalisation weights) and, optionally, a boolean flag per group (``sage=True`` 
 matched by the SAGE patterns). Groups that would be empty are dropped; the order is stable
 (flagged before unflagged, decay before no-decay) so optimizer state dicts line up across runs.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -48,7 +49,7 @@ def build_param_groups(
         key = (n in flagged, not matches(n, no_decay))
         buckets.setdefault(key, []).append((n, p))
     groups = []
-    for is_flagged in ((True, False) if flag is not None else (False,)):
+    for is_flagged in (True, False) if flag is not None else (False,):
         for decays in (True, False):
             members = buckets.get((is_flagged, decays))
             if not members:

@@ -3,6 +3,7 @@
 The patterns themselves belong to the models: the task supplies them (``Task.param_patterns``),
 drawing on :mod:`adaptune.common.families`, re-exported here for code outside the runner.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
@@ -26,8 +27,7 @@ def select_names(names: Sequence[str], patterns: Sequence[str], key: str) -> lis
     chosen = [n for n in names if matches(n, patterns)]
     if not chosen:
         sample = ", ".join(list(names)[:6])
-        raise ConfigError(
-            f"{key}={list(patterns)} matches no parameter of this model (names look like: {sample}, ...)")
+        raise ConfigError(f"{key}={list(patterns)} matches no parameter of this model (names look like: {sample}, ...)")
     return chosen
 
 

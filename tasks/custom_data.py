@@ -27,6 +27,7 @@ JSON Lines files with the columns named in the config::
 Every mistake is one :class:`ConfigError` line naming the file (the dataset and split), the line
 (row) and the column, and what was found.
 """
+
 from __future__ import annotations
 
 import csv
@@ -93,13 +94,19 @@ def _one_line(err: BaseException) -> str:
 
 
 #: errors of a download that did not happen (no network, offline mode, the hub unreachable)
-_DOWNLOAD_ERRORS = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "ConnectTimeout",
-                    "ReadTimeout", "ProxyError", "SSLError")
+_DOWNLOAD_ERRORS = (
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "ProxyError",
+    "SSLError",
+)
 
 
 def _download_failed(err: BaseException) -> bool:
-    return isinstance(err, (ConnectionError, TimeoutError)) or any(
-        cls.__name__ in _DOWNLOAD_ERRORS for cls in type(err).__mro__)
+    return isinstance(err, (ConnectionError, TimeoutError)) or any(cls.__name__ in _DOWNLOAD_ERRORS for cls in type(err).__mro__)
 
 
 @contextmanager
@@ -122,8 +129,9 @@ def _quiet_datasets() -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
-def read_hf(dataset: str, config: str | None, splits: Mapping[str, str],
-            columns: Sequence[str]) -> dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]]:
+def read_hf(
+    dataset: str, config: str | None, splits: Mapping[str, str], columns: Sequence[str]
+) -> dict[str, tuple[str, list[tuple[str, dict[str, Any]]]]]:
     """{our split: (its name in messages, [(where, row)])} of the dataset's ``splits`` (ours ->
     theirs), through ``datasets.load_dataset``."""
     what = f"task.hf_dataset={dataset}" + (f" (task.hf_config={config})" if config else "")
@@ -137,17 +145,21 @@ def read_hf(dataset: str, config: str | None, splits: Mapping[str, str],
             loaded = datasets.load_dataset(str(local) if local.is_dir() else dataset, config)
     except Exception as err:  # noqa: BLE001 - hub, network and format errors all end as one line
         if _download_failed(err):
-            why = ("offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) and it is not in the datasets cache"
-                   if datasets.config.HF_HUB_OFFLINE else "no network, or the hub is unreachable")
-            raise ConfigError(f"{what} could not be downloaded from the Hugging Face hub ({_one_line(err)}): {why}; "
-                              "use local files instead (task.data_files.train=..., or task.hf_dataset=a directory "
-                              "of .csv / .json / .parquet files)") from None
+            why = (
+                "offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) and it is not in the datasets cache"
+                if datasets.config.HF_HUB_OFFLINE
+                else "no network, or the hub is unreachable"
+            )
+            raise ConfigError(
+                f"{what} could not be downloaded from the Hugging Face hub ({_one_line(err)}): {why}; "
+                "use local files instead (task.data_files.train=..., or task.hf_dataset=a directory "
+                "of .csv / .json / .parquet files)"
+            ) from None
         raise ConfigError(f"{what} cannot be loaded ({_one_line(err)})") from None
     tables = {}
     for ours, theirs in splits.items():
         if theirs not in loaded:
-            raise ConfigError(f"task.hf_splits.{ours}={theirs}: {dataset} has no split {theirs}; "
-                              f"it has {', '.join(loaded)}")
+            raise ConfigError(f"task.hf_splits.{ours}={theirs}: {dataset} has no split {theirs}; it has {', '.join(loaded)}")
         name = f"{dataset}" + (f" ({config})" if config else "") + f" split {theirs}"
         split = loaded[theirs]
         found = list(split.column_names)
@@ -196,17 +208,23 @@ def _label(value: Any, labels: tuple[str, ...] | None, where: str) -> float | in
     return labels.index(key)
 
 
-def load_custom(data_files: Mapping[str, str], text_columns: Sequence[str], label_column: str,
-                metric: str | None, hf_dataset: str | None = None, hf_config: str | None = None,
-                hf_splits: Mapping[str, str | None] | None = None,
-                ) -> tuple[DatasetSpec, list[Example], list[Example], list[Example] | None]:
+def load_custom(
+    data_files: Mapping[str, str],
+    text_columns: Sequence[str],
+    label_column: str,
+    metric: str | None,
+    hf_dataset: str | None = None,
+    hf_config: str | None = None,
+    hf_splits: Mapping[str, str | None] | None = None,
+) -> tuple[DatasetSpec, list[Example], list[Example], list[Example] | None]:
     """(spec, train, dev, test or None) of the files ``data_files`` names, or of the Hugging Face
     dataset ``hf_dataset`` (its ``hf_splits``: ours -> its split names)."""
     if hf_dataset is None:
         for split in ("train", "dev"):
             if not data_files.get(split):
-                raise ConfigError(f"task.name=custom needs task.data_files.{split} (a .csv, .tsv or .jsonl file) "
-                                  "or task.hf_dataset")
+                raise ConfigError(
+                    f"task.name=custom needs task.data_files.{split} (a .csv, .tsv or .jsonl file) or task.hf_dataset"
+                )
     unknown = [k for k in data_files if k not in ("train", "dev", "test")]
     if unknown:
         raise ConfigError(f"task.data_files.{unknown[0]} is unknown; allowed: train, dev, test")
@@ -234,8 +252,9 @@ def load_custom(data_files: Mapping[str, str], text_columns: Sequence[str], labe
         raise ConfigError(f"task.metric={metric} is unknown; allowed: {', '.join(CUSTOM_METRICS)}")
     regression = labels is None
     if metric in ("pearson", "spearman") and not regression:
-        raise ConfigError(f"task.metric={metric} needs a regression target; {path}'s labels are classes "
-                          f"({', '.join(labels[:5])})")
+        raise ConfigError(
+            f"task.metric={metric} needs a regression target; {path}'s labels are classes ({', '.join(labels[:5])})"
+        )
     if metric in ("accuracy", "f1", "matthews") and regression:
         raise ConfigError(f"task.metric={metric} needs class labels; {path}'s labels are numbers with fractions")
     if metric == "f1" and len(labels) != 2:
@@ -251,7 +270,8 @@ def load_custom(data_files: Mapping[str, str], text_columns: Sequence[str], labe
             empty = [c for c, t in zip(text_columns, texts) if t is None or str(t).strip() == ""]
             if empty:
                 raise ConfigError(f"{where}: empty text in column {empty[0]}")
-            examples.append(Example(str(texts[0]), str(texts[1]) if len(texts) > 1 else None,
-                                    _label(row[label_column], labels, where)))
+            examples.append(
+                Example(str(texts[0]), str(texts[1]) if len(texts) > 1 else None, _label(row[label_column], labels, where))
+            )
         out[split] = examples
     return spec, out["train"], out["dev"], out.get("test")

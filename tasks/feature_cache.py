@@ -43,6 +43,7 @@ be written is one warning line, and the run tokenizes in memory.
 **Location.** ``task.feature_cache_dir``; null: ``$ADAPTUNE_CACHE/features``, else
 ``${XDG_CACHE_HOME:-~/.cache}/adaptune/features``. Delete it at any time to reclaim the space.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,6 +91,7 @@ class Source:
     """The examples of one split, read by ``read`` only when the cache lacks their features.
     ``what`` names the reader and its options; ``files`` are the files it reads (their content
     keys the cache), or () to key on the examples read at once."""
+
     what: str
     files: tuple[Path, ...]
     read: Callable[[], Sequence[Any]]
@@ -117,8 +119,14 @@ def examples_digest(examples: Sequence[Any]) -> str:
     """SHA-256 of the examples' texts and labels (length-prefixed: no separator is ambiguous)."""
     h = hashlib.sha256()
     for start in range(0, len(examples), CHUNK):
-        h.update("".join(f"{len(ex.text_a)}:{ex.text_a}" + ("-" if ex.text_b is None else f"{len(ex.text_b)}:{ex.text_b}")
-                         + f"{ex.label!r};" for ex in examples[start:start + CHUNK]).encode("utf-8", "surrogatepass"))
+        h.update(
+            "".join(
+                f"{len(ex.text_a)}:{ex.text_a}"
+                + ("-" if ex.text_b is None else f"{len(ex.text_b)}:{ex.text_b}")
+                + f"{ex.label!r};"
+                for ex in examples[start : start + CHUNK]
+            ).encode("utf-8", "surrogatepass")
+        )
     return h.hexdigest()
 
 
@@ -129,17 +137,29 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:   # a fast tokenizer: its whole tokenizer.json, less the call-time state
+    if backend is not None:  # a fast tokenizer: its whole tokenizer.json, less the call-time state
         spec = json.loads(backend.to_str())
         spec.pop("truncation", None)
         spec.pop("padding", None)
         h.update(json.dumps(spec, sort_keys=True).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    settings = {k: repr(v) for k, v in sorted(getattr(tokenizer, "init_kwargs", {}).items())
-                if k not in _PLACE_KEYS and not k.endswith(("_file", "_path", "_dir"))}
-    h.update(json.dumps([type(tokenizer).__name__, settings, getattr(tokenizer, "truncation_side", None),
-                         transformers.__version__, tokenizers.__version__]).encode())
+    settings = {
+        k: repr(v)
+        for k, v in sorted(getattr(tokenizer, "init_kwargs", {}).items())
+        if k not in _PLACE_KEYS and not k.endswith(("_file", "_path", "_dir"))
+    }
+    h.update(
+        json.dumps(
+            [
+                type(tokenizer).__name__,
+                settings,
+                getattr(tokenizer, "truncation_side", None),
+                transformers.__version__,
+                tokenizers.__version__,
+            ]
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -166,7 +186,7 @@ def _record_batches(tokenizer: Any, examples: Sequence[Any], max_len: int) -> It
     pair = bool(examples) and examples[0].text_b is not None
     label_type = pa.float64() if any(isinstance(ex.label, float) for ex in examples) else pa.int64()
     for start in range(0, len(examples), CHUNK):
-        enc = encode_examples(tokenizer, examples[start:start + CHUNK], max_len, pair)
+        enc = encode_examples(tokenizer, examples[start : start + CHUNK], max_len, pair)
         cols = {"input_ids": pa.array(enc["input_ids"], pa.list_(pa.int32()))}
         if enc["token_type_ids"] is not None:
             cols["token_type_ids"] = pa.array(enc["token_type_ids"], pa.list_(pa.int8()))
@@ -198,8 +218,7 @@ class ListColumn:
         """(first row of each chunk, its offsets, its values): zero-copy views of the map."""
         chunks = [c for c in self.column.chunks if len(c)]
         starts = np.cumsum([0] + [len(c) for c in chunks[:-1]], dtype=np.int64)
-        return (starts, [c.offsets.to_numpy() for c in chunks],
-                [c.values.to_numpy(zero_copy_only=False) for c in chunks])
+        return (starts, [c.offsets.to_numpy() for c in chunks], [c.values.to_numpy(zero_copy_only=False) for c in chunks])
 
     def _rows(self, idx: Sequence[int]) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
@@ -210,7 +229,7 @@ class ListColumn:
         rows = self._rows(idx)
         which = np.searchsorted(starts, rows, side="right") - 1
         for c, row in zip(which.tolist(), (rows - starts[which]).tolist()):
-            yield values[c][offsets[c][row]:offsets[c][row + 1]]
+            yield values[c][offsets[c][row] : offsets[c][row + 1]]
 
     def __getitem__(self, i: int) -> list[int]:
         return next(self._sequences([i])).tolist()
@@ -219,10 +238,10 @@ class ListColumn:
         """Rows ``idx`` as an int64 array (len(idx), width), padded with ``pad`` on the right."""
         out = np.full((len(idx), width), pad, dtype=np.int64)
         for k, seq in enumerate(self._sequences(idx)):
-            out[k, :len(seq)] = seq
+            out[k, : len(seq)] = seq
         return out
 
-    def __getstate__(self) -> dict[str, Any]:   # DataLoader workers that spawn: map the file again
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers that spawn: map the file again
         if self.origin is None:
             return {k: v for k, v in self.__dict__.items() if k != "_chunks"}
         return {"column": None, "rows": self.rows, "origin": self.origin}
@@ -238,8 +257,7 @@ class Features:
     """The encoded rows of one split (the Arrow table seen through ``rows``): what the task's
     subsets select from (:meth:`take`, slices) and its data dict (:meth:`columns`)."""
 
-    def __init__(self, table: Any, rows: np.ndarray | None = None, path: Path | None = None,
-                 base: "Features | None" = None):
+    def __init__(self, table: Any, rows: np.ndarray | None = None, path: Path | None = None, base: "Features | None" = None):
         self.table, self.rows, self.path = table, rows, path
         self._base = base if base is not None else self
 
@@ -277,14 +295,19 @@ class Features:
     def columns(self) -> dict[str, Any]:
         """The task's data dict: ``input_ids`` / ``token_type_ids`` as :class:`ListColumn` (None
         when the tokenizer makes no token types), ``labels`` and ``lengths`` as lists."""
+
         def column(name: str) -> ListColumn | None:
             if name not in self.table.column_names:
                 return None
             origin = (str(self.path), name) if self.path is not None else None
             return ListColumn(self.table.column(name), self.rows, origin)
 
-        return {"input_ids": column("input_ids"), "token_type_ids": column("token_type_ids"),
-                "labels": self.labels, "lengths": self.lengths}
+        return {
+            "input_ids": column("input_ids"),
+            "token_type_ids": column("token_type_ids"),
+            "labels": self.labels,
+            "lengths": self.lengths,
+        }
 
 
 # ------------------------------------------------------------------------------ the cache
@@ -305,8 +328,7 @@ def _open(path: Path) -> Any:
             raise Damaged(f"{FILE} has {size} bytes, {info['bytes']} were written")
         table = pa.ipc.open_file(pa.memory_map(str(path / FILE), "r")).read_all()
         if table.num_rows != info["rows"] or "input_ids" not in table.column_names or "labels" not in table.column_names:
-            raise Damaged(f"{table.num_rows} rows, columns {', '.join(table.column_names)}; "
-                          f"{info['rows']} rows were written")
+            raise Damaged(f"{table.num_rows} rows, columns {', '.join(table.column_names)}; {info['rows']} rows were written")
         table.validate()
         return table
     except Damaged:
@@ -320,7 +342,7 @@ def _locked(path: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``path`` (released when the process dies); none without fcntl."""
     try:
         import fcntl
-    except ImportError:   # not POSIX: concurrent builds may both tokenize; the rename keeps one
+    except ImportError:  # not POSIX: concurrent builds may both tokenize; the rename keeps one
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,8 +362,13 @@ class FeatureCache:
         self.fingerprint = tokenizer_fingerprint(tokenizer)
 
     def key(self, what: str, content: str) -> str:
-        parts = {"format": FORMAT_VERSION, "reader": what, "content": content, "tokenizer": self.fingerprint,
-                 "max_length": self.max_len}
+        parts = {
+            "format": FORMAT_VERSION,
+            "reader": what,
+            "content": content,
+            "tokenizer": self.fingerprint,
+            "max_length": self.max_len,
+        }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     def features(self, source: Source) -> Features:
@@ -357,7 +384,7 @@ class FeatureCache:
             try:
                 return Features(_open(target), path=target)
             except Damaged:
-                pass   # rebuilt below, under the lock (another run may be repairing it already)
+                pass  # rebuilt below, under the lock (another run may be repairing it already)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with _locked(self.root / ".locks" / key):
@@ -370,8 +397,7 @@ class FeatureCache:
                 examples = source.read() if examples is None else examples
                 self._write(target, key, source.what, examples)
         except OSError as err:
-            log.warning("feature cache %s cannot be written (%s): tokenizing in memory", self.root,
-                        err.strerror or err)
+            log.warning("feature cache %s cannot be written (%s): tokenizing in memory", self.root, err.strerror or err)
             return self._in_memory(source.read() if examples is None else examples)
         return Features(_open(target), path=target)
 
@@ -408,7 +434,7 @@ class FeatureCache:
         try:
             umask = os.umask(0)
             os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)   # mkdtemp's 0700 would keep a shared cache directory private
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would keep a shared cache directory private
             writer = None
             with pa.OSFile(str(tmp / FILE), "wb") as sink:
                 for batch in _record_batches(self.tokenizer, examples, self.max_len):
@@ -418,18 +444,23 @@ class FeatureCache:
                 writer.close()
             with open(tmp / FILE, "rb") as fh:
                 os.fsync(fh.fileno())
-            info = {"format": FORMAT_VERSION, "rows": len(examples), "bytes": (tmp / FILE).stat().st_size,
-                    "reader": what, "tokenizer": type(self.tokenizer).__name__, "max_length": self.max_len,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            info = {
+                "format": FORMAT_VERSION,
+                "rows": len(examples),
+                "bytes": (tmp / FILE).stat().st_size,
+                "reader": what,
+                "tokenizer": type(self.tokenizer).__name__,
+                "max_length": self.max_len,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n")
             try:
                 os.rename(tmp, target)
             except OSError:
-                if not target.is_dir():   # not another run's complete entry (no lock here): a real error
+                if not target.is_dir():  # not another run's complete entry (no lock here): a real error
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        log.info("tokenized %d examples into the feature cache %s (%.1f s)", len(examples), target,
-                 time.perf_counter() - start)
+        log.info("tokenized %d examples into the feature cache %s (%.1f s)", len(examples), target, time.perf_counter() - start)

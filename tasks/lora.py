@@ -13,6 +13,7 @@ adapter would never train (``schedules/integrations/patterns.py`` explains it). 
 head are trained by the base optimizer's plain maths (``adaptune.common.families.lora_patterns``, shared
 with ``adaptune.schedules.integrations``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -22,17 +23,27 @@ import torch
 from adaptune.common.errors import ConfigError
 
 
-def apply_lora(model: torch.nn.Module, cfg: Any, task_type: str | None = "SEQ_CLS",
-               modules_to_save: Sequence[str] | None = None, key: str = "task.lora") -> torch.nn.Module:
+def apply_lora(
+    model: torch.nn.Module,
+    cfg: Any,
+    task_type: str | None = "SEQ_CLS",
+    modules_to_save: Sequence[str] | None = None,
+    key: str = "task.lora",
+) -> torch.nn.Module:
     """``model`` wrapped by ``peft.get_peft_model`` with the settings ``cfg`` (``task.lora``)."""
     try:
         import peft
     except ImportError:
         raise ConfigError("task.peft=lora needs the peft package (pip install peft; `make setup` installs it)") from None
     targets = list(cfg.target_modules) if cfg.target_modules else None
-    config = peft.LoraConfig(r=int(cfg.r), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.dropout),
-                             target_modules=targets, task_type=task_type,
-                             modules_to_save=list(modules_to_save) if modules_to_save else None)
+    config = peft.LoraConfig(
+        r=int(cfg.r),
+        lora_alpha=float(cfg.alpha),
+        lora_dropout=float(cfg.dropout),
+        target_modules=targets,
+        task_type=task_type,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+    )
     try:
         wrapped = peft.get_peft_model(model, config)
     except ValueError as err:

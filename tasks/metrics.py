@@ -1,4 +1,5 @@
 """Official GLUE metrics, computed with scikit-learn and SciPy."""
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -24,6 +24,7 @@ Original formats (a directory per dataset, ``task.ood.data_dirs.<name>``):
 former canonical ``sick``), ``allenai/scitail`` (``tsv_format``), as the reference repository's
 loading scripts read them (``script/sick.py``, ``script/scitail.py``).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,13 +45,13 @@ SICK_PARTS = {"train": "TRAIN", "dev": "TRIAL", "test": "TEST"}
 
 @dataclass(frozen=True)
 class NLISet:
-    name: str                     # "snli": the metric prefix (test/snli/accuracy) and the key
-    title: str                    # for messages
-    two_way: bool                 # labelled entailment / not: scored on 3-way predictions mapped
-    files: dict                   # split -> file name(s) inside the directory, tried in order
-    get: str                      # what to download, for the offline message
-    hub: tuple                    # (path, config or None, {split: hub split})
-    hub_label: Callable[[Any], int | None]   # hub label -> ours (None: unlabelled, skipped)
+    name: str  # "snli": the metric prefix (test/snli/accuracy) and the key
+    title: str  # for messages
+    two_way: bool  # labelled entailment / not: scored on 3-way predictions mapped
+    files: dict  # split -> file name(s) inside the directory, tried in order
+    get: str  # what to download, for the offline message
+    hub: tuple  # (path, config or None, {split: hub split})
+    hub_label: Callable[[Any], int | None]  # hub label -> ours (None: unlabelled, skipped)
 
 
 def _identity_label(value: Any) -> int | None:
@@ -62,34 +63,66 @@ def _scitail_label(value: Any) -> int | None:
 
 
 SETS: dict[str, NLISet] = {
-    "mnli": NLISet("mnli", "MNLI (matched)", False, {"dev": ("dev_matched.tsv",), "test": ("dev_matched.tsv",)},
-                   "GLUE's MNLI (download_glue_data.py)",
-                   ("nyu-mll/glue", "mnli", {"dev": "validation_matched", "test": "validation_matched"}),
-                   _identity_label),
+    "mnli": NLISet(
+        "mnli",
+        "MNLI (matched)",
+        False,
+        {"dev": ("dev_matched.tsv",), "test": ("dev_matched.tsv",)},
+        "GLUE's MNLI (download_glue_data.py)",
+        ("nyu-mll/glue", "mnli", {"dev": "validation_matched", "test": "validation_matched"}),
+        _identity_label,
+    ),
     # the same GLUE MNLI directory's other dev file (task.ood.data_dirs.mnli serves both)
-    "mnli_mm": NLISet("mnli_mm", "MNLI (mismatched)", False,
-                      {"dev": ("dev_mismatched.tsv",), "test": ("dev_mismatched.tsv",)},
-                      "GLUE's MNLI (download_glue_data.py)",
-                      ("nyu-mll/glue", "mnli", {"dev": "validation_mismatched", "test": "validation_mismatched"}),
-                      _identity_label),
-    "snli": NLISet("snli", "SNLI 1.0", False, {"train": ("snli_1.0_train.jsonl",), "dev": ("snli_1.0_dev.jsonl",),
-                                               "test": ("snli_1.0_test.jsonl",)},
-                   "SNLI 1.0 (https://nlp.stanford.edu/projects/snli/snli_1.0.zip)",
-                   ("stanfordnlp/snli", None, {"train": "train", "dev": "validation", "test": "test"}),
-                   _identity_label),
-    "sick": NLISet("sick", "SICK", False, {"dev": ("SICK.txt",), "test": ("SICK.txt",)},
-                   "SICK (https://zenodo.org/record/2787612/files/SICK.zip)",
-                   ("RobZamp/sick", None, {"dev": "validation", "test": "test"}), _identity_label),
-    "scitail": NLISet("scitail", "SciTail 1.1", True,
-                      # (choice) the reference's dgem_format files first, else tsv_format: the same
-                      # premise / hypothesis / label columns (dgem adds a fourth, the hypothesis graph)
-                      {s: (f"dgem_format/scitail_1.0_structure_{s}.tsv", f"tsv_format/scitail_1.0_{s}.tsv",
-                           f"scitail_1.0_{s}.tsv") for s in ("dev", "test")},
-                      "SciTail 1.1 (https://ai2-public-datasets.s3.amazonaws.com/scitail/SciTailV1.1.zip)",
-                      ("allenai/scitail", "tsv_format", {"dev": "validation", "test": "test"}), _scitail_label),
-    "rte": NLISet("rte", "RTE", True, {"dev": ("dev.tsv",), "test": ("dev.tsv",)},
-                  "GLUE's RTE (download_glue_data.py)",
-                  ("nyu-mll/glue", "rte", {"dev": "validation", "test": "validation"}), _identity_label),
+    "mnli_mm": NLISet(
+        "mnli_mm",
+        "MNLI (mismatched)",
+        False,
+        {"dev": ("dev_mismatched.tsv",), "test": ("dev_mismatched.tsv",)},
+        "GLUE's MNLI (download_glue_data.py)",
+        ("nyu-mll/glue", "mnli", {"dev": "validation_mismatched", "test": "validation_mismatched"}),
+        _identity_label,
+    ),
+    "snli": NLISet(
+        "snli",
+        "SNLI 1.0",
+        False,
+        {"train": ("snli_1.0_train.jsonl",), "dev": ("snli_1.0_dev.jsonl",), "test": ("snli_1.0_test.jsonl",)},
+        "SNLI 1.0 (https://nlp.stanford.edu/projects/snli/snli_1.0.zip)",
+        ("stanfordnlp/snli", None, {"train": "train", "dev": "validation", "test": "test"}),
+        _identity_label,
+    ),
+    "sick": NLISet(
+        "sick",
+        "SICK",
+        False,
+        {"dev": ("SICK.txt",), "test": ("SICK.txt",)},
+        "SICK (https://zenodo.org/record/2787612/files/SICK.zip)",
+        ("RobZamp/sick", None, {"dev": "validation", "test": "test"}),
+        _identity_label,
+    ),
+    "scitail": NLISet(
+        "scitail",
+        "SciTail 1.1",
+        True,
+        # (choice) the reference's dgem_format files first, else tsv_format: the same
+        # premise / hypothesis / label columns (dgem adds a fourth, the hypothesis graph)
+        {
+            s: (f"dgem_format/scitail_1.0_structure_{s}.tsv", f"tsv_format/scitail_1.0_{s}.tsv", f"scitail_1.0_{s}.tsv")
+            for s in ("dev", "test")
+        },
+        "SciTail 1.1 (https://ai2-public-datasets.s3.amazonaws.com/scitail/SciTailV1.1.zip)",
+        ("allenai/scitail", "tsv_format", {"dev": "validation", "test": "test"}),
+        _scitail_label,
+    ),
+    "rte": NLISet(
+        "rte",
+        "RTE",
+        True,
+        {"dev": ("dev.tsv",), "test": ("dev.tsv",)},
+        "GLUE's RTE (download_glue_data.py)",
+        ("nyu-mll/glue", "rte", {"dev": "validation", "test": "validation"}),
+        _identity_label,
+    ),
 }
 OOD_SETS = tuple(SETS)
 
@@ -106,8 +139,10 @@ def read_snli_jsonl(path: Path) -> list[Example]:
             row = json.loads(line)
             gold, a, b = row["gold_label"], row["sentence1"], row["sentence2"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ConfigError(f"{path}:{lineno}: not an SNLI jsonl row ({type(err).__name__}: {err}); "
-                              "expected JSON objects with sentence1, sentence2, gold_label") from None
+            raise ConfigError(
+                f"{path}:{lineno}: not an SNLI jsonl row ({type(err).__name__}: {err}); "
+                "expected JSON objects with sentence1, sentence2, gold_label"
+            ) from None
         if gold in NLI_LABELS:
             examples.append(Example(a, b, NLI_LABELS.index(gold)))
     return examples
@@ -143,8 +178,10 @@ def read_scitail_tsv(path: Path) -> list[Example]:
         cols = line.split("\t")
         label = _scitail_label(cols[2]) if len(cols) >= 3 else None
         if label is None:
-            raise ConfigError(f"{path}:{lineno}: expected premise<TAB>hypothesis<TAB>entails|neutral, "
-                              f"found {len(cols)} column(s){f' and label {cols[2]!r}' if len(cols) >= 3 else ''}")
+            raise ConfigError(
+                f"{path}:{lineno}: expected premise<TAB>hypothesis<TAB>entails|neutral, "
+                f"found {len(cols)} column(s){f' and label {cols[2]!r}' if len(cols) >= 3 else ''}"
+            )
         examples.append(Example(cols[0], cols[1], label))
     return examples
 
@@ -173,8 +210,9 @@ def find_local(nset: NLISet, directory: str, split: str, key: str) -> Path:
     for name in names:
         if (root / name).is_file():
             return root / name
-    raise ConfigError(f"{key}={directory}: no {nset.title} file {' or '.join(names)} there; "
-                      f"get {nset.get} and point {key} at its directory")
+    raise ConfigError(
+        f"{key}={directory}: no {nset.title} file {' or '.join(names)} there; get {nset.get} and point {key} at its directory"
+    )
 
 
 def load_local(nset: NLISet, directory: str, split: str, key: str) -> list[Example]:
@@ -190,10 +228,15 @@ def load_hub(nset: NLISet, split: str, key: str) -> list[Example]:
 
         ds = datasets.load_dataset(path, config, split=splits[split])
     except Exception as err:  # noqa: BLE001 - offline, hub down, auth: all end the same way
-        raise ConfigError(f"could not load {nset.title} ({split}) from the Hugging Face hub ({type(err).__name__}); "
-                          f"offline? get {nset.get} and set {key}=/path/to/it") from None
-    a_col, b_col = {"sick": ("sentence_A", "sentence_B"), "mnli": ("premise", "hypothesis"),
-                    "rte": ("sentence1", "sentence2")}.get(nset.name, ("premise", "hypothesis"))
+        raise ConfigError(
+            f"could not load {nset.title} ({split}) from the Hugging Face hub ({type(err).__name__}); "
+            f"offline? get {nset.get} and set {key}=/path/to/it"
+        ) from None
+    a_col, b_col = {
+        "sick": ("sentence_A", "sentence_B"),
+        "mnli": ("premise", "hypothesis"),
+        "rte": ("sentence1", "sentence2"),
+    }.get(nset.name, ("premise", "hypothesis"))
     examples = []
     for a, b, raw in zip(ds[a_col], ds[b_col], ds["label"]):
         label = nset.hub_label(raw)
@@ -212,5 +255,4 @@ def load_set(name: str, directory: str | None, split: str, key: str) -> list[Exa
 
 def load_snli_task(data_dir: str | None) -> tuple[list[Example], list[list[Example]]]:
     """(train, [dev]) of SNLI as a training task (``task.name=snli``; ``task.data_dir``)."""
-    return (load_set("snli", data_dir, "train", "task.data_dir"),
-            [load_set("snli", data_dir, "dev", "task.data_dir")])
+    return (load_set("snli", data_dir, "train", "task.data_dir"), [load_set("snli", data_dir, "dev", "task.data_dir")])

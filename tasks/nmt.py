@@ -32,6 +32,7 @@ the first ``eval_bleu_max_sentences`` sentences (null: all); test BLEU always us
 With ``eval_bleu: false`` the main metric is the dev ``loss`` (lower is better) and no beam
 search runs during training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,6 +61,7 @@ SPLITS = {"train": "train_subset", "dev": "valid_subset", "test": "test_subset"}
 
 class EvalPlan(NamedTuple):
     """One evaluation batch: sentence indices, and whether it scores the loss and/or BLEU."""
+
     indices: np.ndarray
     loss: bool
     bleu: bool
@@ -134,8 +136,10 @@ class TranslationTask(Task):
             if ds is None:
                 if split == "test":
                     continue
-                raise ConfigError(f"task.data_dir={self.data_dir} has no '{name}' split for {self.src}-{self.tgt} "
-                                  f"(expected {name}.{self.src}-{self.tgt}.{self.src}.idx; see task.{SPLITS[split]})")
+                raise ConfigError(
+                    f"task.data_dir={self.data_dir} has no '{name}' split for {self.src}-{self.tgt} "
+                    f"(expected {name}.{self.src}-{self.tgt}.{self.src}.idx; see task.{SPLITS[split]})"
+                )
             self.datasets[split] = ds
             self.refs[split] = nmt_data.read_refs(self.data_dir, name, self.tgt)
         self._make_batches()
@@ -143,8 +147,7 @@ class TranslationTask(Task):
             try:
                 from sacremoses import MosesDetokenizer
             except ImportError as err:
-                raise ConfigError("task.detok=moses needs sacremoses (pip install sacremoses); "
-                                  "or set task.detok=none") from err
+                raise ConfigError("task.detok=moses needs sacremoses (pip install sacremoses); or set task.detok=none") from err
             self._detok = MosesDetokenizer(lang=self.tgt)
         log.info("nmt: %s", self.summary())
 
@@ -158,28 +161,47 @@ class TranslationTask(Task):
         if src is None or tgt is None:
             return None
         if len(src) != len(tgt):
-            raise ConfigError(f"task.data_dir={self.data_dir}: split '{name}' has {len(src)} source but "
-                              f"{len(tgt)} target sentences")
-        return fs.LanguagePairDataset(src, src.sizes, self.src_dict, tgt, tgt.sizes, self.tgt_dict,
-                                      left_pad_source=True, left_pad_target=False, shuffle=True)
+            raise ConfigError(
+                f"task.data_dir={self.data_dir}: split '{name}' has {len(src)} source but {len(tgt)} target sentences"
+            )
+        return fs.LanguagePairDataset(
+            src,
+            src.sizes,
+            self.src_dict,
+            tgt,
+            tgt.sizes,
+            self.tgt_dict,
+            left_pad_source=True,
+            left_pad_target=False,
+            shuffle=True,
+        )
 
     def _valid_indices(self, split: str, indices: np.ndarray) -> np.ndarray:
         """Drop sentence pairs longer than the model's positions or than one batch can hold."""
         ds = self.datasets[split]
         max_tokens = self.max_tokens if split == "train" else self.eval_max_tokens
-        keep = ((ds.src_sizes[indices] <= self.max_source_positions)
-                & (ds.tgt_sizes[indices] <= self.max_target_positions)
-                & (ds.num_tokens_vec(indices) <= max_tokens))
+        keep = (
+            (ds.src_sizes[indices] <= self.max_source_positions)
+            & (ds.tgt_sizes[indices] <= self.max_target_positions)
+            & (ds.num_tokens_vec(indices) <= max_tokens)
+        )
         self.filtered[split] = int((~keep).sum())
         if self.filtered[split]:
-            log.warning("nmt: %d %s sentence pairs are longer than the positions / max_tokens limits and are skipped",
-                        self.filtered[split], split)
+            log.warning(
+                "nmt: %d %s sentence pairs are longer than the positions / max_tokens limits and are skipped",
+                self.filtered[split],
+                split,
+            )
         return indices[keep]
 
     def _batch(self, split: str, indices: np.ndarray, max_tokens: int) -> list[np.ndarray]:
         ds = self.datasets[split]
-        batches = ds.batch_by_size(indices, max_tokens=max_tokens, max_sentences=self.max_sentences,
-                                   required_batch_size_multiple=self.batch_multiple if split == "train" else 1)
+        batches = ds.batch_by_size(
+            indices,
+            max_tokens=max_tokens,
+            max_sentences=self.max_sentences,
+            required_batch_size_multiple=self.batch_multiple if split == "train" else 1,
+        )
         return [np.asarray(b, dtype=np.int64) for b in batches]
 
     def _make_batches(self) -> None:
@@ -213,8 +235,9 @@ class TranslationTask(Task):
         overrides = {k: v for k, v in self.cfg.model.items() if v is not None}
         unknown = sorted(set(overrides) - allowed)
         if unknown:
-            raise ConfigError(f"task.model.{unknown[0]} is not an option of fairseq's {arch}; allowed: "
-                              f"{', '.join(sorted(allowed))}")
+            raise ConfigError(
+                f"task.model.{unknown[0]} is not an option of fairseq's {arch}; allowed: {', '.join(sorted(allowed))}"
+            )
         args = argparse.Namespace(**overrides)
         args.arch = arch
         args.max_source_positions = self.max_source_positions
@@ -245,8 +268,9 @@ class TranslationTask(Task):
         lprobs = unwrap(model).get_normalized_probs(net_output, log_probs=True)
         lprobs = lprobs.view(-1, lprobs.size(-1))
         target = batch["target"].view(-1)
-        return self.fs.label_smoothed_nll_loss(lprobs, target, self.label_smoothing,
-                                               ignore_index=self.tgt_dict.pad(), reduce=True)
+        return self.fs.label_smoothed_nll_loss(
+            lprobs, target, self.label_smoothing, ignore_index=self.tgt_dict.pad(), reduce=True
+        )
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> StepLoss:
         loss, _ = self._loss_terms(model, batch)
@@ -279,8 +303,10 @@ class TranslationTask(Task):
             out.update(loss=loss, nll_loss=nll, ntokens=int(sample["ntokens"]))
         if batch["bleu"]:
             hypos = self._generator(model).generate([unwrap(model)], sample)
-            out["hyps"] = {int(sample_id): self._decode(hypos[i][0]["tokens"], "UNKNOWNTOKENINHYP")
-                           for i, sample_id in enumerate(sample["id"].tolist())}
+            out["hyps"] = {
+                int(sample_id): self._decode(hypos[i][0]["tokens"], "UNKNOWNTOKENINHYP")
+                for i, sample_id in enumerate(sample["id"].tolist())
+            }
         return out
 
     def finalize(self, split: str, reduced: Mapping[str, Any]) -> dict[str, float]:
@@ -294,8 +320,13 @@ class TranslationTask(Task):
     def _generator(self, model: torch.nn.Module):
         c = self.cfg
         return self.fs.SequenceGenerator(
-            [unwrap(model)], self.tgt_dict, beam_size=self.beam, max_len_a=c.max_len_a,
-            max_len_b=c.max_len_b, len_penalty=c.lenpen)
+            [unwrap(model)],
+            self.tgt_dict,
+            beam_size=self.beam,
+            max_len_a=c.max_len_a,
+            max_len_b=c.max_len_b,
+            len_penalty=c.lenpen,
+        )
 
     def _decode(self, tokens: torch.Tensor, unk: str) -> tuple[str, str]:
         """(tokenised text with the subword split removed, detokenised text)."""
@@ -329,8 +360,11 @@ class TranslationTask(Task):
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"data": self.cfg.data, "data_dir": str(getattr(self, "data_dir", "")),
-                               "pair": f"{self.src}-{self.tgt}"}
+        out: dict[str, Any] = {
+            "data": self.cfg.data,
+            "data_dir": str(getattr(self, "data_dir", "")),
+            "pair": f"{self.src}-{self.tgt}",
+        }
         for split, ds in self.datasets.items():
             out[f"{split}_sentences"] = len(ds)
         if self.datasets:

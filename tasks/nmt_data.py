@@ -24,6 +24,7 @@ directory and renamed into place, so concurrent runs (a multirun) never see half
 
 fairseq is imported only through :func:`import_fairseq`, which undoes its import side effects.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,6 +69,7 @@ def _purge_fairseq_configs() -> int:
 
     try:
         from fairseq.dataclass.configs import FairseqConfig
+
         root_names = {f"{k}.yaml" for k in FairseqConfig.__dataclass_fields__} | {"config.yaml"}
     except ImportError:  # pragma: no cover
         root_names = set()
@@ -131,11 +133,17 @@ def import_fairseq() -> types.SimpleNamespace:
         if "fairseq" in sys.modules:  # also after a partly failed import
             _purge_fairseq_configs()
     _FAIRSEQ = types.SimpleNamespace(
-        version=fairseq.__version__, utils=utils, Dictionary=Dictionary,
-        LanguagePairDataset=LanguagePairDataset, data_utils=data_utils,
-        indexed_dataset=indexed_dataset, label_smoothed_nll_loss=label_smoothed_nll_loss,
-        SequenceGenerator=SequenceGenerator, ARCH_MODEL_REGISTRY=ARCH_MODEL_REGISTRY,
-        ARCH_CONFIG_REGISTRY=ARCH_CONFIG_REGISTRY, ARCH_MODEL_NAME_REGISTRY=ARCH_MODEL_NAME_REGISTRY,
+        version=fairseq.__version__,
+        utils=utils,
+        Dictionary=Dictionary,
+        LanguagePairDataset=LanguagePairDataset,
+        data_utils=data_utils,
+        indexed_dataset=indexed_dataset,
+        label_smoothed_nll_loss=label_smoothed_nll_loss,
+        SequenceGenerator=SequenceGenerator,
+        ARCH_MODEL_REGISTRY=ARCH_MODEL_REGISTRY,
+        ARCH_CONFIG_REGISTRY=ARCH_CONFIG_REGISTRY,
+        ARCH_MODEL_NAME_REGISTRY=ARCH_MODEL_NAME_REGISTRY,
     )
     return _FAIRSEQ
 
@@ -154,9 +162,14 @@ def _clean(text: str) -> str:
 
 
 def _is_sentence(text: str, min_words: int) -> bool:
-    return (len(text.split()) >= min_words and text[-1] in ".!?"
-            and (text[0].isupper() or text[0].isdigit() or text[0] in _SENTENCE_START)
-            and "/" not in text and "…" not in text and "..." not in text)
+    return (
+        len(text.split()) >= min_words
+        and text[-1] in ".!?"
+        and (text[0].isupper() or text[0].isdigit() or text[0] in _SENTENCE_START)
+        and "/" not in text
+        and "…" not in text
+        and "..." not in text
+    )
 
 
 def parse_trans_de_en(path: str | Path, min_words: int = 4) -> list[tuple[str, str]]:
@@ -183,8 +196,9 @@ def parse_trans_de_en(path: str | Path, min_words: int = 4) -> list[tuple[str, s
     return sorted(pairs.items())
 
 
-def split_demo(pairs: Sequence[tuple[str, str]], valid_per_mille: int = 50,
-               test_per_mille: int = 50) -> dict[str, tuple[list[str], list[str]]]:
+def split_demo(
+    pairs: Sequence[tuple[str, str]], valid_per_mille: int = 50, test_per_mille: int = 50
+) -> dict[str, tuple[list[str], list[str]]]:
     """train/valid/test by a hash of the German side: stable across runs and dictionary versions."""
     out: dict[str, tuple[list[str], list[str]]] = {s: ([], []) for s in ("train", "valid", "test")}
     for de, en in pairs:
@@ -207,13 +221,17 @@ def read_parallel(data_dir: Path, split: str, src: str, tgt: str, required: bool
     if not s_path.is_file() or not t_path.is_file():
         if required:
             missing = s_path if not s_path.is_file() else t_path
-            raise ConfigError(f"task.data=raw: {missing} is missing; task.data_dir needs "
-                              f"train/valid(/test).{src} and .{tgt} text files, one sentence a line")
+            raise ConfigError(
+                f"task.data=raw: {missing} is missing; task.data_dir needs "
+                f"train/valid(/test).{src} and .{tgt} text files, one sentence a line"
+            )
         return None
     s_lines, t_lines = _read_lines(s_path), _read_lines(t_path)
     if len(s_lines) != len(t_lines):
-        raise ConfigError(f"task.data_dir: {s_path.name} has {len(s_lines)} lines but {t_path.name} has "
-                          f"{len(t_lines)}; parallel files need one sentence pair per line")
+        raise ConfigError(
+            f"task.data_dir: {s_path.name} has {len(s_lines)} lines but {t_path.name} has "
+            f"{len(t_lines)}; parallel files need one sentence pair per line"
+        )
     if not s_lines:
         raise ConfigError(f"task.data_dir: {s_path} is empty")
     return s_lines, t_lines
@@ -240,8 +258,12 @@ def cache_root(cfg: Any) -> Path:
 def subword_settings(cfg: Any) -> dict[str, Any]:
     """``task.subword`` as a plain dict (it enters the cache key)."""
     sw = cfg.subword
-    return {"tool": sw.tool, "vocab_size": sw.vocab_size, "model_type": sw.model_type,
-            "character_coverage": float(sw.character_coverage)}
+    return {
+        "tool": sw.tool,
+        "vocab_size": sw.vocab_size,
+        "model_type": sw.model_type,
+        "character_coverage": float(sw.character_coverage),
+    }
 
 
 def prepare_text_data(cfg: Any, src: str, tgt: str) -> Path:
@@ -254,25 +276,30 @@ def prepare_text_data(cfg: Any, src: str, tgt: str) -> Path:
         if not demo.is_file():
             raise ConfigError(
                 f"task.data=demo needs the Debian trans-de-en dictionary at {demo} "
-                "(apt-get install trans-de-en); or use task.data=raw / task.data=binarized with task.data_dir")
+                "(apt-get install trans-de-en); or use task.data=raw / task.data=binarized with task.data_dir"
+            )
         if {src, tgt} != {"de", "en"}:
-            raise ConfigError(f"task.data=demo is German-English; task.source_lang/target_lang must be de/en "
-                              f"(either direction), got {src}/{tgt}")
+            raise ConfigError(
+                f"task.data=demo is German-English; task.source_lang/target_lang must be de/en "
+                f"(either direction), got {src}/{tgt}"
+            )
         inputs = {"demo": _file_digest(demo)}
     else:
         data_dir = Path(str(cfg.data_dir or "")).expanduser()
         if not cfg.data_dir or not data_dir.is_dir():
             raise ConfigError(
                 f"task.data=raw needs task.data_dir, a directory with train/valid/test.{src} and .{tgt} "
-                f"text files (got {cfg.data_dir!r})")
+                f"text files (got {cfg.data_dir!r})"
+            )
         inputs = {}
         for name, split in splits_cfg.items():
             for lang in (src, tgt):
                 p = data_dir / f"{split}.{lang}"
                 if p.is_file():
                     inputs[f"{name}.{lang}"] = _file_digest(p)
-    key = _digest({"v": CACHE_VERSION, "kind": kind, "src": src, "tgt": tgt, "subword": sub,
-                   "splits": splits_cfg, "inputs": inputs})[:16]
+    key = _digest(
+        {"v": CACHE_VERSION, "kind": kind, "src": src, "tgt": tgt, "subword": sub, "splits": splits_cfg, "inputs": inputs}
+    )[:16]
     out = cache_root(cfg) / f"{kind}-{src}-{tgt}-{key}"
     if (out / "meta.json").is_file():
         return out
@@ -288,17 +315,27 @@ def prepare_text_data(cfg: Any, src: str, tgt: str) -> Path:
             got = read_parallel(data_dir, split, src, tgt, required=name != "test")
             if got is not None:
                 splits[name] = got
-    log.info("nmt: building the binarised cache %s (%s)", out, ", ".join(
-        f"{k} {len(v[0])}" for k, v in splits.items()))
+    log.info("nmt: building the binarised cache %s (%s)", out, ", ".join(f"{k} {len(v[0])}" for k, v in splits.items()))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     try:
         _build_cache(tmp, splits, src, tgt, sub)
-        (tmp / "meta.json").write_text(json.dumps({
-            "version": CACHE_VERSION, "kind": kind, "source_lang": src, "target_lang": tgt,
-            "subword": sub, "sizes": {k: len(v[0]) for k, v in splits.items()},
-            "bpe": "sentencepiece", "raw_refs": True}, indent=2))
+        (tmp / "meta.json").write_text(
+            json.dumps(
+                {
+                    "version": CACHE_VERSION,
+                    "kind": kind,
+                    "source_lang": src,
+                    "target_lang": tgt,
+                    "subword": sub,
+                    "sizes": {k: len(v[0]) for k, v in splits.items()},
+                    "bpe": "sentencepiece",
+                    "raw_refs": True,
+                },
+                indent=2,
+            )
+        )
         try:
             os.replace(tmp, out)
         except OSError:  # another process finished first: use its cache
@@ -310,8 +347,9 @@ def prepare_text_data(cfg: Any, src: str, tgt: str) -> Path:
     return out
 
 
-def _build_cache(out: Path, splits: Mapping[str, tuple[list[str], list[str]]], src: str, tgt: str,
-                 sub: Mapping[str, Any]) -> None:
+def _build_cache(
+    out: Path, splits: Mapping[str, tuple[list[str], list[str]]], src: str, tgt: str, sub: Mapping[str, Any]
+) -> None:
     import sentencepiece as spm
     import torch
 
@@ -324,15 +362,25 @@ def _build_cache(out: Path, splits: Mapping[str, tuple[list[str], list[str]]], s
                 f.write(line.strip() + "\n")
     spm.set_random_generator_seed(1)
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(out / "spm"), vocab_size=int(sub["vocab_size"]),
-        model_type=sub["model_type"], character_coverage=sub["character_coverage"],
-        hard_vocab_limit=False, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-        bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, num_threads=2, minloglevel=2)
+        input=str(text),
+        model_prefix=str(out / "spm"),
+        vocab_size=int(sub["vocab_size"]),
+        model_type=sub["model_type"],
+        character_coverage=sub["character_coverage"],
+        hard_vocab_limit=False,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        unk_id=0,
+        num_threads=2,
+        minloglevel=2,
+    )
     text.unlink()
     sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
 
-    encoded = {name: (sp.encode(list(s), out_type=str), sp.encode(list(t), out_type=str))
-               for name, (s, t) in splits.items()}
+    encoded = {name: (sp.encode(list(s), out_type=str), sp.encode(list(t), out_type=str)) for name, (s, t) in splits.items()}
     dicts = {}
     for side, lang in ((0, src), (1, tgt)):
         d = fs.Dictionary()
@@ -352,16 +400,17 @@ def _build_cache(out: Path, splits: Mapping[str, tuple[list[str], list[str]]], s
                 builder.add_item(torch.tensor([index.get(p, unk) for p in pieces] + [eos], dtype=torch.int32))
             builder.finalize(str(prefix) + ".idx")
         if name != "train":  # untokenised references for BLEU
-            (out / f"{name}.raw.{tgt}").write_text("".join(line + "\n" for line in splits[name][1]),
-                                                   encoding="utf-8")
+            (out / f"{name}.raw.{tgt}").write_text("".join(line + "\n" for line in splits[name][1]), encoding="utf-8")
 
 
 def check_binarized_dir(cfg: Any, src: str, tgt: str) -> Path:
     """Path (a): the fairseq-preprocess directory named by ``task.data_dir``, checked."""
     raw = cfg.data_dir
-    options = ("task.data=binarized with task.data_dir=<fairseq-preprocess output, e.g. "
-               "data-bin/iwslt14.tokenized.de-en>, task.data=raw with task.data_dir=<train/valid/test."
-               f"{src},.{tgt} text files>, or task.data=demo (apt-get install trans-de-en)")
+    options = (
+        "task.data=binarized with task.data_dir=<fairseq-preprocess output, e.g. "
+        "data-bin/iwslt14.tokenized.de-en>, task.data=raw with task.data_dir=<train/valid/test."
+        f"{src},.{tgt} text files>, or task.data=demo (apt-get install trans-de-en)"
+    )
     if not raw:
         raise ConfigError(f"task.data_dir is not set; NMT data options: {options}")
     data_dir = Path(str(raw)).expanduser()
@@ -369,8 +418,10 @@ def check_binarized_dir(cfg: Any, src: str, tgt: str) -> Path:
         raise ConfigError(f"task.data_dir={raw} does not exist; NMT data options: {options}")
     for lang in (src, tgt):
         if not (data_dir / f"dict.{lang}.txt").is_file():
-            raise ConfigError(f"task.data_dir={raw} has no dict.{lang}.txt, so it is not a fairseq-preprocess "
-                              f"output for {src}-{tgt}; NMT data options: {options}")
+            raise ConfigError(
+                f"task.data_dir={raw} has no dict.{lang}.txt, so it is not a fairseq-preprocess "
+                f"output for {src}-{tgt}; NMT data options: {options}"
+            )
     return data_dir
 
 

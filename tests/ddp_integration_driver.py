@@ -15,6 +15,7 @@ scenarios then call ``accelerate.utils.set_seed(0, device_specific=True)`` (a di
 on every rank, as accelerate offers) and perturb the weights of ranks > 0: ``accelerator.prepare``
 (DDP) broadcasts rank 0's weights.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 VOCAB, LEN = 60, 8
-STEPS, ACCUM, GLOBAL_BATCH = 6, 2, 8        # DPS: update_ratio 0.34 -> phases of 2 steps: explore, select, explore
+STEPS, ACCUM, GLOBAL_BATCH = 6, 2, 8  # DPS: update_ratio 0.34 -> phases of 2 steps: explore, select, explore
 P, UPDATE_RATIO = 0.3, 0.34
 
 
@@ -32,9 +33,17 @@ def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -57,7 +66,7 @@ def _clone(ts):
 
 def record_step(model, dps) -> dict:
     """What one rank has right before ``optimizer.step()``."""
-    model = getattr(model, "module", model)           # DDP: names without "module."
+    model = getattr(model, "module", model)  # DDP: names without "module."
     rec = {"grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}}
     if dps is not None:
         rec.update(masks=_clone(dps.masks), noise=_clone(dps.noise), kept=dps.kept_fraction())
@@ -102,24 +111,42 @@ def run_hf(name: str, out: Path, world: int) -> dict:
     if name == "hf_sage":
         extra["optimizer_cls_and_kwargs"] = sage_optimizer_cls_and_kwargs(model, lr=3e-3, beta3=0.8)
     args = TrainingArguments(
-        output_dir=str(out / "trainer" / name), use_cpu=True, ddp_backend="gloo" if world > 1 else None,
-        report_to=[], save_strategy="no", logging_strategy="no", eval_strategy="no", disable_tqdm=True,
-        per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=ACCUM, max_steps=STEPS,
-        learning_rate=3e-3, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, seed=0,
+        output_dir=str(out / "trainer" / name),
+        use_cpu=True,
+        ddp_backend="gloo" if world > 1 else None,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        gradient_accumulation_steps=ACCUM,
+        max_steps=STEPS,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        seed=0,
         # BERT's forward takes **kwargs, so the Trainer believes it normalises the loss by the gathered
         # num_items_in_batch and multiplies it by the number of processes; the classification head
         # ignores that count (a plain mean), so the DDP gradient would be world_size times one
         # process's. Off, every rank's loss is the mean of its micro-batch, as in one process.
-        average_tokens_across_devices=False)
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(),
-                      callbacks=[cb for cb in (dps_cb, recorder) if cb is not None], **extra)
+        average_tokens_across_devices=False,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Rows(), callbacks=[cb for cb in (dps_cb, recorder) if cb is not None], **extra
+    )
     trainer.train()
-    return {"global_step": trainer.state.global_step, "steps": recorder.steps,
-            "params": _plain(model.state_dict()),
-            "dps": _plain(dps_cb.dps.state_dict()) if dps_cb else None,
-            "optimizer": _plain(_inner(trainer.optimizer).state_dict()),
-            "ddp": type(trainer.model_wrapped).__name__}
+    return {
+        "global_step": trainer.state.global_step,
+        "steps": recorder.steps,
+        "params": _plain(model.state_dict()),
+        "dps": _plain(dps_cb.dps.state_dict()) if dps_cb else None,
+        "optimizer": _plain(_inner(trainer.optimizer).state_dict()),
+        "ddp": type(trainer.model_wrapped).__name__,
+    }
 
 
 # ------------------------------------------------------------------------------ accelerate
@@ -130,22 +157,32 @@ def run_accelerate(name: str, out: Path, world: int) -> dict:
     from adaptune.schedules.integrations.accelerate import AccelerateDPS
     from adaptune.schedules.integrations.hf import make_sage_optimizer
 
-    AcceleratorState._reset_state(reset_partial_state=True)   # a Trainer of this process configured it
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer of this process configured it
     acc = accelerate.Accelerator(gradient_accumulation_steps=ACCUM, cpu=True)
     model = tiny_bert()
-    accelerate.utils.set_seed(0, device_specific=True)   # global seed 0 + rank (rank 0: as one process)
-    if acc.process_index:                                # ranks start from different weights
+    accelerate.utils.set_seed(0, device_specific=True)  # global seed 0 + rank (rank 0: as one process)
+    if acc.process_index:  # ranks start from different weights
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
-    opt = (make_sage_optimizer(model, lr=3e-3, beta3=0.8) if name == "acc_mix_sage"
-           else torch.optim.AdamW(model.parameters(), lr=3e-3))
+    opt = (
+        make_sage_optimizer(model, lr=3e-3, beta3=0.8)
+        if name == "acc_mix_sage"
+        else torch.optim.AdamW(model.parameters(), lr=3e-3)
+    )
     loader = torch.utils.data.DataLoader(Rows(), batch_size=GLOBAL_BATCH // world, shuffle=False)
     if name == "acc_mix_sage":
-        AccelerateDPS.prepare_mix(model)                 # Mix under DDP: patch before prepare wraps
+        AccelerateDPS.prepare_mix(model)  # Mix under DDP: patch before prepare wraps
     model, opt, loader = acc.prepare(model, opt, loader)
-    dps = AccelerateDPS(acc, model, total_steps=STEPS, p=P, update_ratio=UPDATE_RATIO,
-                        variant="mix" if name == "acc_mix_sage" else "dense", optimizer=opt)
+    dps = AccelerateDPS(
+        acc,
+        model,
+        total_steps=STEPS,
+        p=P,
+        update_ratio=UPDATE_RATIO,
+        variant="mix" if name == "acc_mix_sage" else "dense",
+        optimizer=opt,
+    )
     model.train()
     steps = []
     for batch in loader:
@@ -156,9 +193,14 @@ def run_accelerate(name: str, out: Path, world: int) -> dict:
                 steps.append(record_step(model, dps.dps))
             opt.step()
             opt.zero_grad()
-    return {"global_step": dps.step, "steps": steps, "params": _plain(acc.unwrap_model(model).state_dict()),
-            "dps": _plain(dps.dps.state_dict()), "optimizer": _plain(_inner(opt).state_dict()),
-            "ddp": type(model).__name__}
+    return {
+        "global_step": dps.step,
+        "steps": steps,
+        "params": _plain(acc.unwrap_model(model).state_dict()),
+        "dps": _plain(dps.dps.state_dict()),
+        "optimizer": _plain(_inner(opt).state_dict()),
+        "ddp": type(model).__name__,
+    }
 
 
 def run_errors(name: str, out: Path, world: int) -> dict:
@@ -172,11 +214,18 @@ def run_errors(name: str, out: Path, world: int) -> dict:
     from adaptune.schedules.integrations.hf import DPSCallback
 
     found = {}
-    args = TrainingArguments(output_dir=str(out / "trainer" / name), use_cpu=True,
-                             ddp_backend="gloo" if world > 1 else None, report_to=[], save_strategy="no",
-                             per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(out / "trainer" / name),
+        use_cpu=True,
+        ddp_backend="gloo" if world > 1 else None,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=STEPS,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Rows())
-    trainer.add_callback(DPSCallback(variant="mix", update_ratio=UPDATE_RATIO))   # after __init__: too late
+    trainer.add_callback(DPSCallback(variant="mix", update_ratio=UPDATE_RATIO))  # after __init__: too late
     try:
         trainer.train()
         found["hf"] = None

@@ -1,6 +1,7 @@
 """Fast checks of bench/gpu_check.sh's plumbing (the benchmarks themselves are not tests): the
 script stops at once without CUDA, its generated RTE files read as GLUE data, and the summary of
 (c) reads the runner's results.json files."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,8 +26,9 @@ def _gpu_check():
 def test_gpu_check_without_cuda_stops_at_once(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
     env.pop("GPU_CHECK_DRY", None)
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 3
     assert "no CUDA device" in proc.stderr
     assert "GPU_CHECK_DRY=1" in (tmp_path / "gpu_check.txt").read_text()
@@ -49,10 +51,21 @@ def test_summary_reads_results_and_flags_failures(tmp_path, capsys):
     def write(name, schedule, sps, status="completed"):
         run = tmp_path / name
         run.mkdir()
-        (run / "results.json").write_text(json.dumps({
-            "schedule": schedule, "status": status, "steps": 200, "samples_per_s": sps, "precision": "bf16",
-            "train_loss": [[200, 0.69]], "wall_time_s": 10.0, "train_time_s": 8.0,
-            "config": {"trainer": {"batch_size": 32}}}))
+        (run / "results.json").write_text(
+            json.dumps(
+                {
+                    "schedule": schedule,
+                    "status": status,
+                    "steps": 200,
+                    "samples_per_s": sps,
+                    "precision": "bf16",
+                    "train_loss": [[200, 0.69]],
+                    "wall_time_s": 10.0,
+                    "train_time_s": 8.0,
+                    "config": {"trainer": {"batch_size": 32}},
+                }
+            )
+        )
 
     write("a", "baseline", 100.0)
     write("b", "sage", 90.0)

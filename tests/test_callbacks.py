@@ -1,4 +1,5 @@
 """Callbacks (runner/callbacks.py, conf/callbacks/) and the precision helper (runner/precision.py)."""
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ class Recorder(Callback):
 
     def on_step_end(self, trainer, step, loss):
         evals = trainer.state.evals
-        self.events.append(("on_step_end", step, trainer.state.step, loss,
-                            evals[-1]["step"] if evals else None, trainer.last_saved_step))
+        self.events.append(
+            ("on_step_end", step, trainer.state.step, loss, evals[-1]["step"] if evals else None, trainer.last_saved_step)
+        )
 
     def on_epoch_end(self, trainer, epoch):
         self.events.append(("on_epoch_end", epoch, trainer.state.epoch, trainer.state.batch_in_epoch))
@@ -92,11 +94,18 @@ def test_user_callback_from_the_command_line_gets_the_events_in_order(tmp_path, 
     Recorder.instances.clear()
     schedule_calls = []
     for hook in ("on_step_begin", "on_before_clip", "on_gradients", "after_step"):
-        monkeypatch.setattr(BaselineSchedule, hook,
-                            lambda self, step, hook=hook: schedule_calls.append((hook, step)), raising=False)
+        monkeypatch.setattr(
+            BaselineSchedule, hook, lambda self, step, hook=hook: schedule_calls.append((hook, step)), raising=False
+        )
     # eval_every=null: the dev set is evaluated at the end of epoch 0 (step 4) and at the last step
-    over = _glue(tmp_path, "trainer.max_steps=6", "trainer.log_every=1", "trainer.save_every=5",
-                 "+callbacks.rec._target_=test_callbacks.Recorder", "+callbacks.rec.tag=mine")
+    over = _glue(
+        tmp_path,
+        "trainer.max_steps=6",
+        "trainer.log_every=1",
+        "trainer.save_every=5",
+        "+callbacks.rec._target_=test_callbacks.Recorder",
+        "+callbacks.rec.tag=mine",
+    )
     res = run(compose(over), tmp_path / "r")
 
     (rec,) = Recorder.instances
@@ -108,8 +117,9 @@ def test_user_callback_from_the_command_line_gets_the_events_in_order(tmp_path, 
     for name in per_step[:4]:
         assert [e[1] for e in rec.events if e[0] == name] == [1, 2, 3, 4, 5, 6]
     # the schedule is the first callback: its four hooks ran, with the same steps
-    assert schedule_calls == [(h, s) for s in range(1, 7)
-                              for h in ("on_step_begin", "on_before_clip", "on_gradients", "after_step")]
+    assert schedule_calls == [
+        (h, s) for s in range(1, 7) for h in ("on_step_begin", "on_before_clip", "on_gradients", "after_step")
+    ]
 
     ends = [e for e in rec.events if e[0] == "on_step_end"]
     assert [e[1] for e in ends] == [1, 2, 3, 4, 5, 6]
@@ -127,10 +137,13 @@ def test_user_callback_from_the_command_line_gets_the_events_in_order(tmp_path, 
     assert res["config"]["callbacks"]["rec"] == {"_target_": "test_callbacks.Recorder", "tag": "mine"}
 
 
-@pytest.mark.parametrize("eval_every, steps, expected", [
-    (3, 7, [3, 6, 7]),        # every 3 steps and at the last
-    (None, 10, [4, 8, 10]),   # null: at each epoch's end (4 steps) and at the last
-])
+@pytest.mark.parametrize(
+    "eval_every, steps, expected",
+    [
+        (3, 7, [3, 6, 7]),  # every 3 steps and at the last
+        (None, 10, [4, 8, 10]),  # null: at each epoch's end (4 steps) and at the last
+    ],
+)
 def test_evaluation_callback_evaluates_at_the_configured_steps(tmp_path, eval_every, steps, expected):
     over = _glue(tmp_path, f"trainer.max_steps={steps}", f"trainer.eval_every={'null' if eval_every is None else eval_every}")
     trainer = Trainer(compose(over), tmp_path / "r")
@@ -177,8 +190,13 @@ def test_checkpoint_callback_writes_at_save_every_and_each_evaluation(tmp_path, 
 
 
 def test_a_callback_stop_request_checkpoints_and_interrupts(tmp_path):
-    over = _glue(tmp_path, "trainer.max_steps=6", "trainer.save_every=100",
-                 "+callbacks.halt._target_=test_callbacks.StopAt", "+callbacks.halt.step=2")
+    over = _glue(
+        tmp_path,
+        "trainer.max_steps=6",
+        "trainer.save_every=100",
+        "+callbacks.halt._target_=test_callbacks.StopAt",
+        "+callbacks.halt.step=2",
+    )
     # the request comes from a callback after the checkpoint callback: on_stop still saves
     with pytest.raises(Interrupted, match=r"interrupted at step 2/6; checkpoint saved in .*checkpoints"):
         run(compose(over), tmp_path / "r")

@@ -1,5 +1,6 @@
 """ChildTuning-F and -D (docs/algorithms.md §3) against the spec, step by step on small tensors, and
 through the shared loop (resume skips D's Fisher pass and restores its mask)."""
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,7 @@ def test_f_keeps_bernoulli_entries_rescaled_by_one_over_reserve_p():
     params = _grads((3, 4), (5,))
     f = ChildTuningF(params, reserve_p=0.3, seed=7)
     replica = torch.Generator().manual_seed(7)
-    for step in range(3):   # a fresh B every step, continuing the schedule's own stream
+    for step in range(3):  # a fresh B every step, continuing the schedule's own stream
         before = [p.grad.clone() for p in params]
         f.apply()
         for p, g in zip(params, before):
@@ -102,7 +103,7 @@ def test_f_schedule_masks_every_optimizer_tensor_with_the_fast_optimizer():
     model = Tiny()
     schedule = build_schedule({"name": "childtuning_f", "keep_p": 0.5})
     schedule.setup(model, _tiny_patterns(), total_steps=10)
-    assert schedule.optimizer.defaults["fused"] is True   # schedule.impl=auto on CPU: fused AdamW
+    assert schedule.optimizer.defaults["fused"] is True  # schedule.impl=auto on CPU: fused AdamW
     params = [p for g in schedule.optimizer.param_groups for p in g["params"]]
     assert len(params) == 3
     big = [torch.ones(p.shape) for p in params]
@@ -119,8 +120,11 @@ def test_f_schedule_masks_every_optimizer_tensor_with_the_fast_optimizer():
 
 
 # --------------------------------------------------------------------------- ChildTuning-D
-X = [np.array([[1.0, 0.0, 2.0], [0.5, -1.0, 1.0]]), np.array([[-1.0, 2.0, 0.5], [0.0, 1.0, -1.0]]),
-     np.array([[2.0, 1.0, 1.0], [1.0, 1.0, 0.0]])]
+X = [
+    np.array([[1.0, 0.0, 2.0], [0.5, -1.0, 1.0]]),
+    np.array([[-1.0, 2.0, 0.5], [0.0, 1.0, -1.0]]),
+    np.array([[2.0, 1.0, 1.0], [1.0, 1.0, 0.0]]),
+]
 T = [np.array([1.0, -1.0]), np.array([0.5, 2.0]), np.array([-1.0, 0.0])]
 
 
@@ -132,18 +136,19 @@ def _hand_fisher(max_norm: float) -> list[np.ndarray]:
     fisher = [np.zeros((2, 3)), np.zeros(2)]
     for x, t in zip(X, T):
         y = (x @ w.T + b) @ v
-        dy = 2 * (y - t) / len(t)                 # d mean((y-t)^2) / dy
-        dh = dy[:, None] * v[None, :]             # (batch, 2)
+        dy = 2 * (y - t) / len(t)  # d mean((y-t)^2) / dy
+        dh = dy[:, None] * v[None, :]  # (batch, 2)
         for k, g in enumerate((dh.T @ x, dh.sum(0))):
-            norm = np.sqrt((g ** 2).sum())
+            norm = np.sqrt((g**2).sum())
             g = g * min(1.0, max_norm / (norm + 1e-6))
-            fisher[k] += g ** 2 / len(X)
+            fisher[k] += g**2 / len(X)
     return fisher
 
 
 def _loss_batches(model):
     def loss_of(x, t):
         return lambda: ((model(torch.tensor(x, dtype=torch.float32)) - torch.tensor(t, dtype=torch.float32)) ** 2).mean()
+
     return [loss_of(x, t) for x, t in zip(X, T)]
 
 
@@ -155,13 +160,13 @@ def test_d_fisher_and_global_percentile_mask(max_norm):
     d.compute(model, _loss_batches(model), max_grad_norm=max_norm)
     hand = _hand_fisher(max_norm if max_norm else float("inf"))
     flat = np.concatenate([h.reshape(-1) for h in hand])
-    threshold = np.percentile(flat, 70)          # 8 entries: index 4.9, between two of them
+    threshold = np.percentile(flat, 70)  # 8 entries: index 4.9, between two of them
     assert d.threshold == pytest.approx(threshold, rel=1e-5)
     for mask, h in zip(d.masks, hand):
         assert mask.dtype == torch.bool
         assert torch.equal(mask, torch.from_numpy(h >= threshold))
     assert int(sum(m.sum() for m in d.masks)) == 3 and d.kept == 3 / 8
-    assert all(p.grad is None for p in model.parameters())   # the pass leaves no gradient behind
+    assert all(p.grad is None for p in model.parameters())  # the pass leaves no gradient behind
     # percentile_threshold is numpy's on the fp32 scores
     scores = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([[4.0, 10.0]])]
     assert percentile_threshold(scores, 0.3) == pytest.approx(np.percentile([1, 2, 3, 4, 10], 70))
@@ -180,7 +185,7 @@ def test_d_mask_is_fixed_and_other_tensors_are_not_masked():
         d.apply()
         assert torch.equal(model.layer.weight.grad, grads["layer.weight"] * masks[0])
         assert torch.equal(model.layer.bias.grad, grads["layer.bias"] * masks[1])
-        assert torch.equal(model.head.weight.grad, grads["head.weight"])   # no "layer" in its name
+        assert torch.equal(model.head.weight.grad, grads["head.weight"])  # no "layer" in its name
     assert all(torch.equal(a, b) for a, b in zip(masks, d.masks))
 
 
@@ -216,17 +221,26 @@ def test_d_schedule_pass_keeps_global_rng_and_train_mode():
         return model(x).pow(2).sum()
 
     schedule.before_training(model, [loss, loss], max_grad_norm=1.0)
-    assert seen == [True, True] and not model.training   # dropout on during the pass, mode restored
-    assert torch.equal(torch.get_rng_state(), rng)        # training's dropout stays the baseline's
-    assert schedule.log_metrics(1)["childtuning/kept_fraction"] == pytest.approx(4 / 12)   # top 30%
+    assert seen == [True, True] and not model.training  # dropout on during the pass, mode restored
+    assert torch.equal(torch.get_rng_state(), rng)  # training's dropout stays the baseline's
+    assert schedule.log_metrics(1)["childtuning/kept_fraction"] == pytest.approx(4 / 12)  # top 30%
 
 
 # --------------------------------------------------------------------------- through the loop
 def _overrides(data, *extra):
-    return glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=4", "trainer.save_every=2",
-                          "trainer.eval_every=4", "trainer.log_every=2", "schedule.lr=5e-3",
-                          "schedule.warmup_ratio=0.0", "task.model.config_overrides.hidden_dropout_prob=0.1",
-                          *extra)
+    return glue_overrides(
+        data,
+        "rte",
+        "trainer.batch_size=8",
+        "trainer.max_steps=4",
+        "trainer.save_every=2",
+        "trainer.eval_every=4",
+        "trainer.log_every=2",
+        "schedule.lr=5e-3",
+        "schedule.warmup_ratio=0.0",
+        "task.model.config_overrides.hidden_dropout_prob=0.1",
+        *extra,
+    )
 
 
 def test_d_with_keep_p_1_trains_exactly_like_the_baseline(tmp_path):
@@ -273,7 +287,7 @@ def test_d_resume_skips_the_pass_and_restores_the_mask(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "_train_step", original_step)
     assert passes["n"] == 2
     resumed = run(compose(_overrides(data, "schedule=childtuning_d", "resume=true")), tmp_path / "cut")
-    assert passes["n"] == 2                      # no second pass on resume
+    assert passes["n"] == 2  # no second pass on resume
     a = ckpt.load(tmp_path / "full" / "checkpoints" / "last.pt")
     b = ckpt.load(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

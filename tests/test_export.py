@@ -1,5 +1,6 @@
 """``adaptune export``: a run's model as a Hugging Face directory that predicts exactly what the
 checkpoint predicts on the dev set; LoRA adapters merged or not; one-line errors."""
+
 from __future__ import annotations
 
 import csv
@@ -24,8 +25,9 @@ def _dev_texts(data):
 
 
 def _predict(model, tokenizer, pairs):
-    enc = tokenizer([a for a, _ in pairs], [b for _, b in pairs], padding=True, truncation=True, max_length=32,
-                    return_tensors="pt")
+    enc = tokenizer(
+        [a for a, _ in pairs], [b for _, b in pairs], padding=True, truncation=True, max_length=32, return_tensors="pt"
+    )
     with torch.no_grad():
         return model(**enc).logits
 
@@ -36,8 +38,14 @@ def test_exported_model_predicts_what_the_checkpoint_predicts(tmp_path, extra):
 
     data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=12)
     run_dir = tmp_path / "run"
-    run(compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=4", "trainer.eval_every=2",
-                               "schedule.lr=5e-3", *extra)), run_dir)
+    run(
+        compose(
+            glue_overrides(
+                data, "rte", "trainer.batch_size=8", "trainer.max_steps=4", "trainer.eval_every=2", "schedule.lr=5e-3", *extra
+            )
+        ),
+        run_dir,
+    )
     out = tmp_path / "export"
     export(run_dir, out, merge=bool(extra))
     task, reference = build_model(run_config(run_dir), run_dir, run_dir / "checkpoints" / "best.pt")
@@ -58,8 +66,7 @@ def test_exported_model_predicts_what_the_checkpoint_predicts(tmp_path, extra):
 
 def test_lora_run_exports_the_adapter_without_merge(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
-    run(compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=2", "task.peft=lora")),
-        tmp_path / "run")
+    run(compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=2", "task.peft=lora")), tmp_path / "run")
     export(tmp_path / "run", tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -67,11 +74,16 @@ def test_lora_run_exports_the_adapter_without_merge(tmp_path):
 
 def test_export_mistakes_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    out = subprocess.run([sys.executable, "-m", "adaptune", "export", str(tmp_path / "empty"), str(tmp_path / "o")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "adaptune", "export", str(tmp_path / "empty"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         f"adaptune export: error: {tmp_path / 'empty'} holds no run config (results.json or checkpoints/last.pt); "
-        "is it a run directory?"]
+        "is it a run directory?"
+    ]
 
 
 def test_image_classification_run_exports_in_timms_format(tmp_path):
@@ -81,12 +93,21 @@ def test_image_classification_run_exports_in_timms_format(tmp_path):
     from test_vit import TINY, write_imagefolder
 
     write_imagefolder(tmp_path / "images", {"train": 8, "val": 4})
-    over = ["task=vit", "task.dataset=imagefolder", f"task.data_dir={tmp_path / 'images'}",
-            "task.model.name=vit_tiny_patch16_224", "task.model.pretrained=false", "task.model.img_size=16",
-            *[f"+task.model.kwargs.{k}={v}" if k not in ("depth",) else f"task.model.kwargs.{k}={v}"
-              for k, v in TINY.items()],
-            "logger=none", "trainer.progress=false", "trainer.precision=fp32", "trainer.batch_size=8",
-            "trainer.max_steps=2", "trainer.num_threads=2"]
+    over = [
+        "task=vit",
+        "task.dataset=imagefolder",
+        f"task.data_dir={tmp_path / 'images'}",
+        "task.model.name=vit_tiny_patch16_224",
+        "task.model.pretrained=false",
+        "task.model.img_size=16",
+        *[f"+task.model.kwargs.{k}={v}" if k not in ("depth",) else f"task.model.kwargs.{k}={v}" for k, v in TINY.items()],
+        "logger=none",
+        "trainer.progress=false",
+        "trainer.precision=fp32",
+        "trainer.batch_size=8",
+        "trainer.max_steps=2",
+        "trainer.num_threads=2",
+    ]
     run_dir = tmp_path / "run"
     run(compose(over), run_dir)
     out = export(run_dir, tmp_path / "timm_export")
@@ -94,8 +115,7 @@ def test_image_classification_run_exports_in_timms_format(tmp_path):
 
     cfg = json.loads((out / "config.json").read_text())
     overlay = {"file": str(out / "model.safetensors"), "num_classes": cfg["num_classes"]}
-    model = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
-                              **cfg["model_args"]).eval()
+    model = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **cfg["model_args"]).eval()
     _, reference = build_model(run_config(run_dir), run_dir, run_dir / "checkpoints" / "best.pt")
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Faults beyond kill -9: a damaged checkpoint, a write that fails, two writers on one run
 directory. Each is created for real (a truncated file, ``ulimit -f``, two processes) and must end
 in at most a few lines, no traceback, nothing lost."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,16 @@ from adaptune.runner.loop import run
 
 
 def _over(data, *extra):
-    return glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=6", "trainer.save_every=2",
-                          "trainer.eval_every=3", "schedule.lr=5e-3", *extra)
+    return glue_overrides(
+        data,
+        "rte",
+        "trainer.batch_size=8",
+        "trainer.max_steps=6",
+        "trainer.save_every=2",
+        "trainer.eval_every=3",
+        "schedule.lr=5e-3",
+        *extra,
+    )
 
 
 def _truncate(path: Path) -> None:
@@ -71,13 +80,13 @@ def test_damaged_last_resumes_from_previous_and_ends_identical(full, tmp_path, c
     data, res, weights, _ = full
     run_dir = tmp_path / "r"
     run(compose(_over(data)), run_dir)
-    (run_dir / "results.json").unlink()               # as if stopped after its last checkpoint
-    _truncate(run_dir / "checkpoints" / ckpt.LAST)     # an interrupted copy, a disk error
+    (run_dir / "results.json").unlink()  # as if stopped after its last checkpoint
+    _truncate(run_dir / "checkpoints" / ckpt.LAST)  # an interrupted copy, a disk error
     with caplog.at_level("WARNING", logger="adaptune"):
         again = run(compose(_over(data)), run_dir)
     warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert len(warnings) == 1 and "resuming from" in warnings[0] and "(step 4)" in warnings[0]
-    assert (run_dir / "checkpoints" / "last.pt.damaged").is_file()   # kept for inspection
+    assert (run_dir / "checkpoints" / "last.pt.damaged").is_file()  # kept for inspection
     assert again["final"] == res["final"] and again["steps"] == 6
     assert all(torch.equal(weights[k], v) for k, v in _weights(run_dir).items())
 
@@ -98,7 +107,7 @@ def test_no_intact_checkpoint_is_one_line_and_overwrites_nothing(full, tmp_path)
     _no_traceback(out)
     assert len(out.stderr.strip().splitlines()) == 1 and "resume=false" in out.stderr
     assert {p.name: p.stat().st_size for p in (run_dir / "checkpoints").iterdir()} == sizes
-    again = run(compose(_over(data, "resume=false")), run_dir)   # the way out the message names
+    again = run(compose(_over(data, "resume=false")), run_dir)  # the way out the message names
     assert again["status"] == "completed"
 
 
@@ -117,7 +126,7 @@ def test_a_failed_write_is_one_line_and_the_same_command_resumes(full, tmp_path)
     assert len(lines) == 1, lines
     assert "could not write" in lines[0] and "last.pt" in lines[0] and "file too large" in lines[0]
     assert "run the same command again" in lines[0]
-    assert not list((run_dir / "checkpoints").glob(".*.tmp"))   # no torn or stray file
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # no torn or stray file
     again = _cli(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     result = json.loads((run_dir / "results.json").read_text())
@@ -143,10 +152,19 @@ def test_write_failed_keeps_the_target_and_names_the_reason(tmp_path, monkeypatc
 def test_second_writer_exits_at_once_naming_the_holder(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
     run_dir = tmp_path / "r"
-    args = [*glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=100000", "trainer.save_every=5",
-                            "trainer.eval_every=100000"), f"hydra.run.dir={run_dir}"]
-    first = subprocess.Popen([sys.executable, "-m", "adaptune", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True)
+    args = [
+        *glue_overrides(
+            data, "rte", "trainer.batch_size=8", "trainer.max_steps=100000", "trainer.save_every=5", "trainer.eval_every=100000"
+        ),
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "adaptune", *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not (run_dir / "checkpoints" / ckpt.LAST).is_file():
@@ -157,7 +175,7 @@ def test_second_writer_exits_at_once_naming_the_holder(tmp_path):
         _no_traceback(second)
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and f"is in use by pid {first.pid} on " in lines[0], lines
-        assert first.poll() is None   # the first one trains on
+        assert first.poll() is None  # the first one trains on
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -170,10 +188,17 @@ def test_second_writer_exits_at_once_naming_the_holder(tmp_path):
 def test_a_locked_job_of_a_multirun_is_skipped_and_the_sweep_goes_on(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=24, n_dev=8)
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "adaptune", "-m", *glue_overrides(data, "rte", "trainer.batch_size=8",
-                                                                 "trainer.max_steps=2"),
-           "seed=1,2", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=seed${seed}"]
-    with run_lock(sweep / "seed1"):   # another process holds job seed=1
+    cmd = [
+        sys.executable,
+        "-m",
+        "adaptune",
+        "-m",
+        *glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=2"),
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=seed${seed}",
+    ]
+    with run_lock(sweep / "seed1"):  # another process holds job seed=1
         out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr
@@ -184,10 +209,16 @@ def test_a_locked_job_of_a_multirun_is_skipped_and_the_sweep_goes_on(tmp_path):
 
 def _compare_spec(tmp_path, data):
     spec = tmp_path / "tiny.yaml"
-    overrides = [o for o in glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=12",
-                                           "trainer.save_every=2", "trainer.eval_every=6")]
-    spec.write_text("seeds: [1, 2]\noverrides: [" + ", ".join(json.dumps(o) for o in overrides) + "]\n"
-                    "grids:\n  baseline: {schedule.lr: [5e-3]}\n  sage: {schedule.lr: [1e-2]}\n")
+    overrides = [
+        o
+        for o in glue_overrides(
+            data, "rte", "trainer.batch_size=8", "trainer.max_steps=12", "trainer.save_every=2", "trainer.eval_every=6"
+        )
+    ]
+    spec.write_text(
+        "seeds: [1, 2]\noverrides: [" + ", ".join(json.dumps(o) for o in overrides) + "]\n"
+        "grids:\n  baseline: {schedule.lr: [5e-3]}\n  sage: {schedule.lr: [1e-2]}\n"
+    )
     return spec
 
 
@@ -211,16 +242,22 @@ def test_an_interrupted_comparison_ends_as_an_uninterrupted_one(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
     spec = _compare_spec(tmp_path, data)
     cmd = [sys.executable, "-m", "adaptune", "compare", str(spec)]
-    full = subprocess.run([*cmd, f"hydra.sweep.dir={tmp_path / 'full'}"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900)
+    full = subprocess.run(
+        [*cmd, f"hydra.sweep.dir={tmp_path / 'full'}"], cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
     assert full.returncode == 0, full.stderr[-3000:]
     expected = _sweep_results(tmp_path / "full")
     assert len(expected) == 4
 
     sweep = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:   # kill when one run is finished and another is half-way (a checkpoint, no results yet)
+    proc = subprocess.Popen(
+        [*cmd, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:  # kill when one run is finished and another is half-way (a checkpoint, no results yet)
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
             done = list(sweep.glob("*/results.json"))
@@ -234,8 +271,7 @@ def test_an_interrupted_comparison_ends_as_an_uninterrupted_one(tmp_path):
         proc.wait()
     assert 0 < len(list(sweep.glob("*/results.json"))) < 4
 
-    again = subprocess.run([*cmd, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=900)
+    again = subprocess.run([*cmd, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _sweep_results(sweep) == expected
     assert _report_rows(sweep) == _report_rows(tmp_path / "full")
@@ -251,11 +287,14 @@ def _resumable(full, tmp_path, name="r"):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d.pop("schedule"), r"written by another version of adaptune \(it has no schedule\)"),
-    (lambda d: d["state"].update(momentum_window=[]), r"its training state has momentum_window"),
-    (lambda d: d["model"].pop(next(iter(d["model"]))), r"does not fit the model .* task\.model\.\*"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d.pop("schedule"), r"written by another version of adaptune \(it has no schedule\)"),
+        (lambda d: d["state"].update(momentum_window=[]), r"its training state has momentum_window"),
+        (lambda d: d["model"].pop(next(iter(d["model"]))), r"does not fit the model .* task\.model\.\*"),
+    ],
+)
 def test_a_checkpoint_of_another_version_is_one_line(full, tmp_path, edit, message):
     """A last.pt with a missing key, an unknown state field or missing weights: exit 2 with one
     line naming the file and the way out; nothing trained."""
@@ -289,7 +328,7 @@ def test_changed_data_refuses_to_resume_and_the_same_bytes_resume(full, tmp_path
     (run_dir / "results.json").unlink()
     train = own / "train.tsv"
     text = train.read_text()
-    train.write_text(text)                                   # same bytes, new time: same data
+    train.write_text(text)  # same bytes, new time: same data
     again = run(compose(_over(own)), run_dir)
     assert again["final"] == res["final"]
     (run_dir / "results.json").unlink()
@@ -327,8 +366,13 @@ def test_a_fresh_start_drops_the_earlier_runs_best_and_export_refuses_a_foreign_
     foreign = ckpt.load(run_dir / "checkpoints" / ckpt.LAST)
     foreign["model"] = {k: v[..., :1].clone() if v.ndim else v for k, v in foreign["model"].items()}
     torch.save(foreign, best)
-    out = subprocess.run([sys.executable, "-m", "adaptune", "export", str(run_dir), str(tmp_path / "m")],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "adaptune", "export", str(run_dir), str(tmp_path / "m")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     _no_traceback(out)
     lines = out.stderr.strip().splitlines()

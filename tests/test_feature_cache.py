@@ -1,6 +1,7 @@
 """The on-disk feature cache (tasks/feature_cache.py): a hit tokenizes and reads nothing, the key
 follows content / max length / tokenizer, writes are atomic, damaged entries are rebuilt, loads are
 memory-mapped, and a task's subsets and batches are the same with and without it."""
+
 from __future__ import annotations
 
 import gc
@@ -55,8 +56,11 @@ def write_mnli(directory, n_train=120, n_dev=30, seed=0):
     words = "the a cat dog man woman walks sleeps runs park city river green old new big".split()
     header = "index\tsentence1\tsentence2\tgold_label"
     for name, n in (("train.tsv", n_train), ("dev_matched.tsv", n_dev), ("dev_mismatched.tsv", n_dev)):
-        rows = [f"{i}\t{' '.join(rng.choices(words, k=rng.randint(3, 30)))}\t"
-                f"{' '.join(rng.choices(words, k=rng.randint(2, 12)))}\t{rng.choice(LABELS)}" for i in range(n)]
+        rows = [
+            f"{i}\t{' '.join(rng.choices(words, k=rng.randint(3, 30)))}\t"
+            f"{' '.join(rng.choices(words, k=rng.randint(2, 12)))}\t{rng.choice(LABELS)}"
+            for i in range(n)
+        ]
         (directory / name).write_text("\n".join([header, *rows]) + "\n")
     return directory
 
@@ -76,7 +80,7 @@ def test_second_build_is_a_hit_that_neither_reads_nor_tokenizes(tmp_path, tokeni
     first = fc.FeatureCache(tmp_path / "cache", first_tok, 32).features(counted)
     assert first_tok.calls == 1 and reads == [1] and len(first) == 120
     again_tok = Counting(tokenizer)
-    again = fc.FeatureCache(tmp_path / "cache", again_tok, 32).features(counted)   # another run
+    again = fc.FeatureCache(tmp_path / "cache", again_tok, 32).features(counted)  # another run
     assert again_tok.calls == 0 and reads == [1]
     assert again.path == first.path and again.labels == first.labels and again.lengths == first.lengths
     examples = source.read()
@@ -99,10 +103,10 @@ def test_key_follows_content_max_length_and_tokenizer_not_paths_or_mtime(tmp_pat
 
     base = key()
     train = data / "train.tsv"
-    os.utime(train, (1, 1))   # touched: same content, same key
+    os.utime(train, (1, 1))  # touched: same content, same key
     assert key() == base
     text = train.read_text()
-    train.write_text(text.replace("cat", "cow", 1))   # same size, other content
+    train.write_text(text.replace("cat", "cow", 1))  # same size, other content
     assert key() != base
     train.write_text(text)
     assert key() == base and key(max_len=64) != base
@@ -110,13 +114,13 @@ def test_key_follows_content_max_length_and_tokenizer_not_paths_or_mtime(tmp_pat
     copy.mkdir(parents=True)
     for f in data.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
-    assert key(directory=copy) == base   # the same data in another directory shares the entry
+    assert key(directory=copy) == base  # the same data in another directory shares the entry
     saved = tmp_path / "tok"
     tokenizer.save_pretrained(saved)
-    assert key(tok=AutoTokenizer.from_pretrained(saved)) == base   # the same tokenizer elsewhere
+    assert key(tok=AutoTokenizer.from_pretrained(saved)) == base  # the same tokenizer elsewhere
     assert key(tok=AutoTokenizer.from_pretrained(MODEL, do_lower_case=False)) != base
     assert key(tok=AutoTokenizer.from_pretrained(MODEL, truncation_side="left")) != base
-    tokenizer(["a b c d e f g h"], truncation=True, max_length=4)   # call-time state is not content
+    tokenizer(["a b c d e f g h"], truncation=True, max_length=4)  # call-time state is not content
     assert key() == base
     # the reader's options are part of the key too
     skipping, _ = load_sources(get_spec("mnli"), str(data), skip_malformed=True)
@@ -174,20 +178,22 @@ KILLED_BUILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e  # a build process killed half-way
 def test_a_build_killed_midway_leaves_no_readable_entry(tmp_path, tokenizer, caplog):
     data = write_mnli(tmp_path / "mnli", n_train=100)
     root = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(data), str(root), MODEL], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_BUILD, str(data), str(root), MODEL], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -9, proc.stderr
     leftovers = [p.name for p in root.iterdir() if p.name != ".locks"]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp-")   # never renamed into place
-    assert (root / leftovers[0] / fc.FILE).stat().st_size > 0   # it had written part of the file
+    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp-")  # never renamed into place
+    assert (root / leftovers[0] / fc.FILE).stat().st_size > 0  # it had written part of the file
     counting = Counting(tokenizer)
     with caplog.at_level(logging.WARNING, logger="adaptune"):
         features = fc.FeatureCache(root, counting, 32).features(_source(data))
-    assert counting.calls == 1 and not caplog.records   # built afresh, nothing damaged was read
-    assert len(features) == 100 and features.path.name == leftovers[0][len(".tmp-"):].rsplit("-", 1)[0]
+    assert counting.calls == 1 and not caplog.records  # built afresh, nothing damaged was read
+    assert len(features) == 100 and features.path.name == leftovers[0][len(".tmp-") :].rsplit("-", 1)[0]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "no_info", "garbage"])
@@ -250,12 +256,11 @@ def test_two_runs_building_one_entry_at_once_tokenize_once(tmp_path):
         print(len(calls), len(features), sum(features.lengths))
     """)
     args = [sys.executable, "-c", code, str(data), str(tmp_path / "cache"), MODEL]
-    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     results = sorted(tuple(map(int, out.split())) for out, _ in outs)
-    assert results[0][0] == 0 and results[1][0] == 8   # one tokenized, the other mapped its file
+    assert results[0][0] == 0 and results[1][0] == 8  # one tokenized, the other mapped its file
     assert results[0][1:] == results[1][1:] and results[0][1] == 64
 
 
@@ -269,25 +274,38 @@ def test_a_loaded_entry_is_memory_mapped(tmp_path, tokenizer):
     before = pa.total_allocated_bytes()
     features = fc.FeatureCache(tmp_path / "cache", tokenizer, 32).features(_source(data))
     size = (path / fc.FILE).stat().st_size
-    assert size > 100_000 and pa.total_allocated_bytes() - before < size / 100   # no column copied into memory
+    assert size > 100_000 and pa.total_allocated_bytes() - before < size / 100  # no column copied into memory
     mapped = [line for line in open("/proc/self/maps") if line.rstrip().endswith(str(path / fc.FILE))]
     assert mapped
     ids = features.columns()["input_ids"]
     batch = ids.padded([5, 0, 1999], width=32, pad=0)
-    assert batch.dtype.name == "int64" and [list(row[: len(ids[i])]) for row, i in zip(batch, (5, 0, 1999))] == \
-        [ids[5], ids[0], ids[1999]]
-    assert all((row[len(ids[i]):] == 0).all() for row, i in zip(batch, (5, 0, 1999)))
+    assert batch.dtype.name == "int64" and [list(row[: len(ids[i])]) for row, i in zip(batch, (5, 0, 1999))] == [
+        ids[5],
+        ids[0],
+        ids[1999],
+    ]
+    assert all((row[len(ids[i]) :] == 0).all() for row, i in zip(batch, (5, 0, 1999)))
     view = features.take([1999, 7, 5]).columns()["input_ids"]
     assert view[0] == ids[1999] and (view.padded([2, 0], 32, 0) == batch[[0, 2]]).all()
-    again = pickle.loads(pickle.dumps(view))   # a DataLoader worker that spawns maps the file again
+    again = pickle.loads(pickle.dumps(view))  # a DataLoader worker that spawns maps the file again
     assert len(pickle.dumps(view)) < 1000 and (again.padded([2, 0], 32, 0) == batch[[0, 2]]).all()
 
 
 # ------------------------------------------------------------------------------ the task: same data, same batches
 def _task(tmp_path, data, name, cache, *extra):
-    cfg = compose(["task=glue", f"task.name={name}", f"task.data_dir={data}", *TINY_BERT, "trainer.batch_size=8",
-                   "trainer.eval_batch_size=16", f"task.feature_cache={str(cache).lower()}",
-                   f"task.feature_cache_dir={tmp_path / 'cache'}", *extra])
+    cfg = compose(
+        [
+            "task=glue",
+            f"task.name={name}",
+            f"task.data_dir={data}",
+            *TINY_BERT,
+            "trainer.batch_size=8",
+            "trainer.eval_batch_size=16",
+            f"task.feature_cache={str(cache).lower()}",
+            f"task.feature_cache_dir={tmp_path / 'cache'}",
+            *extra,
+        ]
+    )
     task = build_task(cfg.task, tmp_path / "run", seed=3)
     task.setup()
     return task
@@ -299,12 +317,15 @@ def _same_batch(a, b):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("name,extra", [
-    ("mnli", ["task.selection_split=0.2", "task.train_subset=60", "task.eval_subset=20"]),
-    ("mnli", ["task.group_by_length=false", "task.train_subset=50"]),
-    ("stsb", ["task.train_subset=30", "task.selection_split=10"]),
-    ("cola", ["task.eval_subset=7"]),
-])
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("mnli", ["task.selection_split=0.2", "task.train_subset=60", "task.eval_subset=20"]),
+        ("mnli", ["task.group_by_length=false", "task.train_subset=50"]),
+        ("stsb", ["task.train_subset=30", "task.selection_split=10"]),
+        ("cola", ["task.eval_subset=7"]),
+    ],
+)
 def test_subsets_and_batches_are_identical_with_and_without_the_cache(tmp_path, name, extra):
     data = write_mnli(tmp_path / name) if name == "mnli" else write_glue(tmp_path / name, name, n_train=80, n_dev=24)
     old = _task(tmp_path, data, name, False, *extra)
@@ -325,5 +346,5 @@ def test_subsets_and_batches_are_identical_with_and_without_the_cache(tmp_path, 
                 assert a["ids"] == b["ids"] and a["suffix"] == b["suffix"]
                 _same_batch(a["inputs"], b["inputs"])
         assert new.summary() == old.summary()
-    assert new.eval_sets["dev"][0][0]["input_ids"].origin is not None   # read from the mapped file
+    assert new.eval_sets["dev"][0][0]["input_ids"].origin is not None  # read from the mapped file
     assert len(list((tmp_path / "cache").glob("[0-9a-f]*"))) == 1 + len(get_spec(name).dev_files)

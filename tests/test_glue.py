@@ -1,4 +1,5 @@
 """GLUE task: readers of the original TSV formats, official metrics, training, clear errors."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,17 @@ def test_metrics_match_hand_computed_values():
 
 
 def test_every_glue_task_has_its_official_metrics():
-    expected = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "stsb": "pearson", "qqp": "f1",
-                "mnli": "accuracy_m", "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}
+    expected = {
+        "cola": "matthews",
+        "sst2": "accuracy",
+        "mrpc": "f1",
+        "stsb": "pearson",
+        "qqp": "f1",
+        "mnli": "accuracy_m",
+        "qnli": "accuracy",
+        "rte": "accuracy",
+        "wnli": "accuracy",
+    }
     for name, main in expected.items():
         assert SPECS[name].main_metric == main
     assert set(SPECS["mrpc"].metrics) == {"f1", "accuracy"}
@@ -57,8 +67,10 @@ def test_reads_original_glue_tsv_formats(tmp_path, task):
 
 
 def test_reads_real_mnli_columns(tmp_path):
-    header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
-              "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label")
+    header = (
+        "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+        "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label"
+    )
     row = "0\t1\t1e\tgov\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tA man sleeps .\tA person rests .\tneutral\tneutral"
     (tmp_path / "dev_matched.tsv").write_text(header + "\n" + row + "\n")
     ex = read_tsv(get_spec("mnli"), tmp_path / "dev_matched.tsv")
@@ -105,8 +117,7 @@ def test_stratified_subset_is_the_dps_scripts_sampler():
     for seed in (1, 666):
         y = np.array(labels)
         idx, _ = next(StratifiedShuffleSplit(n_splits=1, train_size=50, random_state=seed).split(y, y))
-        assert [e.text_a for e in stratified_subset(data, 50, seed, regression=False)] == \
-            [f"s{i}" for i in sorted(idx.tolist())]
+        assert [e.text_a for e in stratified_subset(data, 50, seed, regression=False)] == [f"s{i}" for i in sorted(idx.tolist())]
 
 
 # ------------------------------------------------------------------------------ bad inputs
@@ -132,16 +143,28 @@ def test_offline_hub_without_data_dir_says_how_to_get_data(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------------------ training
-@pytest.mark.parametrize("task,keys", [
-    ("rte", {"accuracy", "loss", "pred_frac_entailment", "pred_frac_not_entailment", "pred_classes"}),
-    ("cola", {"matthews", "accuracy", "loss", "pred_frac_0", "pred_frac_1", "pred_classes"}),
-    ("mrpc", {"f1", "accuracy", "loss", "pred_frac_0", "pred_frac_1", "pred_classes"}),
-    ("stsb", {"pearson", "spearman", "loss", "pred_std"}),
-])
+@pytest.mark.parametrize(
+    "task,keys",
+    [
+        ("rte", {"accuracy", "loss", "pred_frac_entailment", "pred_frac_not_entailment", "pred_classes"}),
+        ("cola", {"matthews", "accuracy", "loss", "pred_frac_0", "pred_frac_1", "pred_classes"}),
+        ("mrpc", {"f1", "accuracy", "loss", "pred_frac_0", "pred_frac_1", "pred_classes"}),
+        ("stsb", {"pearson", "spearman", "loss", "pred_std"}),
+    ],
+)
 def test_tiny_bert_learns_each_glue_shape(tmp_path, glue_dir, task, keys):
     data = glue_dir(task)
-    cfg = compose(glue_overrides(data, task, "trainer.batch_size=16", "trainer.epochs=6",
-                                 "trainer.log_every=6", "schedule.lr=5e-3", "schedule.warmup_ratio=0.05"))
+    cfg = compose(
+        glue_overrides(
+            data,
+            task,
+            "trainer.batch_size=16",
+            "trainer.epochs=6",
+            "trainer.log_every=6",
+            "schedule.lr=5e-3",
+            "schedule.warmup_ratio=0.05",
+        )
+    )
     res = run(cfg, tmp_path / "run")
     assert set(res["final"]) == keys
     losses = [loss for _, loss in res["train_loss"]]
@@ -149,7 +172,7 @@ def test_tiny_bert_learns_each_glue_shape(tmp_path, glue_dir, task, keys):
     assert losses[-1] < 0.7 * losses[0], losses
     assert res["best"][res["main_metric"]] >= res["final"][res["main_metric"]]
     assert (tmp_path / "run" / "results.json").is_file()
-    assert res["degenerate"] is None   # it learned: both classes predicted / predictions spread
+    assert res["degenerate"] is None  # it learned: both classes predicted / predictions spread
 
 
 def test_loading_the_pretrained_encoder_prints_one_line_not_transformers_table(caplog, capfd):
@@ -183,20 +206,21 @@ def test_head_init_torch_default_is_nn_linears_init(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
     models = {}
     for init in ("hf", "torch_default"):
-        cfg = compose(["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT,
-                       f"task.model.head_init={init}"])
+        cfg = compose(["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT, f"task.model.head_init={init}"])
         torch.manual_seed(0)
         task = build_task(cfg.task, tmp_path / init, seed=0)
         torch.manual_seed(0)
         models[init] = task.build_model()
     hf, td = models["hf"].classifier, models["torch_default"].classifier
-    bound = 1 / hf.in_features ** 0.5
+    bound = 1 / hf.in_features**0.5
     assert hf.weight.std() < 0.03 and torch.all(hf.bias == 0)
     assert td.weight.abs().max() <= bound and td.bias.abs().max() <= bound and td.bias.abs().sum() > 0
-    assert td.weight.std() > 0.5 * bound / 3 ** 0.5
-    assert all(torch.equal(a, b) for (n, a), (_, b) in zip(models["hf"].named_parameters(),
-                                                           models["torch_default"].named_parameters())
-               if not n.startswith("classifier."))
+    assert td.weight.std() > 0.5 * bound / 3**0.5
+    assert all(
+        torch.equal(a, b)
+        for (n, a), (_, b) in zip(models["hf"].named_parameters(), models["torch_default"].named_parameters())
+        if not n.startswith("classifier.")
+    )
 
 
 def test_near_degenerate_predictions_are_flagged_and_the_floor_is_the_majority(tmp_path):
@@ -208,8 +232,9 @@ def test_near_degenerate_predictions_are_flagged_and_the_floor_is_the_majority(t
     from adaptune.tasks import build_task
 
     data = write_glue(tmp_path / "cola", "cola", n_train=16, n_dev=40)
-    task = build_task(compose(["task=glue", "task.name=cola", f"task.data_dir={data}", *TINY_BERT]).task,
-                      tmp_path / "run", seed=0)
+    task = build_task(
+        compose(["task=glue", "task.name=cola", f"task.data_dir={data}", *TINY_BERT]).task, tmp_path / "run", seed=0
+    )
     task.setup()
     labels = list(task.eval_sets["dev"][0][0]["labels"])
     share1 = labels.count(1) / len(labels)

@@ -1,4 +1,5 @@
 """GLUE TSV files that are not UTF-8 text: one-line errors naming the file, line and byte offset."""
+
 from __future__ import annotations
 
 import gzip
@@ -34,8 +35,9 @@ def test_latin1_byte_names_file_line_and_offset(tmp_path):
     path, offset = _latin1_on_line_3(tmp_path / "rte")
     with pytest.raises(ConfigError) as err:
         read_tsv(RTE, path)
-    assert str(err.value) == (f"{path}:3: not UTF-8 text (byte 0xe9 at byte offset {offset}): "
-                              "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    assert str(err.value) == (
+        f"{path}:3: not UTF-8 text (byte 0xe9 at byte offset {offset}): re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained UnicodeDecodeError
 
 
@@ -64,8 +66,9 @@ def test_random_bytes_are_reported_as_binary(tmp_path):
     line = data.count(b"\n", 0, nul) + 1
     with pytest.raises(ConfigError) as err:
         read_tsv(RTE, path)
-    assert str(err.value) == (f"{path}:{line}: binary data (a NUL byte at byte offset {nul}), not a text file: "
-                              "expected a GLUE .tsv file in UTF-8")
+    assert str(err.value) == (
+        f"{path}:{line}: binary data (a NUL byte at byte offset {nul}), not a text file: expected a GLUE .tsv file in UTF-8"
+    )
 
 
 def test_random_bytes_without_nul_are_not_utf8(tmp_path):
@@ -78,8 +81,11 @@ def test_random_bytes_without_nul_are_not_utf8(tmp_path):
     except UnicodeDecodeError as e:
         offset = e.start
     line = data.count(b"\n", 0, offset) + 1
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line}: not UTF-8 text "
-                                          rf"\(byte 0x{data[offset]:02x} at byte offset {offset}\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{re.escape(str(path))}:{line}: not UTF-8 text "
+        rf"\(byte 0x{data[offset]:02x} at byte offset {offset}\)",
+    ):
         read_tsv(RTE, path)
 
 
@@ -98,9 +104,9 @@ def test_utf16_and_gzip_files_say_what_they_are(tmp_path):
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     path, offset = _latin1_on_line_3(tmp_path / "rte")
     args = [*glue_overrides(path.parent, "rte"), "trainer=cpu_fast", f"hydra.run.dir={tmp_path / 'run'}"]
-    out = subprocess.run([sys.executable, "-m", "adaptune", *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-m", "adaptune", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
     assert out.stderr.splitlines() == [
         f"adaptune: error: {path}:3: not UTF-8 text (byte 0xe9 at byte offset {offset}): "
-        "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"], out.stderr
+        "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    ], out.stderr

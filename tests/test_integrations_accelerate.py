@@ -1,4 +1,5 @@
 """DPS in a plain accelerate loop (mask, then clip: the reference order) and the runnable example."""
+
 from __future__ import annotations
 
 import sys
@@ -50,10 +51,10 @@ def test_accelerate_dps_masks_before_clipping_like_a_hand_loop():
     ref_dps = DPS(linear_weights(ref), steps, 0.3, 0.25, "dense", patterns=dps.dps.names)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     for step in range(1, steps + 1):
-        for batch in batches[(step - 1) * accum: step * accum]:
+        for batch in batches[(step - 1) * accum : step * accum]:
             (ref(**batch).loss / accum).backward()
-        ref_dps.on_gradients(step)                               # mask ...
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)    # ... then clip
+        ref_dps.on_gradients(step)  # mask ...
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)  # ... then clip
         ref_opt.step()
         ref_opt.zero_grad()
     for a, b in zip(dps.dps.masks, ref_dps.masks):
@@ -112,15 +113,16 @@ def test_save_state_and_load_state_resume_dps_bit_identically(tmp_path, variant)
     full_masks = [m.clone() for m in dps.dps.masks if m is not None]
 
     acc, model, opt, dps = fresh()
-    _train(acc, model, opt, dps, batches[:5 * accum])
+    _train(acc, model, opt, dps, batches[: 5 * accum])
     acc.save_state(str(tmp_path / "state"))
     acc, model, opt, dps = fresh()
     acc.load_state(str(tmp_path / "state"))
     assert dps.step == 5 and dps.dps.state_dict()["begun_step"] == 5
-    _train(acc, model, opt, dps, batches[5 * accum:])
+    _train(acc, model, opt, dps, batches[5 * accum :])
     assert dps.step == steps
     assert [m for m in dps.dps.masks if m is not None] and all(
-        torch.equal(a, b) for a, b in zip(full_masks, [m for m in dps.dps.masks if m is not None]))
+        torch.equal(a, b) for a, b in zip(full_masks, [m for m in dps.dps.masks if m is not None])
+    )
     for k, v in acc.unwrap_model(model).state_dict().items():
         assert torch.equal(full[k], v), k
 
@@ -128,7 +130,7 @@ def test_save_state_and_load_state_resume_dps_bit_identically(tmp_path, variant)
 def test_total_steps_counts_partial_accumulation_groups():
     from adaptune.schedules.integrations.accelerate import total_steps
 
-    assert total_steps(10, epochs=3, gradient_accumulation_steps=4) == 9   # 4 + 4 + 2 per epoch
+    assert total_steps(10, epochs=3, gradient_accumulation_steps=4) == 9  # 4 + 4 + 2 per epoch
     assert total_steps(range(8), epochs=2) == 16
     with pytest.raises(ValueError, match="positive"):
         total_steps(0, epochs=1)

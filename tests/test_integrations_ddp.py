@@ -24,6 +24,7 @@ Also: DPS-Mix patched after DDP wrapped the model is refused under DDP (it hid t
 gradients from DDP's all-reduce: the ranks drifted apart in the Trainer, and accelerate's DDP
 raised at the second forward).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 from conftest import REPO  # noqa: E402
 from ddp_integration_driver import STEPS, tiny_bert  # noqa: E402
 
-pytestmark = pytest.mark.e2e   # the module's fixture runs torchrun (two processes) for every test
+pytestmark = pytest.mark.e2e  # the module's fixture runs torchrun (two processes) for every test
 
 DRIVER = Path(__file__).with_name("ddp_integration_driver.py")
 TRAINING = ["hf_dense", "hf_mix", "hf_sage", "acc_dense", "acc_mix_sage"]
@@ -54,8 +55,14 @@ SELECTION_STEPS = (3, 4)
 
 
 def _run(cmd: list[str], what: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_DISABLED="true",
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{what} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
@@ -75,8 +82,10 @@ def runs(tmp_path_factory):
     def load(path):
         return torch.load(path, weights_only=True)
 
-    return {"one": {s: load(out / "one" / f"{s}.rank0.pt") for s in SCENARIOS},
-            "two": {s: [load(out / "two" / f"{s}.rank{r}.pt") for r in (0, 1)] for s in SCENARIOS}}
+    return {
+        "one": {s: load(out / "one" / f"{s}.rank0.pt") for s in SCENARIOS},
+        "two": {s: [load(out / "two" / f"{s}.rank{r}.pt") for r in (0, 1)] for s in SCENARIOS},
+    }
 
 
 def assert_same(a, b, path: str = "", atol: float | None = None) -> None:
@@ -107,8 +116,8 @@ def test_two_ranks_end_bit_identical(runs, scenario):
         assert r["world"] == 2 and r["ddp"] == "DistributedDataParallel"
         assert r["global_step"] == STEPS and len(r["steps"]) == STEPS
     assert_same(r0["params"], r1["params"], "params")
-    assert_same(r0["steps"], r1["steps"], "steps")          # grads, masks, Mix draws of every step
-    assert_same(r0["dps"], r1["dps"], "dps")                # seed, generator, scores, selection record
+    assert_same(r0["steps"], r1["steps"], "steps")  # grads, masks, Mix draws of every step
+    assert_same(r0["dps"], r1["dps"], "dps")  # seed, generator, scores, selection record
     assert_same(r0["optimizer"], r1["optimizer"], "optimizer")
     assert r0["optimizer"]["state"], "the optimizer never stepped"
     initial = tiny_bert().state_dict()
@@ -116,7 +125,7 @@ def test_two_ranks_end_bit_identical(runs, scenario):
     if scenario == "hf_sage":
         groups, state = r0["optimizer"]["param_groups"], r0["optimizer"]["state"].values()
         sage = sum(len(g["params"]) for g in groups if g["sage"])
-        assert sum("exp_avg_sens" in s for s in state) == sage >= 1     # the sensitivity EMA of the SAGE group
+        assert sum("exp_avg_sens" in s for s in state) == sage >= 1  # the sensitivity EMA of the SAGE group
 
 
 @pytest.mark.parametrize("scenario", DPS_SCENARIOS)
@@ -128,17 +137,17 @@ def test_dps_phases_and_masks_under_ddp(runs, scenario):
     for step, rec in enumerate(rank0["steps"], 1):
         selecting = step in SELECTION_STEPS
         for name, mask, noise in zip(dps["names"], rec["masks"], rec["noise"]):
-            patched = name[: -len("weight")] + "parametrizations.weight.original"    # Mix's parameter name
+            patched = name[: -len("weight")] + "parametrizations.weight.original"  # Mix's parameter name
             grad = rec["grads"][name if name in rec["grads"] else patched]
             if selecting:
                 assert mask is not None and 0.69 < mask.float().mean() < 0.75, (step, name)
                 assert bool((grad[~mask] == 0).all()) and bool((grad[mask] != 0).any()), (step, name)
             else:
                 assert mask is None, (step, name)
-                if mix:   # exploration: g *= N, N per input column
+                if mix:  # exploration: g *= N, N per input column
                     assert noise is not None and 0.3 < noise.float().mean() < 0.95, (step, name)
                     assert bool((grad[:, ~noise[0]] == 0).all()), (step, name)
-    if mix:   # N is redrawn every exploration step
+    if mix:  # N is redrawn every exploration step
         assert any(not torch.equal(a, b) for a, b in zip(rank0["steps"][0]["noise"], rank0["steps"][1]["noise"]))
 
 
@@ -158,7 +167,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(runs, scenario):
 
 
 def test_mix_patched_after_the_ddp_wrap_is_refused(runs):
-    assert runs["one"]["errors"]["hf"] is None and runs["one"]["errors"]["acc"] is None   # one process: fine
+    assert runs["one"]["errors"]["hf"] is None and runs["one"]["errors"]["acc"] is None  # one process: fine
     for rank in runs["two"]["errors"]:
         assert "DPSCallback: DPS-Mix under DDP must patch the forward before the Trainer wraps" in rank["hf"]
         assert "Trainer(callbacks=[...])" in rank["hf"]

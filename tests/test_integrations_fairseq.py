@@ -1,5 +1,6 @@
 """The fairseq ``--user-dir`` plug-in: ``fairseq-train --optimizer adam_sage`` / ``adamax_sage``
 trains a tiny Transformer for a few updates on a generated, binarised corpus."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -41,31 +42,94 @@ def data_bin(tmp_path_factory):
             de.append(" ".join(GERMAN[w] for w in words))
         (root / f"{split}.de").write_text("\n".join(de) + "\n")
         (root / f"{split}.en").write_text("\n".join(en) + "\n")
-    out = subprocess.run([str(BIN / "fairseq-preprocess"), "--source-lang", "de", "--target-lang", "en",
-                          "--trainpref", str(root / "train"), "--validpref", str(root / "valid"),
-                          "--destdir", str(root / "bin"), "--workers", "1"],
-                         capture_output=True, text=True, env=_env(), timeout=300)
+    out = subprocess.run(
+        [
+            str(BIN / "fairseq-preprocess"),
+            "--source-lang",
+            "de",
+            "--target-lang",
+            "en",
+            "--trainpref",
+            str(root / "train"),
+            "--validpref",
+            str(root / "valid"),
+            "--destdir",
+            str(root / "bin"),
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return root / "bin"
 
 
 def _train(data_bin: Path, save_dir: Path, optimizer: list[str]):
-    cmd = [str(BIN / "fairseq-train"), str(data_bin), "--user-dir", str(PLUGIN), "--arch", "transformer",
-           "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
-           "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32", "--encoder-attention-heads", "2",
-           "--decoder-attention-heads", "2", "--dropout", "0.0", "--max-tokens", "256", "--max-update", "3",
-           "--lr", "1e-3", "--lr-scheduler", "fixed", "--criterion", "cross_entropy", "--cpu", "--seed", "1",
-           "--save-dir", str(save_dir), "--no-epoch-checkpoints",
-           "--log-format", "simple", "--log-interval", "1", "--num-workers", "0", "--disable-validation",
-           *optimizer]
+    cmd = [
+        str(BIN / "fairseq-train"),
+        str(data_bin),
+        "--user-dir",
+        str(PLUGIN),
+        "--arch",
+        "transformer",
+        "--encoder-layers",
+        "1",
+        "--decoder-layers",
+        "1",
+        "--encoder-embed-dim",
+        "16",
+        "--decoder-embed-dim",
+        "16",
+        "--encoder-ffn-embed-dim",
+        "32",
+        "--decoder-ffn-embed-dim",
+        "32",
+        "--encoder-attention-heads",
+        "2",
+        "--decoder-attention-heads",
+        "2",
+        "--dropout",
+        "0.0",
+        "--max-tokens",
+        "256",
+        "--max-update",
+        "3",
+        "--lr",
+        "1e-3",
+        "--lr-scheduler",
+        "fixed",
+        "--criterion",
+        "cross_entropy",
+        "--cpu",
+        "--seed",
+        "1",
+        "--save-dir",
+        str(save_dir),
+        "--no-epoch-checkpoints",
+        "--log-format",
+        "simple",
+        "--log-interval",
+        "1",
+        "--num-workers",
+        "0",
+        "--disable-validation",
+        *optimizer,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
 
 
-@pytest.mark.slow   # ~45 s wall here (fairseq-preprocess + fairseq-train, each importing fairseq)
-@pytest.mark.parametrize("optimizer", [["--optimizer", "adam_sage", "--adam-betas", "(0.9, 0.98)", "--beta3", "0.8",
-                                        "--weight-decay", "0.0001"],
-                                       ["--optimizer", "adamax_sage", "--beta3", "0.7"]],
-                         ids=["adam_sage", "adamax_sage"])
+@pytest.mark.slow  # ~45 s wall here (fairseq-preprocess + fairseq-train, each importing fairseq)
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ["--optimizer", "adam_sage", "--adam-betas", "(0.9, 0.98)", "--beta3", "0.8", "--weight-decay", "0.0001"],
+        ["--optimizer", "adamax_sage", "--beta3", "0.7"],
+    ],
+    ids=["adam_sage", "adamax_sage"],
+)
 def test_fairseq_train_with_sage_plugin(data_bin, tmp_path, optimizer):
     import torch
 
@@ -127,6 +191,7 @@ print("ok")
 @pytest.mark.e2e
 def test_plugin_registers_and_groups_by_name():
     """In a subprocess (importing fairseq registers Hydra ConfigStore entries)."""
-    out = subprocess.run([sys.executable, "-c", PLUGIN_UNIT, str(PLUGIN.parent)], capture_output=True, text=True,
-                         cwd=REPO, timeout=300, env=_env())
+    out = subprocess.run(
+        [sys.executable, "-c", PLUGIN_UNIT, str(PLUGIN.parent)], capture_output=True, text=True, cwd=REPO, timeout=300, env=_env()
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

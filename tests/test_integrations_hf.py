@@ -1,6 +1,7 @@
 """The Hugging Face Trainer integration on a tiny random BERT: SAGE through
 ``optimizer_cls_and_kwargs`` equals a hand loop step for step; ``DPSCallback`` masks exactly what
 :class:`adaptune.schedules.dps.DPS` masks in a hand loop; a hook the Trainer never fires is an error."""
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,12 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 from adaptune.common.errors import ConfigError  # noqa: E402
 from adaptune.schedules.dps import DPS, linear_weights  # noqa: E402
-from adaptune.schedules.integrations.hf import (AdamaxSAGEForTrainer, DPSCallback, make_sage_optimizer,  # noqa: E402
-                                       sage_optimizer_cls_and_kwargs)
+from adaptune.schedules.integrations.hf import (  # noqa: E402
+    AdamaxSAGEForTrainer,
+    DPSCallback,
+    make_sage_optimizer,
+    sage_optimizer_cls_and_kwargs,
+)
 from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE  # noqa: E402
 
 N, LEN, BATCH = 24, 8, 4
@@ -25,9 +30,17 @@ N, LEN, BATCH = 24, 8, 4
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -45,15 +58,31 @@ class Rows(torch.utils.data.Dataset):
 
     def batches(self, size: int):
         for i in range(0, len(self), size):
-            yield {"input_ids": self.ids[i:i + size], "attention_mask": torch.ones_like(self.ids[i:i + size]),
-                   "labels": self.labels[i:i + size]}
+            yield {
+                "input_ids": self.ids[i : i + size],
+                "attention_mask": torch.ones_like(self.ids[i : i + size]),
+                "labels": self.labels[i : i + size],
+            }
 
 
 def args(tmp_path, **kw) -> TrainingArguments:
-    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no",
-                per_device_train_batch_size=BATCH, max_steps=N // BATCH, lr_scheduler_type="constant",
-                warmup_steps=0, max_grad_norm=1.0, logging_strategy="no", eval_strategy="no",
-                train_sampling_strategy="sequential", dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=BATCH,
+        max_steps=N // BATCH,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        eval_strategy="no",
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -142,13 +171,17 @@ def test_dps_callback_masks_what_dps_masks_in_a_hand_loop(tmp_path, accum):
     cb = DPSCallback(p=0.3, update_ratio=0.25)
     spy = Spy(cb)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    trainer = Trainer(model=model, args=args(tmp_path, max_steps=steps, gradient_accumulation_steps=accum),
-                      train_dataset=data, callbacks=[cb, spy],
-                      optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)))
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=steps, gradient_accumulation_steps=accum),
+        train_dataset=data,
+        callbacks=[cb, spy],
+        optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)),
+    )
     trainer.train()
     assert cb.dps.phase_len == 2 and cb.masked_step == steps
     assert any("classifier" in n for n in cb.dps.names) and all("embeddings" not in n for n in cb.dps.names)
-    assert spy.zero_checked == 4 * len(cb.dps.names)   # steps 3, 4, 7, 8 select
+    assert spy.zero_checked == 4 * len(cb.dps.names)  # steps 3, 4, 7, 8 select
 
     ref_dps = DPS(linear_weights(ref), steps, 0.3, 0.25, "dense", patterns=cb.dps.names)
     record: list = []
@@ -173,7 +206,7 @@ def test_dps_mix_callback_patches_the_forward_and_trains(tmp_path):
     assert cb.dps.mix is not None and cb.masked_step == 6
     assert "bert.encoder.layer.0.attention.self.query.parametrizations.weight.original" in dict(model.named_parameters())
     after = model.state_dict()
-    assert set(after) == set(before)     # state_dict keys unchanged by the parametrization
+    assert set(after) == set(before)  # state_dict keys unchanged by the parametrization
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
@@ -192,15 +225,16 @@ def test_hook_never_fired_is_an_error(tmp_path, monkeypatch):
 
 def test_dps_callback_refuses_sharded_training_and_bad_settings():
     state = SimpleNamespace(global_step=0, max_steps=100)
-    for sharded, word in ((SimpleNamespace(deepspeed="ds.json", fsdp=None), "DeepSpeed"),
-                          (SimpleNamespace(deepspeed=None, fsdp=True), "FSDP")):
+    for sharded, word in (
+        (SimpleNamespace(deepspeed="ds.json", fsdp=None), "DeepSpeed"),
+        (SimpleNamespace(deepspeed=None, fsdp=True), "FSDP"),
+    ):
         with pytest.raises(ConfigError, match=f"DPSCallback: {word} shard"):
             DPSCallback().on_train_begin(sharded, state, None, model=tiny_bert())
     with pytest.raises(ConfigError, match="DPSCallback.variant"):
         DPSCallback(variant="sparse")
     with pytest.raises(ConfigError, match="DPSCallback.update_ratio"):
-        DPSCallback().on_train_begin(SimpleNamespace(), SimpleNamespace(global_step=0, max_steps=10), None,
-                                     model=tiny_bert())
+        DPSCallback().on_train_begin(SimpleNamespace(), SimpleNamespace(global_step=0, max_steps=10), None, model=tiny_bert())
     with pytest.raises(ConfigError, match="DPSCallback.patterns"):
         DPSCallback(patterns=["nosuch"]).on_train_begin(SimpleNamespace(), state, None, model=tiny_bert())
 
@@ -215,15 +249,20 @@ def test_dps_resumed_from_a_trainer_checkpoint_ends_bit_identical(tmp_path, vari
 
     def trainer(out, **kw):
         cb = DPSCallback(p=0.3, update_ratio=0.25, variant=variant, seed=5)
-        tr = Trainer(model=tiny_bert(), args=args(tmp_path, output_dir=str(out), max_steps=steps, save_strategy="steps",
-                                                   save_steps=5, max_grad_norm=0.0, **kw),
-                     train_dataset=data, callbacks=[cb])
+        tr = Trainer(
+            model=tiny_bert(),
+            args=args(
+                tmp_path, output_dir=str(out), max_steps=steps, save_strategy="steps", save_steps=5, max_grad_norm=0.0, **kw
+            ),
+            train_dataset=data,
+            callbacks=[cb],
+        )
         return tr, cb
 
     full, full_cb = trainer(tmp_path / "full")
     full.train()
     first, _ = trainer(tmp_path / "resumed")
-    first.train()   # saves checkpoint-5 and -10 on the way; resume from checkpoint-5 below
+    first.train()  # saves checkpoint-5 and -10 on the way; resume from checkpoint-5 below
     assert (tmp_path / "resumed" / "checkpoint-5" / DPSCallback.STATE_FILE).is_file()
     resumed, cb = trainer(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-5"))
@@ -237,12 +276,15 @@ def test_dps_resumed_from_a_trainer_checkpoint_ends_bit_identical(tmp_path, vari
 
 def test_dps_resume_without_its_state_is_an_error(tmp_path):
     data = Rows(n=BATCH * 8)
-    tr = Trainer(model=tiny_bert(), args=args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4),
-                 train_dataset=data)
-    tr.train()   # a checkpoint written without the callback
+    tr = Trainer(model=tiny_bert(), args=args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4), train_dataset=data)
+    tr.train()  # a checkpoint written without the callback
     cb = DPSCallback(update_ratio=0.25)
-    tr = Trainer(model=tiny_bert(), args=args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4),
-                 train_dataset=data, callbacks=[cb])
+    tr = Trainer(
+        model=tiny_bert(),
+        args=args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4),
+        train_dataset=data,
+        callbacks=[cb],
+    )
     with pytest.raises(ConfigError, match="resumes at step 4 but .*adaptune_dps.pt does not exist"):
         tr.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
 
@@ -254,8 +296,9 @@ def test_sage_trainer_reads_training_arguments_and_optim_args(tmp_path):
     from adaptune.schedules.integrations.hf import SageTrainer
 
     data = Rows()
-    targs = args(tmp_path, learning_rate=3e-4, weight_decay=0.05, adam_beta2=0.98, adam_epsilon=1e-6,
-                 optim_args="beta3=0.8,base=adamw")
+    targs = args(
+        tmp_path, learning_rate=3e-4, weight_decay=0.05, adam_beta2=0.98, adam_epsilon=1e-6, optim_args="beta3=0.8,base=adamw"
+    )
     trainer = SageTrainer(model=tiny_bert(), args=targs, train_dataset=data)
     trainer.train()
     opt = trainer.optimizer.optimizer
@@ -288,11 +331,14 @@ def test_sage_trainer_builds_groups_from_the_model_of_each_model_init_run(tmp_pa
         assert held == params and trainer.optimizer.optimizer.defaults["lr"] == lr
 
 
-@pytest.mark.parametrize("optim_args,message", [
-    ("beta4=0.8", "'beta4=0.8' is not one of SageTrainer's settings (beta3=..., base=..., bias_correction=..., family=...)"),
-    ("beta3=high", "beta3=high is not a float"),
-    ("bias_correction=true", "bias_correction applies to base=adamw only"),
-])
+@pytest.mark.parametrize(
+    "optim_args,message",
+    [
+        ("beta4=0.8", "'beta4=0.8' is not one of SageTrainer's settings (beta3=..., base=..., bias_correction=..., family=...)"),
+        ("beta3=high", "beta3=high is not a float"),
+        ("bias_correction=true", "bias_correction applies to base=adamw only"),
+    ],
+)
 def test_sage_trainer_bad_optim_args_are_one_line_errors(tmp_path, optim_args, message):
     from adaptune.schedules.integrations.hf import SageTrainer
 
@@ -314,15 +360,22 @@ def test_sage_trainer_under_hyperparameter_search(tmp_path):
     class Recording(SageTrainer):
         def create_optimizer(self, model=None):
             opt = super().create_optimizer(model)
-            seen.append((opt.defaults["lr"], {id(p) for g in opt.param_groups for p in g["params"]},
-                         {id(p) for p in self.model.parameters()}))
+            seen.append(
+                (
+                    opt.defaults["lr"],
+                    {id(p) for g in opt.param_groups for p in g["params"]},
+                    {id(p) for p in self.model.parameters()},
+                )
+            )
             return opt
 
-    trainer = Recording(model_init=lambda *_: tiny_bert(), args=args(tmp_path), train_dataset=Rows(),
-                        eval_dataset=Rows(n=8))
+    trainer = Recording(model_init=lambda *_: tiny_bert(), args=args(tmp_path), train_dataset=Rows(), eval_dataset=Rows(n=8))
     best = trainer.hyperparameter_search(
-        direction="minimize", backend="optuna", n_trials=2,
-        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)})
+        direction="minimize",
+        backend="optuna",
+        n_trials=2,
+        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)},
+    )
     assert len(seen) == 2 and seen[0][0] != seen[1][0]
     assert all(held == params for _, held, params in seen)
     assert best.hyperparameters["learning_rate"] in (seen[0][0], seen[1][0])

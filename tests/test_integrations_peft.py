@@ -1,5 +1,6 @@
 """LoRA (peft): SAGE and DPS touch only the adapters (and the head peft keeps trainable), through
 the Trainer integrations and through the runner's ``task.peft=lora``."""
+
 from __future__ import annotations
 
 import pytest
@@ -66,13 +67,19 @@ def test_trainer_sage_and_dps_on_lora_touch_only_adapters_and_head(tmp_path):
     model = lora_bert()
     before = snapshot(model)
     cls, kwargs = sage_optimizer_cls_and_kwargs(model, lr=5e-3, beta3=0.8)
-    sage_names = {n for g in kwargs["sage_groups"] if g["sage"] for p in g["params"]
-                  for n, q in model.named_parameters() if q is p}
+    sage_names = {
+        n for g in kwargs["sage_groups"] if g["sage"] for p in g["params"] for n, q in model.named_parameters() if q is p
+    }
     assert sage_names and all("lora_A." in n for n in sage_names)
-    assert len(sage_names) == 2 * 2   # 2 layers x (query, value)
+    assert len(sage_names) == 2 * 2  # 2 layers x (query, value)
     cb = DPSCallback(p=0.3, update_ratio=0.25)
-    Trainer(model=model, args=args(tmp_path, max_steps=6), train_dataset=Rows(), callbacks=[cb],
-            optimizer_cls_and_kwargs=(cls, kwargs)).train()
+    Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=6),
+        train_dataset=Rows(),
+        callbacks=[cb],
+        optimizer_cls_and_kwargs=(cls, kwargs),
+    ).train()
     assert cb.dps.names and all(any(s in n for s in ADAPTER) for n in cb.dps.names)
     assert len(cb.dps.names) == 8 and cb.masked_step == 6
     check_only_adapters_and_head_moved(model, before)
@@ -94,8 +101,17 @@ def test_trainer_dps_mix_on_lora(tmp_path):
 def test_runner_lora_config_composes_and_is_checked(tmp_path):
     from adaptune.runner.validate import validate_config
 
-    cfg = compose(glue_overrides(tmp_path, "rte", "task.peft=lora", "task.lora.r=4", "task.lora.alpha=8",
-                                 "task.lora.dropout=0.0", "task.lora.target_modules=[query,value]"))
+    cfg = compose(
+        glue_overrides(
+            tmp_path,
+            "rte",
+            "task.peft=lora",
+            "task.lora.r=4",
+            "task.lora.alpha=8",
+            "task.lora.dropout=0.0",
+            "task.lora.target_modules=[query,value]",
+        )
+    )
     sections = validate_config(cfg)
     assert sections.task.peft == "lora" and sections.task.lora.r == 4
     assert list(sections.task.lora.target_modules) == ["query", "value"]
@@ -105,9 +121,11 @@ def test_runner_lora_config_composes_and_is_checked(tmp_path):
         validate_config(compose(glue_overrides(tmp_path, "rte", "task.peft=lora", "task.lora.r=0")))
 
 
-@pytest.mark.parametrize("schedule", [["schedule=baseline"], ["schedule=sage", "schedule.lr=1e-3"],
-                                      ["schedule=dps", "schedule.update_ratio=0.25"]],
-                         ids=["baseline", "sage", "dps"])
+@pytest.mark.parametrize(
+    "schedule",
+    [["schedule=baseline"], ["schedule=sage", "schedule.lr=1e-3"], ["schedule=dps", "schedule.update_ratio=0.25"]],
+    ids=["baseline", "sage", "dps"],
+)
 def test_runner_lora_run_trains_only_adapters(tmp_path, glue_dir, monkeypatch, schedule):
     from adaptune.runner.loop import run
     from adaptune.tasks.glue import GlueTask
@@ -122,9 +140,19 @@ def test_runner_lora_run_trains_only_adapters(tmp_path, glue_dir, monkeypatch, s
 
     monkeypatch.setattr(GlueTask, "build_model", capture)
     data = glue_dir("rte", n_train=32, n_dev=8)
-    cfg = compose(glue_overrides(data, "rte", "task.peft=lora", "task.lora.r=4", "task.lora.dropout=0.0",
-                                 "trainer.batch_size=8", "trainer.max_steps=4",
-                                 "schedule.warmup_ratio=0.0", *schedule))
+    cfg = compose(
+        glue_overrides(
+            data,
+            "rte",
+            "task.peft=lora",
+            "task.lora.r=4",
+            "task.lora.dropout=0.0",
+            "trainer.batch_size=8",
+            "trainer.max_steps=4",
+            "schedule.warmup_ratio=0.0",
+            *schedule,
+        )
+    )
     res = run(cfg, tmp_path / "run")
     assert res["steps"] == 4
     model = built["model"]

@@ -1,5 +1,6 @@
 """SAGE through timm's ``create_optimizer_v2``: with timm's own groups (layer decay, no-decay) and with
 ``param_group_fn=sage_param_group_fn(...)``."""
+
 from __future__ import annotations
 
 import copy
@@ -11,14 +12,21 @@ timm = pytest.importorskip("timm")
 
 from adaptune.common.errors import ConfigError  # noqa: E402
 from adaptune.schedules.integrations.timm import (  # noqa: E402
-    TIMM_TESTED, adamax_sage, adamw_sage, register_sage_optimizers, sage_param_group_fn, sage_split_groups)
+    TIMM_TESTED,
+    adamax_sage,
+    adamw_sage,
+    register_sage_optimizers,
+    sage_param_group_fn,
+    sage_split_groups,
+)
 from adaptune.schedules.sage import AdamaxSAGE, AdamWSAGE, HFAdamW  # noqa: E402
 
 
 def tiny_vit():
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                             depth=2, num_heads=2, num_classes=3)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3
+    )
 
 
 @pytest.mark.parametrize("name,cls", [("adamwsage", AdamWSAGE), ("adamaxsage", AdamaxSAGE)])
@@ -26,10 +34,11 @@ def test_create_optimizer_v2_builds_sage_groups(name, cls):
     from timm.optim import create_optimizer_v2
 
     assert set(register_sage_optimizers()) == {"adamwsage", "adamaxsage"}
-    register_sage_optimizers()   # idempotent
+    register_sage_optimizers()  # idempotent
     model = tiny_vit()
-    opt = create_optimizer_v2(model, opt=name, lr=1e-3, weight_decay=0.05, beta3=0.8,
-                              param_group_fn=sage_param_group_fn(weight_decay=0.05))
+    opt = create_optimizer_v2(
+        model, opt=name, lr=1e-3, weight_decay=0.05, beta3=0.8, param_group_fn=sage_param_group_fn(weight_decay=0.05)
+    )
     assert type(opt) is cls and opt.defaults["beta3"] == 0.8
     names = {id(p): n for n, p in model.named_parameters()}
     sage = [names[id(p)] for g in opt.param_groups if g["sage"] for p in g["params"]]
@@ -67,14 +76,17 @@ def test_registry_is_the_one_behind_create_optimizer_v2():
     try:
         from timm.optim import OptimizerRegistry
         from timm.optim._optim_factory import default_registry
-    except ImportError as err:   # pragma: no cover - only on a timm that moved it
-        pytest.fail(f"timm {timm.__version__} has no timm.optim._optim_factory.default_registry ({err}): "
-                    f"moved, or older than the tested range timm{TIMM_TESTED}; register_sage_optimizers() "
-                    "must follow it")
+    except ImportError as err:  # pragma: no cover - only on a timm that moved it
+        pytest.fail(
+            f"timm {timm.__version__} has no timm.optim._optim_factory.default_registry ({err}): "
+            f"moved, or older than the tested range timm{TIMM_TESTED}; register_sage_optimizers() "
+            "must follow it"
+        )
     assert isinstance(default_registry, OptimizerRegistry)
     register_sage_optimizers()
-    assert {"adamwsage", "adamaxsage"} <= set(timm.optim.list_optimizers()), \
+    assert {"adamwsage", "adamaxsage"} <= set(timm.optim.list_optimizers()), (
         "timm.optim.list_optimizers() no longer reads _optim_factory.default_registry"
+    )
     assert timm.optim.get_optimizer_info("adamwsage").opt_class is adamw_sage
     assert timm.optim.get_optimizer_info("adamaxsage").opt_class is adamax_sage
 
@@ -108,9 +120,9 @@ def test_timm_groups_lr_scale_and_decay_as_timm_adamw(name, layer_decay):
     assert lrs == by_name(model, theirs, "lr")
     if layer_decay is None:
         assert set(lrs.values()) == {1e-3}
-    else:   # embeddings, block 0, block 1 (+ final norm), head: 0.65^3, 0.65^2, 0.65, 1
-        assert lrs["pos_embed"] == pytest.approx(1e-3 * 0.65 ** 3)
-        assert lrs["blocks.0.attn.qkv.weight"] == pytest.approx(1e-3 * 0.65 ** 2)
+    else:  # embeddings, block 0, block 1 (+ final norm), head: 0.65^3, 0.65^2, 0.65, 1
+        assert lrs["pos_embed"] == pytest.approx(1e-3 * 0.65**3)
+        assert lrs["blocks.0.attn.qkv.weight"] == pytest.approx(1e-3 * 0.65**2)
         assert lrs["blocks.1.mlp.fc2.weight"] == pytest.approx(1e-3 * 0.65)
         assert lrs["head.weight"] == pytest.approx(1e-3)
 
@@ -127,16 +139,21 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
     assert wd["blocks.0.attn.qkv.weight"] == wd["head.weight"] == wd["patch_embed.proj.weight"] == 0.05
 
 
-@pytest.mark.parametrize("kw,expect", [
-    ({"layer_decay": 0.65}, patterned_weight),
-    ({}, patterned_weight),
-    ({"weight_decay": 0.0}, patterned_weight),          # timm puts every tensor in one no-decay group
-    ({"filter_bias_and_bn": False}, patterned_weight),  # biases decay, still no SAGE
-    ({"layer_decay": 0.65, "fallback_list": ("blocks.0.*",)},      # fallback groups: plain maths
-     lambda n: patterned_weight(n) and n.startswith("blocks.1.")),
-    ({"sage_patterns": "attn.qkv"}, lambda n: patterned_weight(n, ("attn.qkv",))),
-    ({"sage_patterns": ("mlp.fc1",), "layer_decay": 0.65}, lambda n: patterned_weight(n, ("mlp.fc1",))),
-])
+@pytest.mark.parametrize(
+    "kw,expect",
+    [
+        ({"layer_decay": 0.65}, patterned_weight),
+        ({}, patterned_weight),
+        ({"weight_decay": 0.0}, patterned_weight),  # timm puts every tensor in one no-decay group
+        ({"filter_bias_and_bn": False}, patterned_weight),  # biases decay, still no SAGE
+        (
+            {"layer_decay": 0.65, "fallback_list": ("blocks.0.*",)},  # fallback groups: plain maths
+            lambda n: patterned_weight(n) and n.startswith("blocks.1."),
+        ),
+        ({"sage_patterns": "attn.qkv"}, lambda n: patterned_weight(n, ("attn.qkv",))),
+        ({"sage_patterns": ("mlp.fc1",), "layer_decay": 0.65}, lambda n: patterned_weight(n, ("mlp.fc1",))),
+    ],
+)
 def test_sage_flag_on_exactly_the_patterned_tensors(kw, expect):
     import inspect
 
@@ -172,7 +189,7 @@ def test_steps_match_the_spec_per_tensor(kind, name):
     hyper = dict(betas=(0.9, 0.98), eps=1e-6)
     kw = dict(lr=1e-2, weight_decay=0.05, layer_decay=0.65)
     opt = create_optimizer_v2(model, name, beta3=0.75, **hyper, **kw)
-    ref = create_optimizer_v2(model, "adamw", **kw)    # timm's own lr_scale / decay per tensor
+    ref = create_optimizer_v2(model, "adamw", **kw)  # timm's own lr_scale / decay per tensor
     scheds = [CosineLRScheduler(o, t_initial=6) for o in (opt, ref)]
     named = list(model.named_parameters())
     sage = {n: patterned_weight(n) for n, _ in named}
@@ -218,7 +235,7 @@ def test_plain_tensors_move_like_hf_adamw_sage_tensors_do_not():
     for _ in range(3):
         opt.zero_grad()
         model(x).logsumexp(-1).sum().backward()
-        for n, p in theirs.items():     # the same gradients for both
+        for n, p in theirs.items():  # the same gradients for both
             p.grad = ours[n].grad.clone()
         opt.step()
         for o in plain.values():
@@ -289,11 +306,10 @@ def test_timm_groups_without_their_model_are_an_error():
     model = tiny_vit()
     names = {id(p): n for n, p in model.named_parameters()}
     split = sage_split_groups(param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.65), names=names)
-    assert {names[id(p)]: g["sage"] for g in split for p in g["params"]} == \
-        {n: patterned_weight(n) for n in names.values()}
+    assert {names[id(p)]: g["sage"] for g in split for p in g["params"]} == {n: patterned_weight(n) for n in names.values()}
 
 
-TRAIN_PY = '''
+TRAIN_PY = """
 import argparse, json
 import timm
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -311,7 +327,7 @@ names = {id(p): n for n, p in model.named_parameters()}
 print(json.dumps({"cls": type(opt).__name__, "beta3": opt.defaults["beta3"],
                   "sage": sorted(names[id(p)] for g in opt.param_groups if g["sage"] for p in g["params"]),
                   "scales": sorted({g["lr_scale"] for g in opt.param_groups})}))
-'''
+"""
 
 
 @pytest.mark.e2e
@@ -324,11 +340,29 @@ def test_module_runs_a_train_py_with_the_names_registered(tmp_path):
 
     script = tmp_path / "train.py"
     script.write_text(TRAIN_PY)
-    out = subprocess.run([sys.executable, "-m", "adaptune.schedules.integrations.timm", str(script), "--opt",
-                          "adamwsage", "--lr", "1e-3", "--weight-decay", "0.05", "--layer-decay", "0.65",
-                          "--opt-kwargs", "beta3=0.75"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adaptune.schedules.integrations.timm",
+            str(script),
+            "--opt",
+            "adamwsage",
+            "--lr",
+            "1e-3",
+            "--weight-decay",
+            "0.05",
+            "--layer-decay",
+            "0.65",
+            "--opt-kwargs",
+            "beta3=0.75",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["cls"] == "AdamWSAGE" and got["beta3"] == 0.75
     assert got["sage"] == sorted(n for n, _ in tiny_vit().named_parameters() if patterned_weight(n))
-    assert got["scales"] == pytest.approx(sorted(0.65 ** k for k in range(4)))
+    assert got["scales"] == pytest.approx(sorted(0.65**k for k in range(4)))

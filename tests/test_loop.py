@@ -1,4 +1,5 @@
 """The shared training loop: resume, interruption, accumulation, divergence, W&B, results."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,19 @@ def _params(run_dir):
 
 def _overrides(data, *extra):
     # dropout on (the RNG state must be restored on resume) and accumulation of 2 micro-batches
-    return glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.grad_accum_steps=2",
-                          "trainer.max_steps=12", "trainer.save_every=3", "trainer.eval_every=6",
-                          "trainer.log_every=2", "schedule.lr=5e-3",
-                          "task.model.config_overrides.hidden_dropout_prob=0.1", *extra)
+    return glue_overrides(
+        data,
+        "rte",
+        "trainer.batch_size=8",
+        "trainer.grad_accum_steps=2",
+        "trainer.max_steps=12",
+        "trainer.save_every=3",
+        "trainer.eval_every=6",
+        "trainer.log_every=2",
+        "schedule.lr=5e-3",
+        "task.model.config_overrides.hidden_dropout_prob=0.1",
+        *extra,
+    )
 
 
 @pytest.mark.e2e
@@ -93,8 +103,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=48, n_dev=8)
     common = ["task.group_by_length=false", "trainer.max_steps=4", "trainer.max_grad_norm=1.0"]
     run(compose(glue_overrides(data, "rte", "trainer.batch_size=12", *common)), tmp_path / "big")
-    run(compose(glue_overrides(data, "rte", "trainer.batch_size=4", "trainer.grad_accum_steps=3", *common)),
-        tmp_path / "acc")
+    run(compose(glue_overrides(data, "rte", "trainer.batch_size=4", "trainer.grad_accum_steps=3", *common)), tmp_path / "acc")
     a, b = _params(tmp_path / "big"), _params(tmp_path / "acc")
     moved = 0
     for k in a:
@@ -127,18 +136,27 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5.*last good checkpoint is .*last.pt"):
         run(cfg, tmp_path / "r")
     assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["state"]["step"] == 4
-    results = json.loads((tmp_path / "r" / "results.json").read_text())   # recorded for reports
+    results = json.loads((tmp_path / "r" / "results.json").read_text())  # recorded for reports
     assert results["status"] == "diverged" and results["degenerate"] == "diverged: loss became nan at step 5"
     assert results["steps"] == 4
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5 \(an earlier run in"):
-        run(cfg, tmp_path / "r")                                            # resume=auto: not retrained
+        run(cfg, tmp_path / "r")  # resume=auto: not retrained
 
 
 @pytest.mark.e2e
 def test_results_json_and_wandb_offline_metrics(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
-    over = glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=4", "trainer.log_every=2",
-                          "logger=wandb", "logger.mode=offline", "name=wbtest", "seed=7")
+    over = glue_overrides(
+        data,
+        "rte",
+        "trainer.batch_size=8",
+        "trainer.max_steps=4",
+        "trainer.log_every=2",
+        "logger=wandb",
+        "logger.mode=offline",
+        "name=wbtest",
+        "seed=7",
+    )
     res = run(compose(over), tmp_path / "r")
     saved = json.loads((tmp_path / "r" / "results.json").read_text())
     assert saved["final"] == res["final"] and saved["steps"] == 4
@@ -163,8 +181,7 @@ def test_wandb_failure_never_fails_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", broken)
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
-    res = run(compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=2", "logger=wandb")),
-              tmp_path / "r")
+    res = run(compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=2", "logger=wandb")), tmp_path / "r")
     assert res["status"] == "completed"
 
 
@@ -176,10 +193,12 @@ def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
     _alter_nth_loss(monkeypatch, 3, InfGrad.apply)  # finite loss, infinite gradient
     hooked, before_clip = [], []
     monkeypatch.setattr(BaselineSchedule, "on_gradients", lambda self, step: hooked.append(step), raising=False)
-    monkeypatch.setattr(BaselineSchedule, "on_before_clip", lambda self, step: before_clip.append(step),
-                        raising=False)
-    cfg = compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=5",
-                                 "trainer.precision=fp16", "schedule.warmup_ratio=0.0"))
+    monkeypatch.setattr(BaselineSchedule, "on_before_clip", lambda self, step: before_clip.append(step), raising=False)
+    cfg = compose(
+        glue_overrides(
+            data, "rte", "trainer.batch_size=8", "trainer.max_steps=5", "trainer.precision=fp16", "schedule.warmup_ratio=0.0"
+        )
+    )
     trainer = Trainer(cfg, tmp_path / "r")
     assert trainer.scaler is not None
     from adaptune.runner.loggers import NullLogger
@@ -190,7 +209,7 @@ def test_fp16_grad_scaler_skips_overflowing_steps(tmp_path, monkeypatch):
     # scaling starts at 2**16): skipped steps run neither the schedule hook nor the LR step
     assert 3 not in hooked and hooked[-2:] == [4, 5] and before_clip == hooked
     assert trainer.schedule.lr_scheduler.last_epoch == len(hooked)
-    assert trainer.scaler.get_scale() < 2.0 ** 16  # the scaler backed off
+    assert trainer.scaler.get_scale() < 2.0**16  # the scaler backed off
     for p in trainer.model.parameters():
         assert torch.isfinite(p).all()
 
@@ -205,10 +224,21 @@ def test_max_grad_norm_zero_and_null_both_mean_no_clipping(tmp_path, monkeypatch
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(1) or original(*a, **k))
     weights = {}
     for value in ("0", "null", "1e-4"):
-        run(compose(glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=3", "schedule.lr=1e-2",
-                                   f"trainer.max_grad_norm={value}")), tmp_path / value)
+        run(
+            compose(
+                glue_overrides(
+                    data,
+                    "rte",
+                    "trainer.batch_size=8",
+                    "trainer.max_steps=3",
+                    "schedule.lr=1e-2",
+                    f"trainer.max_grad_norm={value}",
+                )
+            ),
+            tmp_path / value,
+        )
         weights[value] = ckpt.load(tmp_path / value / "checkpoints" / "last.pt")["model"]
-    assert len(clipped) == 3   # only the 1e-4 run clipped, once per step
+    assert len(clipped) == 3  # only the 1e-4 run clipped, once per step
     assert all(torch.equal(weights["0"][k], weights["null"][k]) for k in weights["0"])
     assert any(not torch.equal(weights["0"][k], weights["1e-4"][k]) for k in weights["0"])
     with pytest.raises(ConfigError, match=r"trainer.max_grad_norm.*>= 0"):

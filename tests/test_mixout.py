@@ -1,4 +1,5 @@
 """Mixout (docs/algorithms.md §3) against the spec on a small Linear, and through the shared loop."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,7 +52,7 @@ def test_forward_formula_gradient_without_rescaling_and_eval_reads_w():
     hook = net.mixed.register_forward_hook(lambda m, i, o: captured.update(out=o))
     net.train()
     net(x)
-    n = (torch.rand(5, generator=replica) < 1 - p).float().reshape(1, 5)   # one draw per input column
+    n = (torch.rand(5, generator=replica) < 1 - p).float().reshape(1, 5)  # one draw per input column
     w_eff = ((1 - n) * target + n * w - p * target) / (1 - p)
     assert torch.allclose(captured["out"], x @ w_eff.T + net.mixed.bias, atol=1e-5)
     # the gradient to W is dL/dW_eff ⊙ N, without the 1/(1-p) of true autograd
@@ -60,13 +61,13 @@ def test_forward_formula_gradient_without_rescaling_and_eval_reads_w():
     assert torch.allclose(net.mixed.parametrizations.weight.original.grad, grad_w_eff * n, atol=1e-6)
     assert torch.equal(mixout.wrappers[0].mask.float(), n)
 
-    net.eval()                                   # eval: W itself, and no draw
+    net.eval()  # eval: W itself, and no draw
     state = mixout.generator.get_state()
     net(x)
     assert torch.allclose(captured["out"], x @ w.T + net.mixed.bias, atol=1e-6)
     assert torch.equal(mixout.generator.get_state(), state)
     hook.remove()
-    assert torch.equal(net.plain.weight, Net().plain.weight)   # not selected: a plain Linear
+    assert torch.equal(net.plain.weight, Net().plain.weight)  # not selected: a plain Linear
     assert not hasattr(net.plain, "parametrizations")
 
 
@@ -88,7 +89,7 @@ def test_mask_is_per_input_column_redrawn_every_forward_at_rate_1_minus_p():
     _moved(net)
     net(x)
     w_eff = net.mixed.weight.detach()
-    same_as_target = torch.isclose(w_eff, mixout.targets[0], atol=1e-6).all(dim=0)   # columns with N = 0
+    same_as_target = torch.isclose(w_eff, mixout.targets[0], atol=1e-6).all(dim=0)  # columns with N = 0
     assert torch.equal(same_as_target, ~mixout.wrappers[0].mask[0])
 
 
@@ -105,7 +106,7 @@ def test_state_dict_keys_stay_plain_and_state_resumes():
 
     other = Net()
     with torch.no_grad():
-        other.mixed.weight.add_(1.0)             # a resumed model starts from other weights
+        other.mixed.weight.add_(1.0)  # a resumed model starts from other weights
     restored = Mixout(other, 0.5, patterns=["mixed"], seed=123)
     restored.load_state_dict(saved)
     assert torch.equal(restored.targets[0], target)
@@ -138,8 +139,17 @@ def test_schedule_disables_dropout_and_uses_the_models_linear_patterns():
 
 def test_mixout_trains_through_the_loop_and_resumes_its_targets(tmp_path):
     data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
-    over = glue_overrides(data, "rte", "trainer.batch_size=8", "trainer.max_steps=4", "trainer.eval_every=4",
-                          "trainer.log_every=2", "schedule.lr=5e-3", "schedule=mixout", "schedule.mix_p=0.5")
+    over = glue_overrides(
+        data,
+        "rte",
+        "trainer.batch_size=8",
+        "trainer.max_steps=4",
+        "trainer.eval_every=4",
+        "trainer.log_every=2",
+        "schedule.lr=5e-3",
+        "schedule=mixout",
+        "schedule.mix_p=0.5",
+    )
     res = run(compose(over), tmp_path / "m")
     assert res["steps"] == 4
     last = ckpt.load(tmp_path / "m" / "checkpoints" / "last.pt")
@@ -147,4 +157,4 @@ def test_mixout_trains_through_the_loop_and_resumes_its_targets(tmp_path):
     assert state["p"] == 0.5 and "bert.encoder.layer.0.attention.self.query.weight" in state["targets"]
     assert "classifier.weight" in state["targets"]
     name = "bert.encoder.layer.0.attention.self.query.weight"
-    assert name in model and not torch.equal(model[name], state["targets"][name])   # trained away from W_tgt
+    assert name in model and not torch.equal(model[name], state["targets"][name])  # trained away from W_tgt

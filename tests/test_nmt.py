@@ -4,6 +4,7 @@ The training data is a synthetic parallel corpus the tests write: a deterministi
 mapping between two invented vocabularies, so that a tiny Transformer learns it in a few hundred
 updates and BLEU must rise well above zero.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,18 +38,21 @@ from adaptune.tasks import build_task  # noqa: E402
 from adaptune.tasks import nmt_data  # noqa: E402
 
 TINY_MODEL = [
-    "task.model.encoder_embed_dim=64", "task.model.decoder_embed_dim=64",
-    "task.model.encoder_ffn_embed_dim=128", "task.model.decoder_ffn_embed_dim=128",
-    "task.model.encoder_layers=2", "task.model.decoder_layers=2",
-    "task.model.encoder_attention_heads=2", "task.model.decoder_attention_heads=2",
+    "task.model.encoder_embed_dim=64",
+    "task.model.decoder_embed_dim=64",
+    "task.model.encoder_ffn_embed_dim=128",
+    "task.model.decoder_ffn_embed_dim=128",
+    "task.model.encoder_layers=2",
+    "task.model.decoder_layers=2",
+    "task.model.encoder_attention_heads=2",
+    "task.model.decoder_attention_heads=2",
     "task.model.dropout=0.1",
 ]
 
 _CONS, _VOW = "bdfgklmnprstvz", "aeiou"
 
 
-def write_synthetic(directory: Path, n_train=2000, n_valid=100, n_test=100, seed=0, vocab=40,
-                    src="de", tgt="en") -> Path:
+def write_synthetic(directory: Path, n_train=2000, n_valid=100, n_test=100, seed=0, vocab=40, src="de", tgt="en") -> Path:
     """train/valid/test.<src>/.<tgt>: random sentences and their word-by-word translations."""
     rng = random.Random(seed)
 
@@ -85,18 +89,27 @@ def cache(tmp_path_factory):
 
 
 def nmt_overrides(data_dir, cache_dir, *extra):
-    return ["task=nmt", "task.data=raw", f"task.data_dir={data_dir}", f"task.cache_dir={cache_dir}",
-            "task.subword.vocab_size=100", "task.max_tokens=1024", *TINY_MODEL, *FAST,
-            "trainer.num_threads=1", "trainer.max_grad_norm=null", "schedule.lr_schedule=inverse_sqrt",
-            "schedule.betas=[0.9,0.98]",
-            *extra]
+    return [
+        "task=nmt",
+        "task.data=raw",
+        f"task.data_dir={data_dir}",
+        f"task.cache_dir={cache_dir}",
+        "task.subword.vocab_size=100",
+        "task.max_tokens=1024",
+        *TINY_MODEL,
+        *FAST,
+        "trainer.num_threads=1",
+        "trainer.max_grad_norm=null",
+        "schedule.lr_schedule=inverse_sqrt",
+        "schedule.betas=[0.9,0.98]",
+        *extra,
+    ]
 
 
 def task_cfg(**over):
     """The composed ``task`` section of task=nmt with the tiny model, as the loop hands it over."""
     cfg = OmegaConf.to_container(compose(["task=nmt"]).task, resolve=True)
-    cfg["model"].update({k.split(".")[-1]: int(v) if v.isdigit() else float(v)
-                         for k, v in (o.split("=") for o in TINY_MODEL)})
+    cfg["model"].update({k.split(".")[-1]: int(v) if v.isdigit() else float(v) for k, v in (o.split("=") for o in TINY_MODEL)})
     cfg.update(over)
     return cfg
 
@@ -104,9 +117,14 @@ def task_cfg(**over):
 # ------------------------------------------------------------------------------ training
 @pytest.mark.e2e
 def test_synthetic_corpus_trains_and_test_bleu_rises(synth, cache, tmp_path):
-    results = run(compose(nmt_overrides(synth, cache, "schedule.lr=3e-3", "schedule.warmup_steps=50",
-                                        "trainer.max_steps=300", "trainer.eval_every=100")),
-                  tmp_path / "run")
+    results = run(
+        compose(
+            nmt_overrides(
+                synth, cache, "schedule.lr=3e-3", "schedule.warmup_steps=50", "trainer.max_steps=300", "trainer.eval_every=100"
+            )
+        ),
+        tmp_path / "run",
+    )
     assert results["status"] == "completed" and results["steps"] == 300
     assert results["main_metric"] == "bleu" and results["greater_is_better"] is True
     bleus = [e["bleu"] for e in results["evals"]]
@@ -120,9 +138,17 @@ def test_synthetic_corpus_trains_and_test_bleu_rises(synth, cache, tmp_path):
 
 @pytest.mark.e2e
 def test_resume_after_interrupt_is_bit_identical(synth, cache, tmp_path, monkeypatch):
-    over = nmt_overrides(synth, cache, "trainer.max_steps=10", "trainer.eval_every=5", "trainer.save_every=2",
-                         "task.eval_bleu=false", "schedule.lr=1e-3", "schedule.warmup_steps=4",
-                         "trainer.grad_accum_steps=2")
+    over = nmt_overrides(
+        synth,
+        cache,
+        "trainer.max_steps=10",
+        "trainer.eval_every=5",
+        "trainer.save_every=2",
+        "task.eval_bleu=false",
+        "schedule.lr=1e-3",
+        "schedule.warmup_steps=4",
+        "trainer.grad_accum_steps=2",
+    )
     full = run(compose(over), tmp_path / "full")
     assert full["main_metric"] == "loss" and full["greater_is_better"] is False
 
@@ -150,8 +176,11 @@ def test_resume_after_interrupt_is_bit_identical(synth, cache, tmp_path, monkeyp
 
 
 def test_train_batches_are_deterministic_token_batches(synth, cache):
-    task = build_task(task_cfg(data="raw", data_dir=str(synth), cache_dir=str(cache),
-                               subword={"vocab_size": 100}, max_tokens=512), Path("unused"), seed=3)
+    task = build_task(
+        task_cfg(data="raw", data_dir=str(synth), cache_dir=str(cache), subword={"vocab_size": 100}, max_tokens=512),
+        Path("unused"),
+        seed=3,
+    )
     task.setup()
     e0, e0_again, e1 = task.train_batches(0), task.train_batches(0), task.train_batches(1)
     assert [b.tolist() for b in e0] == [b.tolist() for b in e0_again]
@@ -172,8 +201,17 @@ def test_raw_path_binarises_into_a_reused_fairseq_preprocess_style_cache(synth, 
     task.setup()
     d = task.data_dir
     assert d.parent == cache
-    for name in ("dict.de.txt", "dict.en.txt", "spm.model", "train.de-en.de.bin", "train.de-en.en.idx",
-                 "valid.de-en.en.bin", "test.de-en.de.idx", "test.raw.en", "meta.json"):
+    for name in (
+        "dict.de.txt",
+        "dict.en.txt",
+        "spm.model",
+        "train.de-en.de.bin",
+        "train.de-en.en.idx",
+        "valid.de-en.en.bin",
+        "test.de-en.de.idx",
+        "test.raw.en",
+        "meta.json",
+    ):
         assert (d / name).is_file(), name
     mtime = (d / "meta.json").stat().st_mtime_ns
     again = build_task(cfg, Path("unused"), seed=1)
@@ -197,13 +235,34 @@ def test_binarized_path_reads_fairseq_preprocess_output(tmp_path):
         (text / f"{split}.de").write_text("\n".join(" ".join(vocab_de[i] for i in s) for s in idx) + "\n")
         (text / f"{split}.en").write_text("\n".join(" ".join(vocab_en[i] for i in s) + " ." for s in idx) + "\n")
     dest = tmp_path / "data-bin"
-    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "de", "--target-lang",
-                           "en", "--trainpref", str(text / "train"), "--validpref", str(text / "valid"),
-                           "--testpref", str(text / "test"), "--destdir", str(dest), "--workers", "1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairseq_cli.preprocess",
+            "--source-lang",
+            "de",
+            "--target-lang",
+            "en",
+            "--trainpref",
+            str(text / "train"),
+            "--validpref",
+            str(text / "valid"),
+            "--testpref",
+            str(text / "test"),
+            "--destdir",
+            str(dest),
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    task = build_task(task_cfg(data="binarized", data_dir=str(dest), bpe="none", eval_bleu_max_sentences=3),
-                      Path("unused"), seed=1)
+    task = build_task(
+        task_cfg(data="binarized", data_dir=str(dest), bpe="none", eval_bleu_max_sentences=3), Path("unused"), seed=1
+    )
     task.setup()
     assert {k: len(v) for k, v in task.datasets.items()} == {"train": 40, "dev": 6, "test": 5}
     assert task.tgt_dict.string(task.datasets["test"].tgt[0]) == (text / "test.en").read_text().splitlines()[0]
@@ -215,23 +274,31 @@ def test_binarized_path_reads_fairseq_preprocess_output(tmp_path):
 
 
 def _ding(path: Path) -> Path:
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         # Version :: test
         Haus {n} | Das Haus ist sehr groß. | Häuser {pl} :: house | The house is very big. | houses
         gehen {vi} | Wir gehen heute nach Hause. :: to go | We are going home today.
         Katze {f} [zool.] | Die Katze schläft auf dem Sofa. :: cat | The cat is sleeping on the sofa.
         kurz | Das ist kurz. :: short | That is short.
         Auto | Er fährt ein rotes Auto (schnell). :: car | He drives a red car.
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     return path
 
 
 def test_demo_corpus_extraction_and_split(tmp_path):
     pairs = nmt_data.parse_trans_de_en(_ding(tmp_path / "de-en"))
-    assert pairs == sorted([("Das Haus ist sehr groß.", "The house is very big."),
-                            ("Wir gehen heute nach Hause.", "We are going home today."),
-                            ("Die Katze schläft auf dem Sofa.", "The cat is sleeping on the sofa."),
-                            ("Er fährt ein rotes Auto.", "He drives a red car.")])
+    assert pairs == sorted(
+        [
+            ("Das Haus ist sehr groß.", "The house is very big."),
+            ("Wir gehen heute nach Hause.", "We are going home today."),
+            ("Die Katze schläft auf dem Sofa.", "The cat is sleeping on the sofa."),
+            ("Er fährt ein rotes Auto.", "He drives a red car."),
+        ]
+    )
+
     def where(parts):
         return {pair: split for split, (src, tgt) in parts.items() for pair in zip(src, tgt)}
 
@@ -258,13 +325,16 @@ def test_mismatched_line_counts_are_a_clear_error(tmp_path, cache):
         task.setup()
 
 
-@pytest.mark.parametrize("over, needle", [
-    ({"data": "binarized", "data_dir": None}, "task.data_dir is not set; NMT data options: task.data=binarized"),
-    ({"data": "binarized", "data_dir": "/nonexistent/nmt"}, "task.data=demo"),
-    ({"data": "raw", "data_dir": None}, "task.data=raw needs task.data_dir"),
-    ({"data": "demo", "demo_path": "/nonexistent/de-en"}, "apt-get install trans-de-en"),
-    ({"data": "webdataset"}, "task.data='webdataset' is unknown; allowed: binarized, raw, demo"),
-])
+@pytest.mark.parametrize(
+    "over, needle",
+    [
+        ({"data": "binarized", "data_dir": None}, "task.data_dir is not set; NMT data options: task.data=binarized"),
+        ({"data": "binarized", "data_dir": "/nonexistent/nmt"}, "task.data=demo"),
+        ({"data": "raw", "data_dir": None}, "task.data=raw needs task.data_dir"),
+        ({"data": "demo", "demo_path": "/nonexistent/de-en"}, "apt-get install trans-de-en"),
+        ({"data": "webdataset"}, "task.data='webdataset' is unknown; allowed: binarized, raw, demo"),
+    ],
+)
 def test_missing_or_bad_data_settings_name_the_options(over, needle, cache):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")) as err:
         build_task(task_cfg(cache_dir=str(cache), **over), Path("unused"), seed=1).setup()
@@ -326,16 +396,29 @@ def test_multirun_sweeping_glue_and_nmt_composes_each_job(tmp_path):
     """One process runs the jobs in turn; fairseq, imported by an nmt job, must not change later jobs."""
     app = tmp_path / "app.py"
     app.write_text(_SWEEP_APP.format(repo=str(REPO), out=str(tmp_path)))
-    proc = subprocess.run([sys.executable, str(app), "-m", "task=glue,nmt,glue", "schedule=baseline,sage",
-                           "logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(app),
+            "-m",
+            "task=glue,nmt,glue",
+            "schedule=baseline,sage",
+            "logger=none",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [json.loads((tmp_path / f"job{i}.json").read_text()) for i in range(6)]
     for job in jobs:
         expected = compose([f"task={job['task']['kind']}", f"schedule={job['schedule']['name']}", "logger=none"])
         assert job == OmegaConf.to_container(expected, resolve=True)
     assert [(j["task"]["kind"], j["schedule"]["name"]) for j in jobs] == [
-        (t, s) for t in ("glue", "nmt", "glue") for s in ("baseline", "sage")]
+        (t, s) for t in ("glue", "nmt", "glue") for s in ("baseline", "sage")
+    ]
     assert jobs[4]["schedule"]["optimizer"] == "adamw"  # ours, not fairseq's optimizer config
 
 
@@ -343,12 +426,17 @@ def test_multirun_sweeping_glue_and_nmt_composes_each_job(tmp_path):
 def test_sage_and_dps_default_patterns_pick_attention_and_ffn_linears(synth, cache):
     from adaptune.schedules.patterns import matches
 
-    task = build_task(task_cfg(data="raw", data_dir=str(synth), cache_dir=str(cache), subword={"vocab_size": 100}),
-                      Path("unused"), seed=1)
+    task = build_task(
+        task_cfg(data="raw", data_dir=str(synth), cache_dir=str(cache), subword={"vocab_size": 100}), Path("unused"), seed=1
+    )
     task.setup()
     model = task.build_model()
-    linear = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-              for p, _ in mod.named_parameters(recurse=False)}
+    linear = {
+        f"{m}.{p}"
+        for m, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+        for p, _ in mod.named_parameters(recurse=False)
+    }
     wanted = {n for n in linear if any(k in n for k in ("self_attn.", "encoder_attn.", ".fc1.", ".fc2."))}
     # SAGE flags every tensor whose name matches (weights and biases): no LayerNorm, no embedding
     chosen = {n for n, _ in model.named_parameters() if matches(n, task.param_patterns(model)["sage"])}
@@ -359,12 +447,26 @@ def test_sage_and_dps_default_patterns_pick_attention_and_ffn_linears(synth, cac
     assert chosen == wanted & matrices, sorted(chosen ^ (wanted & matrices))[:6]
 
 
-@pytest.mark.parametrize("schedule, extra", [("sage", []), ("dps", ["schedule.update_ratio=0.25"]),
-                                             ("dps", ["schedule.update_ratio=0.25", "schedule.variant=mix"])])
+@pytest.mark.parametrize(
+    "schedule, extra",
+    [("sage", []), ("dps", ["schedule.update_ratio=0.25"]), ("dps", ["schedule.update_ratio=0.25", "schedule.variant=mix"])],
+)
 def test_sage_and_dps_train_the_nmt_model_unchanged(schedule, extra, synth, cache, tmp_path):
-    results = run(compose(nmt_overrides(synth, cache, f"schedule={schedule}", *extra, "trainer.max_steps=8",
-                                        "task.eval_bleu=false", "schedule.lr=1e-3", "schedule.warmup_steps=2")),
-                  tmp_path / schedule)
+    results = run(
+        compose(
+            nmt_overrides(
+                synth,
+                cache,
+                f"schedule={schedule}",
+                *extra,
+                "trainer.max_steps=8",
+                "task.eval_bleu=false",
+                "schedule.lr=1e-3",
+                "schedule.warmup_steps=2",
+            )
+        ),
+        tmp_path / schedule,
+    )
     assert results["steps"] == 8 and results["final"]["loss"] < 10
 
 

@@ -1,6 +1,7 @@
 """The DPS out-of-domain protocol: readers of each set's original format, the 3-way -> 2-way label
 mapping, one-line errors for missing data, and an end-to-end tiny run whose results.json holds a
 test metric per set equal to a recomputation from the saved model."""
+
 from __future__ import annotations
 
 import json
@@ -49,21 +50,44 @@ def write_snli(d: Path, n: int = 9, n_train: int = 48) -> Path:
         for i in range(n_train if split == "train" else n):
             label = LABELS[i % 3]
             a, b = _pair(i, label)
-            rows.append(json.dumps({"annotator_labels": [label], "captionID": f"{i}", "gold_label": label,
-                                    "pairID": f"{i}", "sentence1": a, "sentence2": b,
-                                    "sentence1_parse": "(ROOT)", "sentence2_parse": "(ROOT)"}))
+            rows.append(
+                json.dumps(
+                    {
+                        "annotator_labels": [label],
+                        "captionID": f"{i}",
+                        "gold_label": label,
+                        "pairID": f"{i}",
+                        "sentence1": a,
+                        "sentence2": b,
+                        "sentence1_parse": "(ROOT)",
+                        "sentence2_parse": "(ROOT)",
+                    }
+                )
+            )
         # no agreement among the annotators: gold label "-", skipped
-        rows.append(json.dumps({"annotator_labels": ["neutral", "contradiction"], "gold_label": "-",
-                                "sentence1": "unlabelled", "sentence2": f"row of {split}"}))
+        rows.append(
+            json.dumps(
+                {
+                    "annotator_labels": ["neutral", "contradiction"],
+                    "gold_label": "-",
+                    "sentence1": "unlabelled",
+                    "sentence2": f"row of {split}",
+                }
+            )
+        )
         (d / f"snli_1.0_{split}.jsonl").write_text("\n".join(rows) + "\n")
     return d
 
 
 def write_sick(d: Path, n: int = 9) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    rows = [("pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\tentailment_AB\t"
-             "entailment_BA\tsentence_A_original\tsentence_B_original\tsentence_A_dataset\t"
-             "sentence_B_dataset\tSemEval_set")]
+    rows = [
+        (
+            "pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\tentailment_AB\t"
+            "entailment_BA\tsentence_A_original\tsentence_B_original\tsentence_A_dataset\t"
+            "sentence_B_dataset\tSemEval_set"
+        )
+    ]
     k = 0
     for part in ("TRAIN", "TRIAL", "TEST"):
         for i in range(n):
@@ -102,27 +126,38 @@ def write_rte(d: Path, n: int = 8) -> Path:
 
 @pytest.fixture
 def nli_dirs(tmp_path):
-    return {"mnli": write_mnli(tmp_path / "MNLI"), "snli": write_snli(tmp_path / "snli_1.0"),
-            "sick": write_sick(tmp_path / "SICK"), "scitail": write_scitail(tmp_path / "SciTailV1.1"),
-            "rte": write_rte(tmp_path / "RTE")}
+    return {
+        "mnli": write_mnli(tmp_path / "MNLI"),
+        "snli": write_snli(tmp_path / "snli_1.0"),
+        "sick": write_sick(tmp_path / "SICK"),
+        "scitail": write_scitail(tmp_path / "SciTailV1.1"),
+        "rte": write_rte(tmp_path / "RTE"),
+    }
 
 
 def ood_overrides(dirs: dict, *extra: str, sets=SETS) -> list[str]:
-    return ["task=glue", "task.name=mnli", f"task.data_dir={dirs['mnli']}", *TINY_BERT, *FAST,
-            f"task.ood.sets=[{','.join(sets)}]", *[f"task.ood.data_dirs.{k}={v}" for k, v in dirs.items()],
-            *extra]
+    return [
+        "task=glue",
+        "task.name=mnli",
+        f"task.data_dir={dirs['mnli']}",
+        *TINY_BERT,
+        *FAST,
+        f"task.ood.sets=[{','.join(sets)}]",
+        *[f"task.ood.data_dirs.{k}={v}" for k, v in dirs.items()],
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------------------ readers
 def test_readers_parse_original_formats_and_skip_unlabelled_rows(nli_dirs):
     snli = read_snli_jsonl(nli_dirs["snli"] / "snli_1.0_test.jsonl")
-    assert len(snli) == 9 and [ex.label for ex in snli[:3]] == [0, 1, 2]   # the "-" row is skipped
+    assert len(snli) == 9 and [ex.label for ex in snli[:3]] == [0, 1, 2]  # the "-" row is skipped
     assert snli[1].text_a == "the cat 1 sits on the mat" and snli[1].text_b == "a maybe cat maybe sits"
     sick_test = read_sick(nli_dirs["sick"] / "SICK.txt", "test")
-    sick_dev = read_sick(nli_dirs["sick"] / "SICK.txt", "dev")   # TRIAL
+    sick_dev = read_sick(nli_dirs["sick"] / "SICK.txt", "dev")  # TRIAL
     assert len(sick_test) == len(sick_dev) == 9 and [ex.label for ex in sick_test[:3]] == [0, 1, 2]
     scitail = read_scitail_tsv(nli_dirs["scitail"] / "tsv_format" / "scitail_1.0_test.tsv")
-    assert [ex.label for ex in scitail[:4]] == [0, 1, 0, 1]   # entails 0, neutral 1 (not entailment)
+    assert [ex.label for ex in scitail[:4]] == [0, 1, 0, 1]  # entails 0, neutral 1 (not entailment)
     # a directory: SciTailV1.1 or its tsv_format folder; the split picks the file
     assert load_set("scitail", str(nli_dirs["scitail"] / "tsv_format"), "test", "k") == scitail
     assert [ex.label for ex in load_set("rte", str(nli_dirs["rte"]), "dev", "k")][:2] == [0, 1]
@@ -144,7 +179,7 @@ def test_three_way_predictions_on_two_way_sets():
     assert ood.to_two_way([0, 1, 2, 0, 2]) == [0, 1, 1, 0, 1]
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]])
     p = torch.softmax(logits, -1)
-    hand = -(math.log(p[0, 0]) + math.log(p[1, 1] + p[1, 2]))   # labels: entailment, not entailment
+    hand = -(math.log(p[0, 0]) + math.log(p[1, 1] + p[1, 2]))  # labels: entailment, not entailment
     assert ood.two_way_nll(logits, torch.tensor([0, 1])).item() == pytest.approx(hand, rel=1e-5)
     assert ood.metric_key("accuracy", "scitail/") == "scitail/accuracy"
     assert ood.metric_key("accuracy", "_m") == "accuracy_m"
@@ -171,13 +206,14 @@ def test_fake_model_scores_equal_hand_computation(tmp_path, nli_dirs):
     assert {f"{name}/accuracy" for name in SETS} <= set(metrics)
     for name, directory in nli_dirs.items():
         examples = load_set(name, str(directory), "test", "k")
-        preds = [sum(task.tokenizer(ex.text_a, ex.text_b, truncation=True, max_length=32)["input_ids"]) % 3
-                 for ex in examples]
-        if name in ("scitail", "rte"):   # 2-way: neutral or contradiction -> not entailment
+        preds = [sum(task.tokenizer(ex.text_a, ex.text_b, truncation=True, max_length=32)["input_ids"]) % 3 for ex in examples]
+        if name in ("scitail", "rte"):  # 2-way: neutral or contradiction -> not entailment
             scored = [0 if p == 0 else 1 for p in preds]
             e, o = math.e, 1.0
-            nll = [-math.log((e if p == 0 else o) / (e + 2)) if ex.label == 0 else
-                   -math.log((e + 1 if p != 0 else 2) / (e + 2)) for p, ex in zip(preds, examples)]
+            nll = [
+                -math.log((e if p == 0 else o) / (e + 2)) if ex.label == 0 else -math.log((e + 1 if p != 0 else 2) / (e + 2))
+                for p, ex in zip(preds, examples)
+            ]
         else:
             scored = preds
             nll = [-math.log((math.e if p == ex.label else 1.0) / (math.e + 2)) for p, ex in zip(preds, examples)]
@@ -204,8 +240,11 @@ def test_offline_without_a_directory_names_what_to_get(tmp_path, nli_dirs, monke
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     dirs = {k: v for k, v in nli_dirs.items() if k != "scitail"}
     task = build_task(compose(ood_overrides(dirs)).task, tmp_path, seed=1)
-    with pytest.raises(ConfigError, match=r"could not load SciTail 1.1 \(dev\) from the Hugging Face hub .*"
-                                          r"SciTailV1.1.zip\) and set task.ood.data_dirs.scitail=/path/to/it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"could not load SciTail 1.1 \(dev\) from the Hugging Face hub .*"
+        r"SciTailV1.1.zip\) and set task.ood.data_dirs.scitail=/path/to/it",
+    ):
         task.setup()
 
 
@@ -219,10 +258,14 @@ def test_ood_sets_need_a_three_way_training_set(tmp_path, nli_dirs):
 
 @pytest.mark.e2e
 def test_cli_missing_data_prints_one_line(tmp_path, nli_dirs):
-    args = [*ood_overrides({**nli_dirs, "snli": tmp_path / "nowhere"}), "trainer.max_steps=1",
-            f"hydra.run.dir={tmp_path / 'run'}"]
-    out = subprocess.run([sys.executable, "-m", "adaptune", *args], check=False, cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    args = [
+        *ood_overrides({**nli_dirs, "snli": tmp_path / "nowhere"}),
+        "trainer.max_steps=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "adaptune", *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("adaptune: error: task.ood.data_dirs.snli="), out.stderr
@@ -236,7 +279,7 @@ def test_tiny_run_writes_a_test_metric_per_set(tmp_path, nli_dirs, train_on):
     from adaptune.runner.loop import run
 
     extra = ["trainer.max_steps=6", "trainer.batch_size=8", "schedule.lr=5e-3", "task.train_subset=24"]
-    if train_on == "snli":   # the preset's way: the training set's directory is its OOD entry
+    if train_on == "snli":  # the preset's way: the training set's directory is its OOD entry
         extra += ["task.name=snli", f"task.data_dir={nli_dirs['snli']}"]
     cfg = compose(ood_overrides(nli_dirs, *extra))
     res = run(cfg, tmp_path / "run")
@@ -281,12 +324,28 @@ def test_report_shows_named_test_sets(tmp_path):
         d = tmp_path / f"schedule={sched},seed={seed}"
         d.mkdir()
         test = {"mnli/accuracy": v, "snli/accuracy": v / 2, "snli/loss": 1.0, "snli/pred_frac_neutral": 0.3}
-        (d / "results.json").write_text(json.dumps({
-            "status": "completed", "degenerate": None, "task": "glue", "task_name": "mnli", "schedule": sched,
-            "seed": seed, "main_metric": "accuracy_m", "greater_is_better": True,
-            "final": {"accuracy_m": v}, "best": {"accuracy_m": v}, "test": test,
-            "config": {"task": {"kind": "glue", "name": "mnli", "selection_split": None},
-                       "schedule": {"name": sched, "lr": 2e-5}, "seed": seed}}))
+        (d / "results.json").write_text(
+            json.dumps(
+                {
+                    "status": "completed",
+                    "degenerate": None,
+                    "task": "glue",
+                    "task_name": "mnli",
+                    "schedule": sched,
+                    "seed": seed,
+                    "main_metric": "accuracy_m",
+                    "greater_is_better": True,
+                    "final": {"accuracy_m": v},
+                    "best": {"accuracy_m": v},
+                    "test": test,
+                    "config": {
+                        "task": {"kind": "glue", "name": "mnli", "selection_split": None},
+                        "schedule": {"name": sched, "lr": 2e-5},
+                        "seed": seed,
+                    },
+                }
+            )
+        )
     text, _ = report(tmp_path)
     assert "## Named test sets" in text
     assert "| schedule | mnli/accuracy | snli/accuracy | average |" in text
@@ -320,8 +379,7 @@ def test_scitail_dgem_format_is_read_first_and_gives_the_same_pairs(tmp_path, nl
     plain = load_set("scitail", str(root), "test", "k")
     dgem = root / "dgem_format"
     dgem.mkdir()
-    rows = [f"{ex.text_a}\t{ex.text_b}\t{'entails' if ex.label == 0 else 'neutral'}\t<graph {i}>"
-            for i, ex in enumerate(plain)]
-    (dgem / "scitail_1.0_structure_test.tsv").write_text("\n".join(rows[:-1]) + "\n")   # one row fewer
+    rows = [f"{ex.text_a}\t{ex.text_b}\t{'entails' if ex.label == 0 else 'neutral'}\t<graph {i}>" for i, ex in enumerate(plain)]
+    (dgem / "scitail_1.0_structure_test.tsv").write_text("\n".join(rows[:-1]) + "\n")  # one row fewer
     from_dgem = load_set("scitail", str(root), "test", "k")
-    assert from_dgem == plain[:-1]                    # read from dgem_format (its own rows)
+    assert from_dgem == plain[:-1]  # read from dgem_format (its own rows)

@@ -1,5 +1,6 @@
 """Protocols a reviewer would accept: degenerate runs are marked and counted, and the selection
 split never lets the official dev set influence selection."""
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,13 @@ class Collapse(Callback):
 COLLAPSE = ["+callbacks.collapse._target_=test_protocol.Collapse", "schedule.lr=0.0"]
 
 
-@pytest.mark.parametrize("task,reason", [
-    ("rte", "predicts one class ('entailment') for every dev example"),
-    ("stsb", "near-constant predictions on dev (std 0"),
-])
+@pytest.mark.parametrize(
+    "task,reason",
+    [
+        ("rte", "predicts one class ('entailment') for every dev example"),
+        ("stsb", "near-constant predictions on dev (std 0"),
+    ],
+)
 def test_collapsed_run_is_marked_degenerate(tmp_path, task, reason, caplog):
     data = write_glue(tmp_path / task, task, n_train=16, n_dev=8)
     cfg = compose(glue_overrides(data, task, "trainer=cpu_fast", "trainer.max_steps=2", *COLLAPSE))
@@ -62,8 +66,11 @@ def test_report_counts_degenerate_runs(tmp_path):
 
 def test_selection_split_never_reads_the_official_dev_set_before_the_end(tmp_path, monkeypatch):
     data = write_glue(tmp_path / "rte", "rte", n_train=64, n_dev=16)
-    cfg = compose(glue_overrides(data, "rte", "trainer=cpu_fast", "trainer.max_steps=6", "trainer.eval_every=2",
-                                 "task.selection_split=0.25"))
+    cfg = compose(
+        glue_overrides(
+            data, "rte", "trainer=cpu_fast", "trainer.max_steps=6", "trainer.eval_every=2", "task.selection_split=0.25"
+        )
+    )
     seen: list[tuple[int, str, frozenset]] = []
     original = Trainer.evaluate
 
@@ -78,14 +85,14 @@ def test_selection_split_never_reads_the_official_dev_set_before_the_end(tmp_pat
 
     import adaptune.tasks.glue as glue
 
-    trainer_task = glue.GlueTask(cfg.task, tmp_path / "x", seed=42)   # the run's data, rebuilt
+    trainer_task = glue.GlueTask(cfg.task, tmp_path / "x", seed=42)  # the run's data, rebuilt
     trainer_task.setup()
     train = {tuple(ids) for ids in trainer_task.train["input_ids"]}
     selection = {tuple(ids) for ids in trainer_task.eval_sets["dev"][0][0]["input_ids"]}
     official = {tuple(ids) for ids in trainer_task.eval_sets["test"][0][0]["input_ids"]}
     assert len(trainer_task.eval_sets["dev"][0][0]["labels"]) == 16 and len(trainer_task.train["labels"]) == 48
-    assert sorted(trainer_task.eval_sets["dev"][0][0]["labels"]) == [0] * 8 + [1] * 8   # stratified
-    assert not selection & train and not selection & official       # disjoint slices
+    assert sorted(trainer_task.eval_sets["dev"][0][0]["labels"]) == [0] * 8 + [1] * 8  # stratified
+    assert not selection & train and not selection & official  # disjoint slices
     # every evaluation during training read the selection slice; the official dev set once, at the end
     assert [(step, split) for step, split, _ in seen] == [(2, "dev"), (4, "dev"), (6, "dev"), (6, "test")]
     assert all(texts == selection for _, split, texts in seen if split == "dev")
@@ -93,8 +100,9 @@ def test_selection_split_never_reads_the_official_dev_set_before_the_end(tmp_pat
     assert res["main_metric"] == "accuracy" and res["best_step"] in (2, 4, 6)
     assert set(res["test"]) >= {"accuracy", "loss"} and res["task_summary"]["selection_split"] == 0.25
     # the selection slice is the same for every seed (all grid points are selected on it)
-    other = glue.GlueTask(compose(glue_overrides(data, "rte", "task.selection_split=0.25", "seed=7")).task,
-                          tmp_path / "y", seed=7)
+    other = glue.GlueTask(
+        compose(glue_overrides(data, "rte", "task.selection_split=0.25", "seed=7")).task, tmp_path / "y", seed=7
+    )
     other.setup()
     assert {tuple(ids) for ids in other.eval_sets["dev"][0][0]["input_ids"]} == selection
 

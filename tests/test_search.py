@@ -1,6 +1,7 @@
 """``adaptune search``: spec validation, the persistent study, exactly n_trials COMPLETE trials after
 an interruption, a dead worker or with two workers on one storage, and each trial's value (training
 replaced by generated results.json, except in the one end-to-end search)."""
+
 from __future__ import annotations
 
 import json
@@ -58,12 +59,26 @@ def write_result(run_dir: Path, ov: dict, seed: int, status="completed", acc=Non
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in {**keep, "seed": seed}.items()))
     lr = float(ov["schedule.lr"])
     acc = selection_acc(lr, seed) if acc is None else acc
-    res = {"status": status, "degenerate": degenerate, "task": "glue", "task_name": "rte", "schedule": "sage",
-           "seed": seed, "main_metric": "accuracy", "greater_is_better": True,
-           "final": {"accuracy": acc}, "best": {"accuracy": acc}, "test": {"accuracy": 0.5},   # test: never read
-           "config": {"seed": seed, "task": {"kind": "glue", "name": "rte", "selection_split": 8},
-                      "schedule": {"name": "sage", "lr": lr}},
-           "train_loss": [[1, 0.7], [2, 0.6]], "evals": []}
+    res = {
+        "status": status,
+        "degenerate": degenerate,
+        "task": "glue",
+        "task_name": "rte",
+        "schedule": "sage",
+        "seed": seed,
+        "main_metric": "accuracy",
+        "greater_is_better": True,
+        "final": {"accuracy": acc},
+        "best": {"accuracy": acc},
+        "test": {"accuracy": 0.5},  # test: never read
+        "config": {
+            "seed": seed,
+            "task": {"kind": "glue", "name": "rte", "selection_split": 8},
+            "schedule": {"name": "sage", "lr": lr},
+        },
+        "train_loss": [[1, 0.7], [2, 0.6]],
+        "evals": [],
+    }
     (run_dir / "results.json").write_text(json.dumps(res))
 
 
@@ -100,6 +115,7 @@ def fake(monkeypatch):
         runs = FakeRuns(hook)
         monkeypatch.setattr(search, "launch", runs)
         return runs
+
     return install
 
 
@@ -116,49 +132,73 @@ def test_dry_run_prints_storage_study_and_first_command(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     assert search.main(["quickstart_sage", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:4] == ["storage: sqlite:///outputs/search/quickstart_sage/study.db", "study: quickstart_sage",
-                         "sweep: outputs/search/quickstart_sage", "n_trials: 6"]
-    assert lines[4].startswith(f"first trial: {sys.executable} -m adaptune -m experiment=quickstart schedule=sage "
-                               "schedule.beta3=")
+    assert lines[:4] == [
+        "storage: sqlite:///outputs/search/quickstart_sage/study.db",
+        "study: quickstart_sage",
+        "sweep: outputs/search/quickstart_sage",
+        "n_trials: 6",
+    ]
+    assert lines[4].startswith(
+        f"first trial: {sys.executable} -m adaptune -m experiment=quickstart schedule=sage schedule.beta3="
+    )
     ov = args_of(lines[4].removeprefix("first trial: ").replace("'", "").split())
     assert ov["seed"] == "1,2" and ov["name"] == "quickstart_sage" and ov["task.selection_split"] == "400"
     assert ov["hydra.sweep.dir"] == "outputs/search/quickstart_sage/trial_000"
     assert 1e-4 <= float(ov["schedule.lr"]) <= 1e-3 and 0.6 <= float(ov["schedule.beta3"]) <= 0.9
-    assert list(tmp_path.iterdir()) == []          # a dry run writes nothing (no study.db)
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing (no study.db)
 
 
 def test_unknown_preset_is_a_one_line_error_from_the_command():
-    out = subprocess.run([sys.executable, "-m", "adaptune", "search", "nope"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "adaptune", "search", "nope"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == [
         "adaptune search: error: conf/search/nope.yaml does not exist; allowed names: quickstart_sage "
-        "(or the path of a YAML file)"]
+        "(or the path of a YAML file)"
+    ]
 
 
-@pytest.mark.parametrize("change,message", [
-    (("n_trials: 3", "n_trials: 3\nlr: 1"),
-     "unknown key 'lr'; allowed: experiment, schedule, seeds, overrides, params, n_trials, sampler_seed, "
-     "startup_trials, direction"),
-    (("schedule: sage", "schedule: adam"),
-     "schedule=adam is unknown; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage"),
-    (("seeds: [1, 2]", "seeds: [1, 1]"), "seeds: expected a non-empty list of distinct integers, got [1, 1]"),
-    (("low: 0.6, high: 0.9", "low: 0.9, high: 0.6"),
-     "params.schedule.beta3: expected numbers low < high, got low=0.9, high=0.6"),
-    (("low: 1e-4, high: 1e-2, log: true", "low: 0, high: 1e-2, log: true"),
-     "params.schedule.lr: log: true needs low > 0, got low=0"),
-    (("low: 0.6, high: 0.9", "low: 0.6, high: 0.9, step: 0.1"),
-     "params.schedule.beta3: unknown key 'step'; allowed: low, high, log, choices"),
-    (("{low: 0.6, high: 0.9}", "{choices: []}"),
-     "params.schedule.beta3: choices: expected a non-empty list of distinct numbers, booleans or plain words, got []"),
-    (("schedule.beta3:", "seed:"), "params.seed: not a searchable key"),
-    (("task.selection_split=8]", "task.selection_split=8, schedule.lr=1e-3]"),
-     "overrides: schedule.lr is searched (params); drop it from overrides"),
-    (("task.selection_split=8]", "task.selection_split=8, seed=3]"), "overrides: seed is set by adaptune search"),
-    (("n_trials: 3", "n_trials: 0"), "n_trials: expected a positive integer, got 0"),
-    (("n_trials: 3", "n_trials: 3\ndirection: up"), "direction=up is unknown; allowed: maximize, minimize"),
-    (("sampler_seed: 7", "sampler_seed: x"), "sampler_seed: expected a non-negative integer or null, got 'x'"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            ("n_trials: 3", "n_trials: 3\nlr: 1"),
+            "unknown key 'lr'; allowed: experiment, schedule, seeds, overrides, params, n_trials, sampler_seed, "
+            "startup_trials, direction",
+        ),
+        (
+            ("schedule: sage", "schedule: adam"),
+            "schedule=adam is unknown; allowed: baseline, childtuning_d, childtuning_f, dps, dps_mix, mixout, sage",
+        ),
+        (("seeds: [1, 2]", "seeds: [1, 1]"), "seeds: expected a non-empty list of distinct integers, got [1, 1]"),
+        (
+            ("low: 0.6, high: 0.9", "low: 0.9, high: 0.6"),
+            "params.schedule.beta3: expected numbers low < high, got low=0.9, high=0.6",
+        ),
+        (
+            ("low: 1e-4, high: 1e-2, log: true", "low: 0, high: 1e-2, log: true"),
+            "params.schedule.lr: log: true needs low > 0, got low=0",
+        ),
+        (
+            ("low: 0.6, high: 0.9", "low: 0.6, high: 0.9, step: 0.1"),
+            "params.schedule.beta3: unknown key 'step'; allowed: low, high, log, choices",
+        ),
+        (
+            ("{low: 0.6, high: 0.9}", "{choices: []}"),
+            "params.schedule.beta3: choices: expected a non-empty list of distinct numbers, booleans or plain words, got []",
+        ),
+        (("schedule.beta3:", "seed:"), "params.seed: not a searchable key"),
+        (
+            ("task.selection_split=8]", "task.selection_split=8, schedule.lr=1e-3]"),
+            "overrides: schedule.lr is searched (params); drop it from overrides",
+        ),
+        (("task.selection_split=8]", "task.selection_split=8, seed=3]"), "overrides: seed is set by adaptune search"),
+        (("n_trials: 3", "n_trials: 0"), "n_trials: expected a positive integer, got 0"),
+        (("n_trials: 3", "n_trials: 3\ndirection: up"), "direction=up is unknown; allowed: maximize, minimize"),
+        (("sampler_seed: 7", "sampler_seed: x"), "sampler_seed: expected a non-negative integer or null, got 'x'"),
+    ],
+)
 def test_bad_spec_is_a_one_line_error_naming_the_key(tmp_path, capsys, change, message):
     path = spec_file(tmp_path, SPEC.replace(*change))
     assert search.main([path, "--dry-run"]) == 2
@@ -174,10 +214,16 @@ def test_a_config_that_does_not_compose_is_a_one_line_error(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("adaptune search: error: ") and "nope" in err
 
 
-@pytest.mark.parametrize("url,message", [
-    ("nonsense", "--storage nonsense is not a database URL (sqlite:///PATH.db, postgresql://..., mysql://...)"),
-    ("postgresql://me@localhost:1/optuna", "storage postgresql://me@localhost:1/optuna needs a database driver for postgresql"),
-])
+@pytest.mark.parametrize(
+    "url,message",
+    [
+        ("nonsense", "--storage nonsense is not a database URL (sqlite:///PATH.db, postgresql://..., mysql://...)"),
+        (
+            "postgresql://me@localhost:1/optuna",
+            "storage postgresql://me@localhost:1/optuna needs a database driver for postgresql",
+        ),
+    ],
+)
 def test_a_bad_storage_is_a_one_line_error(tmp_path, monkeypatch, capsys, url, message):
     monkeypatch.chdir(tmp_path)
     assert search.main([spec_file(tmp_path), "--storage", url]) == 2
@@ -207,7 +253,7 @@ def test_value_is_the_mean_over_seeds_of_the_selection_metric_and_the_study_pers
     sweep = Path("outputs/search/mine")
     db = tmp_path / sweep / "study.db"
     assert db.is_file()
-    url = f"sqlite:///{db}"                                      # a new connection: the file holds it all
+    url = f"sqlite:///{db}"  # a new connection: the file holds it all
     done = trials(url)
     assert [t.state for t in done] == [TrialState.COMPLETE] * 3
     assert len(runs.calls) == 3
@@ -216,7 +262,7 @@ def test_value_is_the_mean_over_seeds_of_the_selection_metric_and_the_study_pers
         assert ov["schedule.lr"] == search.fmt(t.params["schedule.lr"])
         per_seed = {"1": selection_acc(lr, 1), "2": selection_acc(lr, 2)}
         assert t.user_attrs["per_seed"] == pytest.approx(per_seed)
-        assert t.value == pytest.approx(statistics.fmean(per_seed.values()))   # not the test value 0.5
+        assert t.value == pytest.approx(statistics.fmean(per_seed.values()))  # not the test value 0.5
         assert t.user_attrs["metric"] == "accuracy"
         assert t.user_attrs["trial_dir"] == str(sweep / f"trial_{t.number:03d}")
         assert t.user_attrs["run_dirs"] == [str(sweep / f"trial_{t.number:03d}" / f"seed_{s}") for s in (1, 2)]
@@ -247,7 +293,7 @@ def test_the_report_reads_the_trials_as_grid_points(tmp_path, monkeypatch, fake)
     data = json.loads((sweep / "report.json").read_text())
     (sched,) = data["tasks"][0]["schedules"]
     assert len(sched["grid"]) == 3
-    best = json.loads((sweep / "search.json").read_text())["best"]["params"]    # the report selects the same trial
+    best = json.loads((sweep / "search.json").read_text())["best"]["params"]  # the report selects the same trial
     assert sched["selected"] == f"beta3={search.fmt(best['schedule.beta3'])}, lr={search.fmt(best['schedule.lr'])}"
 
 
@@ -259,9 +305,9 @@ def test_a_study_with_another_objective_is_refused(tmp_path, monkeypatch, capsys
     assert search.main([spec_file(tmp_path, SPEC.replace("seeds: [1, 2]", "seeds: [1, 2, 3]"))]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "searches another objective (seeds differ" in err[0]
-    assert search.main([spec_file(tmp_path), "trainer.max_steps=5"]) == 2       # changes training
+    assert search.main([spec_file(tmp_path), "trainer.max_steps=5"]) == 2  # changes training
     assert "searches another objective (extra differ" in capsys.readouterr().err
-    assert search.main([spec_file(tmp_path), "trainer.num_threads=1", "logger=none"]) == 0   # does not
+    assert search.main([spec_file(tmp_path), "trainer.num_threads=1", "logger=none"]) == 0  # does not
 
 
 def test_failed_and_diverged_trials_are_recorded_and_the_search_goes_on(tmp_path, monkeypatch, capsys, fake):
@@ -310,7 +356,7 @@ def test_an_interrupted_search_rerun_finishes_with_exactly_n_complete_trials(tmp
     assert sum(t.state == TrialState.COMPLETE for t in done) == 3
     retry = done[2]
     assert retry.params == interrupted.params and retry.user_attrs["retry_of"] == 1
-    assert retry.user_attrs["trial_dir"] == "outputs/search/mine/trial_001"    # the same runs, resumed
+    assert retry.user_attrs["trial_dir"] == "outputs/search/mine/trial_001"  # the same runs, resumed
     assert runs.calls[0]["hydra.sweep.dir"] == "outputs/search/mine/trial_001"
     assert seed1.stat().st_mtime_ns == mtime
     assert "a retry of #1" in capsys.readouterr().out
@@ -332,7 +378,7 @@ def test_a_dead_workers_running_trial_goes_stale_and_is_retried(tmp_path, monkey
     with pytest.raises(Killed):
         search.main([path, "--grace-period", "2"])
     url = f"sqlite:///{tmp_path}/outputs/search/mine/study.db"
-    assert states(url) == ["COMPLETE", "RUNNING"]          # left behind, its heartbeat stops
+    assert states(url) == ["COMPLETE", "RUNNING"]  # left behind, its heartbeat stops
     runs = fake()
     assert search.main([path, "--grace-period", "2"]) == 0
     done = trials(url)
@@ -343,7 +389,7 @@ def test_a_dead_workers_running_trial_goes_stale_and_is_retried(tmp_path, monkey
     assert "waiting: 1 trial(s) running" in capsys.readouterr().out
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage")   # the simulated other worker's plain ask
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the simulated other worker's plain ask
 def test_a_worker_that_loses_the_race_for_the_last_slot_runs_nothing(tmp_path, monkeypatch, capsys, fake):
     """Another worker asks for a trial between this worker's count and its ask: with n_trials=1 the
     later-numbered trial is FAIL (surplus) before anything runs; when the other worker then dies,
@@ -354,7 +400,7 @@ def test_a_worker_that_loses_the_race_for_the_last_slot_runs_nothing(tmp_path, m
     real_claim, other = search.claim, {}
 
     def claim(ctx):
-        if not other:   # the other worker's ask lands after this worker counted 0 trials, before its ask
+        if not other:  # the other worker's ask lands after this worker counted 0 trials, before its ask
             study = optuna.load_study(study_name="mine", storage=ctx.rdb)
             other["trial"] = study.ask(search.distributions(ctx.spec))
             ctx.rdb.record_heartbeat(ctx.rdb.get_trial_id_from_study_id_trial_number(ctx.study_id, other["trial"].number))
@@ -366,7 +412,7 @@ def test_a_worker_that_loses_the_race_for_the_last_slot_runs_nothing(tmp_path, m
     done = trials(url)
     assert [t.state.name for t in done] == ["FAIL", "FAIL", "COMPLETE"]
     assert done[1].user_attrs["fail_reason"].startswith("surplus: 1 trials before it could complete the 1")
-    assert "trial_dir" not in done[1].user_attrs and len(runs.calls) == 1       # the surplus trial ran nothing
+    assert "trial_dir" not in done[1].user_attrs and len(runs.calls) == 1  # the surplus trial ran nothing
     assert done[2].user_attrs["retry_of"] == 0 and done[2].params == done[0].params
 
 
@@ -380,6 +426,7 @@ def _worker(path, url, fake_sleep):
     os._exit(search.main([path, "--storage", url, "--study", "shared", "--grace-period", "8"]))
 
 
+@pytest.mark.e2e  # two worker processes
 def test_two_workers_on_one_storage_produce_exactly_n_complete_trials(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = spec_file(tmp_path, SPEC.replace("n_trials: 3", "n_trials: 5"))
@@ -394,20 +441,41 @@ def test_two_workers_on_one_storage_produce_exactly_n_complete_trials(tmp_path, 
     done = trials(url, "shared")
     complete = [t for t in done if t.state == TrialState.COMPLETE]
     assert len(complete) == 5
-    assert all(t.state == TrialState.FAIL and t.user_attrs["fail_reason"].startswith("surplus")
-               for t in done if t.state != TrialState.COMPLETE)
+    assert all(
+        t.state == TrialState.FAIL and t.user_attrs["fail_reason"].startswith("surplus")
+        for t in done
+        if t.state != TrialState.COMPLETE
+    )
     assert len({t.user_attrs["trial_dir"] for t in complete}) == 5
-    assert len({t.user_attrs["worker"] for t in complete}) == 2          # both worked on it
-    assert len({t.params["schedule.lr"] for t in complete}) == 5         # different points (per-trial seeds)
+    assert len({t.user_attrs["worker"] for t in complete}) == 2  # both worked on it
+    assert len({t.params["schedule.lr"] for t in complete}) == 5  # different points (per-trial seeds)
 
 
 def test_workers_option_starts_that_many_workers_on_one_study(tmp_path):
     args = search._parser().parse_intermixed_args(["mine.yaml", "trainer.max_steps=2", "--workers", "2"])
     args.study = "mine"
     cmds = search.worker_commands(args, "sqlite:///x/study.db", Path("x"), dev_selection=False)
-    assert cmds == [[sys.executable, "-m", "adaptune", "search", "mine.yaml", "trainer.max_steps=2",
-                     "--storage", "sqlite:///x/study.db", "--study", "mine", "--sweep-dir", "x",
-                     "--grace-period", "120", "--worker", str(i)] for i in (0, 1)]
+    assert cmds == [
+        [
+            sys.executable,
+            "-m",
+            "adaptune",
+            "search",
+            "mine.yaml",
+            "trainer.max_steps=2",
+            "--storage",
+            "sqlite:///x/study.db",
+            "--study",
+            "mine",
+            "--sweep-dir",
+            "x",
+            "--grace-period",
+            "120",
+            "--worker",
+            str(i),
+        ]
+        for i in (0, 1)
+    ]
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -415,14 +483,32 @@ def test_workers_option_starts_that_many_workers_on_one_study(tmp_path):
 def test_tiny_search_end_to_end(tmp_path):
     """Real training: 2 trials x 2 seeds of a 2-layer BERT on generated RTE, two worker processes."""
     data = write_glue(tmp_path / "rte", "rte", n_train=32, n_dev=8)
-    overrides = ["task=glue", "task.name=rte", f"task.data_dir={data}", *TINY_BERT, "task.selection_split=8",
-                 "logger=none", "trainer=cpu_fast", "trainer.progress=false", "trainer.max_steps=2",
-                 "trainer.num_threads=1"]
-    path = spec_file(tmp_path, "schedule: sage\nseeds: [1, 2]\noverrides: [" + ", ".join(f"'{o}'" for o in overrides)
-                     + "]\nparams:\n  schedule.lr: {low: 1e-4, high: 1e-3, log: true}\nn_trials: 2\nsampler_seed: 3\n",
-                     name="tiny")
-    out = subprocess.run([sys.executable, "-m", "adaptune", "search", path, "--workers", "2"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
+    overrides = [
+        "task=glue",
+        "task.name=rte",
+        f"task.data_dir={data}",
+        *TINY_BERT,
+        "task.selection_split=8",
+        "logger=none",
+        "trainer=cpu_fast",
+        "trainer.progress=false",
+        "trainer.max_steps=2",
+        "trainer.num_threads=1",
+    ]
+    path = spec_file(
+        tmp_path,
+        "schedule: sage\nseeds: [1, 2]\noverrides: ["
+        + ", ".join(f"'{o}'" for o in overrides)
+        + "]\nparams:\n  schedule.lr: {low: 1e-4, high: 1e-3, log: true}\nn_trials: 2\nsampler_seed: 3\n",
+        name="tiny",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "adaptune", "search", path, "--workers", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     sweep = tmp_path / "outputs" / "search" / "tiny"
     done = trials(f"sqlite:///{sweep / 'study.db'}", "tiny")

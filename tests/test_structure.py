@@ -1,5 +1,6 @@
 """The architecture's rules, checked: one default per config key, dependency directions, module
 sizes, and registries that do not depend on import order."""
+
 from __future__ import annotations
 
 import ast
@@ -25,9 +26,12 @@ def _schema_defaults(group: str, option_cfg) -> dict:
     from adaptune.schedules.config import SCHEDULE_SCHEMAS
     from adaptune.tasks.config import TASK_SCHEMAS
 
-    schema = {"trainer": TrainerConfig, "logger": LoggerConfig,
-              "schedule": SCHEDULE_SCHEMAS.get(option_cfg.get("schema")),
-              "task": TASK_SCHEMAS.get(option_cfg.get("kind"))}[group]
+    schema = {
+        "trainer": TrainerConfig,
+        "logger": LoggerConfig,
+        "schedule": SCHEDULE_SCHEMAS.get(option_cfg.get("schema")),
+        "task": TASK_SCHEMAS.get(option_cfg.get("kind")),
+    }[group]
     return OmegaConf.to_container(OmegaConf.structured(schema))
 
 
@@ -98,15 +102,21 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("package,forbidden", [
-    ("tasks", {"schedules", "runner"}),
-    ("schedules", {"tasks", "runner"}),
-    ("common", {"tasks", "schedules", "runner"}),
-])
+@pytest.mark.parametrize(
+    "package,forbidden",
+    [
+        ("tasks", {"schedules", "runner"}),
+        ("schedules", {"tasks", "runner"}),
+        ("common", {"tasks", "schedules", "runner"}),
+    ],
+)
 def test_import_graph(package, forbidden):
     """tasks and schedules depend on common, never on each other or on the runner."""
-    bad = {str(p.relative_to(REPO)): sorted(_imports(p) & forbidden)
-           for p in (REPO / package).rglob("*.py") if _imports(p) & forbidden}
+    bad = {
+        str(p.relative_to(REPO)): sorted(_imports(p) & forbidden)
+        for p in (REPO / package).rglob("*.py")
+        if _imports(p) & forbidden
+    }
     assert not bad, bad
 
 
@@ -119,17 +129,21 @@ def test_code_imports_only_through_the_adaptune_package():
         for path in (REPO / root).rglob("*.py"):
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
-                         else [])
-                bad += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names
-                        if n.split(".")[0] in (*PACKAGES, "conf")]
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module]
+                    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                    else []
+                )
+                bad += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in (*PACKAGES, "conf")]
     assert not bad, bad
 
 
 def test_no_source_file_over_500_lines():
-    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines())
-             for package in PACKAGES for p in (REPO / package).rglob("*.py")}
+    sizes = {
+        str(p.relative_to(REPO)): len(p.read_text().splitlines()) for package in PACKAGES for p in (REPO / package).rglob("*.py")
+    }
     assert sizes and not {k: v for k, v in sizes.items() if v > 500}
 
 
@@ -137,9 +151,11 @@ def test_no_source_file_over_500_lines():
 def test_optimizer_registry_does_not_depend_on_import_order():
     """``schedule=baseline schedule.optimizer=adamw_sage`` works in a fresh process in which no
     SAGE module was imported first."""
-    code = ("import sys; from adaptune.schedules import optimizer_class; "
-            "assert 'adaptune.schedules.sage' not in sys.modules; "
-            "print(optimizer_class('adamw_sage').__name__, optimizer_class('adamax').__name__)")
+    code = (
+        "import sys; from adaptune.schedules import optimizer_class; "
+        "assert 'adaptune.schedules.sage' not in sys.modules; "
+        "print(optimizer_class('adamw_sage').__name__, optimizer_class('adamax').__name__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["AdamWSAGE", "Adamax"]
@@ -184,20 +200,36 @@ def test_no_algorithm_imports_the_config_schema():
     """SAGE's optimizers, DPS, ChildTuning, Mixout, the integrations and the fairseq plug-in own
     their defaults (schedules/defaults.py) and checks (ValueError naming their argument)."""
     root = REPO / "schedules"
-    bad = [str(p.relative_to(REPO)) for p in root.rglob("*.py")
-           if not (p.parent == root and p.name in SCHEMA_READERS) and p.name != "schedule.py" and _names_schema(p)]
+    bad = [
+        str(p.relative_to(REPO))
+        for p in root.rglob("*.py")
+        if not (p.parent == root and p.name in SCHEMA_READERS) and p.name != "schedule.py" and _names_schema(p)
+    ]
     assert not bad, bad
-    assert _names_schema(root / "base.py")          # the check sees a schema import when there is one
+    assert _names_schema(root / "base.py")  # the check sees a schema import when there is one
 
 
-@pytest.mark.parametrize("schedule,key,call", [
-    ("dps", "drop_p", lambda v: __import__("adaptune.schedules.dps.helpers", fromlist=["x"]).check_dps_hparams(v, 0.05, "dense")),
-    ("dps", "update_ratio",
-     lambda v: __import__("adaptune.schedules.dps.helpers", fromlist=["x"]).check_dps_hparams(0.3, v, "dense")),
-    ("childtuning_f", "keep_p",
-     lambda v: __import__("adaptune.schedules.childtuning.algorithm", fromlist=["x"])._check_reserve_p(v)),
-    ("mixout", "mix_p", lambda v: __import__("adaptune.schedules.defaults", fromlist=["x"]).check_range("p", v, 0, 1)),
-])
+@pytest.mark.parametrize(
+    "schedule,key,call",
+    [
+        (
+            "dps",
+            "drop_p",
+            lambda v: __import__("adaptune.schedules.dps.helpers", fromlist=["x"]).check_dps_hparams(v, 0.05, "dense"),
+        ),
+        (
+            "dps",
+            "update_ratio",
+            lambda v: __import__("adaptune.schedules.dps.helpers", fromlist=["x"]).check_dps_hparams(0.3, v, "dense"),
+        ),
+        (
+            "childtuning_f",
+            "keep_p",
+            lambda v: __import__("adaptune.schedules.childtuning.algorithm", fromlist=["x"])._check_reserve_p(v),
+        ),
+        ("mixout", "mix_p", lambda v: __import__("adaptune.schedules.defaults", fromlist=["x"]).check_range("p", v, 0, 1)),
+    ],
+)
 def test_algorithm_and_schema_ranges_agree(schedule, key, call):
     """The schema's check of a key and the algorithm's check of its argument accept the same values."""
     from adaptune.schedules.config import SCHEDULE_SCHEMAS
@@ -218,8 +250,13 @@ def test_mixout_and_dps_share_the_mix_and_linear_helpers_not_each_other():
     for package, other in (("mixout", "dps"), ("dps", "mixout")):
         for path in (REPO / "schedules" / package).glob("*.py"):
             tree = ast.parse(path.read_text())
-            bad = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-                   and (n.module == other or n.module.startswith(f"{other}.") or f".{other}" in n.module)]
+            bad = [
+                n.module
+                for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom)
+                and n.module
+                and (n.module == other or n.module.startswith(f"{other}.") or f".{other}" in n.module)
+            ]
             assert not bad, (str(path.relative_to(REPO)), bad)
 
 
@@ -246,8 +283,13 @@ def _module_graph() -> dict[str, set[str]]:
         if is_pkg:
             continue
         tree = ast.parse(path.read_text())
-        skip = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                and "TYPE_CHECKING" in ast.unparse(block.test) for b in block.body for n in ast.walk(b)}
+        skip = {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for b in block.body
+            for n in ast.walk(b)
+        }
         edges = set()
         for node in ast.walk(tree):
             if id(node) in skip or not isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -280,8 +322,11 @@ def test_no_import_cycles_between_modules():
 
 
 #: which task each module of tasks/ belongs to (shared modules: base, config, families, lora, ...)
-TASK_FAMILIES = {"text": ("glue", "glue_data", "nli_data", "custom_data", "sources", "hf_loading", "feature_cache", "ood"),
-                 "nmt": ("nmt", "nmt_data"), "vit": ("vit", "vit_data")}
+TASK_FAMILIES = {
+    "text": ("glue", "glue_data", "nli_data", "custom_data", "sources", "hf_loading", "feature_cache", "ood"),
+    "nmt": ("nmt", "nmt_data"),
+    "vit": ("vit", "vit_data"),
+}
 
 
 def test_a_task_module_does_not_import_another_tasks_data_module():

@@ -1,4 +1,5 @@
 """Tests of the timm image-classification task (tasks/vit.py) with images the tests generate."""
+
 from __future__ import annotations
 
 import gzip
@@ -63,8 +64,7 @@ def task_cfg(**over) -> dict:
         "batch_size": 16,
         "eval_batch_size": 64,
         "model": {"name": "vit_tiny_patch16_224", "pretrained": False, "img_size": 16, "kwargs": dict(TINY)},
-        "augment": {"scale": [0.8, 1.0], "ratio": [0.9, 1.1], "hflip": 0.5, "crop_pct": 1.0,
-                    "interpolation": "bilinear"},
+        "augment": {"scale": [0.8, 1.0], "ratio": [0.9, 1.1], "hflip": 0.5, "crop_pct": 1.0, "interpolation": "bilinear"},
     }
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -99,7 +99,7 @@ def test_imagefolder_loads_files_written_by_the_test(folder, tmp_path):
     task.setup()
     assert task.classes == list(CLASSES)
     assert task.main_metric == "top1" and task.greater_is_better
-    patterns = task.param_patterns(task.build_model())   # the model's own no_weight_decay() joins the family's
+    patterns = task.param_patterns(task.build_model())  # the model's own no_weight_decay() joins the family's
     assert patterns["sage"] == ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     assert {"pos_embed", "cls_token", "bias", "norm"} <= set(patterns["no_decay"])
     assert len(task.splits["train"]) == 4 * 48 and len(task.splits["dev"]) == 4 * 12
@@ -150,8 +150,9 @@ def test_idx_files_in_fashion_mnist_format(tmp_path):
     torch.testing.assert_close(batch["images"][0, 1], expected, atol=1e-5, rtol=0)
 
     # in_chans=1 keeps one channel
-    task1 = make_task(tmp_path, dataset="fashion_mnist", data_dir=str(tmp_path),
-                      model={"img_size": 28, "kwargs": {**TINY, "in_chans": 1}})
+    task1 = make_task(
+        tmp_path, dataset="fashion_mnist", data_dir=str(tmp_path), model={"img_size": 28, "kwargs": {**TINY, "in_chans": 1}}
+    )
     task1.setup()
     assert task1.make_eval_batch("dev", [0])["images"].shape == (1, 1, 28, 28)
 
@@ -171,8 +172,8 @@ def test_hf_dataset_saved_to_disk(tmp_path):
         labels = [i % 4 for i in range(n)]
         return datasets.Dataset.from_dict(
             {"img": [Image.fromarray(pattern(y, rng)) for y in labels], "label": labels},
-            features=datasets.Features({"img": datasets.Image(),
-                                        "label": datasets.ClassLabel(names=list(CLASSES))}))
+            features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))}),
+        )
 
     path = tmp_path / "hfdata"
     datasets.DatasetDict({"train": split(12), "test": split(8)}).save_to_disk(str(path))
@@ -219,8 +220,10 @@ def test_missing_data_and_bad_keys_are_one_line_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        (dict(dataset="fashion_mnist", data_dir=str(empty)), ["apt-get install dataset-fashion-mnist",
-                                                               "task.data_dir", "cifar10|cifar100|imagefolder|hf"]),
+        (
+            dict(dataset="fashion_mnist", data_dir=str(empty)),
+            ["apt-get install dataset-fashion-mnist", "task.data_dir", "cifar10|cifar100|imagefolder|hf"],
+        ),
         (dict(dataset="imagefolder", data_dir=str(empty)), ["train", "task.data_dir"]),
         (dict(dataset="cifar10", data_dir=str(empty), download=False), ["task.download=true", "task.data_dir"]),
         (dict(dataset="hf"), ["task.hf_name"]),
@@ -289,12 +292,14 @@ def test_train_batches_and_augmentation_are_deterministic(folder, tmp_path):
 
 
 def test_topk_metrics_on_hand_computed_logits():
-    logits = torch.tensor([
-        [9.0, 1, 2, 3, 4, 5, 6],   # target 0: top-1 hit
-        [9.0, 1, 2, 3, 4, 5, 6],   # target 4: rank 3 -> top-5 hit only
-        [9.0, 1, 2, 3, 4, 5, 6],   # target 1: rank 7 -> miss
-        [0.0, 0, 0, 0, 0, 0, 8],   # target 6: top-1 hit
-    ])
+    logits = torch.tensor(
+        [
+            [9.0, 1, 2, 3, 4, 5, 6],  # target 0: top-1 hit
+            [9.0, 1, 2, 3, 4, 5, 6],  # target 4: rank 3 -> top-5 hit only
+            [9.0, 1, 2, 3, 4, 5, 6],  # target 1: rank 7 -> miss
+            [0.0, 0, 0, 0, 0, 0, 8],  # target 6: top-1 hit
+        ]
+    )
     targets = torch.tensor([0, 4, 1, 6])
     assert topk_correct(logits, targets, 5) == (2, 3)
     # fewer than 5 classes: top-5 is top-C, always 1.0
@@ -312,8 +317,10 @@ def test_topk_metrics_on_hand_computed_logits():
     task.classes = [str(i) for i in range(7)]
     task.splits = {"dev": object()}
     task.eval_batches = lambda split: [(0, 1, 2), (3,)]
-    task.make_eval_batch = lambda split, pos: {"images": torch.tensor(pos, dtype=torch.float32)[:, None],
-                                                   "targets": targets[list(pos)]}
+    task.make_eval_batch = lambda split, pos: {
+        "images": torch.tensor(pos, dtype=torch.float32)[:, None],
+        "targets": targets[list(pos)],
+    }
     metrics = evaluate(task, Fixed(), "dev")
     expected_loss = float(torch.nn.functional.cross_entropy(logits, targets))
     assert metrics["top1"] == 0.5 and metrics["top5"] == 0.75
@@ -321,8 +328,7 @@ def test_topk_metrics_on_hand_computed_logits():
 
 
 def test_mixup_gives_soft_targets(folder, tmp_path):
-    task = make_task(tmp_path, data_dir=str(folder), batch_size=7, label_smoothing=0.1,
-                     augment={"mixup": 0.8, "cutmix": 1.0})
+    task = make_task(tmp_path, data_dir=str(folder), batch_size=7, label_smoothing=0.1, augment={"mixup": 0.8, "cutmix": 1.0})
     task.setup()
     batch = task.make_batch(task.train_batches(0)[0])
     assert batch["targets"].shape == (7, 4)
@@ -370,16 +376,31 @@ def test_runs_through_the_shared_loop(folder, tmp_path, schedule):
     loop = pytest.importorskip("adaptune.runner.loop")
     if not (REPO / "conf" / "schedule" / f"{schedule}.yaml").is_file():
         pytest.skip(f"conf/schedule/{schedule}.yaml is not there yet")
-    cfg = _compose([
-        "task=vit", f"schedule={schedule}", "trainer=cpu_fast", "logger=none",
-        "task.dataset=imagefolder", f"task.data_dir={folder}",
-        "task.model.name=vit_tiny_patch16_224", "task.model.pretrained=false", "task.model.img_size=16",
-        "task.model.kwargs={patch_size:4,embed_dim:32,depth:2,num_heads:2,mlp_ratio:2.0}",
-        "task.augment.scale=[0.8,1.0]", "task.augment.crop_pct=1.0",
-        "trainer.batch_size=32", "trainer.eval_batch_size=64", "trainer.max_steps=12",
-        "trainer.save_every=6", "trainer.progress=false", "trainer.num_threads=1",
-        "schedule.lr=3e-3", "name=vit_test",
-    ] + {"sage": ["schedule.base=adamw"], "dps": ["schedule.update_ratio=0.25"]}.get(schedule, []))
+    cfg = _compose(
+        [
+            "task=vit",
+            f"schedule={schedule}",
+            "trainer=cpu_fast",
+            "logger=none",
+            "task.dataset=imagefolder",
+            f"task.data_dir={folder}",
+            "task.model.name=vit_tiny_patch16_224",
+            "task.model.pretrained=false",
+            "task.model.img_size=16",
+            "task.model.kwargs={patch_size:4,embed_dim:32,depth:2,num_heads:2,mlp_ratio:2.0}",
+            "task.augment.scale=[0.8,1.0]",
+            "task.augment.crop_pct=1.0",
+            "trainer.batch_size=32",
+            "trainer.eval_batch_size=64",
+            "trainer.max_steps=12",
+            "trainer.save_every=6",
+            "trainer.progress=false",
+            "trainer.num_threads=1",
+            "schedule.lr=3e-3",
+            "name=vit_test",
+        ]
+        + {"sage": ["schedule.base=adamw"], "dps": ["schedule.update_ratio=0.25"]}.get(schedule, [])
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = loop.run(cfg, tmp_path / "run")

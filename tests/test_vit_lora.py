@@ -1,6 +1,7 @@
 """``task.peft=lora`` on the timm image-classification task (tasks/vit.py): LoRA adapters on the
 attention ``qkv`` and the classifier head train, every other weight stays bit-identical; SAGE scales
 ``lora_A``, DPS selects from ``lora_A`` / ``lora_B``; bad target modules are a one-line error."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,8 @@ from adaptune.common.errors import ConfigError  # noqa: E402
 from conftest import REPO, compose  # noqa: E402
 from adaptune.runner import checkpoint as ckpt  # noqa: E402
 from adaptune.runner.loop import Interrupted, Trainer, run  # noqa: E402
-from adaptune.tasks.vit import ImageClassificationTask, classifier_names  # noqa: E402
+from adaptune.tasks.timm_models import classifier_names  # noqa: E402
+from adaptune.tasks.vit import ImageClassificationTask  # noqa: E402
 from test_vit import CLASSES, TINY, task_cfg, write_imagefolder  # noqa: E402
 
 ADAPTER = ("lora_A.", "lora_B.")
@@ -38,13 +40,31 @@ def folder(tmp_path_factory) -> Path:
 
 def overrides(folder: Path, schedule: str, *extra: str) -> list[str]:
     kwargs = ",".join(f"{k}:{v}" for k, v in TINY.items())
-    return ["task=vit", "trainer=cpu_fast", "logger=none", "task.dataset=imagefolder", f"task.data_dir={folder}",
-            "task.model.name=vit_tiny_patch16_224", "task.model.pretrained=false", "task.model.img_size=16",
-            f"task.model.kwargs={{{kwargs}}}", "task.augment.scale=[0.8,1.0]", "task.augment.crop_pct=1.0",
-            "trainer.batch_size=8", "trainer.eval_batch_size=16", f"trainer.max_steps={STEPS}",
-            "trainer.save_every=3", "trainer.progress=false", "trainer.num_threads=1",
-            "task.peft=lora", "task.lora.r=4", "schedule.lr=3e-3", "schedule.warmup_ratio=0.0",
-            *SCHEDULES[schedule], *extra]
+    return [
+        "task=vit",
+        "trainer=cpu_fast",
+        "logger=none",
+        "task.dataset=imagefolder",
+        f"task.data_dir={folder}",
+        "task.model.name=vit_tiny_patch16_224",
+        "task.model.pretrained=false",
+        "task.model.img_size=16",
+        f"task.model.kwargs={{{kwargs}}}",
+        "task.augment.scale=[0.8,1.0]",
+        "task.augment.crop_pct=1.0",
+        "trainer.batch_size=8",
+        "trainer.eval_batch_size=16",
+        f"trainer.max_steps={STEPS}",
+        "trainer.save_every=3",
+        "trainer.progress=false",
+        "trainer.num_threads=1",
+        "task.peft=lora",
+        "task.lora.r=4",
+        "schedule.lr=3e-3",
+        "schedule.warmup_ratio=0.0",
+        *SCHEDULES[schedule],
+        *extra,
+    ]
 
 
 def names_of(model: torch.nn.Module, params) -> set[str]:
@@ -63,7 +83,7 @@ def lora_run(folder, tmp_path_factory):
             seen = {}
             original = Trainer.fit
 
-            def capture(self, *args, **kwargs):   # after build_model / schedule setup, before step 1
+            def capture(self, *args, **kwargs):  # after build_model / schedule setup, before step 1
                 seen["trainer"] = self
                 seen["initial"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 return original(self, *args, **kwargs)
@@ -89,9 +109,11 @@ def test_lora_run_keeps_base_weights_bit_identical(lora_run, schedule):
     # peft froze everything but the adapters and the head's trainable copy
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in initial if any(s in n for s in ADAPTER) or HEAD in n}
-    assert len([n for n in trainable if "lora_A." in n]) == TINY["depth"]   # one qkv per block
-    assert {n for n in trainable if HEAD in n} == {"base_model.model.head.modules_to_save.default.weight",
-                                                   "base_model.model.head.modules_to_save.default.bias"}
+    assert len([n for n in trainable if "lora_A." in n]) == TINY["depth"]  # one qkv per block
+    assert {n for n in trainable if HEAD in n} == {
+        "base_model.model.head.modules_to_save.default.weight",
+        "base_model.model.head.modules_to_save.default.bias",
+    }
 
     final = ckpt.load(run_dir / "checkpoints" / ckpt.LAST)["model"]
     assert final.keys() == initial.keys()
@@ -102,7 +124,7 @@ def test_lora_run_keeps_base_weights_bit_identical(lora_run, schedule):
         assert torch.equal(final[k], initial[k]), k
     moved = {k for k in initial if not torch.equal(final[k], initial[k])}
     lora_b = {k for k in initial if "lora_B." in k}
-    assert lora_b <= moved and all(bool(final[k].abs().sum() > 0) for k in lora_b)   # zero-initialised
+    assert lora_b <= moved and all(bool(final[k].abs().sum() > 0) for k in lora_b)  # zero-initialised
     assert any("lora_A." in k for k in moved)
     assert {k for k in initial if HEAD in k} <= moved
 
@@ -154,10 +176,12 @@ def test_param_patterns_and_head_through_the_wrapper(tmp_path):
         task(model=resnet).build_model()
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("task.lora.target_modules=['qkv']") and "null means" in msg
-    wrapped = task(model=resnet, lora={"target_modules": ["conv2"]}).build_model()   # Conv2d adapters
+    wrapped = task(model=resnet, lora={"target_modules": ["conv2"]}).build_model()  # Conv2d adapters
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
-    assert {n for n in trainable if "lora_" not in n} == {"base_model.model.fc.modules_to_save.default.weight",
-                                                         "base_model.model.fc.modules_to_save.default.bias"}
+    assert {n for n in trainable if "lora_" not in n} == {
+        "base_model.model.fc.modules_to_save.default.weight",
+        "base_model.model.fc.modules_to_save.default.bias",
+    }
 
 
 # ----------------------------------------------------------------------------- (c) CLI error
@@ -165,8 +189,9 @@ def test_param_patterns_and_head_through_the_wrapper(tmp_path):
 def test_cli_bad_target_modules_is_one_line(folder, tmp_path):
     args = [*overrides(folder, "sage"), "task.lora.target_modules=[nope]", f"hydra.run.dir={tmp_path / 'run'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "adaptune", *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "adaptune", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+    )
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr

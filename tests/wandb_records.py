@@ -9,6 +9,7 @@ has returned: call :func:`closed_run` (it shuts the service down first, ``wandb.
 the file is complete) rather than reading a live file. A log without the run's ``exit`` record is
 refused, never read half.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,11 @@ def _payloads(path: Path):
         if left < HEADER:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if length == 0 and kind == 0:
             pos += left  # zero padding up to the block end
             continue
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 1:
             yield chunk
@@ -66,11 +67,9 @@ def read_run(path: Path) -> dict:
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            out["run"] = {"group": record.run.run_group, "tags": list(record.run.tags),
-                          "job_type": record.run.job_type}
+            out["run"] = {"group": record.run.run_group, "tags": list(record.run.tags), "job_type": record.run.job_type}
         elif kind == "history":
-            out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                                   for i in record.history.item})
+            out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
             for i in record.summary.update:
                 out["summary"][i.key or "/".join(i.nested_key)] = json.loads(i.value_json)

@@ -19,6 +19,7 @@ For every run under the directory (a run: ``results.json`` and ``checkpoints/``,
 Results are cached per run (``analysis/cache/``, :mod:`.compute`): a re-run computes only what is
 missing, and a new checkpoint (other size or time) invalidates its run's entries.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def analyze(root: Path, opts: Options, redundant: float = 1e-2, progress: bool = True,
-            settings: str = "selected") -> tuple[str, list[Path]]:
+def analyze(
+    root: Path, opts: Options, redundant: float = 1e-2, progress: bool = True, settings: str = "selected"
+) -> tuple[str, list[Path]]:
     """Compute what is missing and write ``<root>/analysis/``; returns (analysis.md, files written)."""
     from .figures import layers_section, pruning_section, sensitivity_section
     from .selection import dps_section
@@ -102,21 +104,31 @@ def analyze(root: Path, opts: Options, redundant: float = 1e-2, progress: bool =
     parts = [_header(root, opts, redundant, done, settings)]
     for task, group in sorted(by_task.items()):
         suffix = "" if len(by_task) == 1 else "_" + _slug(task)
-        main_metric = next((m for a in group for m in ((a.results.get("dense") or {}).get("main_metric"),
-                                                          a.run.run.res.get("main_metric")) if m), "main")
+        main_metric = next(
+            (
+                m
+                for a in group
+                for m in ((a.results.get("dense") or {}).get("main_metric"), a.run.run.res.get("main_metric"))
+                if m
+            ),
+            "main",
+        )
         parts.append(f"## {task}\n")
         for written, text in (
-                sensitivity_section(group, out, suffix, task),
-                pruning_section(group, out, suffix, task, opts.criteria, main_metric, opts.scope),
-                layers_section(group, out, suffix, task, redundant),
-                dps_section(group, records, out, suffix, task)):
+            sensitivity_section(group, out, suffix, task),
+            pruning_section(group, out, suffix, task, opts.criteria, main_metric, opts.scope),
+            layers_section(group, out, suffix, task, redundant),
+            dps_section(group, records, out, suffix, task),
+        ):
             files += written
             if text:
                 parts.append(text)
         no_record = [a for a in group if a.run.schedule.startswith("dps") and a.run.key not in records]
         if no_record:
-            parts.append(f"{len(no_record)} DPS run(s) have no selection record in last.pt (trained before "
-                         "it was recorded, or no selection phase was reached).\n")
+            parts.append(
+                f"{len(no_record)} DPS run(s) have no selection record in last.pt (trained before "
+                "it was recorded, or no selection phase was reached).\n"
+            )
     if skipped:
         parts.append("## Skipped runs\n\n" + "\n".join(f"- {s}" for s in skipped) + "\n")
     parts.append(_caveats())
@@ -129,48 +141,76 @@ def analyze(root: Path, opts: Options, redundant: float = 1e-2, progress: bool =
 
 def _header(root: Path, opts: Options, redundant: float, done: list[RunAnalysis], settings: str) -> str:
     ckpts = sorted({a.run.checkpoint.name for a in done})
-    which = ("each schedule at the setting `adaptune report` selects" if settings == "selected"
-             else "every setting of every schedule")
-    return (f"# Redundancy analysis: {root}\n\n"
-            f"{len(done)} run(s) ({which}), weights from {' / '.join(ckpts)}. Weights analysed: the 2-D tensors matched by "
-            f"the model family's SAGE patterns. Sensitivity |θ ⊙ ∇L|: mean over {opts.max_batches} "
-            f"{opts.split} batch(es) of the per-batch value (model in eval mode). Pruning: the lowest-scoring "
-            f"entries zeroed {'per tensor' if opts.scope == 'layer' else 'over all analysed tensors at once'}, "
-            f"then the dev set evaluated as in training"
-            f"{f' (NMT BLEU on at most {opts.max_sentences} sentences)' if opts.max_sentences else ''}. "
-            f"ref: the median sensitivity of all analysed runs of a task pooled; redundant: below "
-            f"{redundant:g} × ref.\n")
+    which = (
+        "each schedule at the setting `adaptune report` selects" if settings == "selected" else "every setting of every schedule"
+    )
+    return (
+        f"# Redundancy analysis: {root}\n\n"
+        f"{len(done)} run(s) ({which}), weights from {' / '.join(ckpts)}. Weights analysed: the 2-D tensors matched by "
+        f"the model family's SAGE patterns. Sensitivity |θ ⊙ ∇L|: mean over {opts.max_batches} "
+        f"{opts.split} batch(es) of the per-batch value (model in eval mode). Pruning: the lowest-scoring "
+        f"entries zeroed {'per tensor' if opts.scope == 'layer' else 'over all analysed tensors at once'}, "
+        f"then the dev set evaluated as in training"
+        f"{f' (NMT BLEU on at most {opts.max_sentences} sentences)' if opts.max_sentences else ''}. "
+        f"ref: the median sensitivity of all analysed runs of a task pooled; redundant: below "
+        f"{redundant:g} × ref.\n"
+    )
 
 
 def _caveats() -> str:
-    return ("## Reading this\n\n"
-            "- Sensitivities are of the *trained* weights on a few batches: they show where the loss is "
-            "locally flat, not what each entry contributed during training.\n"
-            "- Pruning curves zero entries without retraining; they compare how much each schedule's model "
-            "relies on its low-scoring entries. With few seeds and a small dev set, overlapping bands mean "
-            "no difference is shown.\n"
-            "- Absolute sensitivities scale with the loss and the learning rate's end point; compare schedules "
-            "within a task, against the same ref.\n")
+    return (
+        "## Reading this\n\n"
+        "- Sensitivities are of the *trained* weights on a few batches: they show where the loss is "
+        "locally flat, not what each entry contributed during training.\n"
+        "- Pruning curves zero entries without retraining; they compare how much each schedule's model "
+        "relies on its low-scoring entries. With few seeds and a small dev set, overlapping bands mean "
+        "no difference is shown.\n"
+        "- Absolute sensitivities scale with the loss and the learning rate's end point; compare schedules "
+        "within a task, against the same ref.\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaptune analyze", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="a run directory or a sweep directory holding runs")
-    parser.add_argument("--max-batches", type=int, default=Options.max_batches,
-                        help="batches over which the sensitivity is accumulated (default %(default)s)")
-    parser.add_argument("--sparsities", default="0,10,20,30,40,50,60,70,80,90",
-                        help="pruning levels in percent, comma-separated (default %(default)s)")
+    parser.add_argument(
+        "--max-batches",
+        type=int,
+        default=Options.max_batches,
+        help="batches over which the sensitivity is accumulated (default %(default)s)",
+    )
+    parser.add_argument(
+        "--sparsities",
+        default="0,10,20,30,40,50,60,70,80,90",
+        help="pruning levels in percent, comma-separated (default %(default)s)",
+    )
     parser.add_argument("--split", choices=SPLITS, default="dev", help="batches for the sensitivity (default dev)")
     parser.add_argument("--criteria", default=",".join(CRITERIA), help="pruning scores (default %(default)s)")
-    parser.add_argument("--scope", choices=SCOPES, default="layer",
-                        help="prune the same fraction of every tensor (layer, default) or the lowest over all (global)")
-    parser.add_argument("--redundant", type=float, default=1e-2,
-                        help="redundant: sensitivity below this times the task's pooled median (default %(default)s)")
-    parser.add_argument("--max-sentences", type=int, default=None,
-                        help="NMT: dev sentences translated for BLEU per evaluation (default: the run's own cap)")
+    parser.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="layer",
+        help="prune the same fraction of every tensor (layer, default) or the lowest over all (global)",
+    )
+    parser.add_argument(
+        "--redundant",
+        type=float,
+        default=1e-2,
+        help="redundant: sensitivity below this times the task's pooled median (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-sentences",
+        type=int,
+        default=None,
+        help="NMT: dev sentences translated for BLEU per evaluation (default: the run's own cap)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the run's trainer.device)")
-    parser.add_argument("--settings", choices=("selected", "all"), default="selected",
-                        help="where a schedule ran a grid: the setting the report selects (default) or all")
+    parser.add_argument(
+        "--settings",
+        choices=("selected", "all"),
+        default="selected",
+        help="where a schedule ran a grid: the setting the report selects (default) or all",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -180,14 +220,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--max-sentences must be a positive integer, got {args.max_sentences}")
         if not args.redundant > 0:
             raise ConfigError(f"--redundant must be positive, got {args.redundant}")
-        opts = Options(split=args.split, max_batches=args.max_batches, sparsities=_sparsities(args.sparsities),
-                       criteria=_criteria(args.criteria), scope=args.scope, max_sentences=args.max_sentences,
-                       device=args.device)
-        _, written = analyze(args.directory, opts, args.redundant, progress=not args.no_progress,
-                                settings=args.settings)
+        opts = Options(
+            split=args.split,
+            max_batches=args.max_batches,
+            sparsities=_sparsities(args.sparsities),
+            criteria=_criteria(args.criteria),
+            scope=args.scope,
+            max_sentences=args.max_sentences,
+            device=args.device,
+        )
+        _, written = analyze(args.directory, opts, args.redundant, progress=not args.no_progress, settings=args.settings)
     except ConfigError as err:
         print(f"adaptune analyze: error: {err}")
         return 2
     print(f"wrote {written[0]} and {len(written) - 1} plot/CSV file(s) in {written[0].parent}")
     return 0
-

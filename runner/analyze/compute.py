@@ -10,6 +10,7 @@ scores, the pruning scope, NMT's BLEU cap); a file whose key differs is recomput
 sensitivity-pruned point is missing, the scores are recomputed (K backward passes, cheap next to
 the evaluations).
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,13 @@ class RunAnalysis:
             for s in opts.sparsities:
                 if s > 0:
                     self.keys[f"prune_{criterion}_{_sparsity_name(s)}"] = {
-                        **stamp, "criterion": criterion, "sparsity": s, "scope": opts.scope,
-                        "max_sentences": opts.max_sentences, **extra}
+                        **stamp,
+                        "criterion": criterion,
+                        "sparsity": s,
+                        "scope": opts.scope,
+                        "max_sentences": opts.max_sentences,
+                        **extra,
+                    }
         self.results: dict[str, dict] = {}
         for name, key in self.keys.items():
             data = _read(self.dir / f"{name}.json", key)
@@ -104,8 +110,14 @@ class RunAnalysis:
         need_sens = "sensitivity" in todo or any(n.startswith("prune_sensitivity_") for n in todo)
         sens = None
         if need_sens:
-            sens, used = S.sensitivity(task, model, weights, self.opts.split, self.opts.max_batches,
-                                       autocast=lambda: autocast_context(trainer.precision, trainer.device))
+            sens, used = S.sensitivity(
+                task,
+                model,
+                weights,
+                self.opts.split,
+                self.opts.max_batches,
+                autocast=lambda: autocast_context(trainer.precision, trainer.device),
+            )
             if "sensitivity" in todo:
                 self._save("sensitivity", {"batches": used, "weights": S.summarize(sens)})
         if "dense" in todo:
@@ -125,8 +137,7 @@ class RunAnalysis:
                 with torch.no_grad():
                     for n, t in weights.items():
                         t.copy_(original[n])
-                self._save(name, {"criterion": criterion, "sparsity": sparsity, "zeroed": zeroed,
-                                  "metrics": metrics})
+                self._save(name, {"criterion": criterion, "sparsity": sparsity, "zeroed": zeroed, "metrics": metrics})
                 advance()
 
     # ------------------------------------------------------------------ reading results

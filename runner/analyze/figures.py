@@ -10,6 +10,7 @@ with the same ruler; "below" fractions are reported at ``ref`` × 10⁻³, 10⁻
 entry is *redundant* (heatmap) when its sensitivity is below ``ref`` × ``--redundant`` (default
 10⁻²). Fractions come from the cached log10 histograms (0.05-decade bins).
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,8 +63,7 @@ def _by_schedule(analyses: list[RunAnalysis]) -> dict[str, list[RunAnalysis]]:
     groups: dict[str, list[RunAnalysis]] = defaultdict(list)
     for a in analyses:
         groups[a.run.schedule].append(a)
-    return {k: sorted(groups[k], key=lambda a: (a.run.seed is None, a.run.seed or 0))
-            for k in sorted(groups, key=schedule_key)}
+    return {k: sorted(groups[k], key=lambda a: (a.run.seed is None, a.run.seed or 0)) for k in sorted(groups, key=schedule_key)}
 
 
 def _fmt(values: list[float], scale: float = 100.0, spec: str = ".2f") -> str:
@@ -107,14 +107,17 @@ def sensitivity_section(analyses, out: Path, suffix: str, title: str) -> tuple[l
                     hi = 10 ** edges[min(i, S.N_BINS)] if i <= S.N_BINS else math.inf
                     rows.append([title, sched, a.run.seed, f"{lo:.6g}", f"{hi:.6g}", c])
             for rel in BELOW:
-                below_rows.append([title, sched, a.run.seed, rel, f"{ref * rel:.6g}",
-                                   f"{S.fraction_below(h, ref * rel):.6f}"])
+                below_rows.append([title, sched, a.run.seed, rel, f"{ref * rel:.6g}", f"{S.fraction_below(h, ref * rel):.6f}"])
         if hists:
             curves.append((sched, len(hists), S.pool(hists)))
-    files = [_write_csv(out / f"sensitivity_hist{suffix}.csv",
-                        ["task", "schedule", "seed", "bin_lo", "bin_hi", "count"], rows),
-             _write_csv(out / f"sensitivity_below{suffix}.csv",
-                        ["task", "schedule", "seed", "threshold_rel", "threshold", "fraction_below"], below_rows)]
+    files = [
+        _write_csv(out / f"sensitivity_hist{suffix}.csv", ["task", "schedule", "seed", "bin_lo", "bin_hi", "count"], rows),
+        _write_csv(
+            out / f"sensitivity_below{suffix}.csv",
+            ["task", "schedule", "seed", "threshold_rel", "threshold", "fraction_below"],
+            below_rows,
+        ),
+    ]
     plt = _plt()
     png = out / f"sensitivity_hist{suffix}.png"
     if plt is not None and curves:
@@ -134,23 +137,26 @@ def sensitivity_section(analyses, out: Path, suffix: str, title: str) -> tuple[l
         ax.set_title(f"{title}: sensitivity of the SAGE-pattern weights")
         ax.legend(fontsize=8)
         _save_png(plt, fig, png, files)
-    table = ["| schedule | " + " | ".join(f"< {r:g}·ref" for r in BELOW) + " |",
-             "|---|" + "---|" * len(BELOW)]
+    table = ["| schedule | " + " | ".join(f"< {r:g}·ref" for r in BELOW) + " |", "|---|" + "---|" * len(BELOW)]
     for sched, runs in groups.items():
         cells = []
         for rel in BELOW:
             cells.append(_fmt([S.fraction_below(h, ref * rel) for h in (_run_hist(a) for a in runs) if h]))
         table.append(f"| {sched} | " + " | ".join(cells) + " |")
-    text = (f"### Sensitivity distribution\n\n![sensitivity]({png.name})\n\n"
-            f"Percent of entries below multiples of the pooled median sensitivity ref = {ref:.3g} "
-            f"(mean ± std over seeds; [{files[-1].name}]({files[-1].name}), [{files[-2].name}]({files[-2].name})):\n\n"
-            + "\n".join(table) + "\n")
+    text = (
+        f"### Sensitivity distribution\n\n![sensitivity]({png.name})\n\n"
+        f"Percent of entries below multiples of the pooled median sensitivity ref = {ref:.3g} "
+        f"(mean ± std over seeds; [{files[-1].name}]({files[-1].name}), [{files[-2].name}]({files[-2].name})):\n\n"
+        + "\n".join(table)
+        + "\n"
+    )
     return files, text
 
 
 # ------------------------------------------------------------------------------ 2. pruning
-def pruning_section(analyses, out: Path, suffix: str, title: str, criteria: Sequence[str],
-                    main_metric: str, scope: str) -> tuple[list[Path], str]:
+def pruning_section(
+    analyses, out: Path, suffix: str, title: str, criteria: Sequence[str], main_metric: str, scope: str
+) -> tuple[list[Path], str]:
     groups = _by_schedule(analyses)
     rows, series = [], {}
     for criterion in criteria:
@@ -166,8 +172,9 @@ def pruning_section(analyses, out: Path, suffix: str, title: str, criteria: Sequ
                 series[(criterion, sched)] = sorted(points.items())
     if not rows:
         return [], ""
-    files = [_write_csv(out / f"pruning{suffix}.csv",
-                        ["task", "schedule", "seed", "criterion", "sparsity", "metric", "value"], rows)]
+    files = [
+        _write_csv(out / f"pruning{suffix}.csv", ["task", "schedule", "seed", "criterion", "sparsity", "metric", "value"], rows)
+    ]
     plt = _plt()
     png = out / f"pruning{suffix}.png"
     if plt is not None and series:
@@ -178,10 +185,14 @@ def pruning_section(analyses, out: Path, suffix: str, title: str, criteria: Sequ
                 if not pts:
                     continue
                 xs = [100 * s for s, _ in pts]
-                line, = ax.plot(xs, [statistics.fmean(v) for _, v in pts], marker="o", ms=3,
-                                label=f"{sched} (n={max(len(v) for _, v in pts)})")
-                ax.fill_between(xs, [min(v) for _, v in pts], [max(v) for _, v in pts],
-                                color=line.get_color(), alpha=0.2)
+                (line,) = ax.plot(
+                    xs,
+                    [statistics.fmean(v) for _, v in pts],
+                    marker="o",
+                    ms=3,
+                    label=f"{sched} (n={max(len(v) for _, v in pts)})",
+                )
+                ax.fill_between(xs, [min(v) for _, v in pts], [max(v) for _, v in pts], color=line.get_color(), alpha=0.2)
             ax.set_title(f"pruned by {criterion} ({scope})")
             ax.set_xlabel("sparsity of the SAGE-pattern weights (%)")
             ax.set_ylabel(f"dev {main_metric}")
@@ -190,13 +201,17 @@ def pruning_section(analyses, out: Path, suffix: str, title: str, criteria: Sequ
         fig.suptitle(f"{title}: pruning curves (mean, min–max over seeds)")
         _save_png(plt, fig, png, files)
     sparsities = sorted({s for pts in series.values() for s, _ in pts})
-    table = ["| criterion | schedule | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |",
-             "|---|---|" + "---|" * len(sparsities)]
+    table = [
+        "| criterion | schedule | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |",
+        "|---|---|" + "---|" * len(sparsities),
+    ]
     for (criterion, sched), pts in series.items():
         got = dict(pts)
-        table.append(f"| {criterion} | {sched} | " + " | ".join(_fmt(got.get(s, []), 1.0, '.4f') for s in sparsities) + " |")
-    text = (f"### Pruning curves\n\n![pruning]({png.name})\n\nDev {main_metric} (mean ± std over seeds; "
-            f"[{files[-1].name}]({files[-1].name})):\n\n" + "\n".join(table) + "\n")
+        table.append(f"| {criterion} | {sched} | " + " | ".join(_fmt(got.get(s, []), 1.0, ".4f") for s in sparsities) + " |")
+    text = (
+        f"### Pruning curves\n\n![pruning]({png.name})\n\nDev {main_metric} (mean ± std over seeds; "
+        f"[{files[-1].name}]({files[-1].name})):\n\n" + "\n".join(table) + "\n"
+    )
     return files, text
 
 
@@ -207,7 +222,7 @@ def layers_section(analyses, out: Path, suffix: str, title: str, redundant: floa
         return [], ""
     tau = ref * redundant
     names = {n for a in analyses for n in (a.sensitivity() or {})}
-    decoder = any(S.layer_of(n)[0].startswith("dec ") for n in names)   # else "3", not "enc 3"
+    decoder = any(S.layer_of(n)[0].startswith("dec ") for n in names)  # else "3", not "enc 3"
     rows = []
     cells: dict[str, dict[tuple[str, str], list[float]]] = {}
     for sched, runs in groups.items():
@@ -226,8 +241,13 @@ def layers_section(analyses, out: Path, suffix: str, title: str, redundant: floa
             cells[sched] = {k: [v[0] / v[2], v[1] / v[2]] for k, v in acc.items()}
     if not rows:
         return [], ""
-    files = [_write_csv(out / f"layers{suffix}.csv", ["task", "schedule", "seed", "weight", "layer", "sublayer",
-                                                       "entries", "mean_sensitivity", "redundant_fraction"], rows)]
+    files = [
+        _write_csv(
+            out / f"layers{suffix}.csv",
+            ["task", "schedule", "seed", "weight", "layer", "sublayer", "entries", "mean_sensitivity", "redundant_fraction"],
+            rows,
+        )
+    ]
     layers = sorted({k[0] for c in cells.values() for k in c}, key=S.layer_sort_key)
     subs = sorted({k[1] for c in cells.values() for k in c}, key=S.sublayer_sort_key)
     plt = _plt()
@@ -236,18 +256,27 @@ def layers_section(analyses, out: Path, suffix: str, title: str, redundant: floa
         import numpy as np
 
         n = len(cells)
-        fig, axes = plt.subplots(2, n, figsize=(1.0 + 0.55 * len(subs) * n + 1.2 * n, 1.5 + 0.7 * len(layers)),
-                                 squeeze=False)
-        mats = {s: [np.array([[c.get((lay, u), [math.nan, math.nan])[j] for u in subs] for lay in layers], dtype=float)
-                    for j in (0, 1)] for s, c in cells.items()}
+        fig, axes = plt.subplots(2, n, figsize=(1.0 + 0.55 * len(subs) * n + 1.2 * n, 1.5 + 0.7 * len(layers)), squeeze=False)
+        mats = {
+            s: [
+                np.array([[c.get((lay, u), [math.nan, math.nan])[j] for u in subs] for lay in layers], dtype=float)
+                for j in (0, 1)
+            ]
+            for s, c in cells.items()
+        }
         logs = [np.log10(np.where(m[0] > 0, m[0], np.nan)) for m in mats.values()]
         vmin, vmax = np.nanmin([np.nanmin(x) for x in logs]), np.nanmax([np.nanmax(x) for x in logs])
         for col, (sched, (mean, red)) in enumerate(mats.items()):
-            for row, (mat, kw, label) in enumerate(((np.log10(np.where(mean > 0, mean, np.nan)),
-                                                     {"vmin": vmin, "vmax": vmax, "cmap": "viridis"},
-                                                     "log10 mean sensitivity"),
-                                                    (red, {"vmin": 0.0, "vmax": 1.0, "cmap": "magma_r"},
-                                                     f"redundant (< {redundant:g}·ref)"))):
+            for row, (mat, kw, label) in enumerate(
+                (
+                    (
+                        np.log10(np.where(mean > 0, mean, np.nan)),
+                        {"vmin": vmin, "vmax": vmax, "cmap": "viridis"},
+                        "log10 mean sensitivity",
+                    ),
+                    (red, {"vmin": 0.0, "vmax": 1.0, "cmap": "magma_r"}, f"redundant (< {redundant:g}·ref)"),
+                )
+            ):
                 ax = axes[row][col]
                 im = ax.imshow(mat, aspect="auto", **kw)
                 ax.set_xticks(range(len(subs)), subs, rotation=60, fontsize=7)
@@ -265,7 +294,10 @@ def layers_section(analyses, out: Path, suffix: str, title: str, redundant: floa
             means.append(sum(w["mean"] * w["numel"] for w in ws.values()) / total)
             reds.append(sum(S.fraction_below(w["hist"], tau) * w["numel"] for w in ws.values()) / total)
         table.append(f"| {sched} | {_fmt(means, 1.0, '.3g')} | {_fmt(reds)}% |")
-    text = (f"### Per layer\n\n![layers]({png.name})\n\nRedundant: sensitivity below {redundant:g} × ref = "
-            f"{tau:.3g}. Over all analysed weights (mean ± std over seeds; [{files[-1].name}]({files[-1].name})):\n\n"
-            + "\n".join(table) + "\n")
+    text = (
+        f"### Per layer\n\n![layers]({png.name})\n\nRedundant: sensitivity below {redundant:g} × ref = "
+        f"{tau:.3g}. Over all analysed weights (mean ± std over seeds; [{files[-1].name}]({files[-1].name})):\n\n"
+        + "\n".join(table)
+        + "\n"
+    )
     return files, text

@@ -11,6 +11,7 @@ callbacks or logger, no progress bar, ``trainer.device`` / ``trainer.num_threads
 line, and for translation the dev BLEU cap (``--max-sentences``). The weights come from
 ``checkpoints/best.pt``, else ``last.pt``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,10 +31,10 @@ log = logging.getLogger("adaptune")
 @dataclass
 class AnalysedRun:
     run: Run
-    key: str                 # a file-name-safe id, unique under the analysed directory
-    checkpoint: Path         # best.pt, else last.pt
+    key: str  # a file-name-safe id, unique under the analysed directory
+    checkpoint: Path  # best.pt, else last.pt
     config: dict
-    label: str = ""          # the schedule's row: "sage", or "sage (lr=5e-4)" with --settings all
+    label: str = ""  # the schedule's row: "sage", or "sage (lr=5e-4)" with --settings all
 
     @property
     def task(self) -> str:
@@ -142,5 +143,8 @@ def dps_record(run: AnalysedRun) -> dict[str, Any] | None:
     state = data.get("schedule") or {}
     if "selected" not in state or not state.get("selections"):
         return None
-    return {"selected": dict(state["selected"]), "selections": int(state["selections"]),
-            "overlaps": [float(v) for v in state.get("overlaps", [])]}
+    return {
+        "selected": dict(state["selected"]),
+        "selections": int(state["selections"]),
+        "overlaps": [float(v) for v in state.get("overlaps", [])],
+    }

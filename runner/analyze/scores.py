@@ -11,6 +11,7 @@ cancel in the mean, which would call an entry redundant that matters to every ba
 direction; dividing by ``K`` keeps the numbers comparable between ``--max-batches`` values. The
 model is in eval mode (no dropout, DPS-Mix unbound), so the scores are deterministic.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,9 @@ def loss_batch(task: Task, split: str, plan: Any) -> Any | None:
     return batch
 
 
-def sensitivity(task: Task, model: torch.nn.Module, weights: Mapping[str, torch.Tensor], split: str,
-                max_batches: int, autocast=None) -> tuple[dict[str, torch.Tensor], int]:
+def sensitivity(
+    task: Task, model: torch.nn.Module, weights: Mapping[str, torch.Tensor], split: str, max_batches: int, autocast=None
+) -> tuple[dict[str, torch.Tensor], int]:
     """(``{name: mean over batches of |θ ⊙ ∇L_b|}`` in fp32, number of batches used)."""
     from contextlib import nullcontext
 
@@ -108,7 +110,7 @@ def histogram(values: torch.Tensor) -> list[int]:
     """Counts of ``values`` in the fixed log10 bins (:func:`bin_edges`), N_BINS + 2 of them; they
     add up to ``values.numel()``."""
     flat = values.detach().reshape(-1).float()
-    logs = torch.log10(flat.clamp(min=0))   # 0 -> -inf -> bin 0
+    logs = torch.log10(flat.clamp(min=0))  # 0 -> -inf -> bin 0
     index = torch.floor((logs - LOG_LO) / LOG_STEP) + 1
     index = torch.nan_to_num(index, nan=0.0, neginf=0.0, posinf=float(N_BINS + 1))
     index = index.clamp(0, N_BINS + 1).long()
@@ -125,7 +127,7 @@ def hist_quantile(counts: Sequence[int], q: float) -> float:
         run += c
         if run >= target and c:
             return 0.0 if i == 0 else 10 ** (LOG_LO + min(i, N_BINS) * LOG_STEP)
-    return 10 ** LOG_HI
+    return 10**LOG_HI
 
 
 def fraction_below(counts: Sequence[int], threshold: float) -> float:
@@ -141,8 +143,7 @@ def fraction_below(counts: Sequence[int], threshold: float) -> float:
 
 def summarize(scores: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Per tensor: entries, mean and histogram counts (what the cache keeps of the sensitivity)."""
-    return {n: {"numel": s.numel(), "mean": float(s.double().mean()), "hist": histogram(s)}
-            for n, s in scores.items()}
+    return {n: {"numel": s.numel(), "mean": float(s.double().mean()), "hist": histogram(s)} for n, s in scores.items()}
 
 
 # ------------------------------------------------------------------------------ pruning
@@ -179,16 +180,42 @@ def apply_pruning(weights: Mapping[str, torch.Tensor], orders, sparsity: float) 
 # ------------------------------------------------------------------------------ names
 _LAYER = re.compile(r"(?:^|\.)(encoder|decoder)?\.?(?:layers?|blocks|h)\.(\d+)\.")
 _SUBLAYERS = (  # (name substring, label), first match wins
-    ("attention.self.query", "query"), ("attention.self.key", "key"), ("attention.self.value", "value"),
-    ("query_proj", "query"), ("key_proj", "key"), ("value_proj", "value"),
-    ("attention.output.dense", "attn-out"), ("intermediate.dense", "ffn-in"), ("output.dense", "ffn-out"),
-    ("encoder_attn.q_proj", "x-query"), ("encoder_attn.k_proj", "x-key"), ("encoder_attn.v_proj", "x-value"),
+    ("attention.self.query", "query"),
+    ("attention.self.key", "key"),
+    ("attention.self.value", "value"),
+    ("query_proj", "query"),
+    ("key_proj", "key"),
+    ("value_proj", "value"),
+    ("attention.output.dense", "attn-out"),
+    ("intermediate.dense", "ffn-in"),
+    ("output.dense", "ffn-out"),
+    ("encoder_attn.q_proj", "x-query"),
+    ("encoder_attn.k_proj", "x-key"),
+    ("encoder_attn.v_proj", "x-value"),
     ("encoder_attn.out_proj", "x-attn-out"),
-    ("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"), ("out_proj", "attn-out"),
-    ("attn.qkv", "qkv"), ("attn.proj", "attn-out"), ("fc1", "ffn-in"), ("fc2", "ffn-out"),
+    ("q_proj", "query"),
+    ("k_proj", "key"),
+    ("v_proj", "value"),
+    ("out_proj", "attn-out"),
+    ("attn.qkv", "qkv"),
+    ("attn.proj", "attn-out"),
+    ("fc1", "ffn-in"),
+    ("fc2", "ffn-out"),
 )
-SUBLAYER_ORDER = ("query", "key", "value", "qkv", "attn-out", "x-query", "x-key", "x-value", "x-qkv",
-                  "x-attn-out", "ffn-in", "ffn-out")
+SUBLAYER_ORDER = (
+    "query",
+    "key",
+    "value",
+    "qkv",
+    "attn-out",
+    "x-query",
+    "x-key",
+    "x-value",
+    "x-qkv",
+    "x-attn-out",
+    "ffn-in",
+    "ffn-out",
+)
 
 
 def layer_of(name: str) -> tuple[str, str]:
@@ -203,7 +230,7 @@ def layer_of(name: str) -> tuple[str, str]:
         layer = f"{side}{match.group(2)}"
     sub = next((label for key, label in _SUBLAYERS if key in name), None)
     if sub is None:
-        rest = name[match.end():] if match else name
+        rest = name[match.end() :] if match else name
         sub = rest.removesuffix(".weight")
     return layer, sub
 

@@ -1,6 +1,7 @@
 """Section 4 of ``adaptune analyze``: which entries DPS trained, from the selection record that
 ``schedules/dps/algorithm.py`` keeps in ``last.pt`` (per entry the number of selection phases it
 was kept in; the overlap of consecutive masks)."""
+
 from __future__ import annotations
 
 import statistics
@@ -42,10 +43,18 @@ def dps_section(analyses, records: dict[str, dict], out: Path, suffix: str, titl
             lines.append((f"{sched} seed {a.run.seed}", rec["overlaps"]))
         total = sum(pooled.values()) or 1
         bars.append((sched, len(runs), sorted((f, c / total) for f, c in pooled.items())))
-    files = [_write_csv(out / f"dps_selection{suffix}.csv",
-                        ["task", "schedule", "seed", "selection_phases", "kept_in", "fraction", "entries"], hist_rows),
-             _write_csv(out / f"dps_overlap{suffix}.csv",
-                        ["task", "schedule", "seed", "selection_phase", "overlap_with_previous"], overlap_rows)]
+    files = [
+        _write_csv(
+            out / f"dps_selection{suffix}.csv",
+            ["task", "schedule", "seed", "selection_phases", "kept_in", "fraction", "entries"],
+            hist_rows,
+        ),
+        _write_csv(
+            out / f"dps_overlap{suffix}.csv",
+            ["task", "schedule", "seed", "selection_phase", "overlap_with_previous"],
+            overlap_rows,
+        ),
+    ]
     plt = _plt()
     png = out / f"dps_selection{suffix}.png"
     if plt is not None:
@@ -53,8 +62,9 @@ def dps_section(analyses, records: dict[str, dict], out: Path, suffix: str, titl
         width = 0.8 / max(len(bars), 1)
         for j, (sched, n, pts) in enumerate(bars):
             xs = list(range(len(pts)))
-            ax1.bar([x + (j - (len(bars) - 1) / 2) * width for x in xs], [c for _, c in pts], width=width,
-                    label=f"{sched} (n={n})")
+            ax1.bar(
+                [x + (j - (len(bars) - 1) / 2) * width for x in xs], [c for _, c in pts], width=width, label=f"{sched} (n={n})"
+            )
             ax1.set_xticks(xs, [f"{f:.2g}" for f, _ in pts], fontsize=7)
         ax1.set_xlabel("fraction of selection phases an entry was kept in")
         ax1.set_ylabel("fraction of entries")
@@ -82,8 +92,12 @@ def dps_section(analyses, records: dict[str, dict], out: Path, suffix: str, titl
             overlaps += rec["overlaps"]
             phases.add(rec["selections"])
         mean_overlap = f"{statistics.fmean(overlaps):.3f}" if overlaps else "—"
-        table.append(f"| {sched} | {len(runs)} | {', '.join(map(str, sorted(phases)))} | "
-                     f"{100 * statistics.fmean(never):.1f}% | {100 * statistics.fmean(always):.1f}% | {mean_overlap} |")
-    text = (f"### DPS selection\n\n![dps selection]({png.name})\n\n"
-            f"([{files[-2].name}]({files[-2].name}), [{files[-1].name}]({files[-1].name}))\n\n" + "\n".join(table) + "\n")
+        table.append(
+            f"| {sched} | {len(runs)} | {', '.join(map(str, sorted(phases)))} | "
+            f"{100 * statistics.fmean(never):.1f}% | {100 * statistics.fmean(always):.1f}% | {mean_overlap} |"
+        )
+    text = (
+        f"### DPS selection\n\n![dps selection]({png.name})\n\n"
+        f"([{files[-2].name}]({files[-2].name}), [{files[-1].name}]({files[-1].name}))\n\n" + "\n".join(table) + "\n"
+    )
     return files, text

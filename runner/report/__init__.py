@@ -28,6 +28,7 @@ paired t-test, Wilcoxon for n >= 6, wins/losses/ties). Runs with a ``degenerate`
 averaged in and counted in their cells; failed runs (no usable result) and missing seeds are
 counted, listed and never averaged in.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,20 @@ from .selection import TaskTable, build, select
 from .stats import paired, paired_to_baseline
 from .tables import csv_rows, markdown, report_json
 
-__all__ = ["Run", "TaskTable", "build", "collect", "label_runs", "load_plan", "main", "paired",
-           "paired_to_baseline", "plots", "report", "select"]
+__all__ = [
+    "Run",
+    "TaskTable",
+    "build",
+    "collect",
+    "label_runs",
+    "load_plan",
+    "main",
+    "paired",
+    "paired_to_baseline",
+    "plots",
+    "report",
+    "select",
+]
 
 
 def _clean(obj):
@@ -73,7 +86,7 @@ def report(root: Path, which: str = "final") -> tuple[str, list[Path]] | None:
     degenerate = [r for r in runs if r.degenerate]
     images = plots(tables, root)
     text = markdown(root, tables, paired_stats, which, incomplete, degenerate)
-    if images:   # embedded, so report.md reads as a page with its figures
+    if images:  # embedded, so report.md reads as a page with its figures
         text += "\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in images)
     (root / "report.md").write_text(text)
     with open(root / "report.csv", "w", newline="") as f:
@@ -90,23 +103,36 @@ def run_rows(root: Path, runs: list[Run]) -> list[list]:
     """``runs.csv``: one tidy row per run (its directory, task column, schedule, seed, every grid
     key, the main metric's final and best values, status, degeneracy), pandas-ready."""
     keys = sorted({k for r in runs for k, _ in r.setting})
-    rows = [["directory", "task", "schedule", "seed", *keys, "main_metric", "final", "best", "best_step",
-             "status", "degenerate"]]
+    rows = [["directory", "task", "schedule", "seed", *keys, "main_metric", "final", "best", "best_step", "status", "degenerate"]]
     for r in sorted(runs, key=lambda r: str(r.dir)):
         setting, metric = dict(r.setting), r.res.get("main_metric", "")
-        rows.append([str(r.dir.relative_to(root)) if r.dir.is_relative_to(root) else str(r.dir), r.col, r.sched,
-                     r.seed, *[setting.get(k, "") for k in keys], metric,
-                     (r.res.get("final") or {}).get(metric, ""), (r.res.get("best") or {}).get(metric, ""),
-                     r.res.get("best_step", ""), r.status, r.degenerate or ""])
+        rows.append(
+            [
+                str(r.dir.relative_to(root)) if r.dir.is_relative_to(root) else str(r.dir),
+                r.col,
+                r.sched,
+                r.seed,
+                *[setting.get(k, "") for k in keys],
+                metric,
+                (r.res.get("final") or {}).get(metric, ""),
+                (r.res.get("best") or {}).get(metric, ""),
+                r.res.get("best_step", ""),
+                r.status,
+                r.degenerate or "",
+            ]
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adaptune report", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="a sweep or outputs directory")
-    parser.add_argument("--which", choices=("final", "best"), default="final",
-                        help="select (and, without task.selection_split, report) on the final dev "
-                             "metrics (default) or the best evaluation's")
+    parser.add_argument(
+        "--which",
+        choices=("final", "best"),
+        default="final",
+        help="select (and, without task.selection_split, report) on the final dev metrics (default) or the best evaluation's",
+    )
     args = parser.parse_args(argv)
     root = args.directory
     if not root.is_dir():

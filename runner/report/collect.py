@@ -5,6 +5,7 @@ A run is a directory with a ``results.json``, a ``.hydra/`` folder or a checkpoi
 from ``.hydra/config.yaml`` and ``.hydra/overrides.yaml``) so that a grid point knows which of its
 seeds failed; runs that cannot be placed are only listed as incomplete.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,20 +22,20 @@ PLAN_FILE = "compare.json"
 @dataclass
 class Run:
     dir: Path
-    res: dict                      # results.json (completed or not); {} when there is none
-    status: str                    # "completed", the file's status, or "no results.json"
-    task: str                      # "glue/rte"
-    schedule: str                  # results' schedule label (dps_mix for schedule=dps_mix)
+    res: dict  # results.json (completed or not); {} when there is none
+    status: str  # "completed", the file's status, or "no results.json"
+    task: str  # "glue/rte"
+    schedule: str  # results' schedule label (dps_mix for schedule=dps_mix)
     seed: int | None
     overrides: dict[str, str]
-    protocol: str                  # "dev" | "selection_split"
+    protocol: str  # "dev" | "selection_split"
     selection_split: object = None
-    col: str = ""                  # task column label (task + varying non-setting overrides)
-    sched: str = ""                # schedule row label (+ experiment where two presets share it)
-    setting: tuple = ()            # ((key, normalised value), ...) of the grid axes
+    col: str = ""  # task column label (task + varying non-setting overrides)
+    sched: str = ""  # schedule row label (+ experiment where two presets share it)
+    setting: tuple = ()  # ((key, normalised value), ...) of the grid axes
     setting_label: str = ""
     lr: float | None = None
-    values: dict = field(default_factory=dict)   # filled by selection: block -> {metric: value}
+    values: dict = field(default_factory=dict)  # filled by selection: block -> {metric: value}
 
     @property
     def degenerate(self) -> str | None:
@@ -107,8 +108,17 @@ def _make_run(run_dir: Path) -> Run | None:
     split = task_cfg.get("selection_split")
     status = str(res.get("status")) if res else "no results.json"
     lr = sched_cfg.get("lr")
-    run = Run(run_dir, res, status, f"{kind}/{name}" if name else kind, schedule, seed, overrides,
-              "selection_split" if split else "dev", split)
+    run = Run(
+        run_dir,
+        res,
+        status,
+        f"{kind}/{name}" if name else kind,
+        schedule,
+        seed,
+        overrides,
+        "selection_split" if split else "dev",
+        split,
+    )
     run.lr = float(lr) if isinstance(lr, (int, float)) else _number(overrides.get("schedule.lr"))
     return run
 
@@ -166,11 +176,9 @@ def label_runs(runs: list[Run], plan: dict | None = None) -> None:
     columns (``glue/rte [task.train_subset=500]``). Seeds are what a cell averages over.
     """
     grid_keys = {k for grid in ((plan or {}).get("grids") or {}).values() for k in grid}
-    keys = {k for run in runs for k in run.overrides
-            if k not in _NOT_SPLIT and not k.startswith(_NOT_SPLIT_PREFIXES)}
+    keys = {k for run in runs for k in run.overrides if k not in _NOT_SPLIT and not k.startswith(_NOT_SPLIT_PREFIXES)}
     varying = sorted(k for k in keys if len({run.overrides.get(k) for run in runs}) > 1)
-    setting_keys = [k for k in sorted(keys | grid_keys)
-                    if k in grid_keys or (k.startswith("schedule.") and k in varying)]
+    setting_keys = [k for k in sorted(keys | grid_keys) if k in grid_keys or (k.startswith("schedule.") and k in varying)]
     for run in runs:
         ov = run.overrides
         col = [f"{k}={ov[k]}" for k in varying if k not in setting_keys and k in ov]
@@ -192,8 +200,10 @@ def label_runs(runs: list[Run], plan: dict | None = None) -> None:
 
 def natural(text: str) -> list:
     """Sort key that orders numbers by value: 'n=500' before 'n=1000'."""
-    return [(0, float(part), "") if part[:1].isdigit() else (1, 0.0, part)
-            for part in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?|\D+", text)]
+    return [
+        (0, float(part), "") if part[:1].isdigit() else (1, 0.0, part)
+        for part in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?|\D+", text)
+    ]
 
 
 KNOWN_SCHEDULES = ("baseline", "sage", "dps", "dps_mix")

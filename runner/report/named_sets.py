@@ -5,6 +5,7 @@ For each task column and schedule, at the schedule's selected setting: mean ± s
 each named set's metric (losses and predicted-class fractions left out), and the average over the
 sets. Selection never reads these numbers (it reads the dev metrics, as for every task).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -23,7 +24,7 @@ def named_keys(table: TaskTable) -> list[str]:
     the runs list them."""
     keys: dict[str, None] = {}
     for group in table.groups.values():
-        for run in (group.selected.runs if group.selected else []):
+        for run in group.selected.runs if group.selected else []:
             for key in run.res.get("test") or {}:
                 if _is_named(key):
                     keys.setdefault(key, None)
@@ -46,10 +47,16 @@ def markdown_section(tables: list[TaskTable]) -> list[str]:
         if not keys:
             continue
         if not out:
-            out += ["", "## Named test sets", "",
-                    ("results.json `test` metrics of named sets (e.g. the out-of-domain protocol's "
-                     "`test/snli/accuracy`), each schedule at its selected setting, mean ± std over seeds "
-                     "(× 100 for fractions). Selection never reads them.")]
+            out += [
+                "",
+                "## Named test sets",
+                "",
+                (
+                    "results.json `test` metrics of named sets (e.g. the out-of-domain protocol's "
+                    "`test/snli/accuracy`), each schedule at its selected setting, mean ± std over seeds "
+                    "(× 100 for fractions). Selection never reads them."
+                ),
+            ]
         header = ["schedule", *keys, "average"]
         out += ["", f"**{t.col}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for sched, group in t.groups.items():
@@ -66,7 +73,17 @@ def markdown_section(tables: list[TaskTable]) -> list[str]:
 
 
 def report_json(tables: list[TaskTable]) -> list[dict]:
-    return [{"task": t.col, "sets": {
-        key: {sched: (dict(zip(("mean", "std", "n"), s)) if (s := point_stats(g.selected, key)) else None)
-              for sched, g in t.groups.items()} for key in named_keys(t)}}
-        for t in tables if named_keys(t)]
+    return [
+        {
+            "task": t.col,
+            "sets": {
+                key: {
+                    sched: (dict(zip(("mean", "std", "n"), s)) if (s := point_stats(g.selected, key)) else None)
+                    for sched, g in t.groups.items()
+                }
+                for key in named_keys(t)
+            },
+        }
+        for t in tables
+        if named_keys(t)
+    ]

@@ -1,5 +1,6 @@
 """``curves.png`` (training loss), ``bars.png`` (main metric) and ``dev_curves.png`` (the main dev
 metric over evaluation steps, min–max band over seeds), each schedule at its selected setting."""
+
 from __future__ import annotations
 
 import math
@@ -95,17 +96,24 @@ def _dev_curves(plt, tables, out, written) -> None:
     for ax, (col, curves) in zip(flat, sorted(by_task.items(), key=lambda kv: natural(kv[0]))):
         for name, points, t in curves:
             steps = sorted(points)
-            line, = ax.plot(steps, [statistics.fmean(points[s]) for s in steps], label=name,
-                            marker="o" if len(steps) < 3 else None)
-            ax.fill_between(steps, [min(points[s]) for s in steps], [max(points[s]) for s in steps],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+            (line,) = ax.plot(
+                steps, [statistics.fmean(points[s]) for s in steps], label=name, marker="o" if len(steps) < 3 else None
+            )
+            ax.fill_between(
+                steps,
+                [min(points[s]) for s in steps],
+                [max(points[s]) for s in steps],
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
         where = "selection slice" if t.protocol == "selection_split" else "dev"
         ax.set_title(col, fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"{t.main} on {where} (mean, min–max)", fontsize=8)
-    for ax in flat[len(by_task):]:
+    for ax in flat[len(by_task) :]:
         ax.set_visible(False)
-    _save(plt, fig, flat[:len(by_task)], out / "dev_curves.png", written)
+    _save(plt, fig, flat[: len(by_task)], out / "dev_curves.png", written)
 
 
 def plots(tables: list[TaskTable], out: Path) -> list[Path]:

@@ -1,4 +1,5 @@
 """Grid points and the choice of each schedule's setting per task (see ``SELECTION_RULE``)."""
+
 from __future__ import annotations
 
 import itertools
@@ -15,7 +16,8 @@ SELECTION_RULE = (
     "missing seed does not let a setting win on fewer, luckier seeds); degenerate runs are real "
     "outcomes and count. Means equal to 1e-9 are broken by the lower std, then the smaller lr, "
     "then the setting's name. If no setting has every seed, the choice is among the settings with "
-    "the most seeds and the cell says so.")
+    "the most seeds and the cell says so."
+)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -27,15 +29,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 @dataclass
 class Point:
     """One setting of one schedule on one task, over its seeds."""
+
     sched: str
     setting: tuple
     label: str
     lr: float | None = None
     runs: list[Run] = field(default_factory=list)
-    selection: list[tuple] = field(default_factory=list)   # (seed, value): what selection reads
-    reported: list[tuple] = field(default_factory=list)    # (seed, value): what the table shows
-    failed: list[Run] = field(default_factory=list)        # placed, but no usable value
-    missing: list[int] = field(default_factory=list)       # expected seeds with no run at all
+    selection: list[tuple] = field(default_factory=list)  # (seed, value): what selection reads
+    reported: list[tuple] = field(default_factory=list)  # (seed, value): what the table shows
+    failed: list[Run] = field(default_factory=list)  # placed, but no usable value
+    missing: list[int] = field(default_factory=list)  # expected seeds with no run at all
     in_plan: bool = False
 
     @property
@@ -62,6 +65,7 @@ class Point:
 @dataclass
 class Group:
     """One schedule on one task: its grid and the selected point."""
+
     sched: str
     points: list[Point]
     selected: Point | None = None
@@ -73,8 +77,8 @@ class TaskTable:
     col: str
     main: str
     greater: bool
-    protocol: str                  # dev | selection_split | mixed
-    split: object                  # task.selection_split of its runs (None for dev)
+    protocol: str  # dev | selection_split | mixed
+    split: object  # task.selection_split of its runs (None for dev)
     expected: list[int]
     groups: dict[str, Group]
 
@@ -99,8 +103,7 @@ def _plan_points(points: dict, plan: dict) -> None:
             if (sched, setting) not in points:
                 label = ", ".join(f"{short_key(k)}={v}" for k, v in zip(keys, combo)) or "—"
                 lr = dict(setting).get("schedule.lr")
-                points[(sched, setting)] = Point(sched, setting, label,
-                                                 lr if isinstance(lr, float) else None)
+                points[(sched, setting)] = Point(sched, setting, label, lr if isinstance(lr, float) else None)
             if (sched, setting) in points:
                 points[(sched, setting)].in_plan = True
 
@@ -121,8 +124,7 @@ def select(points: list[Point], expected: list[int], greater: bool) -> tuple[Poi
     tied = [p for p in complete if math.isclose(sign * p.stats()[0], best, rel_tol=1e-9, abs_tol=1e-12)]
     tied.sort(key=lambda p: (p.stats()[1], p.lr if p.lr is not None else math.inf, natural(p.label)))
     if len(tied) > 1:
-        note = "; ".join(filter(None, [note, f"tied mean with {len(tied) - 1} other setting(s): "
-                                              "lower std, then smaller lr"]))
+        note = "; ".join(filter(None, [note, f"tied mean with {len(tied) - 1} other setting(s): lower std, then smaller lr"]))
     return tied[0], note
 
 
@@ -133,15 +135,18 @@ def edge_note(grid: list[Point], chosen: Point | None) -> str:
         return ""
     notes = []
     for key, value in chosen.setting:
-        values = sorted({v for p in grid for k, v in p.setting if k == key and isinstance(v, (int, float))
-                         and not isinstance(v, bool)})
+        values = sorted(
+            {v for p in grid for k, v in p.setting if k == key and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        )
         if len(values) < 2 or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         if value not in (values[0], values[-1]):
             continue
         side = "larger" if value == values[-1] else "smaller"
-        note = f"{short_key(key)}={value} is the grid's {'largest' if side == 'larger' else 'smallest'}: " \
-               f"widen the grid towards {side} values"
+        note = (
+            f"{short_key(key)}={value} is the grid's {'largest' if side == 'larger' else 'smallest'}: "
+            f"widen the grid towards {side} values"
+        )
         if len(values) == 2:
             note += " (a 2-value grid cannot show an optimum)"
         notes.append(note)

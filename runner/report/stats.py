@@ -1,5 +1,6 @@
 """Paired statistics: schedules run with the same seeds (same data order and initial head), so
 each schedule's per-seed result is compared with the baseline's result for the same seed."""
+
 from __future__ import annotations
 
 import math
@@ -25,11 +26,17 @@ def paired(a: list[float], b: list[float], greater: bool = True) -> dict:
 
     d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
     n = len(d)
-    out = {"n": n, "mean": statistics.fmean(d) if d else None, "sd": None, "ci95": None,
-           "p_ttest_rel": None, "p_wilcoxon": None,
-           "wins": sum((x > 0) if greater else (x < 0) for x in d),
-           "losses": sum((x < 0) if greater else (x > 0) for x in d),
-           "ties": sum(x == 0 for x in d)}
+    out = {
+        "n": n,
+        "mean": statistics.fmean(d) if d else None,
+        "sd": None,
+        "ci95": None,
+        "p_ttest_rel": None,
+        "p_wilcoxon": None,
+        "wins": sum((x > 0) if greater else (x < 0) for x in d),
+        "losses": sum((x < 0) if greater else (x > 0) for x in d),
+        "ties": sum(x == 0 for x in d),
+    }
     if n >= 2:
         sd = statistics.stdev(d)
         half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
@@ -48,8 +55,10 @@ def paired(a: list[float], b: list[float], greater: bool = True) -> dict:
 
 
 #: the text the report prints under the main table for the average column's interval
-AVERAGE_CI_METHOD = ("average: the mean over tasks of each task's mean over seeds; [95% interval]: percentile "
-                     "bootstrap over seeds, resampled within each task (scipy.stats.bootstrap, 9,999 resamples)")
+AVERAGE_CI_METHOD = (
+    "average: the mean over tasks of each task's mean over seeds; [95% interval]: percentile "
+    "bootstrap over seeds, resampled within each task (scipy.stats.bootstrap, 9,999 resamples)"
+)
 
 
 def average_interval(per_task: list[list[float]], n_resamples: int = 9999, seed: int = 0) -> list[float] | None:
@@ -68,9 +77,15 @@ def average_interval(per_task: list[list[float]], n_resamples: int = 9999, seed:
     def average(*samples, axis=-1):
         return np.mean([np.mean(x, axis=axis) for x in samples], axis=0)
 
-    res = stats.bootstrap([np.asarray(v, dtype=float) for v in per_task], average, n_resamples=n_resamples,
-                          confidence_level=0.95, method="percentile", vectorized=True,
-                          random_state=np.random.default_rng(seed))
+    res = stats.bootstrap(
+        [np.asarray(v, dtype=float) for v in per_task],
+        average,
+        n_resamples=n_resamples,
+        confidence_level=0.95,
+        method="percentile",
+        vectorized=True,
+        random_state=np.random.default_rng(seed),
+    )
     low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return [low, high] if math.isfinite(low) and math.isfinite(high) else None
 
@@ -97,8 +112,14 @@ def paired_to_baseline(table: TaskTable) -> list[dict]:
         if not seeds:
             continue
         a, b = [mine[s] for s in seeds], [base[s] for s in seeds]
-        row = {"schedule": sched, "baseline": refs[0], "seeds": seeds,
-               "differences": [x - y for x, y in zip(a, b)], "schedule_values": a, "baseline_values": b}
+        row = {
+            "schedule": sched,
+            "baseline": refs[0],
+            "seeds": seeds,
+            "differences": [x - y for x, y in zip(a, b)],
+            "schedule_values": a,
+            "baseline_values": b,
+        }
         row.update(paired(a, b, table.greater))
         # (choice) two arms that are both degenerate in every run compare two constant predictors:
         # no p-value (a t-test of equal constants prints p = 1.000, which reads as evidence)

@@ -1,5 +1,6 @@
 """How the report shows a metric: fractions (accuracy, F1, correlations, top-k) x 100, the rest
 (BLEU, losses) as they are."""
+
 from __future__ import annotations
 
 _FRACTIONS = ("accuracy", "f1", "matthews", "pearson", "spearman", "top1", "top5")

@@ -47,6 +47,7 @@ Every trial has user attrs ``trial_dir``, ``run_dirs``, ``per_seed``, ``metric``
 ``<sweep>/search.json`` holds the spec, the storage, the counts and the best trial so far.
 The spec is read in ``spec.py``, the study kept in ``study.py``; the worker loop is here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -122,8 +123,11 @@ def score(trial_dir: Path, spec: dict) -> dict:
         out["metric"] = out["metric"] or metric
         greater = bool(res.get("greater_is_better", True))
         if greater != (spec["direction"] == "maximize"):
-            raise SearchStopped(f"the task's main metric {metric} is {'higher' if greater else 'lower'}-better; "
-                                f"set direction: {'maximize' if greater else 'minimize'} in {spec['source']}", 2)
+            raise SearchStopped(
+                f"the task's main metric {metric} is {'higher' if greater else 'lower'}-better; "
+                f"set direction: {'maximize' if greater else 'minimize'} in {spec['source']}",
+                2,
+            )
         if res.get("status") == "diverged":
             diverged.append(f"seed {seed}: {res.get('degenerate') or 'diverged'}")
             continue
@@ -170,15 +174,17 @@ def claim(ctx):
 
     study, rdb, n = ctx.study, ctx.rdb, ctx.spec["n_trials"]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # "heartbeat is supposed to be used with Study.optimize": we beat ourselves
+        warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize": we beat ourselves
         trial = study.ask(distributions(ctx.spec))
     trial_id = rdb.get_trial_id_from_study_id_trial_number(ctx.study_id, trial.number)
-    rdb.record_heartbeat(trial_id)   # from now on a dead worker's trial becomes stale
+    rdb.record_heartbeat(trial_id)  # from now on a dead worker's trial becomes stale
     live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
     ahead = sum(t.number < trial.number for t in rdb.get_all_trials(ctx.study_id, deepcopy=False, states=live))
     if ahead >= n:
-        trial.set_user_attr("fail_reason", f"surplus: {ahead} trials before it could complete the {n} (another "
-                                           "worker took the last slot); nothing was run")
+        trial.set_user_attr(
+            "fail_reason",
+            f"surplus: {ahead} trials before it could complete the {n} (another worker took the last slot); nothing was run",
+        )
         study.tell(trial, state=TrialState.FAIL)
         return None, None
     return trial, trial_id
@@ -194,9 +200,15 @@ def run_trial(ctx, trial) -> dict:
     again = f", a retry of #{trial.user_attrs['retry_of']}" if "retry_of" in trial.user_attrs else ""
     ctx.say(f"trial #{trial.number} started{again}: {show_params(params)} (log: {trial_dir / 'trial.log'})")
     rc = launch(cmd, trial_dir / "trial.log")
-    if rc == 2:   # a config error: every trial would hit it
-        return {"state": "FAIL", "reason": f"config error (exit 2): {log_tail(trial_dir / 'trial.log', 1)}",
-                "stop": 2, "run_dirs": [], "per_seed": {}, "metric": None}
+    if rc == 2:  # a config error: every trial would hit it
+        return {
+            "state": "FAIL",
+            "reason": f"config error (exit 2): {log_tail(trial_dir / 'trial.log', 1)}",
+            "stop": 2,
+            "run_dirs": [],
+            "per_seed": {},
+            "metric": None,
+        }
     out = score(trial_dir, ctx.spec)
     if out["state"] == "FAIL" and rc != 0:
         out["reason"] = f"multirun exit {rc}: {out['reason']}; {log_tail(trial_dir / 'trial.log')}"
@@ -214,8 +226,9 @@ def finish(ctx, trial, out) -> bool:
             trial.set_user_attr(key, out[key])
         if out["reason"]:
             trial.set_user_attr("pruned_reason" if state == TrialState.PRUNED else "fail_reason", out["reason"])
-        frozen = ctx.study.tell(trial, out.get("value") if state == TrialState.COMPLETE else None,
-                                state=state, skip_if_finished=True)
+        frozen = ctx.study.tell(
+            trial, out.get("value") if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True
+        )
     except (UpdateFinishedTrialError, ValueError):
         return False
     return frozen.state == state
@@ -228,8 +241,10 @@ def progress(ctx, trial, out) -> None:
     best_text = f"best so far {top.value:.4f} (#{top.number})" if top else "no complete trial yet"
     params = show_params(trial.params)
     if out["state"] == "COMPLETE":
-        ctx.say(f"trial {c['COMPLETE']} of {n} (#{trial.number}): {params} -> {out['value']:.4f} "
-                f"({out['metric']}, mean of {len(out['per_seed'])} seeds; {best_text})")
+        ctx.say(
+            f"trial {c['COMPLETE']} of {n} (#{trial.number}): {params} -> {out['value']:.4f} "
+            f"({out['metric']}, mean of {len(out['per_seed'])} seeds; {best_text})"
+        )
     else:
         kind = "pruned" if out["state"] == "PRUNED" else "failed"
         ctx.say(f"trial #{trial.number} {kind}: {params}: {out['reason']} ({best_text})", err=out["state"] == "FAIL")
@@ -242,14 +257,16 @@ def work(ctx) -> int:
     n, poll = ctx.spec["n_trials"], min(5, max(1, ctx.args.grace_period // 4))
     fails, waiting = 0, False
     while True:
-        fail_stale(ctx.study)   # RUNNING trials whose worker is silent: FAIL, re-queued (requeue)
+        fail_stale(ctx.study)  # RUNNING trials whose worker is silent: FAIL, re-queued (requeue)
         c = counts(ctx.rdb, ctx.study_id)
         if c["COMPLETE"] >= n:
             return 0
-        if c["COMPLETE"] + c["RUNNING"] >= n:   # the last slots are taken: wait for their outcome
+        if c["COMPLETE"] + c["RUNNING"] >= n:  # the last slots are taken: wait for their outcome
             if not waiting:
-                ctx.say(f"waiting: {c['RUNNING']} trial(s) running (here, elsewhere, or stale if silent for "
-                        f"{ctx.args.grace_period} s) may complete the {n}")
+                ctx.say(
+                    f"waiting: {c['RUNNING']} trial(s) running (here, elsewhere, or stale if silent for "
+                    f"{ctx.args.grace_period} s) may complete the {n}"
+                )
                 waiting = True
             time.sleep(poll)
             continue
@@ -264,7 +281,7 @@ def work(ctx) -> int:
         except KeyboardInterrupt:
             from optuna.exceptions import UpdateFinishedTrialError
 
-            try:   # (a trial already failed as stale was re-queued then)
+            try:  # (a trial already failed as stale was re-queued then)
                 trial.set_user_attr("fail_reason", "interrupted (Ctrl-C / SIGTERM); queued again")
                 requeue(ctx.study, ctx.study.tell(trial, state=TrialState.FAIL))
             except (UpdateFinishedTrialError, ValueError):
@@ -277,8 +294,11 @@ def work(ctx) -> int:
             ctx.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
         if not finish(ctx, trial, out):
-            ctx.say(f"trial #{trial.number} had been failed as stale meanwhile (no heartbeat for "
-                    f"{ctx.args.grace_period} s); its retry reads its runs back", err=True)
+            ctx.say(
+                f"trial #{trial.number} had been failed as stale meanwhile (no heartbeat for "
+                f"{ctx.args.grace_period} s); its retry reads its runs back",
+                err=True,
+            )
             continue
         progress(ctx, trial, out)
         write_summary(ctx)
@@ -294,8 +314,22 @@ def work(ctx) -> int:
 
 def worker_commands(args, url: str, sweep: Path, dev_selection: bool) -> list[list[str]]:
     """``--workers N``: the N worker processes (this command with one worker each, on one study)."""
-    base = [sys.executable, "-m", "adaptune", "search", args.name, *args.overrides, "--storage", url,
-            "--study", args.study, "--sweep-dir", str(sweep), "--grace-period", str(args.grace_period)]
+    base = [
+        sys.executable,
+        "-m",
+        "adaptune",
+        "search",
+        args.name,
+        *args.overrides,
+        "--storage",
+        url,
+        "--study",
+        args.study,
+        "--sweep-dir",
+        str(sweep),
+        "--grace-period",
+        str(args.grace_period),
+    ]
     if dev_selection:
         base.append("--allow-dev-selection")
     return [[*base, "--worker", str(i)] for i in range(args.workers)]
@@ -305,7 +339,7 @@ def run_workers(ctx, cmds: list[list[str]]) -> int:
     procs = [subprocess.Popen(cmd) for cmd in cmds]
     try:
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:   # the workers got the Ctrl-C too: they queue their trials again
+    except KeyboardInterrupt:  # the workers got the Ctrl-C too: they queue their trials again
         codes = [p.wait() for p in procs]
         return 130
     bad = [c for c in codes if c != 0]
@@ -313,23 +347,36 @@ def run_workers(ctx, cmds: list[list[str]]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaptune search", description=(
-        "Hyper-parameter search with Optuna (TPE) over one schedule's settings, each trial scored on the mean over "
-        "seeds of the main metric on task.selection_split; resumable, several workers share one study."))
-    parser.add_argument("name", metavar="NAME|PATH.yaml",
-                        help=f"a preset ({', '.join(_names('search'))}) or the path of a search spec")
+    parser = argparse.ArgumentParser(
+        prog="adaptune search",
+        description=(
+            "Hyper-parameter search with Optuna (TPE) over one schedule's settings, each trial scored on the mean over "
+            "seeds of the main metric on task.selection_split; resumable, several workers share one study."
+        ),
+    )
+    parser.add_argument(
+        "name", metavar="NAME|PATH.yaml", help=f"a preset ({', '.join(_names('search'))}) or the path of a search spec"
+    )
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every run")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="local worker processes (default 1)")
-    parser.add_argument("--storage", metavar="URL",
-                        help="an Optuna RDB URL shared by all workers (default sqlite:///<sweep>/study.db)")
+    parser.add_argument(
+        "--storage", metavar="URL", help="an Optuna RDB URL shared by all workers (default sqlite:///<sweep>/study.db)"
+    )
     parser.add_argument("--study", metavar="NAME", help="the study's name (default: the spec's name)")
     parser.add_argument("--sweep-dir", type=Path, metavar="DIR", help="where trials go (default outputs/search/NAME)")
-    parser.add_argument("--grace-period", type=int, default=DEFAULT_GRACE, metavar="S",
-                        help=f"a running trial without heartbeat for S seconds is stale (default {DEFAULT_GRACE})")
-    parser.add_argument("--allow-dev-selection", action="store_true",
-                        help="search on the dev set when the config has no task.selection_split")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the storage, the study and the first trial's command; run nothing")
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=DEFAULT_GRACE,
+        metavar="S",
+        help=f"a running trial without heartbeat for S seconds is stale (default {DEFAULT_GRACE})",
+    )
+    parser.add_argument(
+        "--allow-dev-selection", action="store_true", help="search on the dev set when the config has no task.selection_split"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the storage, the study and the first trial's command; run nothing"
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -363,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         # a worker started by --workers: its parent checked, and passes --allow-dev-selection only when in force
         split = composed_selection_split(spec, args.overrides) if args.worker is None else not args.allow_dev_selection
         if not split and not args.allow_dev_selection:
-            raise ConfigError(f"{spec['source']}: the runs have no task.selection_split, so the search would select "
-                              "on the dev set the report shows; add e.g. task.selection_split=0.1 to overrides, or "
-                              "pass --allow-dev-selection")
+            raise ConfigError(
+                f"{spec['source']}: the runs have no task.selection_split, so the search would select "
+                "on the dev set the report shows; add e.g. task.selection_split=0.1 to overrides, or "
+                "pass --allow-dev-selection"
+            )
     except ConfigError as err:
         print(f"adaptune search: error: {err}", file=sys.stderr)
         return 2
@@ -382,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         sweep.mkdir(parents=True, exist_ok=True)
         write_summary(ctx)
         c = counts(ctx.rdb, ctx.study_id)
-        ctx.say(f"adaptune search {spec['name']}: {spec['n_trials']} trials x {len(spec['seeds'])} seeds of "
-                f"{spec['schedule']}, study {args.study} in {shown(url)} ({c['COMPLETE']} complete so far), "
-                f"trials in {sweep}")
+        ctx.say(
+            f"adaptune search {spec['name']}: {spec['n_trials']} trials x {len(spec['seeds'])} seeds of "
+            f"{spec['schedule']}, study {args.study} in {shown(url)} ({c['COMPLETE']} complete so far), "
+            f"trials in {sweep}"
+        )
         if not split:
             ctx.say("selecting on the dev set (--allow-dev-selection): the best trial's dev numbers are biased upwards")
         code = run_workers(ctx, worker_commands(args, url, sweep, ctx.dev_selection)) if args.workers > 1 else work(ctx)
@@ -402,8 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     data = write_summary(ctx)
     top = data["best"]
     if top:
-        ctx.say(f"\nbest trial #{top['number']}: {show_params(top['params'])} -> {top['value']:.4f} "
-                f"({top['metric']}; per seed {top['per_seed']}); runs in {top['trial_dir']}")
-    ctx.say(f"{data['trials']['COMPLETE']} of {spec['n_trials']} trials complete; wrote {sweep / 'search.json'}\n"
-            f"  adaptune report {sweep}\n  optuna-dashboard {shown(url)}   (pip install optuna-dashboard)")
+        ctx.say(
+            f"\nbest trial #{top['number']}: {show_params(top['params'])} -> {top['value']:.4f} "
+            f"({top['metric']}; per seed {top['per_seed']}); runs in {top['trial_dir']}"
+        )
+    ctx.say(
+        f"{data['trials']['COMPLETE']} of {spec['n_trials']} trials complete; wrote {sweep / 'search.json'}\n"
+        f"  adaptune report {sweep}\n  optuna-dashboard {shown(url)}   (pip install optuna-dashboard)"
+    )
     return code

@@ -1,5 +1,6 @@
 """The spec of ``adaptune search``: loading and validating it (one-line ConfigError naming the key),
 its Optuna search space and a trial's multirun command."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,7 @@ from adaptune.conf import CONFIG_DIR as CONF
 from .. import specs
 from ..compare import _key, _names, fmt
 
-KEYS = ("experiment", "schedule", "seeds", "overrides", "params", "n_trials", "sampler_seed", "startup_trials",
-        "direction")
+KEYS = ("experiment", "schedule", "seeds", "overrides", "params", "n_trials", "sampler_seed", "startup_trials", "direction")
 PARAM_KEYS = ("low", "high", "log", "choices")
 DIRECTIONS = ("maximize", "minimize")
 #: chosen by the search itself: an override or a searched key may not set them
@@ -37,15 +37,21 @@ def is_number(value) -> bool:
 
 
 def check_override(item, where: str) -> str:
-    return specs.check_override(item, where, RESERVED, "adaptune search (the experiment, schedule and seeds "
-                                "come from the spec's keys, the run directories from the trial)")
+    return specs.check_override(
+        item,
+        where,
+        RESERVED,
+        "adaptune search (the experiment, schedule and seeds come from the spec's keys, the run directories from the trial)",
+    )
 
 
 def _param(where: str, name: str, space) -> dict:
     where = f"{where}: params.{name}"
     if not re.fullmatch(r"[A-Za-z_][\w.]*", name) or name in RESERVED or name.startswith("hydra"):
-        raise ConfigError(f"{where}: not a searchable key (a config key such as schedule.lr; "
-                          f"{', '.join(RESERVED)} and hydra.* are set by adaptune search)")
+        raise ConfigError(
+            f"{where}: not a searchable key (a config key such as schedule.lr; "
+            f"{', '.join(RESERVED)} and hydra.* are set by adaptune search)"
+        )
     if not isinstance(space, dict):
         raise ConfigError(f"{where}: expected {{low: L, high: H, log: true|false}} or {{choices: [...]}}")
     for key in space:
@@ -55,11 +61,17 @@ def _param(where: str, name: str, space) -> dict:
         choices = space["choices"]
         if set(space) != {"choices"}:
             raise ConfigError(f"{where}: choices does not combine with low, high or log")
-        if (not isinstance(choices, list) or not choices or len(set(map(str, choices))) != len(choices)
-                or not all(is_number(c) or isinstance(c, bool) or (isinstance(c, str) and re.fullmatch(r"[\w.+-]+", c))
-                           for c in choices)):
-            raise ConfigError(f"{where}: choices: expected a non-empty list of distinct numbers, booleans or "
-                              f"plain words, got {choices!r}")
+        if (
+            not isinstance(choices, list)
+            or not choices
+            or len(set(map(str, choices))) != len(choices)
+            or not all(
+                is_number(c) or isinstance(c, bool) or (isinstance(c, str) and re.fullmatch(r"[\w.+-]+", c)) for c in choices
+            )
+        ):
+            raise ConfigError(
+                f"{where}: choices: expected a non-empty list of distinct numbers, booleans or plain words, got {choices!r}"
+            )
         return {"choices": choices}
     low, high, log = space.get("low"), space.get("high"), space.get("log", False)
     if not is_number(low) or not is_number(high) or not low < high:
@@ -100,9 +112,19 @@ def load(name: str) -> dict:
     direction = spec.get("direction", "maximize")
     if direction not in DIRECTIONS:
         raise ConfigError(f"{where}: direction={direction} is unknown; allowed: {', '.join(DIRECTIONS)}")
-    return {"name": name, "source": where, "experiment": experiment, "schedule": schedule, "seeds": seeds,
-            "overrides": overrides, "params": params, "n_trials": n_trials, "sampler_seed": sampler_seed,
-            "startup_trials": startup, "direction": direction}
+    return {
+        "name": name,
+        "source": where,
+        "experiment": experiment,
+        "schedule": schedule,
+        "seeds": seeds,
+        "overrides": overrides,
+        "params": params,
+        "n_trials": n_trials,
+        "sampler_seed": sampler_seed,
+        "startup_trials": startup,
+        "direction": direction,
+    }
 
 
 def check_extra(spec: dict, extra: list[str]) -> None:
@@ -115,8 +137,10 @@ def check_extra(spec: dict, extra: list[str]) -> None:
 def distributions(spec: dict) -> dict:
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    return {k: CategoricalDistribution(p["choices"]) if "choices" in p else FloatDistribution(p["low"], p["high"], log=p["log"])
-            for k, p in spec["params"].items()}
+    return {
+        k: CategoricalDistribution(p["choices"]) if "choices" in p else FloatDistribution(p["low"], p["high"], log=p["log"])
+        for k, p in spec["params"].items()
+    }
 
 
 def command(spec: dict, params: dict, trial_dir: Path, extra: list[str] = ()) -> list[str]:
@@ -126,8 +150,12 @@ def command(spec: dict, params: dict, trial_dir: Path, extra: list[str] = ()) ->
         cmd.append(f"experiment={spec['experiment']}")
     cmd.append(f"schedule={spec['schedule']}")
     cmd += [f"{k}={fmt(params[k])}" for k in sorted(params)]
-    cmd += ["seed=" + ",".join(str(s) for s in spec["seeds"]), f"name={spec['name']}",
-            f"hydra.sweep.dir={trial_dir}", "hydra.sweep.subdir=seed_${seed}"]
+    cmd += [
+        "seed=" + ",".join(str(s) for s in spec["seeds"]),
+        f"name={spec['name']}",
+        f"hydra.sweep.dir={trial_dir}",
+        "hydra.sweep.subdir=seed_${seed}",
+    ]
     return cmd + list(spec["overrides"]) + list(extra)
 
 

@@ -1,5 +1,6 @@
 """The study of ``adaptune search``: its RDB storage with heartbeats, re-queueing stale trials, the
 sampler, the objective a resumed study must keep, counts read from the storage, ``search.json``."""
+
 from __future__ import annotations
 
 import inspect
@@ -60,14 +61,13 @@ def open_storage(url: str, grace: int):
     try:
         parsed = make_url(url)
     except ArgumentError as err:
-        raise ConfigError(f"--storage {url} is not a database URL (sqlite:///PATH.db, postgresql://..., "
-                          "mysql://...)") from err
+        raise ConfigError(f"--storage {url} is not a database URL (sqlite:///PATH.db, postgresql://..., mysql://...)") from err
     kwargs = {"heartbeat_interval": max(1, grace // 4), "grace_period": grace}
     # optuna >= 4.9 renamed the callback argument
     names = inspect.signature(optuna.storages.RDBStorage).parameters
     kwargs["heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in names else "failed_trial_callback"] = requeue
     if parsed.get_backend_name() == "sqlite":
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}   # several workers on one file
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # several workers on one file
         if parsed.database and parsed.database != ":memory:":
             try:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -78,9 +78,11 @@ def open_storage(url: str, grace: int):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return optuna.storages.RDBStorage(url, **kwargs)
-        except ImportError as err:   # optuna re-raises a missing driver (psycopg2, pymysql, ...) as ImportError
-            raise ConfigError(f"storage {shown(url)} needs a database driver for {parsed.drivername}, which is not "
-                              "installed (postgresql: pip install psycopg2-binary; mysql: pip install pymysql)") from err
+        except ImportError as err:  # optuna re-raises a missing driver (psycopg2, pymysql, ...) as ImportError
+            raise ConfigError(
+                f"storage {shown(url)} needs a database driver for {parsed.drivername}, which is not "
+                "installed (postgresql: pip install psycopg2-binary; mysql: pip install pymysql)"
+            ) from err
         except (IntegrityError, OperationalError) as err:
             # workers starting together on a new database: another one is creating its tables
             if not isinstance(err, IntegrityError) and not any(w in str(err) for w in ("already exists", "locked")):
@@ -99,7 +101,7 @@ def make_sampler(seed: int | None, startup: int):
 
     def tpe(s):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # multivariate / constant_liar are "experimental"
+            warnings.simplefilter("ignore")  # multivariate / constant_liar are "experimental"
             return optuna.samplers.TPESampler(seed=s, n_startup_trials=startup, multivariate=True, constant_liar=True)
 
     class PerTrialSeed(optuna.samplers.BaseSampler):
@@ -133,9 +135,16 @@ def objective(spec: dict, extra: list[str], dev_selection: bool) -> dict:
     def kept(items):
         return [o for o in items if not any(_key(o) == k or _key(o).startswith((k + ".", k + "/")) for k in NOT_OBJECTIVE)]
 
-    return {"experiment": spec["experiment"], "schedule": spec["schedule"], "seeds": spec["seeds"],
-            "overrides": kept(spec["overrides"]), "extra": kept(extra), "params": spec["params"],
-            "direction": spec["direction"], "selection": "dev" if dev_selection else "task.selection_split"}
+    return {
+        "experiment": spec["experiment"],
+        "schedule": spec["schedule"],
+        "seeds": spec["seeds"],
+        "overrides": kept(spec["overrides"]),
+        "extra": kept(extra),
+        "params": spec["params"],
+        "direction": spec["direction"],
+        "selection": "dev" if dev_selection else "task.selection_split",
+    }
 
 
 def open_study(spec: dict, extra: list[str], args, url: str, dev_selection: bool):
@@ -145,12 +154,18 @@ def open_study(spec: dict, extra: list[str], args, url: str, dev_selection: bool
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(url, args.grace_period)
-    study = optuna.create_study(storage=rdb, study_name=args.study, direction=spec["direction"],
-                                sampler=make_sampler(spec["sampler_seed"], spec["startup_trials"]),
-                                load_if_exists=True)
+    study = optuna.create_study(
+        storage=rdb,
+        study_name=args.study,
+        direction=spec["direction"],
+        sampler=make_sampler(spec["sampler_seed"], spec["startup_trials"]),
+        load_if_exists=True,
+    )
     if study.direction.name.lower() != spec["direction"]:
-        raise ConfigError(f"study {args.study} in {shown(url)} is to {study.direction.name.lower()}, the spec "
-                          f"says {spec['direction']}; use another --study or storage")
+        raise ConfigError(
+            f"study {args.study} in {shown(url)} is to {study.direction.name.lower()}, the spec "
+            f"says {spec['direction']}; use another --study or storage"
+        )
     wanted = json.loads(json.dumps(objective(spec, extra, dev_selection)))
     stored = study.user_attrs.get("objective")
     if stored is None:
@@ -158,8 +173,10 @@ def open_study(spec: dict, extra: list[str], args, url: str, dev_selection: bool
         study.set_user_attr("spec_source", spec["source"])
     elif stored != wanted:
         differ = [k for k in OBJECTIVE if stored.get(k) != wanted.get(k)]
-        raise ConfigError(f"study {args.study} in {shown(url)} searches another objective ({', '.join(differ)} "
-                          "differ from the spec's); use another --study or storage, or the spec it was started with")
+        raise ConfigError(
+            f"study {args.study} in {shown(url)} searches another objective ({', '.join(differ)} "
+            "differ from the spec's); use another --study or storage, or the spec it was started with"
+        )
     return study, rdb, rdb.get_study_id_from_name(args.study)
 
 
@@ -194,7 +211,7 @@ class Heartbeat:
         while not self.stop.wait(self.every):
             try:
                 self.rdb.record_heartbeat(self.trial_id)
-            except Exception:   # a busy database: the next beat tries again
+            except Exception:  # a busy database: the next beat tries again
                 pass
 
     def __enter__(self):
@@ -219,15 +236,33 @@ def write_summary(ctx) -> dict:
     from ..checkpoint import atomic_save_json
 
     top = best(ctx.rdb, ctx.study_id, ctx.spec["direction"])
-    data = {"spec": ctx.spec, "extra": ctx.extra, "storage": shown(ctx.url), "study": ctx.args.study,
-            "sweep": str(ctx.sweep), "n_trials": ctx.spec["n_trials"], "trials": counts(ctx.rdb, ctx.study_id),
-            "selection": (f"the mean over seeds of the main metric's '{BLOCK}' value on "
-                          + ("task.selection_split (the official dev set is the report's 'test')"
-                             if not ctx.dev_selection else "the dev set (--allow-dev-selection)")),
-            "best": None if top is None else {
-                "number": top.number, "value": top.value, "params": top.params,
-                "metric": top.user_attrs.get("metric"), "per_seed": top.user_attrs.get("per_seed"),
-                "trial_dir": top.user_attrs.get("trial_dir")},
-            "dashboard": f"optuna-dashboard {shown(ctx.url)}"}
+    data = {
+        "spec": ctx.spec,
+        "extra": ctx.extra,
+        "storage": shown(ctx.url),
+        "study": ctx.args.study,
+        "sweep": str(ctx.sweep),
+        "n_trials": ctx.spec["n_trials"],
+        "trials": counts(ctx.rdb, ctx.study_id),
+        "selection": (
+            f"the mean over seeds of the main metric's '{BLOCK}' value on "
+            + (
+                "task.selection_split (the official dev set is the report's 'test')"
+                if not ctx.dev_selection
+                else "the dev set (--allow-dev-selection)"
+            )
+        ),
+        "best": None
+        if top is None
+        else {
+            "number": top.number,
+            "value": top.value,
+            "params": top.params,
+            "metric": top.user_attrs.get("metric"),
+            "per_seed": top.user_attrs.get("per_seed"),
+            "trial_dir": top.user_attrs.get("trial_dir"),
+        },
+        "dashboard": f"optuna-dashboard {shown(ctx.url)}",
+    }
     atomic_save_json(data, ctx.sweep / "search.json")
     return data

@@ -64,8 +64,16 @@ Decisions marked **(choice)**:
 - Dropout stays as the model has it (the reference does not change it), and, as for DPS, the
   mask only touches the gradient: momentum and weight decay still move masked entries.
 """
+
 from .algorithm import STATE_VERSION, ChildTuningD, ChildTuningF, fisher_information, percentile_threshold
 from .schedule import ChildTuningDSchedule, ChildTuningFSchedule
 
-__all__ = ["STATE_VERSION", "ChildTuningD", "ChildTuningDSchedule", "ChildTuningF", "ChildTuningFSchedule",
-           "fisher_information", "percentile_threshold"]
+__all__ = [
+    "STATE_VERSION",
+    "ChildTuningD",
+    "ChildTuningDSchedule",
+    "ChildTuningF",
+    "ChildTuningFSchedule",
+    "fisher_information",
+    "percentile_threshold",
+]

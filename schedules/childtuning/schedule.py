@@ -1,5 +1,6 @@
 """``schedule=childtuning_d`` / ``schedule=childtuning_f``: the baseline optimizer plus a ChildTuning
 gradient mask (see ``adaptune.schedules.childtuning``)."""
+
 from __future__ import annotations
 
 import logging
@@ -71,15 +72,19 @@ class ChildTuningDSchedule(_ChildTuningSchedule):
     def _build(self, model: nn.Module, patterns: ParamPatterns) -> ChildTuningD:
         return ChildTuningD(model.named_parameters(), self.cfg.keep_p, self.cfg.childtuning_patterns)
 
-    def before_training(self, model: nn.Module, loss_batches: Sequence[Callable[[], torch.Tensor]],
-                        max_grad_norm: float | None) -> None:
+    def before_training(
+        self, model: nn.Module, loss_batches: Sequence[Callable[[], torch.Tensor]], max_grad_norm: float | None
+    ) -> None:
         devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         was_training = model.training
         model.train()
-        with torch.random.fork_rng(devices=devices):   # training's dropout stays the baseline's
+        with torch.random.fork_rng(devices=devices):  # training's dropout stays the baseline's
             self.child.compute(model, loss_batches, max_grad_norm, progress=_fisher_progress)
         model.train(was_training)
 
     def log_metrics(self, step: int) -> dict[str, float]:
-        return {**super().log_metrics(step), "childtuning/kept_fraction": float(self.child.kept),
-                "childtuning/threshold": float(self.child.threshold or 0.0)}
+        return {
+            **super().log_metrics(step),
+            "childtuning/kept_fraction": float(self.child.kept),
+            "childtuning/threshold": float(self.child.threshold or 0.0),
+        }

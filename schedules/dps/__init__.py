@@ -94,12 +94,33 @@ Decisions marked **(choice)** (docs/algorithms.md asks for them to be recorded h
 - The mask only touches the gradient: the base optimizer's momentum and weight decay still move
   masked entries (reference behaviour, docs/algorithms.md §2).
 """
+
 from .algorithm import DPS, STATE_VERSION
-from .helpers import (canonical_name, check_dps_hparams, default_seed, disable_dropout, keep_count,
-                      linear_weights, phase_length, topk_threshold)
+from .helpers import (
+    canonical_name,
+    check_dps_hparams,
+    default_seed,
+    disable_dropout,
+    keep_count,
+    linear_weights,
+    phase_length,
+    topk_threshold,
+)
 from ..mixing import MixoutWeight, attach_mix
 from .schedule import DPSSchedule
 
-__all__ = ["DPS", "DPSSchedule", "MixoutWeight", "STATE_VERSION", "attach_mix", "canonical_name",
-           "check_dps_hparams", "default_seed", "disable_dropout", "keep_count", "linear_weights",
-           "phase_length", "topk_threshold"]
+__all__ = [
+    "DPS",
+    "DPSSchedule",
+    "MixoutWeight",
+    "STATE_VERSION",
+    "attach_mix",
+    "canonical_name",
+    "check_dps_hparams",
+    "default_seed",
+    "disable_dropout",
+    "keep_count",
+    "linear_weights",
+    "phase_length",
+    "topk_threshold",
+]

@@ -1,4 +1,5 @@
 """The DPS algorithm on a set of weights: phases, scores, masks, Mix snapshots, resumable state."""
+
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
@@ -10,8 +11,7 @@ from adaptune.common.errors import ConfigError
 from ..defaults import DPS_P, DPS_UPDATE_RATIO, DPS_VARIANT
 from ..mixing import MixoutWeight
 from ..patterns import select_names
-from .helpers import (canonical_name, check_dps_hparams, default_seed, keep_count, phase_length,
-                      topk_threshold)
+from .helpers import canonical_name, check_dps_hparams, default_seed, keep_count, phase_length, topk_threshold
 
 STATE_VERSION = 1
 #: the runner's config key for each argument a checkpoint records (named in the errors)
@@ -35,11 +35,19 @@ class DPS:
         seed: seed of the generator drawing Mix's ``N``; default :func:`default_seed`.
     """
 
-    def __init__(self, named_parameters: Iterable[tuple[str, torch.Tensor]], total_steps: int,
-                 p: float = DPS_P, update_ratio: float = DPS_UPDATE_RATIO,
-                 variant: str = DPS_VARIANT, *,
-                 patterns: Sequence[str] | None = None, mix: Mapping[str, MixoutWeight] | None = None,
-                 seed: int | None = None, key: str = "schedule.dps_patterns"):
+    def __init__(
+        self,
+        named_parameters: Iterable[tuple[str, torch.Tensor]],
+        total_steps: int,
+        p: float = DPS_P,
+        update_ratio: float = DPS_UPDATE_RATIO,
+        variant: str = DPS_VARIANT,
+        *,
+        patterns: Sequence[str] | None = None,
+        mix: Mapping[str, MixoutWeight] | None = None,
+        seed: int | None = None,
+        key: str = "schedule.dps_patterns",
+    ):
         check_dps_hparams(p, update_ratio, variant)
         self.p = float(p)
         self.update_ratio = float(update_ratio)
@@ -74,11 +82,11 @@ class DPS:
             self.w_pre = [t.detach().clone() for t in self.params]
 
         k = len(self.params)
-        self.scores: list[torch.Tensor | None] = [None] * k   # G: exploration only
-        self.counts: list[torch.Tensor | None] = [None] * k   # C (Mix), shape (in,): exploration only
-        self.masks: list[torch.Tensor | None] = [None] * k    # M (bool): selection only
-        self.w_tgt: list[torch.Tensor | None] = [None] * k    # Mix, selection only
-        self.noise: list[torch.Tensor | None] = [None] * k    # N (bool, (1, in)) of the current step
+        self.scores: list[torch.Tensor | None] = [None] * k  # G: exploration only
+        self.counts: list[torch.Tensor | None] = [None] * k  # C (Mix), shape (in,): exploration only
+        self.masks: list[torch.Tensor | None] = [None] * k  # M (bool): selection only
+        self.w_tgt: list[torch.Tensor | None] = [None] * k  # Mix, selection only
+        self.noise: list[torch.Tensor | None] = [None] * k  # N (bool, (1, in)) of the current step
         # Selection record for analysis (``adaptune analyze``), kept in the state dict: per entry
         # the number of selection phases it was kept in (uint8, int16 when more than 255 phases
         # can occur), the previous selection phase's mask (to measure the overlap of consecutive
@@ -89,12 +97,12 @@ class DPS:
         self.count_dtype = torch.uint8 if (n_phases + 1) // 2 <= 255 else torch.int16
         self.selected: list[torch.Tensor | None] = [None] * k
         self.prev_masks: list[torch.Tensor | None] = [None] * k
-        self.selections = 0       # selection phases whose masks were computed
+        self.selections = 0  # selection phases whose masks were computed
         self.overlaps: list[float] = []
-        self.score_phase = 0      # the exploration phase the scores were accumulated in (0: none)
-        self.mask_phase = 0       # the selection phase the masks were computed for (0: none)
-        self.begun_step = 0       # last step on_step_begin ran for
-        self.kept = 1.0           # fraction of selected entries trainable in the current step
+        self.score_phase = 0  # the exploration phase the scores were accumulated in (0: none)
+        self.mask_phase = 0  # the selection phase the masks were computed for (0: none)
+        self.begun_step = 0  # last step on_step_begin ran for
+        self.kept = 1.0  # fraction of selected entries trainable in the current step
         self.seed = int(seed) if seed is not None else default_seed()
         self.generator = torch.Generator()
         self.generator.manual_seed(self.seed)
@@ -125,7 +133,8 @@ class DPS:
         """Once per optimizer step, on the final gradients: accumulate scores or mask ``.grad``."""
         if self.mix is not None and self.begun_step != step:
             raise RuntimeError(
-                f"DPS-Mix: on_step_begin({step}) must run before the forward of step {step} (last was {self.begun_step})")
+                f"DPS-Mix: on_step_begin({step}) must run before the forward of step {step} (last was {self.begun_step})"
+            )
         self._enter(step)
         k = self.phase(step)
         if k % 2 == 0:
@@ -166,7 +175,7 @@ class DPS:
             if self.mask_phase != k:
                 self._select(k)
             return
-        if self.mask_phase != 0:            # leaving a selection phase: masks and W_tgt go
+        if self.mask_phase != 0:  # leaving a selection phase: masks and W_tgt go
             self.prev_masks = self.masks
             self.masks = [None] * len(self.params)
             self.w_tgt = [None] * len(self.params)
@@ -187,7 +196,7 @@ class DPS:
             score = self.scores[i]
             if self.mix is not None:
                 count = self.counts[i].clamp(min=1.0)
-                score.div_(count)                       # G / max(C, 1), C broadcast over rows
+                score.div_(count)  # G / max(C, 1), C broadcast over rows
                 if self.phase_len >= 50:
                     score.mul_(torch.exp(-self.counts[i] / self.phase_len))
             mask = score >= topk_threshold(score, self.keep[i])
@@ -235,42 +244,68 @@ class DPS:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes DPS holds now, by kind."""
+
         def size(ts):
             return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
-        return {"scores": size(self.scores) + size(self.counts), "masks": size(self.masks) + size(self.noise),
-                "snapshots": size(self.w_pre or []) + size(self.w_tgt)}
+        return {
+            "scores": size(self.scores) + size(self.counts),
+            "masks": size(self.masks) + size(self.noise),
+            "snapshots": size(self.w_pre or []) + size(self.w_tgt),
+        }
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         """Plain containers of tensors (loads with ``torch.load(weights_only=True)``)."""
+
         def named(ts):
             return {n: t for n, t in zip(self.names, ts) if t is not None}
 
         return {
-            "version": STATE_VERSION, "variant": self.variant, "p": self.p,
-            "update_ratio": self.update_ratio, "total_steps": self.total_steps, "phase_len": self.phase_len,
-            "names": list(self.names), "score_phase": self.score_phase, "mask_phase": self.mask_phase,
-            "begun_step": self.begun_step, "kept": self.kept, "seed": self.seed,
+            "version": STATE_VERSION,
+            "variant": self.variant,
+            "p": self.p,
+            "update_ratio": self.update_ratio,
+            "total_steps": self.total_steps,
+            "phase_len": self.phase_len,
+            "names": list(self.names),
+            "score_phase": self.score_phase,
+            "mask_phase": self.mask_phase,
+            "begun_step": self.begun_step,
+            "kept": self.kept,
+            "seed": self.seed,
             "generator": self.generator.get_state(),
-            "scores": named(self.scores), "counts": named(self.counts), "masks": named(self.masks),
-            "noise": named(self.noise), "w_tgt": named(self.w_tgt), "w_pre": named(self.w_pre or []),
-            "selected": named(self.selected), "prev_masks": named(self.prev_masks),
-            "selections": self.selections, "overlaps": list(self.overlaps),
+            "scores": named(self.scores),
+            "counts": named(self.counts),
+            "masks": named(self.masks),
+            "noise": named(self.noise),
+            "w_tgt": named(self.w_tgt),
+            "w_pre": named(self.w_pre or []),
+            "selected": named(self.selected),
+            "prev_masks": named(self.prev_masks),
+            "selections": self.selections,
+            "overlaps": list(self.overlaps),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"DPS checkpoint state has version {state.get('version')!r}; expected {STATE_VERSION}")
-        for key, mine in (("variant", self.variant), ("p", self.p), ("update_ratio", self.update_ratio),
-                          ("phase_len", self.phase_len)):
+        for key, mine in (
+            ("variant", self.variant),
+            ("p", self.p),
+            ("update_ratio", self.update_ratio),
+            ("phase_len", self.phase_len),
+        ):
             if state[key] != mine:
                 where = f" ({CONFIG_KEYS[key]})" if key in CONFIG_KEYS else ""
-                raise ConfigError(f"the checkpoint was written with DPS {key}={state[key]!r}{where}, this run has "
-                                  f"{mine!r}; resume with the same schedule settings and step count")
+                raise ConfigError(
+                    f"the checkpoint was written with DPS {key}={state[key]!r}{where}, this run has "
+                    f"{mine!r}; resume with the same schedule settings and step count"
+                )
         if list(state["names"]) != self.names:
-            raise ConfigError("the checkpoint's DPS selected a different set of weights than this run's "
-                              "schedule.dps_patterns select")
+            raise ConfigError(
+                "the checkpoint's DPS selected a different set of weights than this run's schedule.dps_patterns select"
+            )
 
         def restore(entries: Mapping[str, torch.Tensor], dtype=None, like_param=False):
             out: list[torch.Tensor | None] = [None] * len(self.names)

@@ -1,4 +1,5 @@
 """DPS's small pieces: argument checks, phase length, keep counts, the top-k threshold."""
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,6 @@ from ..linear import PARAMETRIZED_SUFFIX, canonical_name, disable_dropout, linea
 from ..sync import default_seed  # noqa: F401  (re-exported: adaptune.schedules.dps.default_seed)
 
 
-
 def check_dps_hparams(p: Any, update_ratio: Any, variant: Any) -> None:
     """DPS's own argument checks: ValueError naming the argument (``p`` in [0, 1), ``update_ratio``
     in (0, 1], ``variant`` dense | mix)."""
@@ -24,8 +24,7 @@ def check_dps_hparams(p: Any, update_ratio: Any, variant: Any) -> None:
         raise ValueError(f"variant must be 'dense' or 'mix', got {variant!r}")
 
 
-def phase_length(total_steps: int, update_ratio: float, prefix: str = "schedule",
-                 horizon_key: str | None = None) -> int:
+def phase_length(total_steps: int, update_ratio: float, prefix: str = "schedule", horizon_key: str | None = None) -> int:
     """``U = int(T * update_ratio)``; ``U < 1`` is a ConfigError naming both values (and
     ``horizon_key``, the key that set ``T``, when one did)."""
     length = int(total_steps * update_ratio)
@@ -33,7 +32,8 @@ def phase_length(total_steps: int, update_ratio: float, prefix: str = "schedule"
         steps = horizon_key or "the number of training steps"
         raise ConfigError(
             f"DPS phase length int(T * {prefix}.update_ratio) = int({total_steps} * {update_ratio}) "
-            f"= {length} < 1; raise {prefix}.update_ratio or {steps}")
+            f"= {length} < 1; raise {prefix}.update_ratio or {steps}"
+        )
     return length
 
 
@@ -49,7 +49,7 @@ def topk_threshold(scores: torch.Tensor, keep: int) -> torch.Tensor:
     threshold; ties are all kept).
     """
     flat = scores.reshape(-1)
-    dropped = flat.numel() - keep + 1          # the threshold is also the max of the lowest `dropped`
+    dropped = flat.numel() - keep + 1  # the threshold is also the max of the lowest `dropped`
     if keep <= dropped:
         return torch.topk(flat, keep, sorted=False).values.min()
     return torch.topk(flat, dropped, largest=False, sorted=False).values.max()

@@ -1,4 +1,5 @@
 """``schedule=dps``: the baseline optimizer plus :class:`~adaptune.schedules.dps.DPS` (the runner adapter)."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -46,11 +47,18 @@ class DPSSchedule(BaselineSchedule):
         # DPS's T: schedule.T (the low-resource protocol: one epoch) or the run's length; the LR
         # schedule always spans the whole run. U >= 1 is checked before building anything else.
         horizon = int(self.cfg.T) if self.cfg.T is not None else int(total_steps)
-        phase_length(horizon, float(self.update_ratio),
-                     horizon_key="schedule.T" if self.cfg.T is not None else None)
+        phase_length(horizon, float(self.update_ratio), horizon_key="schedule.T" if self.cfg.T is not None else None)
         super().setup(model, patterns, total_steps)
-        self.dps = DPS(linear_weights(model), horizon, self.p, self.update_ratio, self.variant,
-                       patterns=self.patterns(patterns, "dps"), mix=self._mix, seed=shared_seed())
+        self.dps = DPS(
+            linear_weights(model),
+            horizon,
+            self.p,
+            self.update_ratio,
+            self.variant,
+            patterns=self.patterns(patterns, "dps"),
+            mix=self._mix,
+            seed=shared_seed(),
+        )
         self.restore_pending_state()
 
     def on_step_begin(self, step: int) -> None:
@@ -62,11 +70,13 @@ class DPSSchedule(BaselineSchedule):
 
     def log_metrics(self, step: int) -> dict[str, float]:
         metrics = super().log_metrics(step)
-        metrics.update({
-            "dps/phase": float(self.dps.phase(step)),
-            "dps/selection": 1.0 if self.dps.is_selection(step) else 0.0,
-            "dps/kept_fraction": self.dps.kept_fraction(),
-        })
+        metrics.update(
+            {
+                "dps/phase": float(self.dps.phase(step)),
+                "dps/selection": 1.0 if self.dps.is_selection(step) else 0.0,
+                "dps/kept_fraction": self.dps.kept_fraction(),
+            }
+        )
         return metrics
 
     def state_owner(self) -> DPS | None:

@@ -18,6 +18,7 @@ package imports none of them):
 - :mod:`adaptune.schedules.integrations.patterns`: which tensors SAGE scales and DPS selects for a model
   (its family from ``config.model_type``, or the LoRA adapters of a PEFT model).
 """
+
 from __future__ import annotations
 
 from .patterns import infer_family, is_lora_model, model_patterns

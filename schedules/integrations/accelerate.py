@@ -44,6 +44,7 @@ ends bit-identical to an uninterrupted one on CPU. ``T`` for a run of whole epoc
 
     T = total_steps(train_loader, epochs=3, gradient_accumulation_steps=accelerator.gradient_accumulation_steps)
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,9 @@ def total_steps(dataloader, epochs: int, gradient_accumulation_steps: int = 1) -
     ``accelerator.accumulate`` also steps on an epoch's last, partial group of batches."""
     batches = dataloader if isinstance(dataloader, int) else len(dataloader)
     if batches < 1 or epochs < 1 or gradient_accumulation_steps < 1:
-        raise ValueError(f"total_steps needs positive batches, epochs and accumulation; got {batches}, {epochs}, "
-                         f"{gradient_accumulation_steps}")
+        raise ValueError(
+            f"total_steps needs positive batches, epochs and accumulation; got {batches}, {epochs}, {gradient_accumulation_steps}"
+        )
     return math.ceil(batches / gradient_accumulation_steps) * int(epochs)
 
 
@@ -86,12 +88,23 @@ class AccelerateDPS:
 
     KEY = "AccelerateDPS"
 
-    def __init__(self, accelerator, model: torch.nn.Module, total_steps: int, p: float = 0.3,
-                 update_ratio: float = 0.05, variant: str = "dense", patterns: Sequence[str] | None = None, *,
-                 family: str | None = None, seed: int | None = None, optimizer=None):
+    def __init__(
+        self,
+        accelerator,
+        model: torch.nn.Module,
+        total_steps: int,
+        p: float = 0.3,
+        update_ratio: float = 0.05,
+        variant: str = "dense",
+        patterns: Sequence[str] | None = None,
+        *,
+        family: str | None = None,
+        seed: int | None = None,
+        optimizer=None,
+    ):
         try:
             check_dps_hparams(p, update_ratio, variant)
-        except ValueError as err:   # the class's own argument, named as its users call it
+        except ValueError as err:  # the class's own argument, named as its users call it
             raise ConfigError(f"{self.KEY}.{err}") from None
         phase_length(int(total_steps), float(update_ratio), prefix=self.KEY)
         self.accelerator = accelerator
@@ -105,17 +118,26 @@ class AccelerateDPS:
         if variant == "mix":
             before = {id(m) for m in self.model.modules() if isinstance(m, MixoutWeight)}
             mix = attach_mix(self.model, patterns, key=key)
-            if (isinstance(model, torch.nn.parallel.DistributedDataParallel)
-                    and any(id(w) not in before for w in mix.values())):
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel) and any(id(w) not in before for w in mix.values()):
                 raise ConfigError(
                     f"{self.KEY}: DPS-Mix under DDP must patch the forward before accelerator.prepare wraps the model "
                     "(else DDP never all-reduces the patched weights' gradients): call "
-                    "AccelerateDPS.prepare_mix(model) before accelerator.prepare(model, ...)")
+                    "AccelerateDPS.prepare_mix(model) before accelerator.prepare(model, ...)"
+                )
         # (seed) rank 0's on every rank: accelerate's set_seed(..., device_specific=True) seeds ranks apart
-        self.dps = DPS(linear_weights(self.model), int(total_steps), p, update_ratio, variant,
-                       patterns=patterns, mix=mix, seed=seed if seed is not None else shared_seed(), key=key)
-        self.step = 0               # optimizer steps whose gradients DPS processed
-        self.skipped_steps = 0      # fp16 overflows
+        self.dps = DPS(
+            linear_weights(self.model),
+            int(total_steps),
+            p,
+            update_ratio,
+            variant,
+            patterns=patterns,
+            mix=mix,
+            seed=seed if seed is not None else shared_seed(),
+            key=key,
+        )
+        self.step = 0  # optimizer steps whose gradients DPS processed
+        self.skipped_steps = 0  # fp16 overflows
         self._begun = 0
         self._optimizer = optimizer
         if optimizer is not None:
@@ -125,8 +147,7 @@ class AccelerateDPS:
             inner.register_step_pre_hook(self._check_seen)
 
     @classmethod
-    def prepare_mix(cls, model: torch.nn.Module, patterns: Sequence[str] | None = None, *,
-                    family: str | None = None) -> None:
+    def prepare_mix(cls, model: torch.nn.Module, patterns: Sequence[str] | None = None, *, family: str | None = None) -> None:
         """DPS-Mix under DDP: patch the forward of the *unprepared* ``model`` (before
         ``accelerator.prepare``); the helper built after ``prepare`` with the same patterns reuses it."""
         attach_mix(model, dps_patterns(model, patterns, family), key=f"{cls.KEY}.patterns")
@@ -164,8 +185,13 @@ class AccelerateDPS:
     def state_dict(self) -> dict:
         """DPS's state and the helper's counters: plain containers of tensors
         (``accelerator.register_for_checkpointing(dps)`` saves it with the run)."""
-        return {"dps": self.dps.state_dict(), "step": self.step, "skipped_steps": self.skipped_steps,
-                "begun": self._begun, "updates": self._updates}
+        return {
+            "dps": self.dps.state_dict(),
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "begun": self._begun,
+            "updates": self._updates,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (checked against this helper's p, update ratio, variant and T)."""
@@ -174,10 +200,11 @@ class AccelerateDPS:
         self._begun, self._updates = int(state["begun"]), int(state["updates"])
 
     def _check_seen(self, optimizer, args, kwargs) -> None:
-        if self.step == self._updates:      # (a step the GradScaler skipped never reaches here)
+        if self.step == self._updates:  # (a step the GradScaler skipped never reaches here)
             raise RuntimeError(
                 f"{self.KEY}: optimizer.step() updates the parameters for step {self.step + 1} but DPS never "
-                "saw its gradients; call dps.clip_grad_norm_(...) or dps.mask_gradients() after accelerator.backward")
+                "saw its gradients; call dps.clip_grad_norm_(...) or dps.mask_gradients() after accelerator.backward"
+            )
         self._updates = self.step
 
     _updates = 0

@@ -1,4 +1,5 @@
 """Checks shared by the DPS integrations (no framework imports)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,8 +9,7 @@ import torch
 from adaptune.common.errors import ConfigError
 
 
-def refuse_sharded(model: torch.nn.Module, args: Any = None, where: str = "DPSCallback",
-                   reason: str | None = None) -> None:
+def refuse_sharded(model: torch.nn.Module, args: Any = None, where: str = "DPSCallback", reason: str | None = None) -> None:
     """ConfigError when DeepSpeed / FSDP shard or flatten the parameters DPS must see whole
     (``args``: Trainer arguments with ``deepspeed`` / ``fsdp``; ``reason``: already known)."""
     if reason is None and args is not None and getattr(args, "deepspeed", None):
@@ -26,8 +26,10 @@ def refuse_sharded(model: torch.nn.Module, args: Any = None, where: str = "DPSCa
                 reason = "sharded (DTensor / FSDP / DeepSpeed ZeRO) parameters"
                 break
     if reason:
-        raise ConfigError(f"{where}: {reason} shard or flatten weights and gradients, so DPS cannot score and "
-                          "mask whole weight matrices; train with DDP or on one device")
+        raise ConfigError(
+            f"{where}: {reason} shard or flatten weights and gradients, so DPS cannot score and "
+            "mask whole weight matrices; train with DDP or on one device"
+        )
 
 
 def grads_overflowed(model: torch.nn.Module, scaler: Any) -> bool:

@@ -71,6 +71,7 @@ uninterrupted one on CPU.
 LoRA (peft) models: SAGE and DPS apply to the ``lora_A`` / ``lora_B`` adapters only
 (:mod:`adaptune.schedules.integrations.patterns`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -89,8 +90,14 @@ from .patterns import dps_patterns, model_patterns
 
 TrainerCallback = require("transformers", "adaptune.schedules.integrations.hf").TrainerCallback
 
-__all__ = ["AdamWSAGEForTrainer", "AdamaxSAGEForTrainer", "DPSCallback", "make_sage_optimizer",
-           "sage_groups", "sage_optimizer_cls_and_kwargs"]
+__all__ = [
+    "AdamWSAGEForTrainer",
+    "AdamaxSAGEForTrainer",
+    "DPSCallback",
+    "make_sage_optimizer",
+    "sage_groups",
+    "sage_optimizer_cls_and_kwargs",
+]
 
 
 # ============================================================================ SAGE
@@ -115,7 +122,8 @@ class _FromSageGroups:
                 raise ValueError(
                     f"{type(self).__name__}: the Trainer trains {len(given - ours)} parameter(s) that the SAGE "
                     "groups do not hold; build them from the model you pass to the Trainer, after freezing "
-                    "or adding adapters")
+                    "or adding adapters"
+                )
             params = [{**g, "params": [p for p in g["params"] if id(p) in given]} for g in sage_groups]
             params = [g for g in params if g["params"]]
         super().__init__(params, **kwargs)
@@ -132,16 +140,24 @@ class AdamWSAGEForTrainer(_FromSageGroups, AdamWSAGE):
 _BASES = {"adamax": (AdamaxSAGE, AdamaxSAGEForTrainer), "adamw": (AdamWSAGE, AdamWSAGEForTrainer)}
 
 
-def sage_groups(model: torch.nn.Module, family: str | None = None, *, weight_decay: float = 0.01,
-                sage_patterns: Sequence[str] | None = None,
-                no_decay: Sequence[str] | None = None) -> list[dict]:
+def sage_groups(
+    model: torch.nn.Module,
+    family: str | None = None,
+    *,
+    weight_decay: float = 0.01,
+    sage_patterns: Sequence[str] | None = None,
+    no_decay: Sequence[str] | None = None,
+) -> list[dict]:
     """SAGE parameter groups of ``model``'s trainable parameters: ``sage=True`` for the tensors
     matched by the SAGE patterns (the family's, from ``family`` or ``model.config.model_type``;
     a LoRA model's adapters), decay / no-decay split by the family's ``no_decay`` patterns."""
     patterns = model_patterns(model, family) if sage_patterns is None or no_decay is None else {}
-    return sage_param_groups(model, sage_patterns=sage_patterns or patterns["sage"],
-                             no_decay=no_decay if no_decay is not None else patterns["no_decay"],
-                             weight_decay=weight_decay)
+    return sage_param_groups(
+        model,
+        sage_patterns=sage_patterns or patterns["sage"],
+        no_decay=no_decay if no_decay is not None else patterns["no_decay"],
+        weight_decay=weight_decay,
+    )
 
 
 def _split(base: str, kw: dict) -> tuple[type, type, dict]:
@@ -151,8 +167,9 @@ def _split(base: str, kw: dict) -> tuple[type, type, dict]:
     return (*_BASES[base], group_kw)
 
 
-def sage_optimizer_cls_and_kwargs(model: torch.nn.Module, family: str | None = None, base: str = "adamax", *,
-                                  lr: float, beta3: float = 0.75, **kw) -> tuple[type, dict[str, Any]]:
+def sage_optimizer_cls_and_kwargs(
+    model: torch.nn.Module, family: str | None = None, base: str = "adamax", *, lr: float, beta3: float = 0.75, **kw
+) -> tuple[type, dict[str, Any]]:
     """``(cls, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``: Adamax-SAGE (``base="adamax"``,
     the paper's GLUE optimizer) or AdamW-SAGE (``"adamw"``) over the SAGE groups of ``model``.
 
@@ -170,8 +187,9 @@ def sage_optimizer_cls_and_kwargs(model: torch.nn.Module, family: str | None = N
     return trainer_cls, {"sage_groups": sage_groups(model, family, **group_kw), "lr": lr, "beta3": beta3, **kw}
 
 
-def make_sage_optimizer(model: torch.nn.Module, family: str | None = None, base: str = "adamax", *,
-                        lr: float, beta3: float = 0.75, **kw) -> torch.optim.Optimizer:
+def make_sage_optimizer(
+    model: torch.nn.Module, family: str | None = None, base: str = "adamax", *, lr: float, beta3: float = 0.75, **kw
+) -> torch.optim.Optimizer:
     """The SAGE optimizer itself, for ``Trainer(optimizers=(opt, None))`` or any loop (same
     arguments as :func:`sage_optimizer_cls_and_kwargs`)."""
     cls, _, group_kw = _split(base, kw)
@@ -196,15 +214,20 @@ def sage_kwargs_from_args(args) -> dict[str, Any]:
     ``weight_decay``, ``adam_beta1`` / ``adam_beta2``, ``adam_epsilon``, and SAGE's own settings from
     ``optim_args`` (``"beta3=0.8,base=adamw,bias_correction=true,family=bert"``; keys
     :data:`SAGE_OPTIM_ARGS`). An unknown key or a bad value is a one-line :class:`ConfigError`."""
-    out: dict[str, Any] = {"lr": float(args.learning_rate), "weight_decay": float(args.weight_decay),
-                           "betas": (float(args.adam_beta1), float(args.adam_beta2)), "eps": float(args.adam_epsilon)}
+    out: dict[str, Any] = {
+        "lr": float(args.learning_rate),
+        "weight_decay": float(args.weight_decay),
+        "betas": (float(args.adam_beta1), float(args.adam_beta2)),
+        "eps": float(args.adam_epsilon),
+    }
     text = (getattr(args, "optim_args", None) or "").strip()
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or key not in SAGE_OPTIM_ARGS:
-            raise ConfigError(f"optim_args: '{item}' is not one of SageTrainer's settings "
-                              f"({', '.join(f'{k}=...' for k in SAGE_OPTIM_ARGS)})")
+            raise ConfigError(
+                f"optim_args: '{item}' is not one of SageTrainer's settings ({', '.join(f'{k}=...' for k in SAGE_OPTIM_ARGS)})"
+            )
         try:
             out[key] = _parse_bool(value) if SAGE_OPTIM_ARGS[key] is bool else SAGE_OPTIM_ARGS[key](value)
         except ValueError:
@@ -282,19 +305,27 @@ class DPSCallback(TrainerCallback):
 
     KEY = "DPSCallback"
 
-    def __init__(self, p: float = 0.3, update_ratio: float = 0.05, variant: str = "dense",
-                 patterns: Sequence[str] | None = None, *, family: str | None = None,
-                 total_steps: int | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        p: float = 0.3,
+        update_ratio: float = 0.05,
+        variant: str = "dense",
+        patterns: Sequence[str] | None = None,
+        *,
+        family: str | None = None,
+        total_steps: int | None = None,
+        seed: int | None = None,
+    ):
         try:
             check_dps_hparams(p, update_ratio, variant)
-        except ValueError as err:   # the class's own argument, named as its users call it
+        except ValueError as err:  # the class's own argument, named as its users call it
             raise ConfigError(f"{self.KEY}.{err}") from None
         self.p, self.update_ratio, self.variant = float(p), float(update_ratio), variant
         self.patterns = list(patterns) if patterns is not None else None
         self.family, self.total_steps, self.seed = family, total_steps, seed
         self.dps: DPS | None = None
         self._mix_attached = False  # Mix's forward patched at on_init_end, before the Trainer wraps the model (DDP)
-        self.masked_step = 0       # last optimizer step whose gradients DPS processed (or skipped: fp16 overflow)
+        self.masked_step = 0  # last optimizer step whose gradients DPS processed (or skipped: fp16 overflow)
         self.skipped_steps = 0
 
     # ------------------------------------------------------------------ events
@@ -320,11 +351,20 @@ class DPSCallback(TrainerCallback):
                 raise ConfigError(
                     f"{self.KEY}: DPS-Mix under DDP must patch the forward before the Trainer wraps the model in "
                     "DistributedDataParallel (else DDP never all-reduces the patched weights' gradients); pass the "
-                    "callback to Trainer(callbacks=[...]) with the model (not add_callback, not model_init)")
-            mix = self._attach_mix(model, patterns)   # (idempotent: returns the wrappers on_init_end made)
-        self.dps = DPS(linear_weights(model), total, self.p, self.update_ratio, self.variant,
-                       patterns=patterns, mix=mix, seed=self.seed if self.seed is not None else shared_seed(),
-                       key=f"{self.KEY}.patterns")
+                    "callback to Trainer(callbacks=[...]) with the model (not add_callback, not model_init)"
+                )
+            mix = self._attach_mix(model, patterns)  # (idempotent: returns the wrappers on_init_end made)
+        self.dps = DPS(
+            linear_weights(model),
+            total,
+            self.p,
+            self.update_ratio,
+            self.variant,
+            patterns=patterns,
+            mix=mix,
+            seed=self.seed if self.seed is not None else shared_seed(),
+            key=f"{self.KEY}.patterns",
+        )
         self.masked_step = int(state.global_step)
         if state.global_step > 0:
             self._resume(args, state)
@@ -351,7 +391,8 @@ class DPSCallback(TrainerCallback):
                 f"{self.KEY}: optimizer step {state.global_step} ran but on_pre_optimizer_step never fired, so DPS "
                 f"masked nothing (transformers {transformers.__version__}). The Trainer must call the callback "
                 "event on_pre_optimizer_step between backward and optimizer.step() (transformers 5 does); a custom "
-                "loop must call callback.on_pre_optimizer_step(args, state, control, model=..., optimizer=...)")
+                "loop must call callback.on_pre_optimizer_step(args, state, control, model=..., optimizer=...)"
+            )
 
     # ------------------------------------------------------------------ checkpoints
     STATE_FILE = "adaptune_dps.pt"
@@ -380,19 +421,23 @@ class DPSCallback(TrainerCallback):
         """At ``on_train_begin`` of a resumed run (``state.global_step > 0``): the DPS state saved
         with that checkpoint. (choice) A resumed run without it is an error, not a silent restart
         of DPS's phases."""
-        given = getattr(args, "resume_from_checkpoint", None)   # set by scripts that pass it through args
+        given = getattr(args, "resume_from_checkpoint", None)  # set by scripts that pass it through args
         folder = Path(given) if isinstance(given, str) and Path(given).is_dir() else _checkpoint_folder(args, state)
         path = folder / self.STATE_FILE
         if not path.is_file():
-            raise ConfigError(f"{self.KEY}: the run resumes at step {state.global_step} but {path} does not exist "
-                              "(a checkpoint saved without the callback?); DPS cannot continue its phases")
+            raise ConfigError(
+                f"{self.KEY}: the run resumes at step {state.global_step} but {path} does not exist "
+                "(a checkpoint saved without the callback?); DPS cannot continue its phases"
+            )
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # ------------------------------------------------------------------ helpers
     def _require_dps(self, event: str) -> None:
         if self.dps is None:
-            raise RuntimeError(f"{self.KEY}: {event} before on_train_begin; add the callback to the Trainer "
-                               "(callbacks=[...]) before train(), not during training")
+            raise RuntimeError(
+                f"{self.KEY}: {event} before on_train_begin; add the callback to the Trainer "
+                "(callbacks=[...]) before train(), not during training"
+            )
 
     def _patterns(self, model: torch.nn.Module) -> list[str]:
         """The selected weights' patterns: the given ones, else the model's family's DPS patterns."""
@@ -410,5 +455,7 @@ class DPSCallback(TrainerCallback):
         """Refuse Mix, with the reason, where the weights cannot take the Mix forward."""
         for name, weight in linear_weights(model):
             if weight.requires_grad and any(pat in name for pat in patterns) and not weight.is_floating_point():
-                raise ConfigError(f"{key}: DPS-Mix cannot patch the forward of {name} ({weight.dtype} weights, "
-                                  "e.g. a quantised layer): its weight is not a floating-point tensor; use variant='dense'")
+                raise ConfigError(
+                    f"{key}: DPS-Mix cannot patch the forward of {name} ({weight.dtype} weights, "
+                    "e.g. a quantised layer): its weight is not a floating-point tensor; use variant='dense'"
+                )

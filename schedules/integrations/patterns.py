@@ -16,6 +16,7 @@ the same patterns (``tasks/lora.py``).
 Other models: the family of ``model.config.model_type`` (``common/families.py``), or the one
 passed as ``family``.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -23,8 +24,14 @@ from typing import Mapping, Sequence
 import torch
 
 from adaptune.common.errors import ConfigError
-from adaptune.common.families import (FAMILY_PATTERNS, HF_MODEL_TYPES, LORA_SUBSTRINGS, ParamPatterns, family_patterns,
-                             lora_patterns)
+from adaptune.common.families import (
+    FAMILY_PATTERNS,
+    HF_MODEL_TYPES,
+    LORA_SUBSTRINGS,
+    ParamPatterns,
+    family_patterns,
+    lora_patterns,
+)
 
 from ..patterns import resolve_patterns
 
@@ -42,7 +49,8 @@ def infer_family(model: torch.nn.Module) -> str:
         return HF_MODEL_TYPES[model_type]
     raise ConfigError(
         f"family: cannot infer the parameter patterns of model_type={model_type!r}; pass family= "
-        f"(allowed: {', '.join(sorted(FAMILY_PATTERNS))}) or explicit patterns")
+        f"(allowed: {', '.join(sorted(FAMILY_PATTERNS))}) or explicit patterns"
+    )
 
 
 def model_patterns(model: torch.nn.Module, family: str | None = None) -> ParamPatterns:
@@ -55,7 +63,7 @@ def model_patterns(model: torch.nn.Module, family: str | None = None) -> ParamPa
         except ConfigError:
             if not lora:
                 raise
-            family = "bert"   # LoRA: only no_decay comes from the family (biases, norms)
+            family = "bert"  # LoRA: only no_decay comes from the family (biases, norms)
     base: Mapping[str, tuple[str, ...]] = family_patterns(family)
     return lora_patterns(dict(base)) if lora else dict(base)
 

@@ -58,6 +58,7 @@ registered entries are the factories :func:`adamw_sage` / :func:`adamax_sage`, n
 the optimizer is the plain class. Registry names have no underscore:
 ``create_optimizer_v2`` keeps only the text after the last ``_`` (``lookahead_adamwsage`` works).
 """
+
 from __future__ import annotations
 
 import os
@@ -78,20 +79,24 @@ __all__ = ["adamax_sage", "adamw_sage", "register_sage_optimizers", "sage_param_
 TIMM_TESTED = ">=1.0.12,<1.1"
 
 
-def sage_param_group_fn(family: str = "vit", *, weight_decay: float = 0.05,
-                        sage_patterns: Sequence[str] | None = None,
-                        no_decay: Sequence[str] | None = None) -> Callable[[torch.nn.Module], list[dict]]:
+def sage_param_group_fn(
+    family: str = "vit",
+    *,
+    weight_decay: float = 0.05,
+    sage_patterns: Sequence[str] | None = None,
+    no_decay: Sequence[str] | None = None,
+) -> Callable[[torch.nn.Module], list[dict]]:
     """A ``param_group_fn`` for ``create_optimizer_v2``: the model's :func:`sage_param_groups`.
 
     The groups carry ``sage`` and their own ``weight_decay`` (0 for the family's ``no_decay``
     tensors and the model's ``no_weight_decay()`` names). timm skips its own grouping when given a
     ``param_group_fn``, so there is no layer decay on this path.
     """
+
     def groups(model: torch.nn.Module) -> list[dict]:
         skip = tuple(no_decay) if no_decay is not None else tuple(family_patterns(family, "no_decay"))
         skip += tuple(getattr(model, "no_weight_decay", lambda: ())())
-        return sage_param_groups(model, family=family, sage_patterns=sage_patterns, no_decay=skip,
-                                 weight_decay=weight_decay)
+        return sage_param_groups(model, family=family, sage_patterns=sage_patterns, no_decay=skip, weight_decay=weight_decay)
 
     return groups
 
@@ -143,8 +148,9 @@ def _one_d(name: str, tensor: torch.Tensor) -> bool:
     return tensor.ndim <= 1 or name.endswith(".bias")
 
 
-def sage_split_groups(params, *, family: str = "vit", sage_patterns: Sequence[str] | str | None = None,
-                      names: Mapping[int, str] | None = None) -> list[dict]:
+def sage_split_groups(
+    params, *, family: str = "vit", sage_patterns: Sequence[str] | str | None = None, names: Mapping[int, str] | None = None
+) -> list[dict]:
     """timm's parameter groups split for the SAGE optimizers (see the module docstring).
 
     Args:
@@ -174,15 +180,21 @@ def sage_split_groups(params, *, family: str = "vit", sage_patterns: Sequence[st
         if names is None:
             if any("lr_scale" in g or "use_fallback" in g for g in todo):
                 import timm
+
                 raise RuntimeError(
                     f"adaptune's timm integration did not find the model behind timm's parameter groups "
                     f"(timm {timm.__version__}; tested with timm{TIMM_TESTED}), so it cannot tell which tensors "
-                    "get SAGE. Pass param_group_fn=sage_param_group_fn(...) to create_optimizer_v2 instead.")
+                    "get SAGE. Pass param_group_fn=sage_param_group_fn(...) to create_optimizer_v2 instead."
+                )
             return groups
-    group_names = [list(g["param_names"]) if "param_names" in g else [names[id(t)] for t in g["params"]]
-                   for g in todo]
-    patterns = ((sage_patterns,) if isinstance(sage_patterns, str) else tuple(sage_patterns) if sage_patterns
-                else tuple(family_patterns(family, "sage")))
+    group_names = [list(g["param_names"]) if "param_names" in g else [names[id(t)] for t in g["params"]] for g in todo]
+    patterns = (
+        (sage_patterns,)
+        if isinstance(sage_patterns, str)
+        else tuple(sage_patterns)
+        if sage_patterns
+        else tuple(family_patterns(family, "sage"))
+    )
     chosen = set(select_names([n for ns in group_names for n in ns], patterns, "sage_patterns"))
     own_names = dict(zip(map(id, todo), group_names))
     out = []
@@ -209,8 +221,7 @@ def adamw_sage(params, *, family: str = "vit", sage_patterns: Sequence[str] | st
     return AdamWSAGE(sage_split_groups(params, family=family, sage_patterns=sage_patterns), **kwargs)
 
 
-def adamax_sage(params, *, family: str = "vit", sage_patterns: Sequence[str] | str | None = None,
-                **kwargs) -> AdamaxSAGE:
+def adamax_sage(params, *, family: str = "vit", sage_patterns: Sequence[str] | str | None = None, **kwargs) -> AdamaxSAGE:
     """:class:`AdamaxSAGE` on :func:`sage_split_groups` of ``params`` (timm's ``adamaxsage``)."""
     return AdamaxSAGE(sage_split_groups(params, family=family, sage_patterns=sage_patterns), **kwargs)
 
@@ -226,11 +237,15 @@ def timm_default_registry():
         from timm.optim import OptimizerRegistry
         from timm.optim._optim_factory import default_registry
     except ImportError as err:
-        raise ImportError(f"timm {timm.__version__} has no timm.optim._optim_factory.default_registry; "
-                          f"adaptune's timm integration is tested with timm{TIMM_TESTED}") from err
+        raise ImportError(
+            f"timm {timm.__version__} has no timm.optim._optim_factory.default_registry; "
+            f"adaptune's timm integration is tested with timm{TIMM_TESTED}"
+        ) from err
     if not isinstance(default_registry, OptimizerRegistry):
-        raise ImportError(f"timm {timm.__version__}: timm.optim._optim_factory.default_registry is not an "
-                          f"OptimizerRegistry; adaptune's timm integration is tested with timm{TIMM_TESTED}")
+        raise ImportError(
+            f"timm {timm.__version__}: timm.optim._optim_factory.default_registry is not an "
+            f"OptimizerRegistry; adaptune's timm integration is tested with timm{TIMM_TESTED}"
+        )
     return default_registry
 
 
@@ -242,9 +257,14 @@ def register_sage_optimizers() -> list[str]:
     for name, factory in NAMES.items():
         current = registry.get_optimizer_info(name).opt_class if name in registry.list_optimizers() else None
         if current is not factory:
-            registry.register(OptimInfo(name=name, opt_class=factory, has_betas=True,
-                                        description=f"{CLASSES[name].__name__} (SAGE on the patterned tensors, "
-                                                    "adaptune.schedules.sage)"))
+            registry.register(
+                OptimInfo(
+                    name=name,
+                    opt_class=factory,
+                    has_betas=True,
+                    description=f"{CLASSES[name].__name__} (SAGE on the patterned tensors, adaptune.schedules.sage)",
+                )
+            )
     return list(NAMES)
 
 
@@ -255,12 +275,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        raise SystemExit("usage: python -m adaptune.schedules.integrations.timm train.py [train.py arguments]\n"
-                         "registers timm optimizers 'adamwsage' and 'adamaxsage', then runs train.py")
+        raise SystemExit(
+            "usage: python -m adaptune.schedules.integrations.timm train.py [train.py arguments]\n"
+            "registers timm optimizers 'adamwsage' and 'adamaxsage', then runs train.py"
+        )
     # the importable module, not this __main__ copy: one set of factories in timm's registry
     importlib.import_module("adaptune.schedules.integrations.timm").register_sage_optimizers()
     sys.argv = argv
-    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))   # as `python SCRIPT` does
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # as `python SCRIPT` does
     runpy.run_path(argv[0], run_name="__main__")
 
 

@@ -42,6 +42,7 @@ Decisions marked **(choice)**:
 - **(choice) Default ``p = 0.9``** (``schedule.mix_p``): the Mixout paper's choice for
   BERT-large on small GLUE tasks; the DPS paper grid-searches ``p`` in {0.1, ..., 0.8}.
 """
+
 from .algorithm import STATE_VERSION, Mixout
 from .schedule import MixoutSchedule
 

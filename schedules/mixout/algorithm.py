@@ -1,8 +1,9 @@
 """Mixout on a model's Linear weights (see ``adaptune.schedules.mixout``), usable outside the runner::
 
-    mixout = Mixout(model, p=0.9, patterns=family_patterns("bert", "dps"))   # after model.to(device)
-    ... train as usual: every training-mode forward of ``model`` draws a fresh mask
+mixout = Mixout(model, p=0.9, patterns=family_patterns("bert", "dps"))   # after model.to(device)
+... train as usual: every training-mode forward of ``model`` draws a fresh mask
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -33,9 +34,16 @@ class Mixout:
         seed: the mask generator's seed (default :func:`~adaptune.schedules.sync.default_seed`).
     """
 
-    def __init__(self, model: nn.Module, p: float = MIXOUT_P,
-                 patterns: Sequence[str] | None = None, *, wrappers: Mapping[str, MixoutWeight] | None = None,
-                 seed: int | None = None, key: str = "schedule.mixout_patterns"):
+    def __init__(
+        self,
+        model: nn.Module,
+        p: float = MIXOUT_P,
+        patterns: Sequence[str] | None = None,
+        *,
+        wrappers: Mapping[str, MixoutWeight] | None = None,
+        seed: int | None = None,
+        key: str = "schedule.mixout_patterns",
+    ):
         self.p = check_range("p", p, 0, 1)
         if wrappers is None:
             wrappers = attach_mix(model, patterns, key)
@@ -47,7 +55,7 @@ class Mixout:
         self.seed = int(seed) if seed is not None else default_seed()
         self.generator = torch.Generator()
         self.generator.manual_seed(self.seed)
-        self.kept = 1.0   # fraction of input columns with N = 1 in the latest draw
+        self.kept = 1.0  # fraction of input columns with N = 1 in the latest draw
         self._hook = model.register_forward_pre_hook(self._before_forward)
 
     def _before_forward(self, module: nn.Module, args) -> None:
@@ -73,24 +81,34 @@ class Mixout:
             wrapper.reference, wrapper.mask, wrapper.scale = None, None, 1.0
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "p": self.p, "names": list(self.names), "seed": self.seed,
-                "generator": self.generator.get_state(), "targets": dict(zip(self.names, self.targets))}
+        return {
+            "version": STATE_VERSION,
+            "p": self.p,
+            "names": list(self.names),
+            "seed": self.seed,
+            "generator": self.generator.get_state(),
+            "targets": dict(zip(self.names, self.targets)),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION or "targets" not in state:
-            raise ConfigError(f"the checkpoint's schedule state is not Mixout state (version {STATE_VERSION}); "
-                              "resume with the schedule it was written with")
+            raise ConfigError(
+                f"the checkpoint's schedule state is not Mixout state (version {STATE_VERSION}); "
+                "resume with the schedule it was written with"
+            )
         if state["p"] != self.p:
-            raise ConfigError(f"the checkpoint was written with Mixout p={state['p']!r} (schedule.mix_p), this run "
-                              f"has {self.p!r}; resume with the same schedule settings")
+            raise ConfigError(
+                f"the checkpoint was written with Mixout p={state['p']!r} (schedule.mix_p), this run "
+                f"has {self.p!r}; resume with the same schedule settings"
+            )
         if list(state["names"]) != self.names:
-            raise ConfigError("the checkpoint's Mixout wrapped a different set of weights than this run's "
-                              "schedule.mixout_patterns select")
+            raise ConfigError(
+                "the checkpoint's Mixout wrapped a different set of weights than this run's schedule.mixout_patterns select"
+            )
         for name, target in zip(self.names, self.targets):
             saved = state["targets"][name]
             if tuple(saved.shape) != tuple(target.shape):
-                raise ConfigError(f"Mixout checkpoint: {name} has shape {tuple(saved.shape)}, model has "
-                                  f"{tuple(target.shape)}")
+                raise ConfigError(f"Mixout checkpoint: {name} has shape {tuple(saved.shape)}, model has {tuple(target.shape)}")
             target.copy_(saved)
         self.seed = int(state["seed"])
         self.generator.set_state(state["generator"].to("cpu", torch.uint8))

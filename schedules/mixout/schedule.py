@@ -1,4 +1,5 @@
 """``schedule=mixout``: the baseline optimizer plus :class:`~adaptune.schedules.mixout.Mixout` (the runner adapter)."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping

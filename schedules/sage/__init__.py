@@ -31,6 +31,7 @@ One module per concern:
 - ``telemetry.py``: the probe of entries and :func:`sensitivity_summary`;
 - ``schedule.py``: :class:`SAGESchedule`.
 """
+
 from __future__ import annotations
 
 from .adamax import AdamaxSAGE, MTDNNAdamax

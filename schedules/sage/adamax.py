@@ -5,6 +5,7 @@ same update as one expression per element, compiled by :mod:`.compiled`; its C++
 ``adamax_sage_`` in ``csrc/sage_cpu.cpp``. The shared parts (validation, state, dispatch, the
 step loop) are in :mod:`.optimizer`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,20 @@ from ..defaults import SAGE_BETA3, SAGE_EPS, WEIGHT_DECAY
 from .optimizer import FUSED_MIN_NUMEL, SAGEOptimizer
 
 
-def adamax_fused_kernel(p: Tensor, g: Tensor, m: Tensor, u: Tensor, s: Tensor | None,
-                        beta1: Tensor, beta2: Tensor, beta3: Tensor, eps: Tensor,
-                        eps2: Tensor, weight_decay: Tensor, lr: Tensor) -> None:
+def adamax_fused_kernel(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    u: Tensor,
+    s: Tensor | None,
+    beta1: Tensor,
+    beta2: Tensor,
+    beta3: Tensor,
+    eps: Tensor,
+    eps2: Tensor,
+    weight_decay: Tensor,
+    lr: Tensor,
+) -> None:
     """The fused Adamax-SAGE update of one flat tensor (``s`` None: a plain group), in place.
 
     Hyper-parameters are 0-dim tensors (see :meth:`AdamaxSAGE._kernel_coefficients`), so that
@@ -68,13 +80,32 @@ class AdamaxSAGE(SAGEOptimizer):
     _fused_kernel = staticmethod(adamax_fused_kernel)
     _cpu_kernel = "adamax_sage_"
 
-    def __init__(self, params, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 beta3: float = SAGE_BETA3, eps: float = SAGE_EPS,
-                 weight_decay: float = WEIGHT_DECAY, *,
-                 fused: bool | None = None, backend: str | None = None, fused_min_numel: int = FUSED_MIN_NUMEL):
-        super().__init__(params, {"lr": lr, "betas": betas, "beta3": beta3, "eps": eps,
-                                  "weight_decay": weight_decay, "fused": fused, "backend": backend,
-                                  "fused_min_numel": fused_min_numel})
+    def __init__(
+        self,
+        params,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        beta3: float = SAGE_BETA3,
+        eps: float = SAGE_EPS,
+        weight_decay: float = WEIGHT_DECAY,
+        *,
+        fused: bool | None = None,
+        backend: str | None = None,
+        fused_min_numel: int = FUSED_MIN_NUMEL,
+    ):
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "betas": betas,
+                "beta3": beta3,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "fused": fused,
+                "backend": backend,
+                "fused_min_numel": fused_min_numel,
+            },
+        )
 
     def _kernel_coefficients(self, group: dict, t: int) -> list[float]:
         """The fused kernels' hyper-parameters, in their argument order."""
@@ -88,18 +119,18 @@ class AdamaxSAGE(SAGEOptimizer):
         beta3, eps, lr, wd = group["beta3"], group["eps"], group["lr"], group["weight_decay"]
         for param, grad, state in zip(params, grads, states):
             exp_avg, exp_inf = state["exp_avg"], state["exp_inf"]
-            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)                   # m
+            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)  # m
             torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)  # u
-            update = exp_avg / (exp_inf + eps)                                # d = m / (u + ε)
+            update = exp_avg / (exp_inf + eps)  # d = m / (u + ε)
             if wd != 0:
-                update.add_(param, alpha=wd)                                  # d += λ·θ
+                update.add_(param, alpha=wd)  # d += λ·θ
             if group["sage"]:
                 exp_avg_sens = state["exp_avg_sens"]
-                sens = torch.mul(param, grad).abs_()                          # I = |θ ⊙ g|
+                sens = torch.mul(param, grad).abs_()  # I = |θ ⊙ g|
                 # |I - Ī_t| = β3·|I - Ī_{t-1}|  (schedules/sage/optimizer.py)
                 num = torch.sub(sens, exp_avg_sens).abs_().mul_(beta3)
-                exp_avg_sens.mul_(beta3).add_(sens, alpha=1 - beta3)          # Ī_t
-                update.mul_(num.div_(exp_avg_sens + eps * eps))               # × |I - Ī| / (Ī + ε²)
+                exp_avg_sens.mul_(beta3).add_(sens, alpha=1 - beta3)  # Ī_t
+                update.mul_(num.div_(exp_avg_sens + eps * eps))  # × |I - Ī| / (Ī + ε²)
             param.add_(update, alpha=-lr)
 
 
@@ -113,11 +144,28 @@ class MTDNNAdamax(AdamaxSAGE):
     weight_decay, fused, backend, fused_min_numel): there is no ``beta3``.
     """
 
-    def __init__(self, params, lr: float = 5e-5, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = SAGE_EPS, weight_decay: float = WEIGHT_DECAY, *,
-                 fused: bool | None = None, backend: str | None = None, fused_min_numel: int = FUSED_MIN_NUMEL):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused,
-                         backend=backend, fused_min_numel=fused_min_numel)
+    def __init__(
+        self,
+        params,
+        lr: float = 5e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = SAGE_EPS,
+        weight_decay: float = WEIGHT_DECAY,
+        *,
+        fused: bool | None = None,
+        backend: str | None = None,
+        fused_min_numel: int = FUSED_MIN_NUMEL,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            fused=fused,
+            backend=backend,
+            fused_min_numel=fused_min_numel,
+        )
         for group in self.param_groups:
             group["sage"] = False
 

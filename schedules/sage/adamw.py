@@ -5,6 +5,7 @@ same update as one expression per element, compiled by :mod:`.compiled`; its C++
 ``adamw_sage_`` in ``csrc/sage_cpu.cpp``. The shared parts (validation, state, dispatch, the
 step loop) are in :mod:`.optimizer`.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,21 @@ from ..defaults import SAGE_BETA3, SAGE_EPS
 from .optimizer import FUSED_MIN_NUMEL, SAGEOptimizer
 
 
-def adamw_fused_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor | None,
-                       beta1: Tensor, beta2: Tensor, beta3: Tensor, c_prev: Tensor,
-                       c_eps2: Tensor, step_size: Tensor, eps: Tensor, keep: Tensor) -> None:
+def adamw_fused_kernel(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    s: Tensor | None,
+    beta1: Tensor,
+    beta2: Tensor,
+    beta3: Tensor,
+    c_prev: Tensor,
+    c_eps2: Tensor,
+    step_size: Tensor,
+    eps: Tensor,
+    keep: Tensor,
+) -> None:
     """The fused AdamW-SAGE update of one flat tensor (``s`` None: a plain group), in place.
 
     Hyper-parameters are 0-dim tensors (see :meth:`AdamWSAGE._kernel_coefficients`), so that
@@ -86,13 +99,34 @@ class AdamWSAGE(SAGEOptimizer):
     _fused_kernel = staticmethod(adamw_fused_kernel)
     _cpu_kernel = "adamw_sage_"
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 beta3: float = SAGE_BETA3, eps: float = SAGE_EPS, weight_decay: float = 0.0,
-                 bias_correction: bool = True, *, fused: bool | None = None, backend: str | None = None,
-                 fused_min_numel: int = FUSED_MIN_NUMEL):
-        super().__init__(params, {"lr": lr, "betas": betas, "beta3": beta3, "eps": eps,
-                                  "weight_decay": weight_decay, "bias_correction": bool(bias_correction),
-                                  "fused": fused, "backend": backend, "fused_min_numel": fused_min_numel})
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        beta3: float = SAGE_BETA3,
+        eps: float = SAGE_EPS,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+        *,
+        fused: bool | None = None,
+        backend: str | None = None,
+        fused_min_numel: int = FUSED_MIN_NUMEL,
+    ):
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "betas": betas,
+                "beta3": beta3,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "bias_correction": bool(bias_correction),
+                "fused": fused,
+                "backend": backend,
+                "fused_min_numel": fused_min_numel,
+            },
+        )
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -105,8 +139,7 @@ class AdamWSAGE(SAGEOptimizer):
         beta1, beta2 = group["betas"]
         if group["bias_correction"]:
             beta3 = group["beta3"]
-            return (group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t),
-                    1 - beta3 ** (t - 1), 1 - beta3 ** t)
+            return (group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t), 1 - beta3 ** (t - 1), 1 - beta3**t)
         return group["lr"], 1.0, 1.0
 
     def _kernel_coefficients(self, group: dict, t: int) -> list[float]:
@@ -123,19 +156,19 @@ class AdamWSAGE(SAGEOptimizer):
         step_size, c_prev, c = self._coefficients(group, t)
         for param, grad, state in zip(params, grads, states):
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)                   # m
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)      # v
-            update = exp_avg / exp_avg_sq.sqrt().add_(eps)                   # m / (sqrt(v) + ε)
+            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)  # m
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v
+            update = exp_avg / exp_avg_sq.sqrt().add_(eps)  # m / (sqrt(v) + ε)
             if group["sage"]:
                 exp_avg_sens = state["exp_avg_sens"]
-                sens = torch.mul(param, grad).abs_()                          # I = |θ ⊙ g|
+                sens = torch.mul(param, grad).abs_()  # I = |θ ⊙ g|
                 # c_t·|I - Î_t| = β3·|c_{t-1}·I - Ī_{t-1}|  (schedules/sage/optimizer.py)
                 num = torch.mul(sens, c_prev).sub_(exp_avg_sens).abs_().mul_(beta3)
-                exp_avg_sens.mul_(beta3).add_(sens, alpha=1 - beta3)          # Ī_t
-                update.mul_(num.div_(exp_avg_sens + c * eps * eps))           # × |I - Î|/(Î + ε²)
+                exp_avg_sens.mul_(beta3).add_(sens, alpha=1 - beta3)  # Ī_t
+                update.mul_(num.div_(exp_avg_sens + c * eps * eps))  # × |I - Î|/(Î + ε²)
             param.add_(update, alpha=-step_size)
             if wd != 0:
-                param.mul_(1 - lr * wd)                                       # θ -= lr·λ·θ
+                param.mul_(1 - lr * wd)  # θ -= lr·λ·θ
 
 
 class HFAdamW(AdamWSAGE):
@@ -158,11 +191,30 @@ class HFAdamW(AdamWSAGE):
         fused, backend, fused_min_numel: implementation choice, as :class:`AdamWSAGE`.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, correct_bias: bool = True, *, fused: bool | None = None,
-                 backend: str | None = None, fused_min_numel: int = FUSED_MIN_NUMEL):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         bias_correction=correct_bias, fused=fused, backend=backend, fused_min_numel=fused_min_numel)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        fused: bool | None = None,
+        backend: str | None = None,
+        fused_min_numel: int = FUSED_MIN_NUMEL,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=correct_bias,
+            fused=fused,
+            backend=backend,
+            fused_min_numel=fused_min_numel,
+        )
         for group in self.param_groups:
             group["sage"] = False
 

@@ -11,6 +11,7 @@ Tensors under :data:`MIN_TENSOR` elements take the reference loop instead, since
 call has a fixed Python cost. Where compilation fails, :func:`run` logs one warning and this
 backend stays off for the rest of the process.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,11 +22,11 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-MIN_TENSOR = 1 << 15            # smaller tensors take the reference loop instead (per_tensor backend)
-GROUPED_RECOMPILE_LIMIT = 64     # grouped graphs allowed per process (see :func:`run`)
+MIN_TENSOR = 1 << 15  # smaller tensors take the reference loop instead (per_tensor backend)
+GROUPED_RECOMPILE_LIMIT = 64  # grouped graphs allowed per process (see :func:`run`)
 _cache: dict[str, Callable] = {}  # "kernel name/threads=N" -> compiled kernel
 _grouped: dict[Callable, Callable] = {}  # per-tensor update -> its multi-tensor wrapper
-_broken = False                 # a compilation failed: use the eager path from now on
+_broken = False  # a compilation failed: use the eager path from now on
 
 
 def kernel(fn: Callable) -> Callable:
@@ -43,10 +44,9 @@ def kernel(fn: Callable) -> Callable:
     key = f"{fn.__name__}/threads={threads}"
     if key not in _cache:
         log.info("SAGE: compiling %s with torch.compile (once per process)", fn.__name__)
-        options = {"cpp.threads": threads, "cpp.min_chunk_size": 1,
-                   "cpp.enable_floating_point_contract_flag": "fast"}
+        options = {"cpp.threads": threads, "cpp.min_chunk_size": 1, "cpp.enable_floating_point_contract_flag": "fast"}
         if getattr(fn, "_multi_tensor", False) and torch.cuda.is_available():
-            options["combo_kernels"] = True   # horizontal fusion: few launches for the whole group
+            options["combo_kernels"] = True  # horizontal fusion: few launches for the whole group
         _cache[key] = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
     return _cache[key]
 
@@ -57,6 +57,7 @@ def grouped(fn: Callable) -> Callable:
     :func:`kernel` as one graph per group (recompiled when the group's tensor count changes), so a
     step costs one Python call per group instead of one per tensor."""
     if fn not in _grouped:
+
         def multi(ps, gs, ms, vs, ss, *scalars):
             for i in range(len(ps)):
                 fn(ps[i], gs[i], ms[i], vs[i], None if ss is None else ss[i], *scalars)
@@ -101,8 +102,11 @@ def run(fn: Callable, fallback: Callable[[], None], *args) -> None:
             return
         except Exception as err:  # BackendCompilerFailed, missing C++ compiler, ...
             _broken = True
-            log.warning("SAGE: torch.compile of the fused update failed (%s: %s); using the eager "
-                        "implementation from now on", type(err).__name__, (str(err).splitlines() or [""])[0])
+            log.warning(
+                "SAGE: torch.compile of the fused update failed (%s: %s); using the eager implementation from now on",
+                type(err).__name__,
+                (str(err).splitlines() or [""])[0],
+            )
     fallback()
 
 

@@ -18,6 +18,7 @@ returns None, and SAGE falls back to its other implementations (the compiled bac
 
 The kernel's module state (the loaded library, or why it failed) lives here, once per process.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,8 +70,11 @@ def _ensure_ninja_on_path() -> None:
 def _gist(message: str) -> str:
     """The telling line of a build error: the first that names an error, else the last one."""
     lines = [line.strip() for line in message.splitlines() if line.strip()] or [""]
-    telling = [line for line in lines if any(w in line.lower() for w in ("error", "not found", "no such"))
-               and not line.startswith("Error building extension")]
+    telling = [
+        line
+        for line in lines
+        if any(w in line.lower() for w in ("error", "not found", "no such")) and not line.startswith("Error building extension")
+    ]
     return (telling or lines)[0 if telling else -1][:300]
 
 
@@ -94,15 +98,18 @@ def kernels() -> ModuleType | None:
             name = f"adaptune_sage_cpu_{_cpu_tag()}"
             build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
             if not any(build_dir.glob("*.so")):
-                log.info("SAGE: building the CPU kernel %s (once per machine, ~30 s) in %s",
-                         SOURCE.name, build_dir)
-            _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                                         build_directory=str(build_dir), with_cuda=False,
-                                         verbose=False)
+                log.info("SAGE: building the CPU kernel %s (once per machine, ~30 s) in %s", SOURCE.name, build_dir)
+            _module = cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=CFLAGS,
+                build_directory=str(build_dir),
+                with_cuda=False,
+                verbose=False,
+            )
         except Exception as err:  # no compiler or ninja, build error, unwritable cache, ...
             _failed = f"{type(err).__name__}: {_gist(str(err))}"
-            log.warning("SAGE: could not build the CPU kernel (%s); using the other "
-                        "implementations", _failed)
+            log.warning("SAGE: could not build the CPU kernel (%s); using the other implementations", _failed)
         finally:
             cpp_log.setLevel(level)
     return _module

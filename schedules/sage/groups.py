@@ -1,8 +1,9 @@
 """Optimizer-ready SAGE parameter groups for users outside the runner::
 
-    groups = sage_param_groups(model, family="bert", weight_decay=0.01)
-    opt = AdamaxSAGE(groups, lr=2e-4, beta3=0.85)     # works with HF Trainer(optimizers=(opt, sched))
+groups = sage_param_groups(model, family="bert", weight_decay=0.01)
+opt = AdamaxSAGE(groups, lr=2e-4, beta3=0.85)     # works with HF Trainer(optimizers=(opt, sched))
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -13,10 +14,13 @@ from ..param_groups import build_param_groups, strip_names
 from ..patterns import family_patterns
 
 
-def sage_param_groups(model_or_named_params, family: str = "bert",
-                      sage_patterns: Sequence[str] | None = None,
-                      no_decay: Sequence[str] | None = None,
-                      weight_decay: float = 0.01) -> list[dict]:
+def sage_param_groups(
+    model_or_named_params,
+    family: str = "bert",
+    sage_patterns: Sequence[str] | None = None,
+    no_decay: Sequence[str] | None = None,
+    weight_decay: float = 0.01,
+) -> list[dict]:
     """Optimizer-ready parameter groups for SAGE, for use outside the runner.
 
     Args:
@@ -32,12 +36,15 @@ def sage_param_groups(model_or_named_params, family: str = "bert",
         :class:`AdamWSAGE` / :class:`AdamaxSAGE`. A pattern list matching no parameter raises
         :class:`~adaptune.common.errors.ConfigError`.
     """
-    named = (model_or_named_params.named_parameters()
-             if isinstance(model_or_named_params, torch.nn.Module) else model_or_named_params)
+    named = (
+        model_or_named_params.named_parameters() if isinstance(model_or_named_params, torch.nn.Module) else model_or_named_params
+    )
     groups = build_param_groups(
-        named, weight_decay=weight_decay,
+        named,
+        weight_decay=weight_decay,
         no_decay=tuple(no_decay) if no_decay is not None else family_patterns(family, "no_decay"),
         flag="sage",
         flag_patterns=tuple(sage_patterns) if sage_patterns else family_patterns(family, "sage"),
-        flag_key="sage_patterns")
+        flag_key="sage_patterns",
+    )
     return strip_names(groups)

@@ -61,6 +61,7 @@ Implementation choices shared by both optimizers (**(choice)** marks a decision 
 
 Speed: ``bench/bench_sage.py``; measured numbers in docs/benchmarks.md ("SAGE's fused CPU kernel").
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -105,9 +106,9 @@ class SAGEOptimizer(torch.optim.Optimizer):
     kernels' hyper-parameters for step ``t``, in their argument order).
     """
 
-    _base_keys: tuple[str, ...] = ()           # base optimizer state tensors, set by subclasses
-    _fused_kernel: Callable                    # the compiled per-tensor update, set by subclasses
-    _cpu_kernel: str                           # its multi-tensor C++ twin in cpu_kernel, by name
+    _base_keys: tuple[str, ...] = ()  # base optimizer state tensors, set by subclasses
+    _fused_kernel: Callable  # the compiled per-tensor update, set by subclasses
+    _cpu_kernel: str  # its multi-tensor C++ twin in cpu_kernel, by name
 
     def __init__(self, params, defaults: dict[str, Any]):
         lr, betas, beta3 = defaults["lr"], defaults["betas"], defaults["beta3"]
@@ -210,8 +211,7 @@ class SAGEOptimizer(torch.optim.Optimizer):
             for i, (p, st) in enumerate(zip(params, states)):
                 buckets.setdefault((int(st["step"].item()), p.device, p.dtype), []).append(i)
             for (t, _, _), idx in buckets.items():
-                self._update(impl, group, t, [params[i] for i in idx], [grads[i] for i in idx],
-                             [states[i] for i in idx])
+                self._update(impl, group, t, [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx])
         return loss
 
     def _update(self, impl: str, group: dict, t: int, params, grads, states) -> None:
@@ -230,8 +230,7 @@ class SAGEOptimizer(torch.optim.Optimizer):
         """
         keys = (*self._base_keys, "exp_avg_sens") if group["sage"] else self._base_keys
         coefficients = self._kernel_coefficients(group, t)
-        contiguous = [all(x.is_contiguous() for x in (p, g, *(st[k] for k in keys)))
-                      for p, g, st in zip(params, grads, states)]
+        contiguous = [all(x.is_contiguous() for x in (p, g, *(st[k] for k in keys))) for p, g, st in zip(params, grads, states)]
         if backend == "cpu_kernel":
             cpu_kernels = cpu_kernel.kernels()
             take = [i for i, ok in enumerate(contiguous) if ok]
@@ -240,18 +239,26 @@ class SAGEOptimizer(torch.optim.Optimizer):
                 if not group["sage"]:
                     state_lists.append([])
                 getattr(cpu_kernels, self._cpu_kernel)(
-                    [params[i] for i in take], [grads[i] for i in take], *state_lists, *coefficients)
+                    [params[i] for i in take], [grads[i] for i in take], *state_lists, *coefficients
+                )
         elif backend == "compiled_grouped":
             take = [i for i, ok in enumerate(contiguous) if ok]
             if take:
                 flat = compiled.flat
-                lists = [[flat(params[i]) for i in take], [flat(grads[i]) for i in take],
-                         *([flat(states[i][k]) for i in take] for k in self._base_keys),
-                         [flat(states[i]["exp_avg_sens"]) for i in take] if group["sage"] else None]
-                compiled.run(compiled.grouped(self._fused_kernel),
-                             lambda: self._reference(group, t, [params[i] for i in take], [grads[i] for i in take],
-                                                     [states[i] for i in take]),
-                             *lists, *compiled.scalars(params[0].device, params[0].dtype, coefficients))
+                lists = [
+                    [flat(params[i]) for i in take],
+                    [flat(grads[i]) for i in take],
+                    *([flat(states[i][k]) for i in take] for k in self._base_keys),
+                    [flat(states[i]["exp_avg_sens"]) for i in take] if group["sage"] else None,
+                ]
+                compiled.run(
+                    compiled.grouped(self._fused_kernel),
+                    lambda: self._reference(
+                        group, t, [params[i] for i in take], [grads[i] for i in take], [states[i] for i in take]
+                    ),
+                    *lists,
+                    *compiled.scalars(params[0].device, params[0].dtype, coefficients),
+                )
         else:
             take, scalars = [], None
             flat = compiled.flat
@@ -260,10 +267,15 @@ class SAGEOptimizer(torch.optim.Optimizer):
                     continue
                 if scalars is None:
                     scalars = compiled.scalars(p.device, p.dtype, coefficients)
-                compiled.run(self._fused_kernel,
-                             lambda i=i: self._reference(group, t, [params[i]], [grads[i]], [states[i]]),
-                             flat(p), flat(g), *(flat(st[k]) for k in self._base_keys),
-                             flat(st["exp_avg_sens"]) if group["sage"] else None, *scalars)
+                compiled.run(
+                    self._fused_kernel,
+                    lambda i=i: self._reference(group, t, [params[i]], [grads[i]], [states[i]]),
+                    flat(p),
+                    flat(g),
+                    *(flat(st[k]) for k in self._base_keys),
+                    flat(st["exp_avg_sens"]) if group["sage"] else None,
+                    *scalars,
+                )
                 take.append(i)
         taken = set(take)
         rest = [i for i in range(len(params)) if i not in taken]

@@ -1,4 +1,5 @@
 """``schedule=sage``: the runner's adapter for the SAGE optimizers (docs/algorithms.md §1)."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -54,7 +55,9 @@ class SAGESchedule(Schedule):
         with torch.no_grad():
             self._last_sens = {
                 id(p): (p.detach().reshape(-1)[idx].double() * p.grad.reshape(-1)[idx].double()).abs()
-                for p, idx in self._probe if p.grad is not None}
+                for p, idx in self._probe
+                if p.grad is not None
+            }
 
     def log_metrics(self, step: int) -> dict[str, float]:
         out = {"lr": self.optimizer.param_groups[0]["lr"]}

@@ -4,6 +4,7 @@
 multiplier on a fixed random subsample (:func:`probe_indices`), so that logging costs one small
 gather per SAGE tensor and no full-size state.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ def quantiles(x: Tensor, prefix: str, qs=(0.1, 0.5, 0.9)) -> dict[str, float]:
     return out
 
 
-def sensitivity_summary(optimizer: torch.optim.Optimizer, probe: list[tuple[Tensor, Tensor]],
-                        last_sens: dict[int, Tensor] | None = None) -> dict[str, float]:
+def sensitivity_summary(
+    optimizer: torch.optim.Optimizer, probe: list[tuple[Tensor, Tensor]], last_sens: dict[int, Tensor] | None = None
+) -> dict[str, float]:
     """Summary of Ī and of the per-entry learning-rate multiplier on a fixed subsample.
 
     ``sage/sens_*``: the (bias-corrected, where the optimizer bias-corrects) sensitivity EMA Î.

@@ -26,6 +26,7 @@ groups``).
 fairseq Adam's 1e-8. **Never import this package from the runner**: importing fairseq registers
 its dataclasses in Hydra's ConfigStore.
 """
+
 # (no ``from __future__ import annotations``: fairseq reads the config dataclasses' field types)
 import logging
 from dataclasses import dataclass, field
@@ -81,13 +82,19 @@ def sage_groups(params, weight_decay: float, patterns: str) -> list[dict]:
             f"adam_sage/adamax_sage: {len(unnamed)} of {len(params)} parameters have no name (shape "
             f"{tuple(unnamed[0].shape)}): the optimizer needs the model's parameter names to find the SAGE "
             "tensors. --fp16 flattens the parameters into nameless fp32 copies; train in fp32 or with --amp. "
-            "A model built outside fairseq.models.build_model: call adaptune_fairseq.tag_parameter_names(model)")
+            "A model built outside fairseq.models.build_model: call adaptune_fairseq.tag_parameter_names(model)"
+        )
     sage = [s.strip() for s in patterns.split(",") if s.strip()] or list(family_patterns(FAMILY, "sage"))
-    groups = sage_param_groups([(p.sage_name, p) for p in params], sage_patterns=sage,
-                               no_decay=family_patterns(FAMILY, "no_decay"), weight_decay=weight_decay)
+    groups = sage_param_groups(
+        [(p.sage_name, p) for p in params],
+        sage_patterns=sage,
+        no_decay=family_patterns(FAMILY, "no_decay"),
+        weight_decay=weight_decay,
+    )
     in_sage = sum(len(g["params"]) for g in groups if g["sage"])
-    logger.info("SAGE groups: %d of %d tensors in SAGE groups (patterns %s); %d groups", in_sage, len(params),
-                ",".join(sage), len(groups))
+    logger.info(
+        "SAGE groups: %d of %d tensors in SAGE groups (patterns %s); %d groups", in_sage, len(params), ",".join(sage), len(groups)
+    )
     return groups
 
 
@@ -124,10 +131,14 @@ class FairseqAdamSAGE(FairseqOptimizer):
 
     @property
     def optimizer_config(self):
-        return {"lr": _first(self.cfg.lr),
-                "betas": _betas(self.cfg.adam_betas), "eps": self.cfg.adam_eps,
-                "weight_decay": self.cfg.weight_decay, "beta3": self.cfg.beta3,
-                "bias_correction": self.cfg.sage_bias_correction}
+        return {
+            "lr": _first(self.cfg.lr),
+            "betas": _betas(self.cfg.adam_betas),
+            "eps": self.cfg.adam_eps,
+            "weight_decay": self.cfg.weight_decay,
+            "beta3": self.cfg.beta3,
+            "bias_correction": self.cfg.sage_bias_correction,
+        }
 
 
 @register_optimizer("adamax_sage", dataclass=AdamaxSAGEConfig)
@@ -141,6 +152,10 @@ class FairseqAdamaxSAGE(FairseqOptimizer):
 
     @property
     def optimizer_config(self):
-        return {"lr": _first(self.cfg.lr),
-                "betas": _betas(self.cfg.adamax_betas), "eps": self.cfg.adamax_eps,
-                "weight_decay": self.cfg.weight_decay, "beta3": self.cfg.beta3}
+        return {
+            "lr": _first(self.cfg.lr),
+            "betas": _betas(self.cfg.adamax_betas),
+            "eps": self.cfg.adamax_eps,
+            "weight_decay": self.cfg.weight_decay,
+            "beta3": self.cfg.beta3,
+        }
