@@ -4,7 +4,8 @@ conf/compare/, or a spec file of your own), ``adaptune search NAME|PATH.yaml`` f
 one schedule's settings on a selection split (presets in conf/search/; resumable, several workers
 on one study), ``adaptune analyze DIR`` for sensitivity, pruning and
 DPS-selection plots of finished runs, ``adaptune export RUN_DIR OUT_DIR`` for a trained model in
-Hugging Face / timm format, ``adaptune plugin-path fairseq`` for fairseq's ``--user-dir``."""
+Hugging Face / timm format, ``adaptune cache list|prune|clear`` for the feature cache,
+``adaptune plugin-path fairseq`` for fairseq's ``--user-dir``."""
 
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ def _dispatch(argv: list[str]) -> int | None:
         from adaptune.runner.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if command == "cache":
+        from adaptune.runner.cache import main as cache_main
+
+        return cache_main(argv[1:])
     if command == "search":
         from adaptune.runner.search import main as search_main
 

@@ -41,7 +41,9 @@ load: it would read the whole file the map exists to leave alone. A cache direct
 be written is one warning line, and the run tokenizes in memory.
 
 **Location.** ``task.feature_cache_dir``; null: ``$ADAPTUNE_CACHE/features``, else
-``${XDG_CACHE_HOME:-~/.cache}/adaptune/features``. Delete it at any time to reclaim the space.
+``${XDG_CACHE_HOME:-~/.cache}/adaptune/features``. ``adaptune cache list`` shows its entries,
+``adaptune cache prune --older-than DAYS --max-size SIZE`` removes the least recently used
+(:mod:`adaptune.tasks.cache_entries`); deleting the directory is also safe at any time.
 """
 
 from __future__ import annotations
@@ -337,6 +339,16 @@ def _open(path: Path) -> Any:
         raise Damaged(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")) from None
 
 
+def mark_used(entry: Path) -> Path:
+    """Record a use of ``entry`` (its ``info.json``'s modification time, what ``adaptune cache prune``
+    orders by); a read-only cache keeps the creation time."""
+    try:
+        os.utime(entry / INFO)
+    except OSError:
+        pass
+    return entry
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``path`` (released when the process dies); none without fcntl."""
@@ -382,7 +394,7 @@ class FeatureCache:
         target = self.root / key
         if target.is_dir():
             try:
-                return Features(_open(target), path=target)
+                return Features(_open(target), path=mark_used(target))
             except Damaged:
                 pass  # rebuilt below, under the lock (another run may be repairing it already)
         try:
@@ -390,7 +402,7 @@ class FeatureCache:
             with _locked(self.root / ".locks" / key):
                 if target.is_dir():
                     try:
-                        return Features(_open(target), path=target)
+                        return Features(_open(target), path=mark_used(target))
                     except Damaged as err:
                         log.warning("feature cache %s is damaged (%s); rebuilding it", target, err)
                         self._discard(target)
