@@ -3,6 +3,7 @@ whether this run uses it or not. Each failure is a :class:`ConfigError` naming t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,13 @@ class Sections:
 
 def validate_config(cfg: DictConfig) -> Sections:
     """Check every section of ``cfg`` against its schema; return them as typed instances."""
+    known = {f.name for f in dataclasses.fields(RootConfig)} | {"hydra"}
+    unknown = sorted(set(cfg.keys()) - known)
+    if unknown:  # `+foo=1` adds a top-level key that nothing reads: a typo, never a setting
+        raise ConfigError(
+            f"{unknown[0]}: not a key of the config; top-level keys: {', '.join(sorted(known - {'hydra'}))} "
+            f"(a section's own keys are set as section.key=..., e.g. schedule.lr=2e-5)"
+        )
     kind = cfg.task.get("kind")
     if kind not in TASK_SCHEMAS:
         raise ConfigError(f"task.kind='{kind}' is unknown; allowed: {', '.join(TASK_SCHEMAS)}")

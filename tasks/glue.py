@@ -33,7 +33,7 @@ from .custom_data import load_custom
 from .feature_cache import FeatureCache, Features, ListColumn, Source, cache_root, encode_examples
 from .glue_data import Example, get_spec, split_indices, stratified_indices
 from .sources import load_examples, load_sources
-from .hf_loading import load_pretrained, reset_head
+from .hf_loading import load_pretrained, position_limit, reset_head
 from .lora import apply_lora
 
 log = logging.getLogger("adaptune")
@@ -239,6 +239,15 @@ class GlueTask(Task):
                 problem_type="regression" if self.spec.is_regression else "single_label_classification",
                 **overrides,
             )
+        except (OSError, ValueError) as err:
+            raise _hub_error(self.model_path, err) from None
+        limit = position_limit(config)
+        if limit is not None and self.cfg.max_seq_length > limit:
+            raise ConfigError(
+                f"task.max_seq_length={self.cfg.max_seq_length} exceeds the {limit} positions of model '{mcfg.name}' "
+                f"(its max_position_embeddings); set task.max_seq_length<={limit}"
+            )
+        try:
             if mcfg.pretrained:
                 model = load_pretrained(AutoModelForSequenceClassification, self.model_path, config=config)
             else:

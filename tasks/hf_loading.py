@@ -77,3 +77,28 @@ def load_pretrained(model_cls, path: str, **kwargs):
     for item in info.get("mismatched_keys", ()):
         log.warning("%s: shape mismatch, newly initialised: %s", path, item)
     return model
+
+
+#: Model types whose position ids start after the padding index (``padding_idx + 1``), so that
+#: ``max_position_embeddings`` counts ``pad_token_id + 1`` positions no token uses (RoBERTa's 514).
+PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "roberta-prelayernorm", "xmod")
+
+
+def position_limit(config) -> int | None:
+    """The longest input a model with learned absolute positions embeds (``max_position_embeddings``
+    less RoBERTa's padding offset); None for relative or rotary positions (DeBERTa-v3, ALiBi,
+    RoPE), which take any length. (choice) From the model's config, not the tokenizer's
+    ``model_max_length``, which is often a sentinel and ignores ``task.model.config_overrides``."""
+    if getattr(config, "position_biased_input", True) is False:  # DeBERTa-v2/v3: relative only
+        return None
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return None
+    if getattr(config, "rope_theta", None) is not None or getattr(config, "rope_parameters", None) is not None:
+        return None
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if getattr(config, "model_type", "") in PADDING_OFFSET_TYPES:
+        pad = getattr(config, "pad_token_id", None)
+        n -= (1 if pad is None else int(pad)) + 1
+    return n

@@ -281,6 +281,10 @@ def _cli(*args, cwd=REPO):
             "schedule.drop_p: not a key of schedule=sage (a key of schedule=dps); its keys: ",
         ),
         (["sed=3"], "sed: Key 'sed' not in 'RootConfig'"),
+        (
+            ["+sed=3"],
+            "sed: not a key of the config; top-level keys: callbacks, logger, name, presets, resume, schedule, seed, task",
+        ),
         (["resume=maybe"], "resume='maybe' is not allowed; allowed: true, false, auto"),
     ],
 )

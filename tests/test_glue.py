@@ -10,6 +10,7 @@ from conftest import compose, glue_overrides, write_glue
 from adaptune.runner.loop import run
 from adaptune.common.errors import ConfigError
 from adaptune.tasks import metrics
+from adaptune.tasks.hf_loading import position_limit
 from adaptune.tasks.glue_data import SPECS, get_spec, read_tsv, stratified_subset
 
 
@@ -132,6 +133,26 @@ def test_missing_data_files_is_clear(tmp_path):
     cfg = compose(glue_overrides(tmp_path / "RTE", "rte"))
     with pytest.raises(ConfigError, match=r"train.tsv does not exist \(expected the GLUE RTE files"):
         run(cfg, tmp_path / "run")
+
+
+def test_max_seq_length_beyond_the_models_positions_is_one_line_before_training(tmp_path, glue_dir):
+    # TINY_BERT embeds 64 positions; 100 tokens would fail in the embedding at the first long batch
+    cfg = compose(glue_overrides(glue_dir("rte"), "rte", "task.max_seq_length=100", "trainer.max_steps=2"))
+    with pytest.raises(
+        ConfigError, match=r"^task.max_seq_length=100 exceeds the 64 positions of model .*; set task.max_seq_length<=64$"
+    ):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_position_limit_follows_the_models_position_embeddings():
+    from transformers import BertConfig, DebertaV2Config, ModernBertConfig, RobertaConfig
+
+    assert position_limit(BertConfig(max_position_embeddings=64)) == 64
+    assert position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512  # RoBERTa's offset
+    assert position_limit(DebertaV2Config(position_biased_input=False)) is None  # relative positions only
+    assert position_limit(DebertaV2Config(position_biased_input=True, max_position_embeddings=256)) == 256
+    assert position_limit(ModernBertConfig()) is None  # rotary
 
 
 def test_offline_hub_without_data_dir_says_how_to_get_data(tmp_path, monkeypatch):
