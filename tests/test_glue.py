@@ -164,6 +164,7 @@ def test_offline_hub_without_data_dir_says_how_to_get_data(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------------------ training
+@pytest.mark.e2e  # four training runs, one per GLUE shape
 @pytest.mark.parametrize(
     "task,keys",
     [

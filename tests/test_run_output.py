@@ -116,6 +116,7 @@ def _csv(path):
         return [(int(r["step"]), r["metric"], float(r["value"])) for r in csv.DictReader(f) if "samples_per_s" not in r["metric"]]
 
 
+@pytest.mark.e2e  # training runs, interrupted and resumed
 def test_logger_csv_holds_every_logged_scalar_and_resumes_exactly(tmp_path):
     """logger=csv: the training losses equal results.json's train_loss, the evaluations its evals,
     the summaries its final metrics; a run interrupted after its step-4 checkpoint and resumed
@@ -152,6 +153,7 @@ def test_logger_csv_holds_every_logged_scalar_and_resumes_exactly(tmp_path):
     assert _csv(tmp_path / "resumed" / "metrics.csv") == rows
 
 
+@pytest.mark.e2e  # a training run with W&B (offline) and csv
 def test_several_loggers_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     data = write_glue(tmp_path / "rte", "rte", n_train=16, n_dev=8)
@@ -174,6 +176,7 @@ def _events(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if "samples_per_s" not in tag}
 
 
+@pytest.mark.e2e  # training runs, interrupted and resumed
 def test_logger_tensorboard_writes_every_scalar_beside_csv_and_resumes_exactly(tmp_path):
     """logger=tensorboard logger.also=[csv]: the event files hold what metrics.csv holds (same tags,
     steps, values to float32); a resumed run's curves equal an uninterrupted run's (purge_step)."""
