@@ -326,7 +326,10 @@ def build_callbacks(cfg: Mapping[str, Any] | None) -> list[Callback]:
             cause = err.__cause__
             if isinstance(cause, ConfigError):
                 raise ConfigError(f"callbacks.{name}: {cause}") from cause
-            reason = str(cause or err).splitlines()[0] if str(cause or err) else type(cause or err).__name__
+            lines = [line.strip() for line in str(cause or err).splitlines() if line.strip()]
+            if isinstance(cause, ImportError) and len(lines) > 1:  # Hydra's "Error loading 'x':", then why
+                lines = [" ".join(lines[1:])]
+            reason = lines[0] if lines else type(cause or err).__name__
             raise ConfigError(f"callbacks.{name}: cannot build {target}: {reason}") from err
         if not isinstance(callback, Callback):
             raise ConfigError(

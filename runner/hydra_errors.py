@@ -20,6 +20,17 @@ from omegaconf.errors import OmegaConfBaseException
 from adaptune.common.errors import ConfigError
 
 
+def _raised_by_hydra(err: BaseException) -> bool:
+    """Whether the innermost frame outside the standard library that raised ``err`` is Hydra's (or
+    a Hydra plugin's), not ours or a user's."""
+    import sysconfig
+    import traceback
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    frames = [f.filename for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(stdlib)]
+    return bool(frames) and any(part in frames[-1] for part in ("/hydra/", "/hydra_plugins/"))
+
+
 class HydraChanged(RuntimeError):
     """Hydra's internals are not where this module expects them."""
 
@@ -51,6 +62,16 @@ def install_one_line_errors(composition: Callable[[BaseException], None], config
             composition(err)
         except ConfigError as err:
             config(err)
+        except OSError as err:  # Hydra's own writes: the run / sweep directory, its .hydra/ configs, the log file
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _raised_by_hydra(err):
+                raise
+            where = err.filename or "the run directory"
+            config(
+                ConfigError(
+                    f"cannot write {where} ({err.strerror or type(err).__name__}); set hydra.run.dir "
+                    f"(hydra.sweep.dir with -m) to a directory you can write"
+                )
+            )
 
     run_and_report._adaptune = True
     hydra_utils.run_and_report = run_and_report

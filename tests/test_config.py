@@ -296,6 +296,20 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, line):
     assert lines[0].startswith(f"adaptune: error: {line}"), out.stderr
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("multirun", [False, True])
+def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, multirun):
+    (tmp_path / "file").write_text("a file, not a directory")
+    where = tmp_path / "file" / "run"
+    args = ["-m", f"hydra.sweep.dir={where}"] if multirun else [f"hydra.run.dir={where}"]
+    out = _cli(*args, "logger=none", "trainer.max_steps=1")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"adaptune: error: cannot write {where} (Not a directory); set hydra.run.dir (hydra.sweep.dir with -m) "
+        "to a directory you can write"
+    ]
+
+
 def test_skip_malformed_named_by_the_error_is_an_accepted_override():
     cfg = compose(["task=glue", "task.skip_malformed=true", "task.main_metric=accuracy", "task.model.family=roberta"])
     assert cfg.task.skip_malformed is True and cfg.task.model.family == "roberta"
