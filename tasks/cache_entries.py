@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from adaptune.common.errors import ConfigError
 
-from .feature_cache import FILE, FORMAT_VERSION, INFO, STALE_S, _locked
+from .feature_cache import FILE, FORMAT_VERSION, INFO, _locked, discard, stale_builds
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -108,33 +107,20 @@ def entries(root: Path) -> list[Entry]:
     return sorted(found, key=lambda e: (e.last_used, e.key))
 
 
-def debris(root: Path, now: float | None = None) -> list[Path]:
+def debris(root: Path) -> list[Path]:
     """Temporary directories of killed builds (older than a day) and entries set aside but not deleted."""
     if not root.is_dir():
         return []
-    now = time.time() if now is None else now
-    out = []
-    for p in root.iterdir():
-        if p.name.startswith((".damaged-", ".removing-")):
-            out.append(p)
-        elif p.name.startswith(".tmp-"):
-            try:
-                if now - p.stat().st_mtime > STALE_S:
-                    out.append(p)
-            except OSError:
-                pass
-    return out
+    aside = [p for p in root.iterdir() if p.name.startswith((".damaged-", ".removing-"))]
+    return aside + stale_builds(root)
 
 
 def remove(root: Path, entry: Entry) -> None:
-    """Remove ``entry`` under its key's build lock: renamed aside, then deleted."""
+    """Remove ``entry`` under its key's build lock (renamed aside, then deleted), and its lock file."""
     with _locked(root / ".locks" / entry.key):
-        aside = entry.path.with_name(f".removing-{entry.key}-{os.getpid()}-{time.monotonic_ns()}")
-        try:
-            os.rename(entry.path, aside)
-        except FileNotFoundError:
-            return
-        shutil.rmtree(aside, ignore_errors=True)
+        discard(entry.path, ".removing-")
+    # (a build that opened the lock file before the unlink and one that creates it anew may then
+    # both tokenize that key: the second rename finds the first's entry and drops its own copy)
     try:
         (root / ".locks" / entry.key).unlink()
     except OSError:

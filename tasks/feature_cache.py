@@ -339,6 +339,29 @@ def _open(path: Path) -> Any:
         raise Damaged(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")) from None
 
 
+def discard(entry: Path, prefix: str) -> None:
+    """Delete the directory ``entry``: renamed aside to ``<prefix><name>-...`` first, so that no run
+    ever opens half of it (a run that mapped its file keeps reading it); gone already is fine."""
+    aside = entry.with_name(f"{prefix}{entry.name}-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.rename(entry, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def stale_builds(root: Path) -> list[Path]:
+    """The temporary directories of killed builds in ``root``: older than :data:`STALE_S`."""
+    now, out = time.time(), []
+    for tmp in root.glob(".tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_S:
+                out.append(tmp)
+        except OSError:
+            pass
+    return out
+
+
 def mark_used(entry: Path) -> Path:
     """Record a use of ``entry`` (its ``info.json``'s modification time, what ``adaptune cache prune``
     orders by); a read-only cache keeps the creation time."""
@@ -420,21 +443,11 @@ class FeatureCache:
         return Features(pa.Table.from_batches(batches, batches[0].schema if batches else _empty_schema()))
 
     def _discard(self, target: Path) -> None:
-        aside = target.with_name(f".damaged-{target.name}-{os.getpid()}-{time.monotonic_ns()}")
-        try:
-            os.rename(target, aside)
-        except FileNotFoundError:
-            return
-        shutil.rmtree(aside, ignore_errors=True)
+        discard(target, ".damaged-")
 
     def _prune(self) -> None:
-        now = time.time()
-        for stale in self.root.glob(".tmp-*"):
-            try:
-                if now - stale.stat().st_mtime > STALE_S:
-                    shutil.rmtree(stale, ignore_errors=True)
-            except OSError:
-                pass
+        for stale in stale_builds(self.root):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _write(self, target: Path, key: str, what: str, examples: Sequence[Any]) -> None:
         """Tokenize ``examples`` into a temporary directory, then rename it to ``target``."""
