@@ -197,12 +197,21 @@ def _relative(path: Path | str) -> Path:
         return path
 
 
+#: Task keys renamed since runs were saved, per task kind: {old: new}.
+TASK_RENAMED = {"vit": {"hf_name": "hf_dataset"}}  # one name with GLUE's task.hf_dataset
+
+
 def upgrade_saved(saved: Mapping) -> Mapping:
-    """``saved`` with a schedule section from before the per-schedule schemas (it holds the old
+    """``saved`` as this version names its keys: renamed task keys (:data:`TASK_RENAMED`) under
+    their new names, and a schedule section from before the per-schedule schemas (it holds the old
     names ``p``, ``reserve_p`` and ``mixout_p``) as its schedule's schema has it now: the renamed
     keys under their new names, the keys that schedule does not read dropped."""
     from adaptune.schedules.config import RENAMED, SCHEDULE_SCHEMAS, schema_keys
 
+    task = saved.get("task")
+    if isinstance(task, Mapping) and task.get("kind") in TASK_RENAMED:
+        renames = TASK_RENAMED[task["kind"]]
+        saved = {**saved, "task": {renames.get(k, k): v for k, v in task.items()}}
     schedule = saved.get("schedule")
     if (
         not isinstance(schedule, Mapping)
@@ -247,12 +256,12 @@ def checkpoint_config(path: Path | str) -> dict | None:
 
 def saved_config(run_dir: Path, results: Mapping | None) -> dict | None:
     """The resolved config a run was trained with: ``results`` (its ``results.json``) when that
-    holds one, else ``checkpoints/last.pt``'s; None when neither does."""
+    holds one, else ``checkpoints/last.pt``'s; None when neither does. Keys renamed since are under
+    their new names (:func:`upgrade_saved`), so ``adaptune export`` / ``analyze`` rebuild older runs."""
     from .checkpoint import LAST
 
     config = (results or {}).get("config")
-    if isinstance(config, dict):
-        return config
-    last = Path(run_dir) / "checkpoints" / LAST
-    config = checkpoint_config(last) if last.is_file() else None
-    return config if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        last = Path(run_dir) / "checkpoints" / LAST
+        config = checkpoint_config(last) if last.is_file() else None
+    return dict(upgrade_saved(config)) if isinstance(config, dict) else None

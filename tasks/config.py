@@ -350,7 +350,7 @@ class ViTConfig:
     # hf: the datasets cache directory (null: the Hugging Face default).
     data_dir: Optional[str] = None
     download: bool = True  # cifar*: download into data_dir when it is missing (needs internet)
-    hf_name: Optional[str] = None  # hf: hub dataset name, or a directory written by DatasetDict.save_to_disk
+    hf_dataset: Optional[str] = None  # hf: hub dataset name, or a directory written by DatasetDict.save_to_disk
     hf_config: Optional[str] = None
     hf_image_column: Optional[str] = None  # null: the column with the Image feature
     hf_label_column: Optional[str] = None  # null: the ClassLabel column, else label / labels / fine_label

@@ -233,7 +233,7 @@ class ImageClassificationTask(Task):
         if self.dataset == "imagefolder":
             return vit_data.load_imagefolder(self._data_dir(None))
         return vit_data.load_hf(
-            c.hf_name,
+            c.hf_dataset,
             c.hf_config,
             cache_dir=self._data_dir(None) if c.data_dir else None,
             image_column=c.hf_image_column,

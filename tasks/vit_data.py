@@ -11,7 +11,7 @@ Datasets (``task.dataset``):
   installs them). Splits: train / t10k (test).
 - ``imagefolder``: ``task.data_dir`` with ``train/`` and ``val/`` and/or ``test/`` subfolders, one
   folder per class (torchvision's ImageFolder layout); class indices from ``train/``.
-- ``hf``: a Hugging Face image dataset ``task.hf_name`` (+ ``task.hf_config``), or a directory
+- ``hf``: a Hugging Face image dataset ``task.hf_dataset`` (+ ``task.hf_config``), or a directory
   written by ``DatasetDict.save_to_disk``. Image / label columns are ``task.hf_image_column`` /
   ``task.hf_label_column`` or found automatically (the ``Image`` feature; a ``ClassLabel`` or a
   column named label/labels/fine_label).
@@ -329,7 +329,7 @@ def load_hf(
     import datasets
 
     if not name:
-        raise ConfigError("task.dataset=hf needs task.hf_name=<hub dataset name or save_to_disk directory>")
+        raise ConfigError("task.dataset=hf needs task.hf_dataset=<hub dataset name or save_to_disk directory>")
     local = abs_path(name)
     try:
         if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
@@ -339,15 +339,15 @@ def load_hf(
     except Exception as err:
         raise _missing(
             "hf",
-            f"cannot load Hugging Face dataset task.hf_name={name} ({one_line(err)}); check the name and "
+            f"cannot load Hugging Face dataset task.hf_dataset={name} ({one_line(err)}); check the name and "
             f"network, or give a directory written by DatasetDict.save_to_disk",
         ) from None
     if not isinstance(dd, datasets.DatasetDict):
-        raise ConfigError(f"task.hf_name={name} is a single split; a DatasetDict with train and test/validation is needed")
+        raise ConfigError(f"task.hf_dataset={name} is a single split; a DatasetDict with train and test/validation is needed")
     split_names = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
     chosen = {key: next((s for s in names if s in dd), None) for key, names in split_names.items()}
     if chosen["train"] is None or (chosen["validation"] is None and chosen["test"] is None):
-        raise ConfigError(f"task.hf_name={name} has splits {list(dd)}; needed: train and validation or test")
+        raise ConfigError(f"task.hf_dataset={name} has splits {list(dd)}; needed: train and validation or test")
     features = dd[chosen["train"]].features
     image_col = image_column or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
     if image_col not in features:
@@ -379,7 +379,7 @@ def load_hf(
                 log.warning("%s split '%s' has no labels; not used for evaluation", name, split)
                 continue
             warnings.warn(
-                f"task.hf_name={name}: dropped {int((~valid).sum())} example(s) of split '{split}' without a valid label",
+                f"task.hf_dataset={name}: dropped {int((~valid).sum())} example(s) of split '{split}' without a valid label",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -387,7 +387,7 @@ def load_hf(
             ds, labels = ds.select(keep), labels[keep]
         sources[key] = HFSource(ds, image_col, labels, f"{name}:{split}")
     if "validation" not in sources and "test" not in sources:
-        raise ConfigError(f"task.hf_name={name}: neither a validation nor a test split has labels")
+        raise ConfigError(f"task.hf_dataset={name}: neither a validation nor a test split has labels")
     return sources, classes
 
 

@@ -14,7 +14,7 @@ from conftest import compose, glue_overrides, write_glue
 from adaptune.runner import checkpoint as ckpt
 from adaptune.runner import loop
 from adaptune.runner.loop import Interrupted, Trainer, run
-from adaptune.runner.resume import ABSENT, HARMLESS, check_resume, config_diff, describe, is_harmless
+from adaptune.runner.resume import ABSENT, HARMLESS, check_resume, config_diff, describe, is_harmless, saved_config
 
 TAIL = "; pass resume=false to start over in that directory, or change name= to train in another one"
 
@@ -106,6 +106,15 @@ def test_a_flat_config_with_other_dps_settings_is_refused_naming_the_new_key(tmp
     saved = {**SAVED, "schedule": _flat_schedule("mixout", mixout_p=0.5)}
     with pytest.raises(ConfigError, match=r"schedule.mix_p: 0.5 -> 0.9"):
         check_resume({**SAVED, "schedule": _schema_node("mixout")}, saved, tmp_path, "results.json")
+
+
+def test_a_vit_config_saved_with_task_hf_name_resumes_and_is_read_under_hf_dataset(tmp_path):
+    task = {"kind": "vit", "dataset": "hf", "hf_dataset": "/data/flowers", "hf_config": None}
+    old = {**SAVED, "task": {**{k: v for k, v in task.items() if k != "hf_dataset"}, "hf_name": "/data/flowers"}}
+    check_resume({**SAVED, "task": task}, old, tmp_path, "results.json")  # no error
+    with pytest.raises(ConfigError, match=r"task.hf_dataset: /data/flowers -> /data/cars"):
+        check_resume({**SAVED, "task": {**task, "hf_dataset": "/data/cars"}}, old, tmp_path, "results.json")
+    assert saved_config(tmp_path, {"config": old})["task"] == task  # what export and analyze rebuild from
 
 
 def test_a_list_is_one_value():

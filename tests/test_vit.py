@@ -177,7 +177,7 @@ def test_hf_dataset_saved_to_disk(tmp_path):
 
     path = tmp_path / "hfdata"
     datasets.DatasetDict({"train": split(12), "test": split(8)}).save_to_disk(str(path))
-    task = make_task(tmp_path, dataset="hf", hf_name=str(path))
+    task = make_task(tmp_path, dataset="hf", hf_dataset=str(path))
     task.setup()
     assert task.classes == list(CLASSES)
     assert len(task.splits["train"]) == 12 and len(task.splits["dev"]) == 8
@@ -226,7 +226,7 @@ def test_missing_data_and_bad_keys_are_one_line_errors(tmp_path):
         ),
         (dict(dataset="imagefolder", data_dir=str(empty)), ["train", "task.data_dir"]),
         (dict(dataset="cifar10", data_dir=str(empty), download=False), ["task.download=true", "task.data_dir"]),
-        (dict(dataset="hf"), ["task.hf_name"]),
+        (dict(dataset="hf"), ["task.hf_dataset"]),
     ]
     for cfg, needles in cases:
         with pytest.raises(ConfigError) as err:
