@@ -16,6 +16,9 @@ PLUGINS = ("fairseq",)
 
 def plugin_path(argv: list[str]) -> int:
     """Print the directory to pass as fairseq's ``--user-dir`` (it works from a wheel install)."""
+    if argv in (["-h"], ["--help"]):
+        print(f"usage: adaptune plugin-path {{{','.join(PLUGINS)}}}\n\nPrint the directory to pass as fairseq's --user-dir.")
+        return 0
     if len(argv) != 1 or argv[0] not in PLUGINS:
         print(f"adaptune plugin-path: error: name one plugin: {', '.join(PLUGINS)}", file=sys.stderr)
         return 2

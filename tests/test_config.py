@@ -316,6 +316,18 @@ def test_skip_malformed_named_by_the_error_is_an_accepted_override():
 
 
 @pytest.mark.e2e
+def test_help_lists_every_command_and_each_has_its_own_help():
+    out = _cli("--help")
+    assert out.returncode == 0, out.stderr
+    commands = ("compare", "search", "report", "analyze", "export", "cache", "plugin-path")
+    assert all(f"  adaptune {c} " in out.stdout for c in commands), out.stdout
+    assert "== Configuration groups ==" in out.stdout and "schedule: baseline, childtuning_d" in out.stdout
+    for command in commands:
+        sub = _cli(command, "--help")
+        assert sub.returncode == 0 and sub.stdout.startswith(f"usage: adaptune {command}"), (command, sub.stdout, sub.stderr)
+
+
+@pytest.mark.e2e
 def test_cfg_job_prints_composed_config():
     out = _cli("task=glue", "task.name=rte", "schedule=sage", "seed=3", "--cfg", "job")
     assert out.returncode == 0, out.stderr
