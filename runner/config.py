@@ -48,6 +48,9 @@ class TrainerConfig:
     compile: bool = False
     eval_every: Optional[int] = setting(None, check=optional(positive))  # steps between dev evaluations; null: each epoch's end
     save_every: int = setting(200, check=positive)  # steps between checkpoints (also at each evaluation and the end)
+    # keep checkpoints/previous.pt once the run completes (while training it is the fallback for a
+    # damaged last.pt); false removes it at the end: a MiniLM run's 261 MB, about 40% of its directory
+    keep_previous: bool = True
     log_every: int = setting(10, check=positive)  # steps between log lines / W&B points
     progress: bool = True  # tqdm progress bar
 

@@ -435,6 +435,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, sections) -> dict:
         results["world_size"] = trainer.dist.world
         if trainer.dist.is_main:
             ckpt.atomic_save_json(results, run_dir / "results.json")
+            if not sections.trainer.keep_previous:  # complete: last.pt was checked when written
+                (trainer.ckpt_dir / ckpt.PREVIOUS).unlink(missing_ok=True)
         logger.summary({f"final/{k}": v for k, v in results["final"].items()})
         logger.summary({f"best/{k}": v for k, v in results["best"].items()})
         if results["test"]:

@@ -27,6 +27,8 @@ numbers in ``results.json``, only how the run is labelled, shown, logged or fed:
   the same, only the granularity of the ``train_loss`` curve changes from there on.
 - ``trainer.save_every``: (choice) how often ``last.pt`` is written; resuming restores the exact
   state whatever the interval, so neither parameters nor results change.
+- ``trainer.keep_previous``: whether ``previous.pt`` is deleted once the run completes; nothing
+  the run trains or reports depends on it.
 - ``hydra`` and everything under it: launcher, sweeper and output settings (it is normally absent
   from the job's config anyway).
 - ``presets``: (choice) values the other sections read through interpolation
@@ -79,6 +81,7 @@ HARMLESS: tuple[str, ...] = (
     "trainer.num_workers",
     "trainer.log_every",
     "trainer.save_every",
+    "trainer.keep_previous",
     "task.feature_cache",  # the tokenized-feature cache: the same features, read or rebuilt
     "task.feature_cache_dir",
     "hydra",

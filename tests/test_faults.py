@@ -395,3 +395,15 @@ def test_a_read_only_run_directory_is_one_line(full, tmp_path):
     _no_traceback(out)
     assert out.returncode in (2, 74) and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
     assert "permission denied" in out.stderr.lower()
+
+
+@pytest.mark.e2e
+def test_keep_previous_false_deletes_previous_once_complete_and_may_change_on_resume(full, tmp_path):
+    data, res, weights, _ = full
+    run_dir = tmp_path / "r"
+    out = run(compose([*_over(data), "trainer.keep_previous=false"]), run_dir)
+    ckpts = run_dir / "checkpoints"
+    assert not (ckpts / ckpt.PREVIOUS).exists() and ckpt.saved_step(ckpts / ckpt.LAST) == 6
+    assert out["final"] == res["final"] and all(torch.equal(weights[k], v) for k, v in _weights(run_dir).items())
+    again = run(compose([*_over(data), "trainer.keep_previous=true"]), run_dir)  # harmless: the complete run is returned
+    assert again["final"] == res["final"] and not (ckpts / ckpt.PREVIOUS).exists()
